@@ -1,0 +1,3 @@
+"""edgecp: continual personalization runtime for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Adapters on the UNet through peft: attach, state dict in/out, delta weights, merge."""

@@ -1,0 +1,290 @@
+"""The `edgecp` command: parse -> build config -> call ONE library function -> render.
+
+Errors a user can fix print one line and exit non-zero; EDGECP_DEBUG=1 shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgecp.errors import EdgecpError
+
+app = typer.Typer(
+    name="edgecp", help="Continual personalization of Stable Diffusion: teach concepts one at a time, export to ONNX.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+profiles_app = typer.Typer(help="Device profiles for `edgecp export`.", invoke_without_command=True)
+app.add_typer(profiles_app, name="profiles")
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="The store folder (made by `edgecp init`).")]
+
+
+def _parse_kv(items: list[str] | None, flag: str) -> dict:
+    """`key=value` pairs; values parsed as JSON when they can be (numbers, booleans, lists)."""
+    result = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EdgecpError(f"{flag} '{item}' is not key=value: e.g. {flag} rank=16")
+        k, v = item.split("=", 1)
+        try:
+            result[k.strip()] = json.loads(v)
+        except ValueError:
+            result[k.strip()] = v
+    return result
+
+
+@contextmanager
+def progress_bars():
+    """A rich progress display; yields `bar(phase, step, total, loss=None)` that creates a bar per phase."""
+    cols = [TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*cols, console=err, transient=False) as prog:
+        tasks: dict[str, int] = {}
+
+        def bar(phase: str, step: int, total: int, loss: float | None = None) -> None:
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=total, info="")
+            info = f"loss {loss:.4f}" if loss is not None else ""
+            prog.update(tasks[phase], completed=step, total=total, info=info)
+
+        yield bar
+
+
+def _train_progress(bar):
+    return lambda ev: bar(ev.phase, ev.step, ev.total, ev.loss)
+
+
+@app.command()
+def init(
+    store: Annotated[Path, typer.Argument(help="A new, empty folder for the store.")],
+    base: Annotated[str, typer.Option(help="'tiny' (embedded), a diffusers folder, a .safetensors file, or a hub id.")] = "tiny",
+    method: Annotated[str, typer.Option(help="Continual strategy; see `edgecp methods`.")] = "lora-sequential",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method hyperparameter key=value (repeat).")] = None,
+    adapter: Annotated[str, typer.Option(help="lora or vera.")] = "lora",
+    rank: Annotated[Optional[int], typer.Option(help="Adapter rank (default 16).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated UNet module suffixes (default attn2.to_k,attn2.to_v).")] = None,
+    train: Annotated[Optional[list[str]], typer.Option("--train", help="Training default key=value (steps, lr, grad_accum, ...).")] = None,
+    prior_prompt: Annotated[Optional[str], typer.Option(help="The prior prompt c_0 for prior preservation.")] = None,
+    prior_images: Annotated[Optional[int], typer.Option(help="How many prior images the base generates once.")] = None,
+) -> None:
+    """Create a store: one personal model on one base.
+
+    Examples:
+      edgecp init my-model --base tiny
+      edgecp init my-model --base ./stable-diffusion-v1-5 --rank 16
+    """
+    from edgecp.api import init_store
+
+    adapter_d: dict = {"kind": adapter}
+    if rank is not None:
+        adapter_d.update(rank=rank, alpha=float(rank))
+    if targets:
+        adapter_d["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
+    prior = {k: v for k, v in (("prompt", prior_prompt), ("num_images", prior_images)) if v is not None}
+    s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior)
+    out.print(f"created store [bold]{s.root}[/] on base '{s.info['base']['locator']}' "
+              f"(sha256 {s.info['base']['sha256'][:12]}), method {s.info['method']['name']}")
+
+
+@app.command("add-concept")
+def add_concept_cmd(
+    name: Annotated[str, typer.Argument(help="The concept's name; prompts refer to it as <name>.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    store: StoreOpt,
+    class_word: Annotated[Optional[str], typer.Option(help="What the concept is, e.g. dog; starts its token.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training iterations (default: the store's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adapter learning rate.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    purge_source: Annotated[bool, typer.Option("--purge-source/--keep-source", help="Delete the given image files after the commit.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when present).")] = None,
+) -> None:
+    """Learn a new concept from a few photos and commit it as a new version.
+
+    Examples:
+      edgecp add-concept my-dog photos/dog/ --store my-model --class-word dog
+      edgecp add-concept my-mug a.jpg b.jpg --store my-model --purge-source
+    """
+    from edgecp.train import add_concept
+
+    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("seed", seed)) if v is not None}
+    with progress_bars() as bar:
+        m = add_concept(store, name, images, class_word=class_word, overrides=overrides,
+                        purge_source=purge_source, device=device, progress=_train_progress(bar))
+    c = m["concepts"][-1]
+    out.print(f"learned [bold]<{c['name']}>[/] from {len(c['images'])} image(s) in {c['seconds']['total']:.1f}s "
+              f"-> version {m['version']}; staged copies purged" + ("; source files deleted" if purge_source else ""))
+
+
+@app.command()
+def concepts(store: StoreOpt, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the concepts of the store's current version."""
+    from edgecp.api import concepts_summary
+
+    s = concepts_summary(store)
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    t = Table(title=f"{s['store']} @ {s['version']} - method {s['method']['name']} - {s['bytes'] / 1e6:.2f} MB")
+    for col in ("task", "name", "prompt token", "class word", "images", "steps", "seconds"):
+        t.add_column(col)
+    for c in s["concepts"]:
+        t.add_row(str(c["task"]), c["name"], c["token"], c["class_word"] or "-", str(c["images"]), str(c["steps"]),
+                  f"{c['seconds']['total']:.1f}")
+    out.print(t)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text prompt; <name> stands for a learned concept.")],
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="The store folder.")] = None,
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDIM).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("edgecp-out"),
+    backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="An ONNX export folder (default: the store's newest export).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch backend: cuda or cpu.")] = None,
+) -> None:
+    """Generate images, with PyTorch or with onnxruntime on an export.
+
+    Examples:
+      edgecp generate "a photo of <my-dog> on a beach" --store my-model -n 4
+      edgecp generate "a photo of <my-dog> dog. Posing with <my-mug> mug" --store my-model --backend onnx
+    """
+    from edgecp.generate import GenerateConfig
+
+    cfg = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, size=size)
+    if backend not in ("torch", "onnx"):
+        raise EdgecpError(f"--backend '{backend}' is unknown: use torch or onnx")
+    if store is None and not (backend == "onnx" and onnx_dir):
+        raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
+    with progress_bars() as bar:
+        cb = lambda i, total: bar(f"sample ({backend})", i, total)  # noqa: E731
+        if backend == "torch":
+            from edgecp.generate import generate_from_store
+
+            paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb)
+        else:
+            from edgecp.generate import find_export, generate_from_onnx
+
+            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb)
+    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{paths[-1]}[/]")
+
+
+@app.command()
+def export(
+    store: StoreOpt,
+    profile: Annotated[str, typer.Option(help="Device profile name or .toml path; see `edgecp profiles`.")] = "cpu-fp32",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or diffusers.")] = "onnx",
+) -> None:
+    """Export the current version: ONNX per device profile, or LoRA + embeddings for diffusers.
+
+    Examples:
+      edgecp export --store my-model --profile cpu-fp32
+      edgecp export --store my-model --format diffusers --out my-lora/
+    """
+    if fmt == "diffusers":
+        from edgecp.export.diffusers_format import export_diffusers
+
+        if out_dir is None:
+            raise EdgecpError("--format diffusers needs --out DIR")
+        files = export_diffusers(store, out_dir)
+        out.print(f"wrote {len(files)} file(s) to [bold]{out_dir}[/] (load with load_lora_weights / load_textual_inversion)")
+        return
+    if fmt != "onnx":
+        raise EdgecpError(f"--format '{fmt}' is unknown: use onnx or diffusers")
+    from edgecp.export.onnx_export import export_onnx
+
+    with progress_bars() as bar:
+        report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n))
+    t = Table(title=f"parity vs PyTorch ({report['profile']})")
+    for col in ("model", "max abs diff", "tolerance", "MB"):
+        t.add_column(col)
+    for name, r in report["models"].items():
+        t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}")
+    out.print(t)
+    out.print(f"exported to [bold]{report['out']}[/]")
+
+
+@app.command()
+def methods() -> None:
+    """List the continual strategies a store can use."""
+    from edgecp.methods import method_class, method_names
+
+    t = Table()
+    t.add_column("method")
+    t.add_column("what it does")
+    for name in method_names():
+        t.add_row(name, method_class(name).summary)
+    out.print(t)
+
+
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context) -> None:
+    """List the shipped device profiles."""
+    if ctx.invoked_subcommand:
+        return
+    from edgecp.profiles import load_profile, profile_files
+
+    t = Table()
+    for col in ("profile", "precision", "providers", "description"):
+        t.add_column(col)
+    for name in profile_files():
+        p = load_profile(name)
+        t.add_row(p.name, p.precision, ", ".join(p.providers), p.description)
+    out.print(t)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .toml path.")]) -> None:
+    """Show one profile's settings."""
+    import dataclasses
+
+    from edgecp.profiles import load_profile
+
+    out.print_json(json.dumps(dataclasses.asdict(load_profile(name))))
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its store and images.")] = Path("edgecp-demo")) -> None:
+    """The whole path on the embedded tiny model, offline: init, three concepts, generate, export, ONNX."""
+    from edgecp.demo import run_demo
+
+    with progress_bars() as bar:
+        report = run_demo(out_dir, progress=bar, log=lambda msg: err.print(f"[dim]demo:[/] {msg}"))
+    out.print("\n[bold]edgecp demo done[/] - everything is under " + str(report["out"]))
+    for k, v in report["paths"].items():
+        out.print(f"  {k:<22} {v}")
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app()
+    except EdgecpError as e:
+        if os.environ.get("EDGECP_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: the store is at its last committed version")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

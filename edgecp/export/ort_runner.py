@@ -1,0 +1,371 @@
+"""Torch-free text-to-image on an exported Stable Diffusion ONNX folder, with onnxruntime.
+
+The folder has the layout optimum's ``ORTStableDiffusionPipeline`` reads (``model_index.json``,
+``text_encoder/model.onnx``, ``unet/model.onnx``, ``vae_decoder/model.onnx``, ``tokenizer/``,
+``scheduler/scheduler_config.json`` and each model's ``config.json``) and optimum's I/O names:
+
+- text_encoder: ``input_ids`` -> ``last_hidden_state`` (+ ``pooler_output``)
+- unet: ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``
+- vae_decoder: ``latent_sample`` -> ``sample``
+
+Input dtypes are read from each session (int32 / int64 ids, scalar float or 1-D int64 timesteps, float16 or
+float32 tensors), so fp32, fp16 and int8-quantized exports all run. This module imports only numpy,
+onnxruntime, tokenizers, PIL and the stdlib: it is what runs on the device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from edgecp.export.np_scheduler import NumpyDDIMScheduler
+
+DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
+DEFAULT_MAX_LENGTH = 77  # CLIP's context length
+CLIP_EOS = "<|endoftext|>"
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+ORT_TO_NUMPY: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def initial_latents(seed: int, batch: int, channels: int, height: int, width: int) -> np.ndarray:
+    """Starting noise, float32 (batch, channels, height, width), shared by the ONNX and PyTorch backends.
+
+    One draw of the whole batch from ``np.random.default_rng(seed)``: image i gets slice i, so the first image
+    of a batch has the same latents as a batch of one with that seed.
+    """
+    return np.random.default_rng(seed).standard_normal((batch, channels, height, width)).astype(np.float32)
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU when onnxruntime has CUDA, else CPU."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """A JSON file as a dict; ``{}`` when absent unless ``required``."""
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} is missing; export the model again so the folder is complete")
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def numpy_dtype(ort_type: str) -> type[np.generic]:
+    """The numpy dtype of an onnxruntime type string such as ``tensor(float16)``."""
+    if ort_type not in ORT_TO_NUMPY:
+        raise ValueError(f"ONNX input type {ort_type} is not supported; use one of {', '.join(ORT_TO_NUMPY)}")
+    return ORT_TO_NUMPY[ort_type]
+
+
+def fixed_dim(shape: Sequence[Any], axis: int) -> int | None:
+    """The size of ``axis`` when the model fixes it, None when it is dynamic (a name or None)."""
+    if axis >= len(shape):
+        return None
+    return shape[axis] if isinstance(shape[axis], int) and shape[axis] > 0 else None
+
+
+def timestep_array(t: int, ort_type: str, shape: Sequence[Any]) -> np.ndarray:
+    """Timestep as the UNet declares it: a scalar (optimum today) or a 1-D array (older exports)."""
+    dtype = numpy_dtype(ort_type)
+    if len(shape) == 0:
+        return np.array(t, dtype=dtype)  # ()
+    return np.full((fixed_dim(shape, 0) or 1,), t, dtype=dtype)  # (1,) or the exported size
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(B, 3, H, W) floats in [-1, 1] -> RGB PIL images."""
+    x = np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0)
+    x = (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)  # (B, H, W, 3)
+    return [Image.fromarray(img) for img in x]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as saved by transformers: a string, or an AddedToken dict with ``content``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_tokens(folder: Path) -> dict[str, str]:
+    """pad/eos/bos/unk tokens from ``tokenizer_config.json``, then ``special_tokens_map.json``, then CLIP's."""
+    found: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = read_json(folder / name)
+        for key in ("pad_token", "eos_token", "bos_token", "unk_token"):
+            token = _token_content(cfg.get(key))
+            if token is not None and key not in found:
+                found[key] = token
+    found.setdefault("eos_token", CLIP_EOS)
+    found.setdefault("bos_token", "<|startoftext|>")
+    found.setdefault("unk_token", found["eos_token"])
+    found.setdefault("pad_token", found["eos_token"])
+    return found
+
+
+def clip_tokenizer_from_vocab(folder: Path, tokens: dict[str, str]) -> Tokenizer:
+    """CLIP's BPE tokenizer from ``vocab.json`` + ``merges.txt`` (folders saved without ``tokenizer.json``).
+
+    Same pipeline as transformers' ``CLIPTokenizer``: NFC, whitespace squeeze, lowercase, CLIP's split regex,
+    byte-level BPE with ``</w>`` word ends, ``<|startoftext|> ... <|endoftext|>`` around the ids.
+    """
+    vocab = read_json(folder / "vocab.json", required=True)
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    bos, eos = tokens["bos_token"], tokens["eos_token"]
+    tok = Tokenizer(
+        BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+            fuse_unk=False, unk_token=tokens["unk_token"])
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((bos, eos))])
+    tok.post_processor = processors.RobertaProcessing(
+        (eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)), trim_offsets=False, add_prefix_space=False
+    )
+    return tok
+
+
+def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokenizer, int]:
+    """The pipeline's tokenizer, padding and truncating to ``max_length`` (default: ``model_max_length``, 77).
+
+    Returns (tokenizer, max_length). Ids equal transformers'
+    ``tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids``.
+    """
+    if (folder / "tokenizer.json").is_file():
+        tokens = special_tokens(folder)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tokens = special_tokens(folder)
+        tok = clip_tokenizer_from_vocab(folder, tokens)
+    else:
+        raise FileNotFoundError(
+            f"{folder} has neither tokenizer.json nor vocab.json + merges.txt; "
+            "save the CLIP tokenizer there with tokenizer.save_pretrained()"
+        )
+    if max_length is None:
+        max_length = int(read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH))
+        if max_length > 100_000:  # transformers' "no limit" sentinel
+            max_length = DEFAULT_MAX_LENGTH
+    pad = tokens["pad_token"]
+    pad_id = tok.token_to_id(pad)
+    if pad_id is None:
+        raise ValueError(f"pad token {pad!r} of {folder} is not in its vocabulary; fix pad_token in tokenizer_config.json")
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad)
+    return tok, max_length
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+class OnnxModel:
+    """One onnxruntime session: casts feeds to the declared dtypes and splits batches a fixed-batch model needs."""
+
+    def __init__(self, path: Path, providers: list[str], name: str):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the library does not print
+        self.name = name
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def require_inputs(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self.inputs]
+        if missing:
+            raise ValueError(
+                f"{self.name}/model.onnx has inputs {list(self.inputs)} but not {missing}; "
+                "export it with optimum's input names (optimum-cli export onnx or edgecp export)"
+            )
+
+    def output_index(self, name: str) -> int:
+        """Position of output ``name``; the first output when the export named it otherwise."""
+        return self.output_names.index(name) if name in self.output_names else 0
+
+    def shape(self, name: str) -> list[Any]:
+        return list(self.inputs[name].shape)
+
+    def dtype(self, name: str) -> type[np.generic]:
+        return numpy_dtype(self.inputs[name].type)
+
+    def fixed_batch(self, name: str) -> int | None:
+        return fixed_dim(self.shape(name), 0)
+
+    def run(self, output: str, feeds: dict[str, np.ndarray], batched: Sequence[str]) -> np.ndarray:
+        """Output ``output`` as float32 (or as is for ints); ``batched`` feeds are split if the batch is fixed."""
+        feeds = {k: np.asarray(v, dtype=self.dtype(k), order="C") for k, v in feeds.items()}
+        n = feeds[batched[0]].shape[0]
+        chunk = self.fixed_batch(batched[0]) or n
+        if n % chunk:
+            raise ValueError(
+                f"{self.name}/model.onnx was exported with a fixed batch of {chunk}, which does not divide {n}; "
+                "export it with a dynamic batch axis or use a batch that is a multiple of it"
+            )
+        index = self.output_index(output)
+        parts = []
+        for start in range(0, n, chunk):  # one call when the batch axis is dynamic
+            part = {k: (v[start : start + chunk] if k in batched else v) for k, v in feeds.items()}
+            parts.append(self.session.run([self.output_names[index]], part)[0])
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out.astype(np.float32) if np.issubdtype(out.dtype, np.floating) else out
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def check_size(height: int, width: int, factor: int) -> None:
+    """Height and width must be positive multiples of the VAE factor."""
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(
+            f"height={height}, width={width}: both must be positive multiples of {factor} "
+            f"(the VAE downsampling factor of this model); e.g. {max(factor, height // factor * factor)}"
+            f"x{max(factor, width // factor * factor)}"
+        )
+
+
+class OnnxStableDiffusion:
+    """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
+        providers = list(providers) if providers is not None else default_providers()
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ValueError(
+                f"providers {unknown} are not available in this onnxruntime; use some of {ort.get_available_providers()}"
+            )
+        self.providers = providers
+        self.model_index = read_json(self.folder / "model_index.json")
+        self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json", required=True)
+        NumpyDDIMScheduler.from_config(self.scheduler_config)  # fail now, not mid-generation
+        self.unet_config = read_json(self.folder / "unet" / "config.json")
+        self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")
+        self.scaling_factor = float(self.vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
+        self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1)
+
+        self.text_encoder = OnnxModel(self.folder / "text_encoder" / "model.onnx", providers, "text_encoder")
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet")
+        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder")
+        self.text_encoder.require_inputs(["input_ids"])
+        self.unet.require_inputs(UNET_INPUTS)
+        self.vae_decoder.require_inputs(["latent_sample"])
+        extra = [n for n in self.unet.inputs if n not in UNET_INPUTS]
+        if extra:
+            raise ValueError(
+                f"unet/model.onnx also needs inputs {extra} (SDXL / LCM style); this runner supports "
+                f"Stable Diffusion 1.x / 2.x UNets with inputs {list(UNET_INPUTS)}"
+            )
+        self.tokenizer, self.max_length = load_tokenizer(
+            self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1)
+        )
+        sample_shape = self.unet.shape("sample")
+        self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
+        self.default_size = self._default_size(sample_shape)
+
+    def _default_size(self, sample_shape: list[Any]) -> tuple[int, int] | None:
+        """(height, width) from unet/config.json ``sample_size`` (or a static export), times the VAE factor."""
+        size = self.unet_config.get("sample_size")
+        if isinstance(size, int):
+            return size * self.vae_scale_factor, size * self.vae_scale_factor
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return size[0] * self.vae_scale_factor, size[1] * self.vae_scale_factor
+        h, w = fixed_dim(sample_shape, 2), fixed_dim(sample_shape, 3)
+        return (h * self.vae_scale_factor, w * self.vae_scale_factor) if h and w else None
+
+    def _resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        if height is None or width is None:
+            if self.default_size is None:
+                raise ValueError(
+                    f"{self.folder}/unet/config.json has no sample_size; pass height= and width= explicitly"
+                )
+            height = self.default_size[0] if height is None else height
+            width = self.default_size[1] if width is None else width
+        check_size(height, width, self.vae_scale_factor)
+        return height, width
+
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """(B, L, D) float32 CLIP hidden states of ``prompts``."""
+        ids = np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)  # (B, L)
+        return self.text_encoder.run("last_hidden_state", {"input_ids": ids}, ["input_ids"])
+
+    def predict_noise(self, latents: np.ndarray, t: int, text: np.ndarray) -> np.ndarray:
+        """UNet output (B, C, h, w) float32 for latents (B, C, h, w) and text (B, L, D)."""
+        ts = self.unet.inputs["timestep"]
+        feeds = {"sample": latents, "timestep": timestep_array(t, ts.type, ts.shape), "encoder_hidden_states": text}
+        return self.unet.run("out_sample", feeds, ["sample", "encoder_hidden_states"])
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """Latents (B, C, h, w) -> B PIL images (H = h * factor)."""
+        images = self.vae_decoder.run(
+            "sample", {"latent_sample": latents / self.scaling_factor}, ["latent_sample"]
+        )  # (B, 3, H, W)
+        return to_pil(images)
+
+    def __call__(
+        self,
+        prompts: list[str],
+        *,
+        steps: int = 25,
+        guidance: float = 7.5,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str = "",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt; ``callback(step, steps)`` after each denoising step (1-based)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        height, width = self._resolve_size(height, width)
+        scheduler = NumpyDDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+
+        batch = len(prompts)
+        use_cfg = guidance > 1.0  # as diffusers: guidance <= 1 means no unconditional pass
+        # (2B, L, D) unconditional first, as diffusers; (B, L, D) without guidance
+        text = self.encode_text([negative_prompt] * batch + prompts if use_cfg else prompts)
+        f = self.vae_scale_factor
+        latents = initial_latents(seed, batch, self.latent_channels, height // f, width // f)
+        latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w)
+
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = np.concatenate([latents, latents]) if use_cfg else latents
+            noise = self.predict_noise(model_in, int(t), text)
+            if use_cfg:
+                uncond, cond = noise[:batch], noise[batch:]
+                noise = uncond + np.float32(guidance) * (cond - uncond)
+            latents = scheduler.step(noise, t, latents)
+            if callback is not None:
+                callback(i + 1, steps)
+        return self.decode(latents)

@@ -1,0 +1,160 @@
+"""Text-to-image with a personal model: PyTorch (diffusers) or ONNX (onnxruntime, no torch imported).
+
+Both backends start from the same numpy-drawn latents for a seed, so their images are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecp.errors import EdgecpError
+from edgecp.prompts import expand
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    n: int = 4
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    size: int | None = None  # None: the model's native resolution
+    negative_prompt: str = ""
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise EdgecpError(f"-n {self.n} must be >= 1")
+        if self.steps < 1:
+            raise EdgecpError(f"--steps {self.steps} must be >= 1")
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise EdgecpError(f"--size {self.size} must be a positive multiple of 8 (e.g. 512)")
+
+
+def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: StepCallback | None = None) -> list:
+    """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from edgecp.export.ort_runner import initial_latents
+
+    size = cfg.size or comps.resolution
+    if size % comps.vae_scale:
+        raise EdgecpError(f"--size {size} must be divisible by the VAE factor {comps.vae_scale}")
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    lat = size // comps.vae_scale
+    latents = torch.from_numpy(
+        initial_latents(cfg.seed, cfg.n, comps.unet.config.in_channels, lat, lat)
+    ) * comps.scheduler.init_noise_sigma
+    total = cfg.steps * math.ceil(cfg.n / cfg.batch_size)
+    images, done = [], 0
+    for start in range(0, cfg.n, cfg.batch_size):
+        chunk = latents[start : start + cfg.batch_size]
+
+        def on_step(_pipe, i, _t, kwargs, _base=done):
+            if callback:
+                callback(_base + i + 1, total)
+            return kwargs
+
+        with torch.no_grad():
+            out = pipe(
+                [prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk), height=size, width=size,
+                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                latents=chunk.to(device, comps.unet.dtype), callback_on_step_end=on_step,
+            )
+        images += out.images
+        done += cfg.steps
+    return images
+
+
+def slug(prompt: str, limit: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def grid(images: list, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    g = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        g.paste(im, ((i % cols) * w, (i // cols) * h))
+    return g
+
+
+def save_images(images: list, out_dir: Path, stem: str) -> list[Path]:
+    """`stem-0.png ...` plus `stem-grid.png` (the grid last in the returned list)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        p = out_dir / f"{stem}-{i}.png"
+        im.save(p)
+        paths.append(p)
+    g = out_dir / f"{stem}-grid.png"
+    grid(images).save(g)
+    return paths + [g]
+
+
+def generate_from_store(
+    store_root: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path,
+    device: str | None = None, callback: StepCallback | None = None,
+) -> list[Path]:
+    """PyTorch backend: the store's current version; files are named after prompt, version and seed."""
+    import torch
+
+    from edgecp.personal import PersonalModel
+    from edgecp.store import Store
+
+    store = Store.open(store_root)
+    expanded = expand(prompt, store.concepts())
+    model = PersonalModel.load(store, device=torch.device(device) if device else None)
+    images = torch_generate(model.comps, expanded, cfg, model.device, callback)
+    return save_images(images, Path(out_dir), f"{slug(prompt)}-{store.head}-s{cfg.seed}")
+
+
+def find_export(store_root: str | Path) -> Path:
+    """The newest ONNX export of the store's current version (under STORE/exports)."""
+    from edgecp.store import Store
+
+    store = Store.open(store_root)
+    candidates = []
+    for d in (store.root / "exports").glob("*"):
+        meta = d / "edgecp.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("version") == store.head:
+            candidates.append((meta.stat().st_mtime, d))
+    if not candidates:
+        raise EdgecpError(
+            f"no ONNX export of version {store.head} in '{store.root}': run `edgecp export --store {store_root} "
+            "--profile cpu-fp32` first, or pass --onnx-dir"
+        )
+    return max(candidates)[1]
+
+
+def generate_from_onnx(
+    onnx_dir: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path, callback: StepCallback | None = None,
+) -> list[Path]:
+    """ONNX backend: onnxruntime on an exported folder; imports no torch."""
+    from edgecp.export.ort_runner import OnnxStableDiffusion
+
+    onnx_dir = Path(onnx_dir)
+    meta_file = onnx_dir / "edgecp.json"
+    if not meta_file.is_file():
+        raise EdgecpError(f"'{onnx_dir}' is not an edgecp ONNX export (no edgecp.json): run `edgecp export` first")
+    meta = json.loads(meta_file.read_text())
+    expanded = expand(prompt, meta["concepts"])
+    runner = OnnxStableDiffusion(onnx_dir)
+    images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,
+                    width=cfg.size, negative_prompt=cfg.negative_prompt, callback=callback)
+    return save_images(images, Path(out_dir), f"{slug(prompt)}-{meta['version']}-s{cfg.seed}-onnx")

@@ -1,0 +1,101 @@
+"""The one interface every continual strategy implements, so that `add_concept` has one loop.
+
+Life of task n (see docs/architecture.md):
+    method.prepare(ctx)          initialise this task's trainable state (continue / re-init / orthogonal ...)
+    loop: loss = denoise(D_n, c_n) + w * denoise(prior, c_0) + method.penalty(ctx)
+    method.consolidate(ctx)      phases after training (DSC, Fisher update, merge, MagMax ...)
+    method.files(ctx)            what the version stores, as named safetensors
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from edgecp.adapters import lora
+from edgecp.config import AdapterConfig, TrainConfig
+from edgecp.model.base import Components
+from edgecp.personal import ADAPTER_FILE, read_tensors
+
+
+@dataclass
+class LatentSet:
+    """Cached VAE posteriors of a set of images: sample with `draw`. Dropped after the commit."""
+
+    mean: torch.Tensor  # (N, C, h, w)
+    std: torch.Tensor  # (N, C, h, w)
+    scale: float
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def draw(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(self.mean[idx].shape, generator=generator).to(self.mean)
+        return (self.mean[idx] + self.std[idx] * noise) * self.scale
+
+
+@dataclass
+class TaskContext:
+    """Everything a method may read or change while concept n is learned."""
+
+    index: int  # n, 1-based
+    name: str
+    token: str
+    class_word: str | None
+    prompt: str  # c_n, e.g. "a photo of a <my-dog> dog"
+    prior_prompt: str  # c_0
+    previous: list[dict]  # committed concepts c_1..c_{n-1} (manifest entries)
+    prev_dir: Path  # the version this task starts from
+    train: TrainConfig
+    comps: Components
+    device: torch.device
+    token_row: torch.nn.Parameter | None = None
+    instance: LatentSet | None = None
+    prior: LatentSet | None = None
+    extra: dict = field(default_factory=dict)  # method scratch space
+
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class Method:
+    """Base class: LoRA sequential behaviour (continue the previous adapter, no penalty, no consolidation)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params, adapter: AdapterConfig):
+        self.params = params
+        self.adapter = adapter
+
+    def prepare(self, ctx: TaskContext) -> None:
+        lora.attach(ctx.comps.unet, self.adapter, seed=ctx.train.seed + ctx.index)
+        prev = read_tensors(ctx.prev_dir, ADAPTER_FILE)
+        if prev:
+            lora.load_adapter_state(ctx.comps.unet, prev)
+        lora.set_trainable(ctx.comps.unet, True)
+
+    def param_groups(self, ctx: TaskContext) -> list[dict]:
+        groups = [{"params": list(lora.adapter_parameters(ctx.comps.unet).values()), "lr": ctx.train.lr}]
+        if ctx.token_row is not None and ctx.train.token_lr > 0:
+            groups.append({"params": [ctx.token_row], "lr": ctx.train.token_lr, "weight_decay": 0.0})
+        return groups
+
+    def penalty(self, ctx: TaskContext) -> torch.Tensor | None:
+        return None
+
+    def consolidate(self, ctx: TaskContext, progress: Progress | None = None) -> None:
+        return None
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        return {ADAPTER_FILE: lora.adapter_state(ctx.comps.unet)}

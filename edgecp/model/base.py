@@ -1,0 +1,187 @@
+"""Resolve and load a base model: the embedded tiny model, a diffusers folder, a single-file checkpoint, a hub id.
+
+A base is identified by the sha256 of its weights; a store records it at init and refuses any other base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecp.errors import EdgecpError
+from edgecp.paths import edgecp_home
+
+WEIGHT_SUFFIXES = (".safetensors",)
+COMPONENT_DIRS = ("unet", "vae", "text_encoder")
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Where a base model comes from. `kind` is tiny | folder | single_file | hub."""
+
+    kind: str
+    locator: str  # what the user typed ("tiny", a path, a hub id)
+    path: Path | None = None  # the local folder or file, once resolved
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "locator": self.locator}
+
+
+def resolve_base(locator: str) -> BaseSpec:
+    """Turn what the user typed into a local folder or file, downloading a hub id when online."""
+    if locator == "tiny":
+        from edgecp.model.tiny import ensure_tiny_model
+
+        return BaseSpec("tiny", "tiny", ensure_tiny_model())
+    p = Path(locator).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").exists() or not (p / "unet").is_dir():
+            raise EdgecpError(
+                f"base folder '{locator}' is not a diffusers Stable Diffusion folder (no model_index.json / unet/): "
+                "pass the folder that StableDiffusionPipeline.save_pretrained wrote, or a .safetensors checkpoint"
+            )
+        return BaseSpec("folder", str(p.resolve()), p.resolve())
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise EdgecpError(
+                f"base file '{locator}' is not a .safetensors checkpoint: edgecp never unpickles .ckpt/.bin files; "
+                "convert it to safetensors first"
+            )
+        return BaseSpec("single_file", str(p.resolve()), p.resolve())
+    if locator.count("/") == 1 and not locator.startswith((".", "/", "~")):
+        return BaseSpec("hub", locator, _download_hub(locator))
+    raise EdgecpError(
+        f"base '{locator}' is neither 'tiny', an existing folder or .safetensors file, nor a hub id 'owner/name'"
+    )
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+            ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt", "*.bin"],
+        )
+    except Exception as e:  # offline, gated, or unknown repo: all the same to the user
+        raise EdgecpError(
+            f"could not fetch base '{repo_id}' from the model hub ({type(e).__name__}); "
+            "when offline, pass a local diffusers folder or a .safetensors file with --base"
+        ) from e
+    return Path(folder)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(spec: BaseSpec) -> list[Path]:
+    assert spec.path is not None
+    if spec.path.is_file():
+        return [spec.path]
+    files = []
+    for comp in COMPONENT_DIRS:
+        d = spec.path / comp
+        files += sorted(f for f in d.glob("*.safetensors") if f.is_file() and ".fp16." not in f.name)
+    if not files:
+        raise EdgecpError(
+            f"base folder '{spec.path}' has no .safetensors weights under unet/, vae/, text_encoder/: "
+            "edgecp loads safetensors only; re-save the pipeline with safe_serialization=True"
+        )
+    return files
+
+
+def base_sha256(spec: BaseSpec) -> str:
+    """sha256 over the base's weight files (name + bytes), cached by (path, size, mtime) to avoid rehashing GBs."""
+    cache_file = edgecp_home() / "hash-cache.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    h = hashlib.sha256()
+    dirty = False
+    root = spec.path if spec.path.is_dir() else spec.path.parent
+    for f in weight_files(spec):
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = _sha256_file(f)
+            dirty = True
+        h.update(str(f.relative_to(root)).encode() + b"\0" + cache[key].encode())
+    if dirty:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a cache, not state
+    return h.hexdigest()
+
+
+def quiet_hf() -> None:
+    """The library never prints: silence diffusers' and transformers' own progress bars and notices."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@dataclass
+class Components:
+    """The pieces of a Stable Diffusion pipeline that edgecp trains and exports."""
+
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    scheduler: object  # the inference scheduler; training builds a DDPMScheduler from its config
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+
+def load_components(spec: BaseSpec, dtype=None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler from a resolved base (weights via safetensors only)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    quiet_hf()
+    dtype = dtype or torch.float32
+    try:
+        if spec.kind == "single_file":
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(spec.path), dtype=dtype, safety_checker=None, use_safetensors=True
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(spec.path), dtype=dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, use_safetensors=True,
+            )
+    except EdgecpError:
+        raise
+    except Exception as e:
+        raise EdgecpError(
+            f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for m in (pipe.text_encoder, pipe.vae, pipe.unet):
+        m.requires_grad_(False)
+        m.eval()
+    return Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler)

@@ -1,0 +1,95 @@
+"""Concept tokens: one new token `<name>` per concept, its embedding a small trainable row.
+
+The text encoder's token table stays frozen and untouched; new rows live in `ConceptEmbedding`, so a concept
+trains (and stores) D numbers instead of the whole 49,408 x D table, and earlier concepts' rows stay frozen.
+Written by hand because transformers only offers resizing the whole table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecp.errors import EdgecpError
+
+
+def token_of(name: str) -> str:
+    return f"<{name}>"
+
+
+class ConceptEmbedding(nn.Module):
+    """Token embedding = frozen base table for ids < V, one parameter row per concept token for ids >= V."""
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.base = base
+        self.base_vocab = base.num_embeddings
+        self.rows = nn.ParameterList()
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads `.weight` (e.g. tied heads, resizing)
+        return torch.cat([self.base.weight, *[r[None] for r in self.rows]]) if len(self.rows) else self.base.weight
+
+    def add_row(self, vec: torch.Tensor, trainable: bool) -> int:
+        self.rows.append(nn.Parameter(vec.detach().clone().to(self.base.weight), requires_grad=trainable))
+        return self.base_vocab + len(self.rows) - 1
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids.clamp(max=self.base_vocab - 1))  # (B, T, D)
+        if len(self.rows) == 0:
+            return out
+        extra = torch.stack(list(self.rows))  # (n, D)
+        rel = ids - self.base_vocab
+        new = extra[rel.clamp(min=0, max=len(self.rows) - 1)].to(out.dtype)
+        return torch.where((rel >= 0)[..., None], new, out)
+
+
+def concept_embedding(text_encoder) -> ConceptEmbedding:
+    """The text encoder's ConceptEmbedding, installing one around the original table on first use."""
+    emb = text_encoder.get_input_embeddings()
+    if not isinstance(emb, ConceptEmbedding):
+        emb = ConceptEmbedding(emb)
+        text_encoder.set_input_embeddings(emb)
+    return emb
+
+
+def word_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
+    """Mean input embedding of `word`'s BPE tokens (the initialisation of a new concept token)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise EdgecpError(f"class word '{word}' has no tokens: pass a plain word such as 'dog'")
+    table = concept_embedding(text_encoder).base.weight
+    return table[torch.tensor(ids)].mean(0)
+
+
+def add_concept_token(tokenizer, text_encoder, name: str, init: torch.Tensor, trainable: bool) -> int:
+    """Add `<name>` to the tokenizer and its row to the text encoder; the two ids must agree."""
+    emb = concept_embedding(text_encoder)
+    token = token_of(name)
+    if len(tokenizer) != emb.base_vocab + len(emb.rows):
+        raise EdgecpError(
+            f"tokenizer has {len(tokenizer)} tokens but the text encoder {emb.base_vocab + len(emb.rows)}: "
+            "this base's tokenizer and text encoder do not match"
+        )
+    if tokenizer.add_tokens([token]) != 1:
+        raise EdgecpError(f"token '{token}' already exists in the base tokenizer: choose another concept name")
+    row = emb.add_row(init, trainable)
+    assert tokenizer.convert_tokens_to_ids(token) == row, "tokenizer and embedding ids diverged"
+    return row
+
+
+def load_concept_tokens(tokenizer, text_encoder, concepts: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Install the committed concepts' tokens (frozen), in manifest order."""
+    for c in concepts:
+        add_concept_token(tokenizer, text_encoder, c["name"], tensors[c["token"]], trainable=False)
+
+
+def bake_tokens(text_encoder) -> None:
+    """Replace ConceptEmbedding by one plain nn.Embedding holding every row (for export)."""
+    emb = text_encoder.get_input_embeddings()
+    if isinstance(emb, ConceptEmbedding):
+        w = emb.weight.detach().clone()
+        plain = nn.Embedding(w.shape[0], w.shape[1], _weight=w)
+        plain.requires_grad_(False)
+        text_encoder.set_input_embeddings(plain)
+        text_encoder.config.vocab_size = w.shape[0]

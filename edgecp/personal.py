@@ -1,0 +1,78 @@
+"""A personal model: the base components with a store version's concept tokens and adapter installed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from edgecp.adapters import lora
+from edgecp.config import AdapterConfig, from_dict
+from edgecp.errors import EdgecpError
+from edgecp.model.base import BaseSpec, Components, base_sha256, load_components, resolve_base
+from edgecp.model.tokens import load_concept_tokens
+from edgecp.store import Store
+
+ADAPTER_FILE = "adapter.safetensors"
+TOKENS_FILE = "tokens.safetensors"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_base(store: Store) -> BaseSpec:
+    """Resolve the store's base and check that its weights are the ones the store was made with."""
+    base = store.info["base"]
+    spec = resolve_base(base["locator"])
+    sha = base_sha256(spec)
+    if sha != base["sha256"]:
+        raise EdgecpError(
+            f"base '{base['locator']}' has changed (weights sha256 {sha[:12]}, the store was made with "
+            f"{base['sha256'][:12]}): restore the original weights, or create a new store for this base"
+        )
+    return spec
+
+
+def read_tensors(version_dir: Path, fname: str) -> dict[str, torch.Tensor]:
+    f = version_dir / fname
+    return load_file(str(f)) if f.exists() else {}
+
+
+@dataclass
+class PersonalModel:
+    comps: Components
+    concepts: list[dict]
+    adapter: AdapterConfig
+    device: torch.device
+
+    @classmethod
+    def load(cls, store: Store, version: str | None = None, device: torch.device | None = None) -> PersonalModel:
+        device = device or default_device()
+        comps = load_components(open_base(store))
+        vdir = store.version_dir(version)
+        concepts = store.manifest(version)["concepts"]
+        load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
+        adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
+        state = read_tensors(vdir, ADAPTER_FILE)
+        if state:
+            lora.attach(comps.unet, adapter)
+            lora.load_adapter_state(comps.unet, state)
+        for m in (comps.text_encoder, comps.vae, comps.unet):
+            m.to(device)
+        return cls(comps, concepts, adapter, device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return encode_text(self.comps, prompts, self.device)
+
+
+def encode_text(comps: Components, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(B, 77, D) last hidden states; differentiable w.r.t. the concept token rows."""
+    ids = comps.tokenizer(
+        prompts, padding="max_length", max_length=comps.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    return comps.text_encoder(ids)[0]

@@ -1,0 +1,84 @@
+"""Device profiles: what an export targets (precision, execution providers, parity tolerance).
+
+Shipped profiles live in `profiles/*.toml` at the top of the project; a path to a .toml file works too.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from edgecp.errors import EdgecpError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One target device. Parity: every exported model must satisfy max|onnx - torch| <= atol + rtol * max|torch|."""
+
+    name: str
+    description: str
+    precision: str = "fp32"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    opset: int = 17
+    atol: float = 1e-3
+    rtol: float = 0.0
+    vae_encoder: bool = True
+    default_steps: int = 25
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise EdgecpError(f"profile '{self.name}': precision '{self.precision}' is unknown: use one of {', '.join(PRECISIONS)}")
+        if not self.providers:
+            raise EdgecpError(f"profile '{self.name}': providers is empty: e.g. providers = [\"CPUExecutionProvider\"]")
+        if self.atol < 0 or self.rtol < 0:
+            raise EdgecpError(f"profile '{self.name}': atol and rtol must be >= 0")
+        if not 14 <= self.opset <= 23:
+            raise EdgecpError(f"profile '{self.name}': opset {self.opset} must be between 14 and 23")
+        object.__setattr__(self, "providers", tuple(self.providers))
+
+    def tolerance(self, ref_max_abs: float) -> float:
+        return self.atol + self.rtol * ref_max_abs
+
+
+def parse_profile(text: str, source: str) -> DeviceProfile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise EdgecpError(f"profile '{source}' is not valid TOML: {e}") from None
+    valid = {f.name for f in fields(DeviceProfile)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise EdgecpError(f"profile '{source}': unknown key '{unknown[0]}': valid keys are {', '.join(sorted(valid))}")
+    for key in ("name", "description"):
+        if key not in data:
+            raise EdgecpError(f"profile '{source}' lacks '{key}'")
+    try:
+        return DeviceProfile(**data)
+    except TypeError as e:
+        raise EdgecpError(f"profile '{source}': {e}") from None
+
+
+def profile_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILES_DIR.glob("*.toml"))}
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return parse_profile(p.read_text(), str(p))
+    files = profile_files()
+    if name_or_path not in files:
+        raise EdgecpError(f"unknown profile '{name_or_path}': shipped profiles are {', '.join(files)} (or pass a .toml path)")
+    prof = parse_profile(files[name_or_path].read_text(), name_or_path)
+    if prof.name != name_or_path:
+        raise EdgecpError(f"profile file '{files[name_or_path]}' names itself '{prof.name}': make name match the file name")
+    return prof
