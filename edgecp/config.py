@@ -99,5 +99,10 @@ def from_dict(cls, d: dict, what: str):
 
 
 def replace(cfg, **overrides):
-    """`dataclasses.replace` that ignores None overrides (unset CLI flags)."""
+    """`dataclasses.replace` that ignores None overrides (unset CLI flags) and names unknown keys."""
+    valid = {f.name for f in fields(cfg)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        what = type(cfg).__name__.removesuffix("Config").lower()
+        raise EdgecpError(f"unknown {what} setting '{unknown[0]}': valid ones are {', '.join(sorted(valid))}")
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

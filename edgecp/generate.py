@@ -154,7 +154,10 @@ def generate_from_onnx(
         raise EdgecpError(f"'{onnx_dir}' is not an edgecp ONNX export (no edgecp.json): run `edgecp export` first")
     meta = json.loads(meta_file.read_text())
     expanded = expand(prompt, meta["concepts"])
-    runner = OnnxStableDiffusion(onnx_dir)
-    images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,
-                    width=cfg.size, negative_prompt=cfg.negative_prompt, callback=callback)
+    try:
+        runner = OnnxStableDiffusion(onnx_dir)
+        images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,
+                        width=cfg.size, negative_prompt=cfg.negative_prompt, callback=callback)
+    except (ValueError, FileNotFoundError) as e:  # the runner's own errors already name the value and the fix
+        raise EdgecpError(str(e).splitlines()[0]) from e
     return save_images(images, Path(out_dir), f"{slug(prompt)}-{meta['version']}-s{cfg.seed}-onnx")

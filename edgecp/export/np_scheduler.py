@@ -44,7 +44,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     """(n,) float32 ``torch.linspace(start, end, n)``: float32 step, two halves, one rounding per value.
 
-    Plain ``np.linspace`` differs by an ulp on some entries; this keeps the betas equal to diffusers' bit for bit.
+    Plain ``np.linspace`` is an ulp off on some entries; this keeps the betas equal to diffusers' bit for bit.
     """
     a, b = np.float32(start), np.float32(end)
     if n == 1:
@@ -92,7 +92,10 @@ class NumpyDDIMScheduler:
         cfg = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
         _check_choice("prediction_type", cfg["prediction_type"], PREDICTION_TYPES)
         _check_choice("timestep_spacing", cfg["timestep_spacing"], TIMESTEP_SPACINGS)
-        for flag, what in (("rescale_betas_zero_snr", "zero-SNR rescaling"), ("thresholding", "dynamic thresholding")):
+        for flag, what in (
+            ("rescale_betas_zero_snr", "zero-SNR rescaling"),
+            ("thresholding", "dynamic thresholding"),
+        ):
             if cfg[flag]:
                 raise ValueError(
                     f"scheduler config {flag}={cfg[flag]!r}: {what} is not implemented by the numpy DDIM "
@@ -124,7 +127,7 @@ class NumpyDDIMScheduler:
         return self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
-        """One DDIM step from timestep ``t``: returns the previous sample (same shape and dtype as ``sample``)."""
+        """One DDIM step from timestep ``t``: the previous sample (shape and dtype of ``sample``)."""
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(steps) first")
         t = int(t)

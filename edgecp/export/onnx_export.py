@@ -6,7 +6,7 @@
     OUT/vae_encoder/model.onnx    sample -> latent_parameters (profile permitting)
     OUT/tokenizer/ OUT/scheduler/ OUT/model_index.json OUT/edgecp.json
 
-The adapter is merged into a full-precision copy of the base and the concept tokens are baked into the text
+input_ids are int64 and timestep a float scalar, as optimum exports them since late 2024. The adapter is merged into a full-precision copy of the base and the concept tokens are baked into the text
 encoder, so the device needs no peft and no torch. Each model is checked against PyTorch on the same inputs;
 beyond the profile's tolerance the export is refused and nothing is left behind.
 """
@@ -14,6 +14,7 @@ beyond the profile's tolerance the export is refused and nothing is left behind.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -78,16 +79,16 @@ def _specs(comps, batch: int = 2) -> dict:
     c_in = comps.unet.config.in_channels
     d = comps.text_encoder.config.hidden_size
     ids = comps.tokenizer(["a photo", "a photo of a dog"], padding="max_length",
-                          max_length=comps.tokenizer.model_max_length, return_tensors="pt").input_ids.int()
+                          max_length=comps.tokenizer.model_max_length, return_tensors="pt").input_ids
     return {
         "text_encoder": (_TextEncoder(comps.text_encoder), (ids,), ["input_ids"], ["last_hidden_state", "pooler_output"],
                          {"input_ids": {0: "batch_size", 1: "sequence_length"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
                           "pooler_output": {0: "batch_size"}}),
         "unet": (_UNet(comps.unet),
-                 (torch.randn(batch, c_in, lat, lat, generator=g), torch.tensor([981, 501][:batch]),
+                 (torch.randn(batch, c_in, lat, lat, generator=g), torch.tensor(981.0),
                   torch.randn(batch, comps.tokenizer.model_max_length, d, generator=g)),
                  ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-                 {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
+                 {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {},
                   "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
                   "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
         "vae_decoder": (_VaeDecoder(comps.vae), (torch.randn(1, comps.vae.config.latent_channels, lat, lat, generator=g),),
@@ -119,18 +120,44 @@ def _apply_precision(path: Path, precision: str) -> None:
     import onnx
 
     if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True)
+        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Resize"])
+        _restore_resize_scales(model)
         onnx.save(model, str(path))
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         tmp = path.with_suffix(".fp32.onnx")
         path.rename(tmp)
-        # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
-        quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        tmp.unlink()
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer warns on the root logger; the library never prints
+        try:
+            # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
+            quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            root.setLevel(level)
+            tmp.unlink()
+
+
+def _restore_resize_scales(model) -> None:
+    """Resize's `scales` input must be float32 (ONNX type constraint) but the fp16 converter also converts the
+    Constant nodes that feed it; turn those back into float32 (a fix the converter lacks)."""
+    import onnx
+    from onnx import numpy_helper
+
+    scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2 and n.input[2]}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in scales:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT16:
+                    arr = numpy_helper.to_array(attr.t).astype(np.float32)
+                    attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+    for init in model.graph.initializer:
+        if init.name in scales and init.data_type == onnx.TensorProto.FLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
 
 
 def _session(path: Path, profile: DeviceProfile):
@@ -224,20 +251,20 @@ def _write_configs(folder: Path, comps, names: list[str]) -> None:
     for name in names:
         if name.startswith("vae_"):
             comps.vae.save_config(folder / name)
+    # what optimum's exporter writes (the diffusers pipeline's config); its ORT loader adds the vae_* parts itself
     index = {
-        "_class_name": "ORTStableDiffusionPipeline",
+        "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": __import__("diffusers").__version__,
         "requires_safety_checker": False,
         "feature_extractor": [None, None],
+        "image_encoder": [None, None],
         "safety_checker": [None, None],
         "scheduler": ["diffusers", type(comps.scheduler).__name__],
-        "text_encoder": ["optimum", "ORTModelTextEncoder"],
+        "text_encoder": ["transformers", type(comps.text_encoder).__name__],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["optimum", "ORTModelUnet"],
-        "vae_decoder": ["optimum", "ORTModelVaeDecoder"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
     }
-    if "vae_encoder" in names:
-        index["vae_encoder"] = ["optimum", "ORTModelVaeEncoder"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 

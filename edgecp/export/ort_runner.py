@@ -106,7 +106,7 @@ def _token_content(value: Any) -> str | None:
 
 
 def special_tokens(folder: Path) -> dict[str, str]:
-    """pad/eos/bos/unk tokens from ``tokenizer_config.json``, then ``special_tokens_map.json``, then CLIP's."""
+    """pad/eos/bos/unk from ``tokenizer_config.json``, then ``special_tokens_map.json``, then CLIP's."""
     found: dict[str, str] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         cfg = read_json(folder / name)
@@ -132,16 +132,24 @@ def clip_tokenizer_from_vocab(folder: Path, tokens: dict[str, str]) -> Tokenizer
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
     bos, eos = tokens["bos_token"], tokens["eos_token"]
     tok = Tokenizer(
-        BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-            fuse_unk=False, unk_token=tokens["unk_token"])
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=tokens["unk_token"],
+        )
     )
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
     split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((bos, eos))])
@@ -169,13 +177,17 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
             "save the CLIP tokenizer there with tokenizer.save_pretrained()"
         )
     if max_length is None:
-        max_length = int(read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH))
+        max_length = int(
+            read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH)
+        )
         if max_length > 100_000:  # transformers' "no limit" sentinel
             max_length = DEFAULT_MAX_LENGTH
     pad = tokens["pad_token"]
     pad_id = tok.token_to_id(pad)
     if pad_id is None:
-        raise ValueError(f"pad token {pad!r} of {folder} is not in its vocabulary; fix pad_token in tokenizer_config.json")
+        raise ValueError(
+            f"pad token {pad!r} of {folder} is not in its vocabulary; fix pad_token in tokenizer_config.json"
+        )
     tok.no_padding()
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad)
@@ -186,11 +198,13 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
 
 
 class OnnxModel:
-    """One onnxruntime session: casts feeds to the declared dtypes and splits batches a fixed-batch model needs."""
+    """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
     def __init__(self, path: Path, providers: list[str], name: str):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx")
+            raise FileNotFoundError(
+                f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the library does not print
         self.name = name
@@ -220,13 +234,13 @@ class OnnxModel:
         return fixed_dim(self.shape(name), 0)
 
     def run(self, output: str, feeds: dict[str, np.ndarray], batched: Sequence[str]) -> np.ndarray:
-        """Output ``output`` as float32 (or as is for ints); ``batched`` feeds are split if the batch is fixed."""
+        """Output ``output`` (floats as float32); ``batched`` feeds are split when the batch is fixed."""
         feeds = {k: np.asarray(v, dtype=self.dtype(k), order="C") for k, v in feeds.items()}
         n = feeds[batched[0]].shape[0]
         chunk = self.fixed_batch(batched[0]) or n
         if n % chunk:
             raise ValueError(
-                f"{self.name}/model.onnx was exported with a fixed batch of {chunk}, which does not divide {n}; "
+                f"{self.name}/model.onnx has a fixed batch of {chunk}, which does not divide {n}; "
                 "export it with a dynamic batch axis or use a batch that is a multiple of it"
             )
         index = self.output_index(output)
@@ -262,7 +276,8 @@ class OnnxStableDiffusion:
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
             raise ValueError(
-                f"providers {unknown} are not available in this onnxruntime; use some of {ort.get_available_providers()}"
+                f"providers {unknown} are not available in this onnxruntime; "
+                f"use some of {ort.get_available_providers()}"
             )
         self.providers = providers
         self.model_index = read_json(self.folder / "model_index.json")
@@ -271,7 +286,9 @@ class OnnxStableDiffusion:
         self.unet_config = read_json(self.folder / "unet" / "config.json")
         self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")
         self.scaling_factor = float(self.vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
-        self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1)
+        self.vae_scale_factor = 2 ** (
+            len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
+        )
 
         self.text_encoder = OnnxModel(self.folder / "text_encoder" / "model.onnx", providers, "text_encoder")
         self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet")
@@ -293,7 +310,7 @@ class OnnxStableDiffusion:
         self.default_size = self._default_size(sample_shape)
 
     def _default_size(self, sample_shape: list[Any]) -> tuple[int, int] | None:
-        """(height, width) from unet/config.json ``sample_size`` (or a static export), times the VAE factor."""
+        """(height, width): unet/config.json ``sample_size`` (or a static export) times the VAE factor."""
         size = self.unet_config.get("sample_size")
         if isinstance(size, int):
             return size * self.vae_scale_factor, size * self.vae_scale_factor
@@ -321,7 +338,11 @@ class OnnxStableDiffusion:
     def predict_noise(self, latents: np.ndarray, t: int, text: np.ndarray) -> np.ndarray:
         """UNet output (B, C, h, w) float32 for latents (B, C, h, w) and text (B, L, D)."""
         ts = self.unet.inputs["timestep"]
-        feeds = {"sample": latents, "timestep": timestep_array(t, ts.type, ts.shape), "encoder_hidden_states": text}
+        feeds = {
+            "sample": latents,
+            "timestep": timestep_array(t, ts.type, ts.shape),
+            "encoder_hidden_states": text,
+        }
         return self.unet.run("out_sample", feeds, ["sample", "encoder_hidden_states"])
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:

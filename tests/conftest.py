@@ -1,0 +1,75 @@
+"""Shared fixtures: an isolated EDGECP_HOME, small test photos, and one trained store reused by read-only tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAST_TRAIN = {"steps": 3}
+FAST_PRIOR = {"num_images": 2, "steps": 2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edgecp_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("edgecp-home")
+    os.environ["EDGECP_HOME"] = str(home)
+    return home
+
+
+def make_photos(folder: Path, n: int = 2, seed: int = 0, size: int = 72) -> list[Path]:
+    """Distinct little photos: a coloured disc on a noisy background."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+        cx, cy, r = rng.integers(20, size - 20, 2).tolist() + [int(rng.integers(8, 16))]
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(120, 255, 3)
+        p = folder / f"photo{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    return make_photos(tmp_path / "photos")
+
+
+def new_store(root: Path, **kw):
+    from edgecp.api import init_store
+
+    return init_store(root, "tiny", train={**FAST_TRAIN, **kw.pop("train", {})}, prior={**FAST_PRIOR, **kw.pop("prior", {})}, **kw)
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory) -> Path:
+    """A store with two concepts (<alpha> dog, <beta> mug); tests must not modify it (copy it first)."""
+    from edgecp.train import add_concept
+
+    root = tmp_path_factory.mktemp("stores") / "trained"
+    new_store(root)
+    tmp = tmp_path_factory.mktemp("photos")
+    add_concept(root, "alpha", make_photos(tmp / "a", seed=1), class_word="dog")
+    add_concept(root, "beta", make_photos(tmp / "b", seed=2), class_word="mug")
+    return root
+
+
+@pytest.fixture
+def store_copy(trained_store, tmp_path) -> Path:
+    dst = tmp_path / "store"
+    shutil.copytree(trained_store, dst)
+    return dst
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its content (to assert 'the store is exactly as before')."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}

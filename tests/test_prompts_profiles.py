@@ -1,0 +1,39 @@
+import pytest
+
+from edgecp.errors import EdgecpError
+from edgecp.profiles import load_profile, parse_profile, profile_files
+from edgecp.prompts import concept_prompt, expand
+
+CONCEPTS = [{"name": "a", "token": "<a>", "class_word": "dog"}, {"name": "b", "token": "<b>", "class_word": None}]
+
+
+def test_expand_adds_the_class_word_once():
+    assert expand("a photo of <a> on a beach", CONCEPTS) == "a photo of <a> dog on a beach"
+    assert expand("a photo of <a> dog. Posing with <b> sunglasses", CONCEPTS) == "a photo of <a> dog. Posing with <b> sunglasses"
+    assert concept_prompt("a photo of a {}", "<a>", "dog") == "a photo of a <a> dog"
+
+
+def test_unknown_concept_lists_the_known_ones():
+    with pytest.raises(EdgecpError, match=r"unknown concept <zz>.*<a>, <b>"):
+        expand("a photo of <zz>", CONCEPTS)
+
+
+@pytest.mark.parametrize("name", sorted(profile_files()))
+def test_every_shipped_profile_loads(name):
+    p = load_profile(name)
+    assert p.name == name and p.precision in ("fp32", "fp16", "int8") and p.providers
+    assert p.tolerance(10.0) >= p.atol
+
+
+def test_profile_kinds_shipped():
+    precisions = {load_profile(n).precision for n in profile_files()}
+    assert {"fp32", "fp16", "int8"} <= precisions
+
+
+def test_unknown_profile_key_lists_the_valid_ones():
+    with pytest.raises(EdgecpError, match=r"unknown key 'colour'.*valid keys are .*precision"):
+        parse_profile('name = "x"\ndescription = "y"\ncolour = "red"\n', "x.toml")
+    with pytest.raises(EdgecpError, match="precision 'fp8' is unknown"):
+        parse_profile('name = "x"\ndescription = "y"\nprecision = "fp8"\n', "x.toml")
+    with pytest.raises(EdgecpError, match="unknown profile 'nope'"):
+        load_profile("nope")
