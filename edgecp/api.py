@@ -25,7 +25,6 @@ def init_store(
     prompt_template: str = DEFAULT_TEMPLATE,
 ) -> Store:
     """Create a store on `base` ('tiny', a diffusers folder, a .safetensors file or a hub id)."""
-    from edgecp.methods import build_method
     from edgecp.model.base import base_sha256, resolve_base
 
     if "{}" not in prompt_template:
@@ -33,8 +32,7 @@ def init_store(
     root = Path(root).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise EdgecpError(f"'{root}' already exists and is not empty: choose a new folder for the store")
-    adapter_cfg = from_dict(AdapterConfig, adapter or {}, "adapter")
-    m = build_method(method, method_params or {}, adapter_cfg)  # validates name and hyperparameters
+    m = _build(method, method_params, adapter)  # validates name, hyperparameters and adapter
     tiny = base == "tiny"
     train_cfg = replace(TrainConfig(**(TINY_TRAIN if tiny else {})), **(train or {}))
     prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
@@ -42,12 +40,47 @@ def init_store(
     info = {
         "base": {**spec.to_json(), "sha256": base_sha256(spec)},
         "method": {"name": m.name, "params": to_dict(m.params)},
-        "adapter": to_dict(adapter_cfg),
+        "adapter": to_dict(m.adapter),
         "train": to_dict(train_cfg),
         "prior": to_dict(prior_cfg),
         "prompt_template": prompt_template,
     }
     return Store.create(root, info)
+
+
+def _build(method: str, params: dict | None, adapter: dict | None):
+    """The method object; the adapter defaults to the method's kind and rank (VeRA methods: vera, 256)."""
+    from edgecp.methods import build_method, method_class
+
+    cls = method_class(method)
+    a = dict(adapter or {})
+    a.setdefault("kind", cls.adapter_kind)
+    if "rank" not in a:
+        a["rank"] = cls.default_rank if a["kind"] == cls.adapter_kind else AdapterConfig.rank
+        a.setdefault("alpha", float(a["rank"]))
+    return build_method(method, params or {}, from_dict(AdapterConfig, a, "adapter"))
+
+
+def set_method(root: str | Path, method: str, params: dict | None = None, adapter: dict | None = None) -> Store:
+    """Change the store's method; refused once the store holds concepts (their state belongs to the old one)."""
+    import json
+    import os
+
+    store = Store.open(root)
+    m = _build(method, params, adapter)
+    with store.writer():
+        n = len(store.concepts())
+        if n:
+            raise EdgecpError(
+                f"store '{store.root}' already holds {n} concept(s) learned with {store.info['method']['name']}: "
+                f"their stored state (adapter, Fisher, teachers) belongs to that method, so switching to {m.name} "
+                "would break them; create a new store with `edgecp init --method " + m.name + "`"
+            )
+        info = {**store.info, "method": {"name": m.name, "params": to_dict(m.params)}, "adapter": to_dict(m.adapter)}
+        tmp = store.root / "store.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+        os.replace(tmp, store.root / "store.json")
+    return Store.open(root)
 
 
 def concepts_summary(root: str | Path) -> dict:
@@ -61,8 +94,10 @@ def concepts_summary(root: str | Path) -> dict:
         "method": store.info["method"],
         "adapter": store.info["adapter"],
         "bytes": store.disk_bytes(),
+        "n_param": m.get("n_param"),
         "concepts": [
-            {k: c.get(k) for k in ("name", "token", "class_word", "task", "steps", "seconds", "metrics")}
+            {k: c.get(k) for k in ("name", "token", "class_word", "task", "steps", "seconds", "metrics",
+                                   "seconds_per_iteration")}
             | {"images": len(c["images"])}
             for c in m["concepts"]
         ],

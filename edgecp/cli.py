@@ -72,7 +72,7 @@ def init(
     base: Annotated[str, typer.Option(help="'tiny' (embedded), a diffusers folder, a .safetensors file, or a hub id.")] = "tiny",
     method: Annotated[str, typer.Option(help="Continual strategy; see `edgecp methods`.")] = "lora-sequential",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method hyperparameter key=value (repeat).")] = None,
-    adapter: Annotated[str, typer.Option(help="lora or vera.")] = "lora",
+    adapter: Annotated[Optional[str], typer.Option(help="lora or vera (default: the method's).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Adapter rank (default 16).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated UNet module suffixes (default attn2.to_k,attn2.to_v).")] = None,
     train: Annotated[Optional[list[str]], typer.Option("--train", help="Training default key=value (steps, lr, grad_accum, ...).")] = None,
@@ -87,7 +87,7 @@ def init(
     """
     from edgecp.api import init_store
 
-    adapter_d: dict = {"kind": adapter}
+    adapter_d: dict = {"kind": adapter} if adapter else {}
     if rank is not None:
         adapter_d.update(rank=rank, alpha=float(rank))
     if targets:
@@ -96,6 +96,23 @@ def init(
     s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior)
     out.print(f"created store [bold]{s.root}[/] on base '{s.info['base']['locator']}' "
               f"(sha256 {s.info['base']['sha256'][:12]}), method {s.info['method']['name']}")
+
+
+@app.command("set-method")
+def set_method_cmd(
+    method: Annotated[str, typer.Argument(help="Continual strategy; see `edgecp methods`.")],
+    store: StoreOpt,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method hyperparameter key=value (repeat).")] = None,
+) -> None:
+    """Change the method of a store that holds no concepts yet.
+
+    Examples:
+      edgecp set-method dsc-ewc-dc --store my-model -p k=5 -p delta=0.5
+    """
+    from edgecp.api import set_method
+
+    s = set_method(store, method, _parse_kv(param, "--param"))
+    out.print(f"store {s.root} now uses {s.info['method']['name']} {s.info['method']['params']}")
 
 
 @app.command("add-concept")
@@ -143,6 +160,10 @@ def concepts(store: StoreOpt, as_json: Annotated[bool, typer.Option("--json", he
         t.add_row(str(c["task"]), c["name"], c["token"], c["class_word"] or "-", str(c["images"]), str(c["steps"]),
                   f"{c['seconds']['total']:.1f}")
     out.print(t)
+    if s["n_param"]:
+        n = s["n_param"]
+        out.print(f"N_param Train {n['train_pct']:.4f}%  N_param Store {n['store_pct']:.4f}%  "
+                  f"(of the UNet's {n['unet']:,} parameters; Store counts the base as 100%)")
 
 
 @app.command()

@@ -55,7 +55,7 @@ class PersonalModel:
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
-        adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
+        adapter = effective_adapter(store, version)
         state = read_tensors(vdir, ADAPTER_FILE)
         if state:
             lora.attach(comps.unet, adapter)
@@ -67,6 +67,17 @@ class PersonalModel:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return encode_text(self.comps, prompts, self.device)
+
+
+def effective_adapter(store: Store, version: str | None = None) -> AdapterConfig:
+    """The store's adapter at the rank the version holds (task LoRAs concatenated by C-LoRA / LoRA merge)."""
+    adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
+    rank = store.manifest(version).get("adapter_rank")
+    if rank and rank != adapter.rank:
+        from edgecp.adapters.lora import with_rank
+
+        adapter = with_rank(adapter, rank)
+    return adapter
 
 
 def encode_text(comps: Components, prompts: list[str], device: torch.device) -> torch.Tensor:

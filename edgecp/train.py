@@ -122,10 +122,13 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
 
     method_info = store.info["method"]
     method = build_method(method_info["name"], method_info["params"], from_dict(AdapterConfig, store.info["adapter"], "adapter"))
+    from diffusers import DDPMScheduler
+
     ctx = TaskContext(
         index=len(previous) + 1, name=name, token=token, class_word=class_word,
         prompt=concept_prompt(store.info["prompt_template"], token, class_word), prior_prompt=prior_cfg.prompt,
         previous=previous, prev_dir=store.version_dir(), train=cfg, comps=comps, device=device,
+        noise_scheduler=DDPMScheduler.from_config(comps.scheduler.config),
         token_row=token_row if cfg.token_lr > 0 else None,
     )
     _emit(progress, "encode", 0, 1)
@@ -134,12 +137,15 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
     _emit(progress, "encode", 1, 1)
 
     method.prepare(ctx)
+    n_train = sum(p.numel() for g in method.param_groups(ctx) for p in g["params"] if p is not ctx.token_row)
     losses = _train_loop(ctx, method, progress)
     t_train = time.perf_counter() - t_start
-    method.consolidate(ctx, progress)
+    method.consolidate(ctx, lambda phase, i, n, loss=None: _emit(progress, phase, i, n, loss))
 
     _emit(progress, "commit", 0, 1)
-    files = {fname: _safetensors_bytes(t) for fname, t in method.files(ctx).items()}
+    tensors = method.files(ctx)
+    n_store = sum(t.numel() for f in tensors.values() for t in f.values())
+    files = {fname: _safetensors_bytes(t) for fname, t in tensors.items()}
     tokens = read_tensors(store.version_dir(), TOKENS_FILE)
     tokens[token] = token_row.detach().float().cpu().clone()
     files[TOKENS_FILE] = _safetensors_bytes(tokens)
@@ -149,9 +155,20 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
         "steps": cfg.steps, "train": to_dict(cfg),
         "seconds": {"train": round(t_train, 2), "total": round(time.perf_counter() - t_start, 2)},
         "metrics": {"loss_first": losses[0], "loss_last": losses[-1]},
-        "seconds_per_step": round(ctx.extra.get("train_seconds", 0.0) / cfg.steps, 4),
+        "seconds_per_iteration": {
+            k: round(v, 4) for k, v in (("train", ctx.extra["train_seconds"] / cfg.steps),
+                                        ("fisher", ctx.extra.get("fisher_seconds_per_iter")),
+                                        ("dsc", ctx.extra.get("dsc_seconds_per_iter"))) if v is not None},
     }
-    manifest = {"concepts": previous + [entry], "method": method_info}
+    unet_params = sum(p.numel() for n, p in comps.unet.named_parameters() if "lora_" not in n and "vera_" not in n)
+    manifest = {
+        "concepts": previous + [entry], "method": method_info,
+        # the paper's N_param Train / Store: % of the UNet's parameters trained per task / stored (base = 100)
+        "n_param": {"unet": unet_params, "train": n_train, "store": n_store,
+                    "train_pct": round(100 * n_train / unet_params, 4),
+                    "store_pct": round(100 + 100 * n_store / unet_params, 4)},
+        **method.manifest_extra(ctx),
+    }
     version = store.commit(files, manifest)
     _emit(progress, "commit", 1, 1)
     return store.manifest(version)
@@ -159,9 +176,7 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
 
 def _train_loop(ctx: TaskContext, method, progress) -> list[float]:
     comps, cfg = ctx.comps, ctx.train
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+    scheduler = ctx.noise_scheduler
     unet, te = comps.unet, comps.text_encoder
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

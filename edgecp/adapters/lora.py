@@ -1,17 +1,25 @@
-"""LoRA (and, from the same calls, VeRA) on the UNet through peft.
+"""LoRA and VeRA on the UNet through peft.
 
-`inject_adapter_in_model` keeps the UNet a `UNet2DConditionModel` (so diffusers pipelines and gradient
-checkpointing work unchanged) and supports every peft tuner, VeRA included (diffusers' `add_adapter` does
-not attach VeRA).
+LoRA: `inject_adapter_in_model` keeps the UNet a `UNet2DConditionModel` (diffusers pipelines and gradient
+checkpointing work unchanged). VeRA: peft refuses `inject_adapter_in_model` for it (its projections are shared
+state on the tuner), so it goes through `get_peft_model`; the layers are still replaced in place, so the UNet
+object stays the one pipelines use, and the PeftModel is kept beside it for the state dict.
+
+State dicts use peft's keys without the adapter name (`...attn2.to_k.lora_A.weight`), the keys diffusers'
+`load_lora_weights` understands after `convert_state_dict_to_diffusers`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from edgecp.config import AdapterConfig
 
 ADAPTER_NAME = "default"
+_PEFT_KEY = "_edgecp_peft_model"  # a plain attribute, not a submodule (the PeftModel contains the UNet)
+_VERA_PREFIX = "base_model.model."
 
 
 def peft_config(cfg: AdapterConfig):
@@ -25,37 +33,106 @@ def peft_config(cfg: AdapterConfig):
 
 
 def attach(unet, cfg: AdapterConfig, seed: int = 0) -> None:
-    """Add a fresh adapter (B = 0, so the UNet's output is unchanged) to `unet`'s target modules."""
-    from peft import inject_adapter_in_model
-
+    """Add a fresh adapter (zero update: LoRA's B = 0, VeRA's lambda_b = 0) to `unet`'s target modules."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        inject_adapter_in_model(peft_config(cfg), unet, adapter_name=ADAPTER_NAME)
+        if cfg.kind == "vera":
+            from peft import get_peft_model
+
+            unet.__dict__[_PEFT_KEY] = get_peft_model(unet, peft_config(cfg), adapter_name=ADAPTER_NAME)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(peft_config(cfg), unet, adapter_name=ADAPTER_NAME)
+
+
+def has_adapter(unet) -> bool:
+    return bool(adapter_parameters(unet))
 
 
 def adapter_state(unet) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    pm = unet.__dict__.get(_PEFT_KEY)
+    if pm is not None:
+        sd = get_peft_model_state_dict(pm, adapter_name=ADAPTER_NAME)
+        sd = {k.removeprefix(_VERA_PREFIX): v for k, v in sd.items()}
+    else:
+        sd = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 def load_adapter_state(unet, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    pm = unet.__dict__.get(_PEFT_KEY)
+    if pm is not None:
+        result = set_peft_model_state_dict(pm, {_VERA_PREFIX + k: v for k, v in state.items()}, adapter_name=ADAPTER_NAME)
+    else:
+        result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"adapter state has keys the UNet lacks, e.g. {unexpected[0]}")
 
 
 def adapter_parameters(unet) -> dict[str, torch.nn.Parameter]:
-    """The adapter's trainable parameters by name (lora_A/lora_B or vera_lambda_*)."""
-    return {n: p for n, p in unet.named_parameters() if f".{ADAPTER_NAME}" in n and ("lora_" in n or "vera_lambda" in n)}
+    """The adapter's trainable parameters by state-dict key (lora_A/lora_B or vera_lambda_*)."""
+    out = {}
+    for n, p in unet.named_parameters():
+        if f".{ADAPTER_NAME}" in n and ("lora_" in n or "vera_lambda" in n):
+            out[n.replace(f".{ADAPTER_NAME}", "")] = p
+    return out
+
+
+def param_names(unet) -> dict[str, str]:
+    """state-dict key -> parameter name in `unet.named_parameters()` (for torch.func.functional_call)."""
+    return {n.replace(f".{ADAPTER_NAME}", ""): n for n, _ in unet.named_parameters()
+            if f".{ADAPTER_NAME}" in n and ("lora_" in n or "vera_lambda" in n)}
 
 
 def set_trainable(unet, trainable: bool = True) -> None:
     for p in adapter_parameters(unet).values():
         p.requires_grad_(trainable)
+
+
+def with_rank(cfg: AdapterConfig, rank: int) -> AdapterConfig:
+    """The same LoRA at another rank with the same scaling alpha/r (for concatenated task LoRAs)."""
+    return dataclasses.replace(cfg, rank=rank, alpha=cfg.alpha * rank / cfg.rank)
+
+
+# -- LoRA factor algebra (C-LoRA, LoRA merge: the sum of task LoRAs is one LoRA of the summed rank) -----------
+def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k})
+
+
+def lora_delta(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """module -> scaling * B @ A, the (out, in) weight update of each adapted layer."""
+    return {m: scaling * state[f"{m}.lora_B.weight"].float() @ state[f"{m}.lora_A.weight"].float() for m in lora_modules(state)}
+
+
+def concat_loras(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """One LoRA equal to sum_i w_i B_i A_i: A's stacked (sum r, in), B's side by side (out, sum r) times w_i."""
+    out = {}
+    for m in lora_modules(states[0]):
+        out[f"{m}.lora_A.weight"] = torch.cat([s[f"{m}.lora_A.weight"] for s in states], dim=0).contiguous()
+        out[f"{m}.lora_B.weight"] = torch.cat([w * s[f"{m}.lora_B.weight"] for s, w in zip(states, weights)], dim=1).contiguous()
+    return out
+
+
+def split_lora(state: dict[str, torch.Tensor], rank: int, weights: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `concat_loras`: per-task LoRAs of `rank` (B blocks divided by their weights)."""
+    mods = lora_modules(state)
+    if not mods:
+        return []
+    total = state[f"{mods[0]}.lora_A.weight"].shape[0]
+    n = total // rank
+    weights = weights or [1.0] * n
+    tasks = []
+    for i in range(n):
+        sl = slice(i * rank, (i + 1) * rank)
+        tasks.append({**{f"{m}.lora_A.weight": state[f"{m}.lora_A.weight"][sl].clone() for m in mods},
+                      **{f"{m}.lora_B.weight": state[f"{m}.lora_B.weight"][:, sl] / weights[i] for m in mods}})
+    return tasks
 
 
 def merge(unet) -> torch.nn.Module:
@@ -66,6 +143,7 @@ def merge(unet) -> torch.nn.Module:
         if isinstance(module, BaseTunerLayer):
             module.merge(adapter_names=[ADAPTER_NAME])
     _unwrap(unet)
+    unet.__dict__.pop(_PEFT_KEY, None)
     return unet
 
 

@@ -19,11 +19,10 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
     from safetensors.torch import save_file
 
     from edgecp.adapters.lora import peft_config
-    from edgecp.config import AdapterConfig, from_dict
-    from edgecp.personal import ADAPTER_FILE, TOKENS_FILE, read_tensors
+    from edgecp.personal import ADAPTER_FILE, TOKENS_FILE, effective_adapter, read_tensors
 
     store = Store.open(store_root)
-    adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
+    adapter = effective_adapter(store)
     if adapter.kind != "lora":
         raise EdgecpError(f"--format diffusers exports LoRA adapters; this store uses {adapter.kind}: use --format onnx")
     out = Path(out)

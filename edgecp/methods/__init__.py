@@ -1,18 +1,26 @@
-"""The registry of continual strategies: one class per file, one interface (methods/base.py)."""
+"""The registry of continual strategies: one class per strategy, one interface (methods/base.py)."""
 
 from __future__ import annotations
 
 from edgecp.config import AdapterConfig, from_dict
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method
+from edgecp.methods.clora import CLora
+from edgecp.methods.dsc import Dsc, DscEwc, DscEwcDc
+from edgecp.methods.ewc import EwcDc, LoraEwc
+from edgecp.methods.lora_merge import LoraMerge
 from edgecp.methods.lora_sequential import LoraSequential
+from edgecp.methods.vera import VeraEwc, VeraEwcDc, VeraSequential
 
-_METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraSequential,)}
-ALIASES = {"naive": "lora-sequential", "lora": "lora-sequential"}
+_METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (LoraSequential, LoraMerge, CLora, LoraEwc, EwcDc, Dsc, DscEwc, DscEwcDc, VeraSequential, VeraEwc, VeraEwcDc)
+}
+ALIASES = {"naive": "lora-sequential", "naive-continual-lora": "lora-sequential"}
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return list(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:
@@ -24,4 +32,7 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(name: str, params: dict, adapter: AdapterConfig) -> Method:
     cls = method_class(name)
+    if adapter.kind != cls.adapter_kind:
+        raise EdgecpError(f"method {cls.name} uses a {cls.adapter_kind} adapter, not {adapter.kind}: "
+                          f"drop --adapter or choose a {adapter.kind} method")
     return cls(from_dict(cls.Params, params, f"{cls.name} hyperparameter"), adapter)

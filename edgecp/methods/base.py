@@ -53,13 +53,14 @@ class TaskContext:
     train: TrainConfig
     comps: Components
     device: torch.device
+    noise_scheduler: object = None  # the DDPM training scheduler
     token_row: torch.nn.Parameter | None = None
     instance: LatentSet | None = None
     prior: LatentSet | None = None
     extra: dict = field(default_factory=dict)  # method scratch space
 
 
-Progress = Callable[..., None]
+Progress = Callable[[str, int, int, float | None], None]  # (phase, step, total, loss)
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,16 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
+    adapter_kind: ClassVar[str] = "lora"  # the adapter the method requires
+    default_rank: ClassVar[int] = 16
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params
         self.adapter = adapter
+
+    def manifest_extra(self, ctx: TaskContext) -> dict:
+        """Extra manifest entries of the version (e.g. the effective adapter rank)."""
+        return {}
 
     def prepare(self, ctx: TaskContext) -> None:
         lora.attach(ctx.comps.unet, self.adapter, seed=ctx.train.seed + ctx.index)

@@ -1,0 +1,1 @@
+"""Pure tensor math of the consolidation methods (no I/O, no models loaded): testable on hand-built tensors."""

@@ -1,0 +1,72 @@
+"""C-LoRA (Smith et al. 2024b; paper 000 Eq. 2): a new LoRA per task, earlier LoRAs frozen into the weights,
+the new one penalised for writing where the earlier ones already did.
+
+W_n = W_init + sum_{n'<n} A_n' B_n' + A_n B_n. The version stores all task LoRAs as ONE LoRA whose rank is the
+sum of theirs (A's stacked, B's side by side): the same model for inference and export, and the per-task LoRAs
+are recovered by slicing. |sum of earlier deltas| is computed once per task, so a penalty evaluation costs the
+same with 2 or 50 earlier tasks (the paper's implementation recomputes it and grows with the task count).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from edgecp.adapters import lora
+from edgecp.consolidation.clora import clora_penalty
+from edgecp.methods.base import Method, TaskContext
+from edgecp.personal import ADAPTER_FILE, read_tensors
+
+
+@dataclass(frozen=True)
+class CLoraParams:
+    weight: float = 1e8  # coefficient of L_forget (paper App. H, following the C-LoRA authors)
+
+
+def previous_manifest(ctx: TaskContext) -> dict:
+    return json.loads((ctx.prev_dir / "manifest.json").read_text())
+
+
+def fold_into_base(unet, deltas: dict[str, torch.Tensor]) -> None:
+    """W <- W + delta for each adapted layer (before any adapter is attached)."""
+    with torch.no_grad():
+        for m, d in deltas.items():
+            layer = unet.get_submodule(m)
+            layer.weight += d.to(layer.weight)
+
+
+class CLora(Method):
+    name = "c-lora"
+    summary = "a new LoRA per task, earlier ones frozen in, self-regularization on occupied spots (000's C-LoRA, Eq. 2)"
+    Params = CLoraParams
+
+    def prepare(self, ctx: TaskContext) -> None:
+        unet = ctx.comps.unet
+        prev = read_tensors(ctx.prev_dir, ADAPTER_FILE)
+        tasks = lora.split_lora(prev, self.adapter.rank) if prev else []
+        scaling = self.adapter.alpha / self.adapter.rank
+        if tasks:
+            summed = lora.lora_delta(lora.concat_loras(tasks, [1.0] * len(tasks)), scaling)
+            fold_into_base(unet, summed)
+            ctx.extra["occupied"] = {m: d.abs().to(ctx.device) for m, d in summed.items()}
+        ctx.extra["tasks"] = tasks
+        lora.attach(unet, self.adapter, seed=ctx.train.seed + ctx.index)
+        lora.set_trainable(unet, True)
+
+    def penalty(self, ctx: TaskContext) -> torch.Tensor | None:
+        occupied = ctx.extra.get("occupied")
+        if not occupied:
+            return None
+        p = lora.adapter_parameters(ctx.comps.unet)
+        s = self.adapter.alpha / self.adapter.rank
+        deltas = {m: s * p[f"{m}.lora_B.weight"] @ p[f"{m}.lora_A.weight"] for m in occupied}
+        return clora_penalty(occupied, deltas, self.params.weight)
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        tasks = ctx.extra["tasks"] + [lora.adapter_state(ctx.comps.unet)]
+        return {ADAPTER_FILE: lora.concat_loras(tasks, [1.0] * len(tasks))}
+
+    def manifest_extra(self, ctx: TaskContext) -> dict:
+        return {"adapter_rank": self.adapter.rank * (len(ctx.extra["tasks"]) + 1)}

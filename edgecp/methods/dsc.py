@@ -1,0 +1,98 @@
+"""Diffusion scores consolidation (paper 000 Sec. 3.2, Algo 3) alone and in the Algo 4 workflow with EWC.
+
+After training task n >= 2, the adapter is distilled from two teachers: a frozen copy of itself (theta_n) and
+theta_j drawn anew each iteration from the pool of the consolidated adapters of all previous tasks. The pool is
+stored in the version (teachers.safetensors), one adapter per task.
+
+DSC EWC [DC] (Algo 4): train with the EWC penalty -> DSC -> theta_n <- student -> Fisher update -> commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgecp.adapters import lora
+from edgecp.methods.base import Method, TaskContext
+from edgecp.methods.ewc import FISHER_FILE, EwcDcParams, EwcMixin, EwcParams
+from edgecp.methods.phases import dsc_phase, phase_iterations
+from edgecp.personal import read_tensors
+
+TEACHERS_FILE = "teachers.safetensors"
+
+
+@dataclass(frozen=True)
+class DscParams:
+    gamma: float = 0.1  # weight of the DC-score cross-entropies (App. H.2.3)
+    lam: float = 1.5  # weight of the noise-prediction MSEs (App. H.2.3)
+    tau_teacher: float = 0.05  # teachers' DC temperature: low-entropy targets
+    tau_student: float = 1.0
+    consolidation_ratio: float = 0.2  # DSC iterations = 0.2 x training iterations (App. H.2.1)
+
+
+@dataclass(frozen=True)
+class DscEwcParams(DscParams, EwcParams):
+    pass
+
+
+@dataclass(frozen=True)
+class DscEwcDcParams(DscParams, EwcDcParams):
+    pass
+
+
+def read_pool(version_dir) -> list[dict[str, torch.Tensor]]:
+    flat = read_tensors(version_dir, TEACHERS_FILE)
+    tasks: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        task, rest = key.split("/", 1)
+        tasks.setdefault(task, {})[rest] = v
+    return [tasks[t] for t in sorted(tasks)]
+
+
+def write_pool(pool: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"t{i + 1:04d}/{k}": v for i, theta in enumerate(pool) for k, v in theta.items()}
+
+
+class Dsc(Method):
+    name = "dsc"
+    summary = "one LoRA, after each task distilled from itself and a random earlier task's LoRA (000's DSC, Algo 3)"
+    Params = DscParams
+    use_ewc = False
+
+    def prepare(self, ctx: TaskContext) -> None:
+        super().prepare(ctx)
+        ctx.extra["pool"] = read_pool(ctx.prev_dir)
+        if self.use_ewc:
+            self._load_ewc(ctx)
+
+    def consolidate(self, ctx: TaskContext, progress=None) -> None:
+        pool = ctx.extra["pool"]
+        if pool:  # task n >= 2
+            dsc_phase(ctx, pool, phase_iterations(ctx, self.params.consolidation_ratio), gamma=self.params.gamma,
+                      lam=self.params.lam, tau_teacher=self.params.tau_teacher, tau_student=self.params.tau_student,
+                      progress=progress)
+        if self.use_ewc:
+            self._fisher_update(ctx, progress)
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        theta_n = lora.adapter_state(ctx.comps.unet)
+        out = {**super().files(ctx), TEACHERS_FILE: write_pool(ctx.extra["pool"] + [theta_n])}
+        if self.use_ewc:
+            out[FISHER_FILE] = ctx.extra["fisher"]
+        return out
+
+
+class DscEwc(EwcMixin, Dsc):
+    name = "dsc-ewc"
+    summary = "Algo 4 without DC Fisher: EWC penalty -> DSC -> Fisher from the denoising loss"
+    Params = DscEwcParams
+    use_ewc = True
+
+
+class DscEwcDc(EwcMixin, Dsc):
+    name = "dsc-ewc-dc"
+    summary = "Algo 4, 000's full method: EWC penalty -> DSC -> Fisher with DC scores"
+    Params = DscEwcDcParams
+    use_ewc = True
+    use_dc = True

@@ -1,0 +1,121 @@
+"""The consolidation phases of paper 000, shared by the methods that use them.
+
+- `fisher_phase`: Algo 2 (EWC, optionally with DC scores, Eq. 5): mean squared gradient over iterations.
+- `dsc_phase`: Algo 3 (diffusion scores consolidation, Eq. 6): the student (the adapter just trained) distils
+  from a frozen copy of itself and a randomly drawn earlier-task adapter.
+
+Every UNet call evaluates a whole concept subset: B images x k concepts as B*k rows, one (t, eps) per image.
+Text embeddings of the (frozen) concept tokens are computed once per phase.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from edgecp.adapters import lora
+from edgecp.consolidation.dc_scores import dc_forward, dc_log_scores, dc_scores, sample_subset, trial
+from edgecp.consolidation.distill import dsc_loss
+from edgecp.consolidation.ewc import FisherAccumulator, dc_ewc_loss
+from edgecp.methods.base import TaskContext
+from edgecp.personal import encode_text
+
+
+def phase_iterations(ctx: TaskContext, ratio: float) -> int:
+    """Consolidation iterations: `ratio` x training iterations (paper: 0.2 x), at least 1."""
+    return max(1, round(ratio * ctx.train.steps))
+
+
+@contextmanager
+def grad_mode(ctx: TaskContext):
+    """UNet in training mode with gradient checkpointing (as during training) for the duration of a phase."""
+    unet = ctx.comps.unet
+    if ctx.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    try:
+        yield
+    finally:
+        unet.eval()
+        if ctx.train.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+
+
+@torch.no_grad()
+def concept_texts(ctx: TaskContext) -> torch.Tensor:
+    """(n+1, T, D): c_0 (prior), c_1 .. c_{n-1} (previous), c_n (current), computed once per phase."""
+    prompts = [ctx.prior_prompt] + [c["prompt"] for c in ctx.previous] + [ctx.prompt]
+    return encode_text(ctx.comps, prompts, ctx.device).detach()
+
+
+def predictor(unet, override: dict[str, torch.Tensor] | None = None):
+    """eps_hat(x, t, c) of the UNet, or of the UNet with some adapter tensors swapped in (a frozen teacher)."""
+    if override is None:
+        return lambda x, t, c: unet(x, t, c).sample
+    return lambda x, t, c: torch.func.functional_call(unet, override, (x, t, c)).sample
+
+
+def _report(progress, phase: str, i: int, n: int, loss: float | None) -> None:
+    if progress:
+        progress(phase, i, n, loss)
+
+
+def fisher_phase(ctx: TaskContext, iterations: int, use_dc: bool, k: int = 5, delta: float = 0.5, tau: float = 1.0,
+                 progress=None) -> dict[str, torch.Tensor]:
+    """F_n: mean over iterations of (grad_theta L_ewc)^2 on D_n. With DC: Eq. 5 over S = {c_0, c_n} + k-2 previous."""
+    unet, sched = ctx.comps.unet, ctx.noise_scheduler
+    params = lora.adapter_parameters(unet)
+    texts = concept_texts(ctx)  # (n+1, T, D)
+    n_prev = len(ctx.previous)
+    gen = torch.Generator().manual_seed(ctx.train.seed * 7919 + ctx.index)
+    acc = FisherAccumulator(params)
+    t0 = time.perf_counter()
+    with grad_mode(ctx):
+        for it in range(iterations):
+            x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
+            t, noise = trial(x0, sched.config.num_train_timesteps, gen)
+            if use_dc:
+                subset = [0, n_prev + 1] + [1 + j for j in sample_subset(n_prev, k, gen)]  # c_0, c_n, previous
+                err, _ = dc_forward(predictor(unet), sched, x0, texts[subset], t, noise)  # (B, k')
+                loss = dc_ewc_loss(err, dc_log_scores(err, tau), current=1, delta=delta)
+            else:
+                err, _ = dc_forward(predictor(unet), sched, x0, texts[[n_prev + 1]], t, noise)  # plain denoising
+                loss = err[:, 0].mean()
+            acc.add(loss)
+            _report(progress, "fisher", it + 1, iterations, loss.item())
+    ctx.extra["fisher_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
+    return acc.mean()
+
+
+def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations: int, gamma: float = 0.1,
+              lam: float = 1.5, tau_teacher: float = 0.05, tau_student: float = 1.0, progress=None) -> None:
+    """Algo 3: distil the adapter in place (student initialised from theta_n) from theta_n and theta_j ~ pool."""
+    unet, sched = ctx.comps.unet, ctx.noise_scheduler
+    names = lora.param_names(unet)
+    student = lora.adapter_parameters(unet)
+    teacher_n = {names[k]: p.detach().clone() for k, p in student.items()}
+    teachers = [{names[k]: v.to(ctx.device) for k, v in theta.items() if k in names} for theta in pool]
+    texts = concept_texts(ctx)
+    n_prev = len(ctx.previous)
+    opt = torch.optim.AdamW(list(student.values()), lr=ctx.train.lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(ctx.train.seed * 104729 + ctx.index)
+    t0 = time.perf_counter()
+    with grad_mode(ctx):
+        for it in range(iterations):
+            j = int(torch.randint(len(teachers), (1,), generator=gen))  # theta_j, j ~ U{1..n-1}, drawn anew
+            x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
+            t, noise = trial(x0, sched.config.num_train_timesteps, gen)
+            s = texts[[0, n_prev + 1, 1 + j]]  # S = {c_0, c_n, c_j}
+            with torch.no_grad():
+                err_n, eps_n = dc_forward(predictor(unet, teacher_n), sched, x0, s, t, noise)
+                err_j, eps_j = dc_forward(predictor(unet, teachers[j]), sched, x0, s, t, noise)
+            err_s, eps_s = dc_forward(predictor(unet), sched, x0, s, t, noise)
+            loss = dsc_loss(dc_scores(err_n, tau_teacher), dc_scores(err_j, tau_teacher), dc_log_scores(err_s, tau_student),
+                            eps_n[:, 1], eps_j[:, 2], eps_s[:, 1], eps_s[:, 2], gamma, lam)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _report(progress, "dsc", it + 1, iterations, loss.item())
+    ctx.extra["dsc_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
