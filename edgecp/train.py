@@ -174,48 +174,63 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
     return store.manifest(version)
 
 
-def _train_loop(ctx: TaskContext, method, progress) -> list[float]:
-    comps, cfg = ctx.comps, ctx.train
-    scheduler = ctx.noise_scheduler
-    unet, te = comps.unet, comps.text_encoder
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if ctx.token_row is not None:
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    unet.train()
-    te.train(ctx.token_row is not None)
-    groups = method.param_groups(ctx)
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.index)
-    with torch.no_grad():
-        prior_text = encode_text(comps, [ctx.prior_prompt], ctx.device)
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
+class Trainer:
+    """One training iteration = grad_accum micro-batches of (instance + prior) rows in one UNet call, then a step."""
+
+    def __init__(self, ctx: TaskContext, method):
+        comps, cfg = ctx.comps, ctx.train
+        self.ctx, self.method = ctx, method
+        if cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+            if ctx.token_row is not None:
+                te = comps.text_encoder
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+        comps.unet.train()
+        comps.text_encoder.train(ctx.token_row is not None)
+        self.opt = torch.optim.AdamW(method.param_groups(ctx), weight_decay=1e-2)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.index)
+        with torch.no_grad():
+            self.prior_text = encode_text(comps, [ctx.prior_prompt], ctx.device)
+
+    def step(self) -> float:
+        ctx, cfg, gen = self.ctx, self.ctx.train, self.gen
         total = 0.0
         for _ in range(cfg.grad_accum):
             b = cfg.batch_size
             inst = ctx.instance.draw(torch.randint(len(ctx.instance), (b,), generator=gen), gen)
             prior = ctx.prior.draw(torch.randint(len(ctx.prior), (b,), generator=gen), gen)
-            text_n = encode_text(comps, [ctx.prompt], ctx.device)
+            text_n = encode_text(ctx.comps, [ctx.prompt], ctx.device)
             if ctx.token_row is None:
                 text_n = text_n.detach()
-            text = torch.cat([text_n.expand(b, -1, -1), prior_text.expand(b, -1, -1)])
-            per_row = denoise_loss(unet, scheduler, torch.cat([inst, prior]), text, gen)
+            text = torch.cat([text_n.expand(b, -1, -1), self.prior_text.expand(b, -1, -1)])
+            per_row = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, torch.cat([inst, prior]), text, gen)
             loss = per_row[:b].mean() + cfg.prior_weight * per_row[b:].mean()
-            pen = method.penalty(ctx)
+            pen = self.method.penalty(ctx)
             if pen is not None:
                 loss = loss + pen
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(total, 6))
-        _emit(progress, "train", step + 1, cfg.steps, total)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total
+
+    def close(self) -> None:
+        comps = self.ctx.comps
+        comps.unet.eval()
+        comps.text_encoder.eval()
+        comps.unet.disable_gradient_checkpointing()
+
+
+def _train_loop(ctx: TaskContext, method, progress) -> list[float]:
+    trainer = Trainer(ctx, method)
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(ctx.train.steps):
+        loss = trainer.step()
+        losses.append(round(loss, 6))
+        _emit(progress, "train", step + 1, ctx.train.steps, loss)
     ctx.extra["train_seconds"] = time.perf_counter() - t0
-    unet.eval()
-    te.eval()
-    unet.disable_gradient_checkpointing()
+    trainer.close()
     return losses
 
 
