@@ -94,12 +94,14 @@ def measure(n: int, iters: int, warmup: int, batch: int, k: int, device, tick) -
     lora.set_trainable(ctx.comps.unet, True)
     out["plain"] = time_train(ctx, LoraSequential(None, adapter), iters, warmup)
     tick()
-    fisher_phase(ctx, warmup, use_dc=True, k=k)
+    if warmup:
+        fisher_phase(ctx, warmup, use_dc=True, k=k)
     fisher_phase(ctx, iters, use_dc=True, k=k)
     out["ewc-dc"] = ctx.extra["fisher_seconds_per_iter"]
     tick()
     pool = [random_lora(ctx.comps.unet, adapter.rank) for _ in range(max(n - 1, 1))]
-    dsc_phase(ctx, pool, warmup)
+    if warmup:
+        dsc_phase(ctx, pool, warmup)
     dsc_phase(ctx, pool, iters)
     out["dsc"] = ctx.extra["dsc_seconds_per_iter"]
     tick()
