@@ -34,7 +34,8 @@ def init_store(
         raise EdgecpError(f"'{root}' already exists and is not empty: choose a new folder for the store")
     m = _build(method, method_params, adapter)  # validates name, hyperparameters and adapter
     tiny = base == "tiny"
-    train_cfg = replace(TrainConfig(**(TINY_TRAIN if tiny else {})), **(train or {}))
+    defaults = {**(TINY_TRAIN if tiny else {}), **type(m).train_defaults(tiny)}
+    train_cfg = replace(TrainConfig(**defaults), **(train or {}))
     prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
     spec = resolve_base(base)
     info = {

@@ -35,7 +35,7 @@ class AdapterConfig:
     targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("lora", "vera"), f"adapter '{self.kind}' is unknown: use --adapter lora or vera")
+        _check(self.kind in ("lora", "vera", "none"), f"adapter '{self.kind}' is unknown: use --adapter lora or vera")
         _check(self.rank >= 1, f"adapter rank {self.rank} must be >= 1")
         _check(len(self.targets) > 0, "adapter targets are empty: name at least one module, e.g. attn2.to_k")
         object.__setattr__(self, "targets", tuple(self.targets))

@@ -17,6 +17,7 @@ from edgecp.store import Store
 
 ADAPTER_FILE = "adapter.safetensors"
 TOKENS_FILE = "tokens.safetensors"
+DELTA_FILE = "base_delta.safetensors"  # changed base tensors (module.weight -> W - W_base), for merging methods
 
 
 def default_device() -> torch.device:
@@ -55,6 +56,7 @@ class PersonalModel:
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
+        fold_base_delta(comps.unet, vdir)
         adapter = effective_adapter(store, version)
         state = read_tensors(vdir, ADAPTER_FILE)
         if state:
@@ -67,6 +69,19 @@ class PersonalModel:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return encode_text(self.comps, prompts, self.device)
+
+
+def fold_base_delta(unet, version_dir: Path | None) -> dict[str, torch.Tensor]:
+    """W <- W + delta for every tensor in the version's base_delta.safetensors; returns the deltas (maybe empty)."""
+    deltas = read_tensors(version_dir, DELTA_FILE) if version_dir else {}
+    if deltas:
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for key, d in deltas.items():
+                if key not in params:
+                    raise EdgecpError(f"stored weight change '{key}' matches no UNet tensor: the store's base has changed")
+                params[key] += d.to(params[key])
+    return deltas
 
 
 def effective_adapter(store: Store, version: str | None = None) -> AdapterConfig:

@@ -137,7 +137,7 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
     _emit(progress, "encode", 1, 1)
 
     method.prepare(ctx)
-    n_train = sum(p.numel() for g in method.param_groups(ctx) for p in g["params"] if p is not ctx.token_row)
+    n_train = method.n_trainable(ctx)
     losses = _train_loop(ctx, method, progress)
     t_train = time.perf_counter() - t_start
     method.consolidate(ctx, lambda phase, i, n, loss=None: _emit(progress, phase, i, n, loss))

@@ -95,8 +95,8 @@ def measure(n: int, iters: int, warmup: int, batch: int, k: int, device, tick) -
     out["plain"] = time_train(ctx, LoraSequential(None, adapter), iters, warmup)
     tick()
     if warmup:
-        fisher_phase(ctx, warmup, use_dc=True, k=k)
-    fisher_phase(ctx, iters, use_dc=True, k=k)
+        fisher_phase(ctx, lora.adapter_parameters(ctx.comps.unet), warmup, use_dc=True, k=k)
+    fisher_phase(ctx, lora.adapter_parameters(ctx.comps.unet), iters, use_dc=True, k=k)
     out["ewc-dc"] = ctx.extra["fisher_seconds_per_iter"]
     tick()
     pool = [random_lora(ctx.comps.unet, adapter.rank) for _ in range(max(n - 1, 1))]

@@ -19,12 +19,13 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
     from safetensors.torch import save_file
 
     from edgecp.adapters.lora import peft_config
-    from edgecp.personal import ADAPTER_FILE, TOKENS_FILE, effective_adapter, read_tensors
+    from edgecp.config import AdapterConfig
+    from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
 
     store = Store.open(store_root)
     adapter = effective_adapter(store)
-    if adapter.kind != "lora":
-        raise EdgecpError(f"--format diffusers exports LoRA adapters; this store uses {adapter.kind}: use --format onnx")
+    if adapter.kind == "vera":
+        raise EdgecpError("--format diffusers exports LoRA; this store uses VeRA, which diffusers cannot load: use --format onnx")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise EdgecpError(f"export folder '{out}' exists and is not empty: remove it or pass another --out")
@@ -32,6 +33,15 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
     vdir = store.version_dir()
     written = []
     state = read_tensors(vdir, ADAPTER_FILE)
+    deltas = read_tensors(vdir, DELTA_FILE)
+    if deltas:  # changed base tensors (merge & re-init, Custom Diffusion, CNS ...) as one exact LoRA
+        from edgecp.adapters.lora import concat_loras, with_rank
+
+        if adapter.kind != "lora":
+            adapter = AdapterConfig(kind="lora", rank=1, alpha=1.0, targets=adapter.targets)
+        parts = ([state] if state else []) + [delta_to_lora(deltas, scaling=adapter.alpha / adapter.rank)]
+        state = concat_loras(parts, [1.0] * len(parts))
+        adapter = with_rank(adapter, next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")))
     if state:
         cfg = peft_config(adapter).to_dict()
         cfg["target_modules"] = sorted(cfg["target_modules"])
@@ -46,3 +56,26 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
         save_file({c["token"]: tokens[c["token"]].contiguous()}, str(f))
         written.append(f)
     return written
+
+
+def delta_to_lora(deltas: dict, scaling: float, rtol: float = 1e-6) -> dict:
+    """module.weight deltas (out, in) -> LoRA factors with scaling * B A == delta, all at one rank (the largest
+    numerical rank among the modules; smaller ones are zero-padded). Exact up to `rtol` of the top singular value."""
+    import torch
+
+    factors, rank = {}, 1
+    for key, d in deltas.items():
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        r = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 1
+        factors[key.removesuffix(".weight")] = (u, s, vh)
+        rank = max(rank, r)
+    out = {}
+    for m, (u, s, vh) in factors.items():
+        k = min(rank, s.numel())
+        a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+        b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+        a[:k] = vh[:k]
+        b[:, :k] = u[:, :k] * s[:k] / scaling
+        out[f"{m}.lora_A.weight"] = a.float().contiguous()
+        out[f"{m}.lora_B.weight"] = b.float().contiguous()
+    return out

@@ -6,15 +6,27 @@ from edgecp.config import AdapterConfig, from_dict
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method
 from edgecp.methods.clora import CLora
+from edgecp.methods.cns import Cns
+from edgecp.methods.custom_diffusion import CdEwc, CustomDiffusion
 from edgecp.methods.dsc import Dsc, DscEwc, DscEwcDc
 from edgecp.methods.ewc import EwcDc, LoraEwc
 from edgecp.methods.lora_merge import LoraMerge
 from edgecp.methods.lora_sequential import LoraSequential
+from edgecp.methods.merging import MagMax, MergeOrthogonal, MergeReinit
+from edgecp.methods.textual_inversion import TextualInversion
 from edgecp.methods.vera import VeraEwc, VeraEwcDc, VeraSequential
 
 _METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (LoraSequential, LoraMerge, CLora, LoraEwc, EwcDc, Dsc, DscEwc, DscEwcDc, VeraSequential, VeraEwc, VeraEwcDc)
+    for m in (
+        # paper 000: baselines, then the DC-score family, then VeRA (App. G.1)
+        LoraSequential, LoraMerge, CLora, LoraEwc, EwcDc, Dsc, DscEwc, DscEwcDc, VeraSequential, VeraEwc, VeraEwcDc,
+        CustomDiffusion, CdEwc, TextualInversion,
+        # paper 001: merging strategies (naive continual LoRA is lora-sequential)
+        MergeReinit, MergeOrthogonal, MagMax,
+        # paper 003
+        Cns,
+    )
 }
 ALIASES = {"naive": "lora-sequential", "naive-continual-lora": "lora-sequential"}
 

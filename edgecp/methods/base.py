@@ -19,7 +19,7 @@ import torch
 from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, TrainConfig
 from edgecp.model.base import Components
-from edgecp.personal import ADAPTER_FILE, read_tensors
+from edgecp.personal import ADAPTER_FILE, DELTA_FILE, fold_base_delta, read_tensors
 
 
 @dataclass
@@ -85,15 +85,30 @@ class Method:
         """Extra manifest entries of the version (e.g. the effective adapter rank)."""
         return {}
 
+    @classmethod
+    def train_defaults(cls, tiny: bool) -> dict:
+        """Training settings this method's paper uses, applied at `init` unless the user overrides them."""
+        return {}
+
     def prepare(self, ctx: TaskContext) -> None:
+        """Fold earlier changes of base weights (if the method makes any), then continue the previous adapter."""
+        ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
         lora.attach(ctx.comps.unet, self.adapter, seed=ctx.train.seed + ctx.index)
         prev = read_tensors(ctx.prev_dir, ADAPTER_FILE)
         if prev:
             lora.load_adapter_state(ctx.comps.unet, prev)
         lora.set_trainable(ctx.comps.unet, True)
 
+    def tensors(self, ctx: TaskContext) -> dict[str, torch.nn.Parameter]:
+        """The UNet tensors this method trains (the adapter's by default), by state-dict key."""
+        return lora.adapter_parameters(ctx.comps.unet)
+
+    def n_trainable(self, ctx: TaskContext) -> int:
+        """How many UNet numbers a task trains (the paper's N_param Train, before dividing by the UNet size)."""
+        return sum(p.numel() for p in self.tensors(ctx).values())
+
     def param_groups(self, ctx: TaskContext) -> list[dict]:
-        groups = [{"params": list(lora.adapter_parameters(ctx.comps.unet).values()), "lr": ctx.train.lr}]
+        groups = [{"params": list(self.tensors(ctx).values()), "lr": ctx.train.lr}] if self.tensors(ctx) else []
         if ctx.token_row is not None and ctx.train.token_lr > 0:
             groups.append({"params": [ctx.token_row], "lr": ctx.train.token_lr, "weight_decay": 0.0})
         return groups

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from edgecp.adapters import lora
 from edgecp.consolidation.ewc import ewc_penalty, online_fisher
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.phases import fisher_phase, phase_iterations
@@ -40,22 +39,26 @@ class EwcMixin:
 
     def _load_ewc(self, ctx: TaskContext) -> None:
         fisher = read_tensors(ctx.prev_dir, FISHER_FILE)
-        anchor = read_tensors(ctx.prev_dir, ADAPTER_FILE)
+        anchor = self.anchor(ctx)
         ctx.extra["fisher_prev"] = fisher
         ctx.extra["ewc"] = ({k: v.to(ctx.device) for k, v in fisher.items()},
                             {k: v.to(ctx.device) for k, v in anchor.items()}) if fisher else None
+
+    def anchor(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
+        """theta*: the trained tensors as the previous task left them (the previous version's adapter)."""
+        return read_tensors(ctx.prev_dir, ADAPTER_FILE)
 
     def penalty(self, ctx: TaskContext) -> torch.Tensor | None:
         if not ctx.extra.get("ewc"):
             return None
         fisher, anchor = ctx.extra["ewc"]
-        return ewc_penalty(lora.adapter_parameters(ctx.comps.unet), anchor, fisher, self.params.ewc_weight)
+        return ewc_penalty(self.tensors(ctx), anchor, fisher, self.params.ewc_weight)
 
     def _fisher_update(self, ctx: TaskContext, progress) -> None:
         p = self.params
         iters = phase_iterations(ctx, p.consolidation_ratio)
         dc = dict(k=p.k, delta=p.delta, tau=p.tau) if self.use_dc else {}
-        f_n = fisher_phase(ctx, iters, self.use_dc, progress=progress, **dc)
+        f_n = fisher_phase(ctx, self.tensors(ctx), iters, self.use_dc, progress=progress, **dc)
         ctx.extra["fisher"] = online_fisher(ctx.extra.get("fisher_prev"), {k: v.cpu() for k, v in f_n.items()}, p.fisher_decay)
 
 

@@ -62,11 +62,10 @@ def _report(progress, phase: str, i: int, n: int, loss: float | None) -> None:
         progress(phase, i, n, loss)
 
 
-def fisher_phase(ctx: TaskContext, iterations: int, use_dc: bool, k: int = 5, delta: float = 0.5, tau: float = 1.0,
-                 progress=None) -> dict[str, torch.Tensor]:
-    """F_n: mean over iterations of (grad_theta L_ewc)^2 on D_n. With DC: Eq. 5 over S = {c_0, c_n} + k-2 previous."""
+def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterations: int, use_dc: bool, k: int = 5,
+                 delta: float = 0.5, tau: float = 1.0, progress=None) -> dict[str, torch.Tensor]:
+    """F_n over `params`: mean over iterations of (grad L_ewc)^2 on D_n. With DC: Eq. 5 over S = {c_0, c_n} + k-2."""
     unet, sched = ctx.comps.unet, ctx.noise_scheduler
-    params = lora.adapter_parameters(unet)
     texts = concept_texts(ctx)  # (n+1, T, D)
     n_prev = len(ctx.previous)
     gen = torch.Generator().manual_seed(ctx.train.seed * 7919 + ctx.index)

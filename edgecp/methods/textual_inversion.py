@@ -1,0 +1,29 @@
+"""Textual Inversion (Gal et al. 2023): only the concept's token embedding is trained; the UNet is untouched, so
+earlier concepts cannot be forgotten (their tokens are frozen) but a token alone captures less detail."""
+
+from __future__ import annotations
+
+import torch
+
+from edgecp.errors import EdgecpError
+from edgecp.methods.base import Method, TaskContext
+
+
+class TextualInversion(Method):
+    name = "textual-inversion"
+    summary = "only the new token's embedding is trained (000's TI baseline)"
+    adapter_kind = "none"
+
+    @classmethod
+    def train_defaults(cls, tiny: bool) -> dict:
+        return {"token_lr": 5e-3} if tiny else {"token_lr": 5e-4}  # 003's TI baseline: 5e-4
+
+    def prepare(self, ctx: TaskContext) -> None:
+        if ctx.token_row is None:
+            raise EdgecpError("textual-inversion trains only the token: set token_lr > 0 (--train token_lr=5e-4)")
+
+    def tensors(self, ctx: TaskContext) -> dict[str, torch.nn.Parameter]:
+        return {}
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
