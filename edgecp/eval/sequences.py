@@ -105,6 +105,10 @@ class Concept:
 class Sequence(list[Concept]):
     """An ordered list of concepts, learned one after another. Names must be unique."""
 
+    def __getitem__(self, index):  # a slice stays a Sequence (so ``SIX_TASKS[:3].write(...)`` works)
+        got = super().__getitem__(index)
+        return Sequence(got) if isinstance(index, slice) else got
+
     @property
     def names(self) -> list[str]:
         return [c.name for c in self]
