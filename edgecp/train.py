@@ -11,14 +11,26 @@ import torch
 import torch.nn.functional as F
 
 from edgecp.config import (
-    AdapterConfig, PriorConfig, TrainConfig, check_concept_name, from_dict, replace, to_dict,
+    AdapterConfig,
+    PriorConfig,
+    TrainConfig,
+    check_concept_name,
+    from_dict,
+    replace,
+    to_dict,
 )
 from edgecp.errors import EdgecpError
 from edgecp.images import load_square, validate_images
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.model.base import load_components
-from edgecp.model.tokens import add_concept_token, concept_embedding, load_concept_tokens, token_of, word_embedding
+from edgecp.model.tokens import (
+    add_concept_token,
+    concept_embedding,
+    load_concept_tokens,
+    token_of,
+    word_embedding,
+)
 from edgecp.personal import TOKENS_FILE, default_device, encode_text, open_base, read_tensors
 from edgecp.priors import ensure_priors
 from edgecp.prompts import concept_prompt

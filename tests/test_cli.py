@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from cli_util import assert_one_line_error, run_cli
 from conftest import make_photos, tree_snapshot
+from PIL import Image
 
 
 def _bad_inputs(tmp_path):

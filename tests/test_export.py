@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_util import assert_one_line_error, run_cli
 from PIL import Image
 
-from cli_util import assert_one_line_error, run_cli
 from edgecp.errors import EdgecpError
 from edgecp.export.onnx_export import export_onnx
 

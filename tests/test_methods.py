@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_util import assert_one_line_error, run_cli
+from conftest import make_photos, new_store
 from PIL import Image
 from safetensors.torch import load_file
 
-from cli_util import assert_one_line_error, run_cli
-from conftest import make_photos, new_store
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
 from edgecp.methods import method_class, method_names

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_photos, new_store
 from safetensors.torch import load_file
 
-from conftest import make_photos, new_store
 from edgecp.adapters import lora
 from edgecp.consolidation.merge import magmax, max_abs_cosine, orthogonal_rows
 from edgecp.model.base import load_components, resolve_base

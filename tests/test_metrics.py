@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +222,8 @@ def test_dc_accuracy_uses_argmin_of_errors():
         dc_accuracy(errors, np.array([0, 2, 1]))
     with pytest.raises(ValueError, match="shape"):
         dc_accuracy(errors, np.array([0, 1]))
+
+
+def test_eval_modules_do_not_import_torch():
+    code = "import sys, edgecp.eval.metrics, edgecp.eval.sequences; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -11,11 +11,11 @@ from edgecp.eval.sequences import (
     SIX_TASKS,
     Concept,
     Sequence,
+    _crop_box,  # the disjointness rule
     folder_sequence,
     procedural_sequence,
     six_tasks,
 )
-from edgecp.eval.sequences import _crop_box  # the disjointness rule
 
 
 def _arrays(images: list[Image.Image]) -> list[np.ndarray]:
@@ -66,7 +66,7 @@ def test_views_are_reproducible_from_the_seed():
 
 
 def test_horse_silhouette_becomes_a_colour_photo():
-    im = np.asarray(SIX_TASKS.__getitem__(4).train_views(n=1, size=32)[0]).astype(int)
+    im = np.asarray(SIX_TASKS[4].train_views(n=1, size=32)[0]).astype(int)
     assert im.shape == (32, 32, 3)
     assert (np.abs(im[..., 0] - im[..., 2]) > 20).any()  # not grey
 

@@ -32,9 +32,8 @@ def test_crash_during_commit_leaves_the_old_version(tmp_path, monkeypatch, crash
         monkeypatch.setattr(os, "rename", boom)
     else:
         monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="simulated"):
-        with s.writer():
-            s.commit({"a.bin": b"1"}, {"concepts": [{"name": "x"}]})
+    with pytest.raises(OSError, match="simulated"), s.writer():
+        s.commit({"a.bin": b"1"}, {"concepts": [{"name": "x"}]})
     monkeypatch.setattr(os, "rename", real_rename)
     monkeypatch.setattr(os, "replace", real_replace)
     s2 = Store.open(s.root)
@@ -47,10 +46,9 @@ def test_crash_during_commit_leaves_the_old_version(tmp_path, monkeypatch, crash
 
 def test_second_writer_is_refused(tmp_path):
     s = _store(tmp_path)
-    with s.writer():
-        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
-            with Store.open(s.root).writer():
-                pass
+    with s.writer(), pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+        with Store.open(s.root).writer():
+            pass
     with s.writer():  # released
         pass
 

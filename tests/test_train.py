@@ -1,6 +1,7 @@
 import json
 
 import torch
+from conftest import make_photos
 from safetensors.torch import load_file
 
 from edgecp.adapters import lora
@@ -8,7 +9,6 @@ from edgecp.errors import EdgecpError
 from edgecp.model.base import load_components, resolve_base
 from edgecp.personal import PersonalModel
 from edgecp.store import Store
-from conftest import make_photos
 
 
 def test_lora_sequential_starts_task_n_from_the_lora_of_task_n_minus_1(store_copy, tmp_path, monkeypatch):

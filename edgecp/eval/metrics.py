@@ -24,7 +24,7 @@ collected in :data:`PAPER_SCALE` and applied only by :func:`to_paper_scale`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -161,8 +161,8 @@ def mmd_quadratic(
     ``gamma`` (default 1/d) and ``coef0`` (default 1) expose the constants.
 
     Estimator: the biased V-statistic MMD²_b (Gretton et al. 2012, Eq. 5) by default. It is >= 0 and exactly 0
-    for identical sets, which matches paper 000, Table 1, where Textual Inversion (frozen model, so
-    ``X_{j,j}`` and ``X_{N,j}`` coincide) has F_MMD = 0. ``unbiased=True`` gives the U-statistic MMD²_u.
+    for identical sets, which fits paper 000, Table 1, where Textual Inversion (frozen model, so ``X_{j,j}``
+    and ``X_{N,j}`` presumably coincide) has F_MMD = 0. ``unbiased=True`` gives the U-statistic MMD²_u.
 
     The value is raw; paper 000 reports A_MMD "(x 10^3)" (see :data:`PAPER_SCALE`).
 
@@ -237,7 +237,7 @@ def mmd_matrices(
     real: Sequence[np.ndarray],
     generated: Sequence[Sequence[np.ndarray]],
     *,
-    mmd=mmd_quadratic,
+    mmd: Callable[[np.ndarray, np.ndarray], float] = mmd_quadratic,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two MMD matrices that paper 000's App. E metrics read, from features.
 
@@ -268,8 +268,8 @@ def a_mmd(matrix: np.ndarray | Sequence[Sequence[float]]) -> float:
 
     ``A_MMD = 1/N sum_{j=1}^{N} MMD(F_clip(X_{D,j}), F_clip(X_{N,j}))``
 
-    i.e. the mean of the last row of ``matrix`` (N, N), ``matrix[i, j] = MMD(real_j, generated_j after task i)``
-    (:func:`mmd_matrices`' ``M``). Raw value; the paper's tables show it "(x 10^3)".
+    i.e. the mean of the last row of ``matrix`` (N, N), ``matrix[i, j] = MMD(real_j, generated_j after task
+    i)`` (:func:`mmd_matrices`' ``M``). Raw value; the paper's tables show it "(x 10^3)".
     """
     m = _task_matrix(matrix, "matrix")
     return float(m[-1, :].mean())
@@ -299,11 +299,11 @@ def bwt_mmd(matrix: np.ndarray | Sequence[Sequence[float]]) -> float:
 
     ``BwT_MMD = 1/(N-1) sum_{j=1}^{N-1} ( MMD(F(X_{D,j}), F(X_{j,j})) - MMD(F(X_{D,j}), F(X_{N,j})) )``
 
-    Both terms compare with the REAL target images ("the *absolute* ground truth counterparts"): the MMD of task
-    j right after learning it (diagonal ``matrix[j, j]``) minus its MMD after the last task (``matrix[N-1, j]``).
-    Forgetting makes the second term larger, so BwT_MMD < 0; App. E: "a larger BwT_MMD is desirable as it implies
-    that learning the Nth task helps improve the generative quality of the jth task images".
-    ``matrix`` is :func:`mmd_matrices`' ``M`` (as for :func:`a_mmd`). NaN when N == 1.
+    Both terms compare with the REAL target images ("the *absolute* ground truth counterparts"): the MMD of
+    task j right after learning it (diagonal ``matrix[j, j]``) minus its MMD after the last task
+    (``matrix[N-1, j]``). Forgetting makes the second term larger, so BwT_MMD < 0; App. E: "a larger BwT_MMD
+    is desirable as it implies that learning the Nth task helps improve the generative quality of the jth task
+    images". ``matrix`` is :func:`mmd_matrices`' ``M`` (as for :func:`a_mmd`). NaN when N == 1.
     """
     m = _task_matrix(matrix, "matrix")
     n = m.shape[0]
@@ -319,8 +319,8 @@ def bwt_mmd(matrix: np.ndarray | Sequence[Sequence[float]]) -> float:
 
 
 def average_score(acc: np.ndarray | Sequence[Sequence[float]]) -> float:
-    """Average score, paper 001 App. A.3: ``S̄_T = 1/T sum_{j=1}^{T} S_j^T``, with ``S_j^i`` the "performance on
-    j-th task of a model that was trained on i consecutive tasks".
+    """Average score, paper 001 App. A.3: ``S̄_T = 1/T sum_{j=1}^{T} S_j^T``, with ``S_j^i`` the "performance
+    on j-th task of a model that was trained on i consecutive tasks".
 
     ``acc`` (T, T): ``acc[i, j]`` = score on task j after training task i (``S_j^{i+1}``); NaN above the
     diagonal. Returns the mean of the last row. Paper 001 uses higher-is-better scores (CLIP-I, DINO, CSD
@@ -337,8 +337,8 @@ def average_forgetting(acc: np.ndarray | Sequence[Sequence[float]]) -> float:
 
     ``acc`` as in :func:`average_score`. The max runs over the models that have seen task j (rows ``k >= j``
     here): entries above the diagonal (task j measured before it was learned) are ignored even if the caller
-    filled them in, as in the usual definition of forgetting (Chaudhry et al. 2018). As written, ``k`` includes
-    ``T``, whose term is 0, so each task's forgetting is >= 0. NaN when T == 1.
+    filled them in, as in the usual definition of forgetting (Chaudhry et al. 2018). As written, ``k``
+    includes ``T``, whose term is 0, so each task's forgetting is >= 0. NaN when T == 1.
 
     (The authors' repository computes ``max_k (S_j^j - S_j^k)`` instead, the drop from the first measurement;
     we follow the formula in the paper.) For a lower-is-better metric such as MMD pass ``-matrix``.
@@ -367,8 +367,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 def clip_i2i(gen_feats: np.ndarray, real_feats: np.ndarray) -> float:
     """CLIP I2I image alignment (paper 000 App. E (vi), following Custom Diffusion, Kumari et al. 2023):
     "the visual similarity of the generated images with their ground truth targets in the CLIP visual feature
-    space", computed as the mean cosine similarity over ALL (generated, real) pairs, as Custom Diffusion's evaluation
-    (``customconcept101/evaluate.py``, ``clipeval_image``) and paper 001's code do. Higher is better; raw value in [-1, 1], the paper shows it "(x100)".
+    space", computed as the mean cosine similarity over ALL (generated, real) pairs, as Custom Diffusion's
+    evaluation (``customconcept101/evaluate.py``, ``clipeval_image``) and paper 001's code do. Higher is
+    better; raw value in [-1, 1], the paper shows it "(x100)".
 
     Shapes: gen_feats (g, d), real_feats (r, d) -> float.
     """
@@ -397,19 +398,20 @@ def clip_t2i(img_feats: np.ndarray, txt_feats: np.ndarray, *, w: float = 2.5) ->
     _same_dim(im, tx)
     if tx.shape[0] not in (1, im.shape[0]):
         raise ValueError(
-            f"txt_feats has {tx.shape[0]} rows but img_feats has {im.shape[0]}: pass one prompt row per image or one"
+            f"txt_feats has {tx.shape[0]} rows but img_feats has {im.shape[0]}: "
+            "pass one prompt row per image or one"
         )
     cos = (im * tx).sum(axis=1)  # (n,)
     return float(w * np.clip(cos, 0.0, None).mean())
 
 
 def dc_accuracy(errors: np.ndarray, labels: np.ndarray) -> float:
-    """DC-score classification accuracy (paper 000 Sec. 4.3, "Sanity check II: DC scores help with training set
-    classification").
+    """DC-score classification accuracy (paper 000 Sec. 4.3, "Sanity check II: DC scores help with training
+    set classification").
 
-    ``errors[b, i]`` is the diffusion-classifier error of image b under concept i (mean squared noise-prediction
-    error, Eq. 3; lower = more likely). The prediction is ``argmin_i errors[b, i]``, the same as argmax of the DC
-    scores ``softmax(-errors / tau)`` for any tau > 0; ties go to the lowest index.
+    ``errors[b, i]`` is the diffusion-classifier error of image b under concept i (mean squared
+    noise-prediction error, Eq. 3; lower = more likely). The prediction is ``argmin_i errors[b, i]``, the same
+    as argmax of the DC scores ``softmax(-errors / tau)`` for any tau > 0; ties go to the lowest index.
 
     Shapes: errors (n_images, n_concepts), labels (n_images,) integer concept indices -> accuracy in [0, 1].
     """

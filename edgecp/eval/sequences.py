@@ -6,14 +6,16 @@ Three sources, one API (:class:`Concept`, :class:`Sequence`):
   motorcycle), a stand-in for paper 000's six-task Custom Concept sequence that needs no download.
 - :func:`procedural_sequence`: up to hundreds of generated objects (shape x pattern x two colours), a stand-in
   for paper 000's 50-concept sequence (Sec. 4.2, Fig. 5).
-- :func:`folder_sequence`: a user's own sequence, ``root/<task>/train/*.png`` and ``root/<task>/target/*.png``.
+- :func:`folder_sequence`: a user's own sequence, ``root/<task>/train/*.png`` and
+  ``root/<task>/target/*.png``.
 
 Held-out targets. Paper 000 measures MMD/KID/CLIP I2I against each concept's real target images. A bundled
-photo is ONE photo, so true held-out photos do not exist: its targets are augmentations too, made disjoint from
-the training views: crop boxes, flips and colour jitter come from a separate random stream per split, and the
-box offsets are forced to different parities ((x0 + y0) even for train, odd for target), so no target crop box
-can equal a training crop box whatever ``n`` and ``seed`` are. Targets therefore measure "the same object,
-framed differently", which is weaker than a held-out photo; use :func:`folder_sequence` for real held-out data.
+photo is ONE photo, so true held-out photos do not exist: its targets are augmentations too, made disjoint
+from the training views: crop boxes, flips and colour jitter come from a separate random stream per split, and
+the box offsets are forced to different parities ((x0 + y0) even for train, odd for target), so no target crop
+box can equal a training crop box whatever ``n`` and ``seed`` are. Targets therefore measure "the same object,
+framed differently", which is weaker than a held-out photo; use :func:`folder_sequence` for real held-out
+data.
 
 Everything here is numpy + Pillow + scikit-image; nothing imports torch. Every draw is seeded.
 """
@@ -38,7 +40,11 @@ __all__ = [
     "SIX_TASKS",
     "SPLITS",
     "Concept",
+    "FolderSource",
+    "PhotoSource",
+    "ProceduralSource",
     "Sequence",
+    "ViewSource",
     "folder_sequence",
     "procedural_sequence",
     "six_tasks",
@@ -64,16 +70,18 @@ class ViewSource(Protocol):
 
 @dataclass(frozen=True)
 class Concept:
-    """One task of a sequence: a token-safe ``name`` (``^[a-z][a-z0-9_]*$``), the ``class_word`` that prompts may
-    put after the learned token ("a photo of <name> cat"), and the source of its views."""
+    """One task of a sequence: a token-safe ``name`` (``^[a-z][a-z0-9_]*$``), the ``class_word`` that prompts
+    may put after the learned token ("a photo of <name> cat"), and the source of its views."""
 
     name: str
     class_word: str
-    source: ViewSource = field(repr=False, compare=False)
+    source: ViewSource = field(repr=False)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            raise ValueError(f"concept name '{self.name}' must match {_NAME_RE.pattern} (lowercase, token-safe)")
+            raise ValueError(
+                f"concept name '{self.name}' must match {_NAME_RE.pattern} (lowercase, token-safe)"
+            )
         if not self.class_word.strip():
             raise ValueError(f"concept '{self.name}' needs a non-empty class word")
 
@@ -98,7 +106,8 @@ class Concept:
         return self.views("train", n, size, seed)
 
     def target_views(self, n: int | None = None, size: int = 64, seed: int = 0) -> list[Image.Image]:
-        """Held-out target views (default 8), disjoint from the training views: what metrics compare against."""
+        """Held-out target views (default 8), disjoint from the training views: what metrics compare
+        against."""
         return self.views("target", n, size, seed)
 
 
@@ -122,8 +131,9 @@ class Sequence(list[Concept]):
         size: int = 64,
         seed: int = 0,
     ) -> Path:
-        """Write ``folder/<name>/{train,target}/NNN.png``, ``folder/<name>/class_word.txt`` and ``folder/order.txt``
-        (the task order), the layout :func:`folder_sequence` reads back. Returns ``folder``.
+        """Write ``folder/<name>/{train,target}/NNN.png``, ``folder/<name>/class_word.txt`` and
+        ``folder/order.txt`` (the task order), the layout :func:`folder_sequence` reads back. Returns
+        ``folder``.
 
         Refuses to write into a task folder that already holds files, so stale images never mix in.
         """
@@ -135,7 +145,9 @@ class Sequence(list[Concept]):
         for concept in self:
             task = root / concept.name
             if task.exists() and any(task.iterdir()):
-                raise FileExistsError(f"'{task}' already exists and is not empty: write the sequence to a new folder")
+                raise FileExistsError(
+                    f"'{task}' already exists and is not empty: write the sequence to a new folder"
+                )
         root.mkdir(parents=True, exist_ok=True)
         for concept in self:
             task = root / concept.name
@@ -163,13 +175,13 @@ def _count(split: str, n: int | None) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 RESERVED_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "rocket", "astronaut", "horse", "stereo_motorcycle")
-"""scikit-image ``data`` photos used as benchmark concepts; other generators (prior/pretraining images) must not
-use them."""
+"""scikit-image ``data`` photos used as benchmark concepts; other generators (prior/pretraining images) must
+not use them."""
 
 
 def _horse_rgb(silhouette: np.ndarray) -> np.ndarray:
-    """scikit-image's horse is a boolean silhouette (False = horse). Paint a brown horse under a pale sky above a
-    strip of grass, with softened edges. (H, W) bool -> (H, W, 3) uint8."""
+    """scikit-image's horse is a boolean silhouette (False = horse). Paint a brown horse under a pale sky
+    above a strip of grass, with softened edges. (H, W) bool -> (H, W, 3) uint8."""
     h, w = silhouette.shape
     t = np.linspace(0.0, 1.0, h)[:, None, None]  # (H, 1, 1)
     sky = (1 - t) * np.array([150.0, 190.0, 235.0]) + t * np.array([225.0, 235.0, 245.0])  # (H, 1, 3)
@@ -182,7 +194,7 @@ def _horse_rgb(silhouette: np.ndarray) -> np.ndarray:
     return np.clip(a * horse + (1 - a) * bg, 0, 255).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as (H, W, 3) uint8 (read-only)."""
     from skimage import data
@@ -220,8 +232,9 @@ def _jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 @dataclass(frozen=True)
 class PhotoSource:
-    """Augmented views of one bundled photo: random square crops (60-100% of the shorter side), horizontal flips
-    (p = 0.5) and mild colour jitter; train and target boxes never coincide (see the module docstring)."""
+    """Augmented views of one bundled photo: random square crops (60-100% of the shorter side), horizontal
+    flips (p = 0.5) and mild colour jitter; train and target boxes never coincide (see the module
+    docstring)."""
 
     photo: str
 
@@ -255,7 +268,8 @@ def six_tasks() -> Sequence:
 
 
 SIX_TASKS: Sequence = six_tasks()
-"""The six-task sequence of scikit-image photos, in order. Treat as read-only; :func:`six_tasks` gives a copy."""
+"""The six-task sequence of scikit-image photos, in order. Treat as read-only; :func:`six_tasks` gives a
+copy."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,10 +294,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 @dataclass(frozen=True)
 class ProceduralSource:
-    """A generated object: ``shape`` filled with ``pattern`` in colours ``colour`` / ``accent`` ("solid" draws an
-    ``accent`` border), the pattern's period ``1 / freq`` of the object and its angle fixed per concept. Each view
-    draws it at a random position, scale (45-75% of the frame) and rotation (+-25 degrees) on a random pale,
-    slightly noisy background."""
+    """A generated object: ``shape`` filled with ``pattern`` in colours ``colour`` / ``accent`` ("solid"
+    draws an ``accent`` border), the pattern's period ``1 / freq`` of the object and its angle fixed per
+    concept. Each view draws it at a random position, scale (45-75% of the frame) and rotation (+-25 degrees)
+    on a random pale, slightly noisy background."""
 
     shape: str
     pattern: str
@@ -332,7 +346,8 @@ def _polygon(c: float, r: float, radii: list[float], start_deg: float = -90.0) -
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, c: float, r: float, fill, cut) -> None:
-    """Draw ``shape`` centred at (c, c) within radius ``r`` in colour ``fill``; ``cut`` paints the crescent's bite."""
+    """Draw ``shape`` centred at (c, c) within radius ``r`` in colour ``fill``; ``cut`` paints the crescent's
+    bite."""
     if shape == "circle":
         draw.ellipse((c - r, c - r, c + r, c + r), fill=fill)
     elif shape == "square":
@@ -369,9 +384,9 @@ def _pattern(spec: ProceduralSource, side: int) -> Image.Image:
     c1 = np.array(COLOURS[spec.colour], dtype=np.float64)
     c2 = np.array(COLOURS[spec.accent], dtype=np.float64)
     if spec.pattern == "solid":  # the colour inside an accent border
-        img = Image.new("RGB", (side, side), tuple(int(v) for v in c2))
-        _draw_shape(ImageDraw.Draw(img), spec.shape, side / 2, 0.45 * side * 0.78, tuple(int(v) for v in c1),
-                    tuple(int(v) for v in c2))
+        inner, border = COLOURS[spec.colour], COLOURS[spec.accent]
+        img = Image.new("RGB", (side, side), border)
+        _draw_shape(ImageDraw.Draw(img), spec.shape, side / 2, 0.45 * side * 0.78, inner, border)
         return img
     period = side / spec.freq
     yy, xx = np.mgrid[:side, :side].astype(np.float64) - side / 2  # (S, S) each, centred
@@ -453,8 +468,9 @@ def _token_name(folder_name: str) -> str:
 
 
 def _split_files(task: Path) -> tuple[list[Path], list[Path]]:
-    """(train, target) files of one task folder: its train/ and target/ subfolders, or else its own images split
-    75/25 deterministically (every 4th file in sorted order is a target; the last one if fewer than 4)."""
+    """(train, target) files of one task folder: its train/ and target/ subfolders, or else its own images
+    split 75/25 deterministically (every 4th file in sorted order is a target; the last one if fewer than
+    4)."""
     train_dir, target_dir = task / "train", task / "target"
     if train_dir.is_dir() or target_dir.is_dir():
         out = []
@@ -470,8 +486,8 @@ def _split_files(task: Path) -> tuple[list[Path], list[Path]]:
     files = _images_in(task)
     if not files:
         raise ValueError(
-            f"folder '{task}' holds no images: put them in '{task}/train' and '{task}/target', or directly in "
-            f"'{task}' to split them 75/25"
+            f"folder '{task}' holds no images: put them in '{task}/train' and '{task}/target', "
+            f"or directly in '{task}' to split them 75/25"
         )
     if len(files) < 2:
         raise ValueError(f"folder '{task}' holds 1 image: at least 2 are needed to split train and target")
@@ -482,10 +498,10 @@ def _split_files(task: Path) -> tuple[list[Path], list[Path]]:
 
 
 def folder_sequence(root: str | Path) -> Sequence:
-    """A user's sequence from ``root/<task>/train/*`` and ``root/<task>/target/*`` (or ``root/<task>/*``, split
-    75/25). Task order: ``root/order.txt`` (one folder name per line) if present, else sorted folder names.
-    Class word: ``root/<task>/class_word.txt`` if present, else "object". Names: folder names made token-safe.
-    Errors name the folder at fault."""
+    """A user's sequence from ``root/<task>/train/*`` and ``root/<task>/target/*`` (or ``root/<task>/*``,
+    split 75/25). Task order: ``root/order.txt`` (one folder name per line) if present, else sorted folder
+    names. Class word: ``root/<task>/class_word.txt`` if present, else "object". Names: folder names made
+    token-safe. Errors name the folder at fault."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"sequence folder '{root}' does not exist or is not a folder")

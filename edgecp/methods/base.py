@@ -19,7 +19,7 @@ import torch
 from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, TrainConfig
 from edgecp.model.base import Components
-from edgecp.personal import ADAPTER_FILE, DELTA_FILE, fold_base_delta, read_tensors
+from edgecp.personal import ADAPTER_FILE, fold_base_delta, read_tensors
 
 
 @dataclass

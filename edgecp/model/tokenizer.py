@@ -33,7 +33,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
+    with gzip.open(BPE_PATH) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
