@@ -289,6 +289,47 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
 
 
 @app.command()
+def bench(
+    out_dir: Annotated[Path, typer.Option("--out", help="A new folder for the results.")] = Path("edgecp-bench"),
+    preset: Annotated[str, typer.Option(help="quick (3 methods, 6 tasks, CPU) or full (every method, GPU).")] = "quick",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: the preset's).")] = None,
+    sequence: Annotated[Optional[str], typer.Option(help="six, procedural, or a folder of task folders.")] = None,
+    tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training iterations per task.")] = None,
+    n_gen: Annotated[Optional[int], typer.Option(help="Images generated per concept per evaluation.")] = None,
+    gen_steps: Annotated[Optional[int], typer.Option(help="Sampling steps of those images.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model (default tiny).")] = None,
+    features: Annotated[Optional[str], typer.Option(help="tiny (the tiny world's encoder) or a CLIP folder / hub id.")] = None,
+) -> None:
+    """Benchmark methods over a concept sequence: paper 000's table, 001's average score and forgetting,
+    curves, heatmaps, sample grids, JSON and CSV.
+
+    Examples:
+      edgecp bench --preset quick --out bench-quick
+      edgecp bench --methods lora-sequential,ewc-dc --sequence procedural --tasks 10 --seeds 0,1,2
+    """
+    import dataclasses
+
+    from edgecp.eval.bench import preset as get_preset
+    from edgecp.eval.bench import run_bench, table_markdown
+
+    cfg = get_preset(preset)
+    overrides = {
+        "methods": tuple(m.strip() for m in methods.split(",")) if methods else None,
+        "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
+        "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
+        "base": base, "features": features,
+    }
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    with progress_bars() as bar:
+        result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench", i, n) if phase == "tasks" else None,
+                           log=lambda msg: err.print(f"[dim]bench:[/] {msg}"))
+    out.print(table_markdown(result))
+    out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{out_dir}[/]")
+
+
+@app.command()
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its store and images.")] = Path("edgecp-demo")) -> None:
     """The whole path on the embedded tiny model, offline: init, three concepts, generate, export, ONNX."""
     from edgecp.demo import run_demo

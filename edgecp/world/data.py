@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -196,7 +196,7 @@ def _unit_polygon(shape: str) -> list[list[tuple[float, float]]]:
     raise ValueError(shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _alpha(shape: str, r: int) -> np.ndarray:
     """Anti-aliased coverage (2r+1, 2r+1) float32 in [0, 1] of `shape` with radius `r` pixels (4x supersampled)."""
     ss, side = 4, 2 * r + 1

@@ -1,0 +1,310 @@
+"""`edgecp bench`: continual-learning benchmark of several methods over a concept sequence, measured as paper 000
+(App. E: N_param, KID, A_MMD, BwT_MMD, CLIP I2I, F_MMD, DC-score accuracy) and paper 001 (average score and
+average forgetting of the I2I score matrix) do.
+
+For every method and seed: a fresh store on the base; task after task, learn the concept from its training views;
+after every task generate `n_gen` images of every concept seen so far ("a photo of <name>") and embed them. Then:
+    M[i, j] = MMD(real_j, gen_{i,j}),  D[i, j] = MMD(gen_{j,j}, gen_{i,j}),  S[i, j] = I2I(gen_{i,j}, real_j).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgecp.errors import EdgecpError
+from edgecp.eval import metrics
+
+QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...] = QUICK_METHODS
+    sequence: str = "six"  # six | procedural | a folder of task folders
+    tasks: int | None = None  # the first N tasks only
+    seeds: tuple[int, ...] = (0,)
+    base: str = "tiny"
+    features: str = "tiny"
+    steps: int = 100  # training iterations per task
+    n_train: int = 6  # training views per concept
+    n_target: int = 8  # held-out target views per concept
+    n_gen: int = 8  # generated images per concept per evaluation
+    gen_steps: int = 20
+    guidance: float = 7.5
+    dc_trials: int = 4  # (t, eps) trials per training image for the DC-score accuracy
+    method_params: dict = field(default_factory=dict)  # method -> {hyperparameter: value}
+    prior: dict = field(default_factory=dict)  # prior-preservation overrides (num_images, steps, prompt)
+
+    def __post_init__(self) -> None:
+        from edgecp.methods import method_class
+
+        for m in self.methods:
+            method_class(m)  # unknown names list the valid ones
+        if self.n_gen < 2 or self.n_target < 2:
+            raise EdgecpError("the MMD needs at least 2 generated and 2 target images per concept (--n-gen >= 2)")
+
+
+PRESETS = {
+    # three methods over the six photo tasks in at most ~15 minutes on 2 CPU cores
+    "quick": BenchConfig(),
+    # the paper's setting, for GPUs: every method, 1000 iterations, three seeds
+    "full": BenchConfig(methods=(), steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50, n_target=16),
+}
+
+
+def preset(name: str) -> BenchConfig:
+    if name not in PRESETS:
+        raise EdgecpError(f"unknown preset '{name}': use {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    if not cfg.methods:
+        from edgecp.methods import method_names
+
+        cfg = replace(cfg, methods=tuple(method_names()))
+    return cfg
+
+
+def load_sequence(cfg: BenchConfig):
+    from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
+
+    if cfg.sequence == "six":
+        seq = six_tasks()
+    elif cfg.sequence == "procedural":
+        seq = procedural_sequence(50)
+    else:
+        try:
+            seq = folder_sequence(cfg.sequence)
+        except (ValueError, FileNotFoundError) as e:
+            raise EdgecpError(f"--sequence '{cfg.sequence}': {e}") from None
+    return seq[: cfg.tasks] if cfg.tasks else seq
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: Progress | None = None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Run every method x seed over the sequence; write results.json, results.csv, table.md and the PNGs."""
+    from edgecp.eval.features import load_features
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise EdgecpError(f"bench folder '{out}' exists and is not empty: pass a new --out")
+    seq = load_sequence(cfg)
+    features = load_features(cfg.features)
+    n = len(seq)
+    total = len(cfg.methods) * len(cfg.seeds) * n
+    done = 0
+    t0 = time.perf_counter()
+    runs = []
+    for seed in cfg.seeds:
+        data = out / "data" / f"seed{seed}"
+        seq.write(data, n_train=cfg.n_train, n_target=cfg.n_target, size=64, seed=seed)
+        real = [features.embed_images(c.target_views(cfg.n_target, 64, seed)) for c in seq]
+        for method in cfg.methods:
+            run = _run_method(cfg, method, seed, seq, data, real, features, out,
+                              tick=lambda phase: progress and progress(f"{method} s{seed}: {phase}", done, total))
+            runs.append(run)
+            done += n
+            if progress:
+                progress("tasks", done, total)
+            if log:
+                log(f"{method} seed {seed}: A_MMD {run['metrics']['A_MMD']:.4g}, BwT_MMD {run['metrics']['BwT_MMD']:.4g}")
+    summary = _summarize(cfg, runs)
+    result = {"config": asdict(cfg), "sequence": [c.name for c in seq], "features": features.name,
+              "seconds": round(time.perf_counter() - t0, 1), "summary": summary, "runs": runs}
+    _write_outputs(out, result)
+    return result
+
+
+def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, features, out: Path, tick) -> dict:
+    from edgecp.api import init_store
+    from edgecp.generate import GenerateConfig, torch_generate
+    from edgecp.personal import PersonalModel
+    from edgecp.prompts import expand
+    from edgecp.store import Store
+    from edgecp.train import add_concept
+
+    root = out / "runs" / f"{method}-s{seed}" / "store"
+    init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
+               train={"steps": cfg.steps, "seed": seed}, prior=cfg.prior)
+    n = len(seq)
+    gen: list[list[np.ndarray]] = []
+    last_images = []
+    t_train = 0.0
+    for i, concept in enumerate(seq):
+        tick(f"learn <{concept.name}>")
+        t = time.perf_counter()
+        add_concept(root, concept.name, [data / concept.name / "train"], class_word=concept.class_word)
+        t_train += time.perf_counter() - t
+        tick(f"evaluate after task {i + 1}")
+        store = Store.open(root)
+        model = PersonalModel.load(store)
+        row = []
+        for j in range(i + 1):
+            prompt = expand(f"a photo of <{seq[j].name}>", store.concepts())
+            gcfg = GenerateConfig(n=cfg.n_gen, seed=seed * 1000 + j, steps=cfg.gen_steps, guidance=cfg.guidance)
+            images = torch_generate(model.comps, prompt, gcfg, model.device)
+            row.append(features.embed_images(images))
+            if i == n - 1:
+                last_images.append(images)
+        gen.append(row)
+    acc = dc_accuracy(model, store, seq, data, cfg.dc_trials, seed)
+    m, d = metrics.mmd_matrices(real, gen)
+    s = np.full((n, n), np.nan)
+    for i in range(n):
+        for j in range(i + 1):
+            s[i, j] = metrics.clip_i2i(gen[i][j], real[j])
+    kid = float(np.mean([metrics.kid(gen[n - 1][j], real[j], subsets=50, seed=seed)[0] for j in range(n)]))
+    n_param = store.manifest()["n_param"]
+    run_dir = root.parent
+    _save_grid(last_images, [c.name for c in seq], run_dir / "samples.png")
+    return {
+        "method": method, "seed": seed, "train_seconds": round(t_train, 1),
+        "metrics": {
+            "N_param_Train": n_param["train_pct"], "N_param_Store": n_param["store_pct"],
+            "KID": kid, "A_MMD": metrics.a_mmd(m), "BwT_MMD": metrics.bwt_mmd(m) if n > 1 else math.nan,
+            "CLIP_I2I": float(np.nanmean(s[n - 1])), "F_MMD": metrics.f_mmd(d) if n > 1 else math.nan,
+            "avg_score": metrics.average_score(s), "avg_forgetting": metrics.average_forgetting(s) if n > 1 else math.nan,
+            "DC_accuracy": acc,
+        },
+        "matrices": {"M": _nan_list(m), "D": _nan_list(d), "S": _nan_list(s)},
+        "samples": str(run_dir / "samples.png"),
+    }
+
+
+def dc_accuracy(model, store, seq, data: Path, trials: int, seed: int) -> float:
+    """Paper 000's Sanity check II: classify every training image among all learned concepts by DC scores
+    (argmin of the denoising error averaged over `trials` shared (t, eps) trials, one batched UNet call each)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from edgecp.consolidation.dc_scores import dc_forward, trial
+    from edgecp.personal import encode_text
+    from edgecp.prompts import expand
+    from edgecp.train import encode_images
+
+    comps = model.comps
+    sched = DDPMScheduler.from_config(comps.scheduler.config)
+    with torch.no_grad():
+        texts = encode_text(comps, [expand(f"a photo of <{c.name}>", store.concepts()) for c in seq], model.device)
+    gen = torch.Generator().manual_seed(seed)
+    errors, labels = [], []
+    for j, c in enumerate(seq):
+        paths = sorted((data / c.name / "train").glob("*.png"))
+        lat = encode_images(comps, paths, comps.resolution, model.device, flip=False)
+        x0 = lat.mean * lat.scale
+        err = torch.zeros(len(paths), len(seq))
+        with torch.no_grad():
+            for _ in range(trials):
+                t, noise = trial(x0, sched.config.num_train_timesteps, gen)
+                e, _ = dc_forward(lambda x, tt, cc: comps.unet(x, tt, cc).sample, sched, x0, texts, t, noise)
+                err += e.cpu()
+        errors.append(err.numpy())
+        labels += [j] * len(paths)
+    return metrics.dc_accuracy(np.concatenate(errors), np.array(labels))
+
+
+def _nan_list(a: np.ndarray) -> list:
+    return [[None if math.isnan(v) else float(v) for v in row] for row in a]
+
+
+TABLE_COLUMNS = ["N_param_Train", "N_param_Store", "KID", "A_MMD", "BwT_MMD", "CLIP_I2I", "F_MMD",
+                 "avg_score", "avg_forgetting", "DC_accuracy"]
+# the paper's reporting scale (Table 1 headers); the raw numbers are in results.json
+PAPER_SCALE = {"KID": 1e5, "A_MMD": 1e3, "CLIP_I2I": 100.0}
+
+
+def _summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
+    out = {}
+    for method in cfg.methods:
+        rs = [r["metrics"] for r in runs if r["method"] == method]
+        out[method] = {k: {"mean": float(np.nanmean([r[k] for r in rs])) if any(not math.isnan(r[k]) for r in rs) else None,
+                           "std": float(np.nanstd([r[k] for r in rs])) if len(rs) > 1 else 0.0} for k in TABLE_COLUMNS}
+    return out
+
+
+def _fmt(stat: dict | None, key: str) -> str:
+    if stat is None or stat["mean"] is None:
+        return "-"
+    s = PAPER_SCALE.get(key, 1.0)
+    return f"{stat['mean'] * s:.3f}" + (f" ± {stat['std'] * s:.3f}" if stat["std"] else "")
+
+
+def table_markdown(result: dict) -> str:
+    cols = TABLE_COLUMNS
+    head = ["method"] + [f"{c} (x{PAPER_SCALE[c]:g})" if c in PAPER_SCALE else c for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, stats in result["summary"].items():
+        lines.append("| " + " | ".join([method] + [_fmt(stats[c], c) for c in cols]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", *TABLE_COLUMNS])
+        for r in result["runs"]:
+            w.writerow([r["method"], r["seed"], *(r["metrics"][c] for c in TABLE_COLUMNS)])
+    (out / "table.md").write_text(table_markdown(result))
+    _plots(out, result)
+
+
+def _plots(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["sequence"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in result["summary"]:
+        runs = [r for r in result["runs"] if r["method"] == method]
+        for ax, key, label in ((axes[0], "M", "mean MMD to targets over seen tasks (lower is better)"),
+                               (axes[1], "S", "mean I2I over seen tasks (higher is better)")):
+            curves = np.array([[np.nanmean([v for v in row if v is not None]) for row in r["matrices"][key]] for r in runs])
+            ax.plot(range(1, len(names) + 1), curves.mean(0), marker="o", label=method)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("after task")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    for r in result["runs"]:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, key, title in ((axes[0], "M", "MMD(real_j, gen_ij)"), (axes[1], "S", "I2I(gen_ij, real_j)")):
+            a = np.array([[np.nan if v is None else v for v in row] for row in r["matrices"][key]])
+            im = ax.imshow(a, cmap="viridis")
+            ax.set_title(f"{r['method']} s{r['seed']}: {title}", fontsize=9)
+            ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+            ax.set_yticks(range(len(names)), [f"after {n}" for n in names], fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(Path(r["samples"]).parent / "heatmaps.png", dpi=110)
+        plt.close(fig)
+
+
+def _save_grid(images_per_concept: list[list], names: list[str], path: Path) -> None:
+    """Rows: concepts (after the last task); columns: generated samples."""
+    from PIL import Image, ImageDraw
+
+    w, h = images_per_concept[0][0].size
+    cols = max(len(r) for r in images_per_concept)
+    label = 70
+    grid = Image.new("RGB", (label + cols * w, len(names) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (row, name) in enumerate(zip(images_per_concept, names)):
+        draw.text((4, i * h + h // 2 - 5), f"<{name}>", fill="black")
+        for j, im in enumerate(row):
+            grid.paste(im, (label + j * w, i * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
