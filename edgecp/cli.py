@@ -323,7 +323,7 @@ def bench(
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     with progress_bars() as bar:
-        result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench", i, n) if phase == "tasks" else None,
+        result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench (tasks)", i, n),
                            log=lambda msg: err.print(f"[dim]bench:[/] {msg}"))
     out.print(table_markdown(result))
     out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{out_dir}[/]")

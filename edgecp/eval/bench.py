@@ -109,8 +109,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Progress | None = Non
         seq.write(data, n_train=cfg.n_train, n_target=cfg.n_target, size=64, seed=seed)
         real = [features.embed_images(c.target_views(cfg.n_target, 64, seed)) for c in seq]
         for method in cfg.methods:
-            run = _run_method(cfg, method, seed, seq, data, real, features, out,
-                              tick=lambda phase: progress and progress(f"{method} s{seed}: {phase}", done, total))
+            def tick(phase: str, task: int, _m=method, _s=seed, _d=done) -> None:
+                if progress:
+                    progress(f"{_m} s{_s}: {phase}", _d + task, total)
+
+            run = _run_method(cfg, method, seed, seq, data, real, features, out, tick)
             runs.append(run)
             done += n
             if progress:
@@ -140,11 +143,11 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
     last_images = []
     t_train = 0.0
     for i, concept in enumerate(seq):
-        tick(f"learn <{concept.name}>")
+        tick(f"learn <{concept.name}>", i)
         t = time.perf_counter()
         add_concept(root, concept.name, [data / concept.name / "train"], class_word=concept.class_word)
         t_train += time.perf_counter() - t
-        tick(f"evaluate after task {i + 1}")
+        tick(f"evaluate after task {i + 1}", i)
         store = Store.open(root)
         model = PersonalModel.load(store)
         row = []
