@@ -23,6 +23,7 @@ EXPECTED_FILES = {
     "textual-inversion": set(), "merge-reinit": {"base_delta"}, "merge-orthogonal": {"base_delta", "accumulated_a"},
     "magmax": set(),
 }
+EXPORT_CHECKED = {"vera-ewc-dc", "c-lora", "merge-orthogonal"}
 NO_ADAPTER = {"custom-diffusion", "cd-ewc", "cns", "textual-inversion", "merge-reinit", "merge-orthogonal"}
 
 
@@ -56,6 +57,11 @@ def test_every_method_learns_three_concepts_and_generates(tmp_path, method):
         assert tasks == {"t0001", "t0002", "t0003"}
     files = generate_from_store(root, "a photo of <aa> dog. Posing with <cc> dog", GenerateConfig(n=1, steps=2), tmp_path / "o")
     assert np.asarray(Image.open(files[0])).std() > 0
+    if method in EXPORT_CHECKED:  # one per way of storing the model: VeRA, concatenated LoRAs, weight deltas
+        from edgecp.export.onnx_export import export_onnx
+
+        report = export_onnx(root, "cpu-fp32", tmp_path / "onnx")
+        assert all(r["max_abs_diff"] < 1e-4 for r in report["models"].values())
 
 
 def test_clora_keeps_earlier_task_loras_frozen_and_stacked(tmp_path):
