@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from edgecp.methods.base import Method, TaskContext
-from edgecp.methods.ewc import FISHER_FILE, EwcMixin, EwcParams
+from edgecp.methods.ewc import EwcMixin, EwcParams
 from edgecp.personal import DELTA_FILE, fold_base_delta
 
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
@@ -57,15 +57,5 @@ class CdEwc(EwcMixin, CustomDiffusion):
     Params = EwcParams
 
     def anchor(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
-        return ctx.extra["start"]
-
-    def prepare(self, ctx: TaskContext) -> None:
-        super().prepare(ctx)
-        self._load_ewc(ctx)
-
-    def consolidate(self, ctx: TaskContext, progress=None) -> None:
-        self._fisher_update(ctx, progress)
-
-    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
-        return {**super().files(ctx), FISHER_FILE: ctx.extra["fisher"]}
+        return ctx.extra["start"]  # the K/V weights the previous task left
 

@@ -15,7 +15,7 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.methods.base import Method, TaskContext
-from edgecp.methods.ewc import FISHER_FILE, EwcDcParams, EwcMixin, EwcParams
+from edgecp.methods.ewc import EwcDcParams, EwcMixin, EwcParams
 from edgecp.methods.phases import dsc_phase, phase_iterations
 from edgecp.personal import read_tensors
 
@@ -58,13 +58,10 @@ class Dsc(Method):
     name = "dsc"
     summary = "one LoRA, after each task distilled from itself and a random earlier task's LoRA (000's DSC, Algo 3)"
     Params = DscParams
-    use_ewc = False
 
     def prepare(self, ctx: TaskContext) -> None:
         super().prepare(ctx)
         ctx.extra["pool"] = read_pool(ctx.prev_dir)
-        if self.use_ewc:
-            self._load_ewc(ctx)
 
     def consolidate(self, ctx: TaskContext, progress=None) -> None:
         pool = ctx.extra["pool"]
@@ -72,27 +69,20 @@ class Dsc(Method):
             dsc_phase(ctx, pool, phase_iterations(ctx, self.params.consolidation_ratio), gamma=self.params.gamma,
                       lam=self.params.lam, tau_teacher=self.params.tau_teacher, tau_student=self.params.tau_student,
                       progress=progress)
-        if self.use_ewc:
-            self._fisher_update(ctx, progress)
 
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
         theta_n = lora.adapter_state(ctx.comps.unet)
-        out = {**super().files(ctx), TEACHERS_FILE: write_pool(ctx.extra["pool"] + [theta_n])}
-        if self.use_ewc:
-            out[FISHER_FILE] = ctx.extra["fisher"]
-        return out
+        return {**super().files(ctx), TEACHERS_FILE: write_pool(ctx.extra["pool"] + [theta_n])}
 
 
 class DscEwc(EwcMixin, Dsc):
     name = "dsc-ewc"
     summary = "Algo 4 without DC Fisher: EWC penalty -> DSC -> Fisher from the denoising loss"
     Params = DscEwcParams
-    use_ewc = True
 
 
 class DscEwcDc(EwcMixin, Dsc):
     name = "dsc-ewc-dc"
     summary = "Algo 4, 000's full method: EWC penalty -> DSC -> Fisher with DC scores"
     Params = DscEwcDcParams
-    use_ewc = True
     use_dc = True

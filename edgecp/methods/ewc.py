@@ -33,9 +33,21 @@ class EwcDcParams(EwcParams):
 
 
 class EwcMixin:
-    """Penalty from the previous version's Fisher and anchor; Fisher phase after training."""
+    """Online EWC on top of any method (place it first among the bases): penalty from the previous version's
+    Fisher and anchor during training; after the method's own consolidation, the Fisher phase (Algo 4 order)."""
 
     use_dc = False
+
+    def prepare(self, ctx: TaskContext) -> None:
+        super().prepare(ctx)
+        self._load_ewc(ctx)
+
+    def consolidate(self, ctx: TaskContext, progress=None) -> None:
+        super().consolidate(ctx, progress)
+        self._fisher_update(ctx, progress)
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        return {**super().files(ctx), FISHER_FILE: ctx.extra["fisher"]}
 
     def _load_ewc(self, ctx: TaskContext) -> None:
         fisher = read_tensors(ctx.prev_dir, FISHER_FILE)
@@ -66,16 +78,6 @@ class LoraEwc(EwcMixin, Method):
     name = "lora-ewc"
     summary = "one LoRA + online EWC penalty, Fisher from the denoising loss (000's LoRA EWC)"
     Params = EwcParams
-
-    def prepare(self, ctx: TaskContext) -> None:
-        super().prepare(ctx)
-        self._load_ewc(ctx)
-
-    def consolidate(self, ctx: TaskContext, progress=None) -> None:
-        self._fisher_update(ctx, progress)
-
-    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
-        return {**super().files(ctx), FISHER_FILE: ctx.extra["fisher"]}
 
 
 class EwcDc(LoraEwc):

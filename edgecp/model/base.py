@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgecp.errors import EdgecpError
 from edgecp.paths import edgecp_home
+from edgecp.store import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors",)
 COMPONENT_DIRS = ("unet", "vae", "text_encoder")
@@ -75,14 +76,6 @@ def _download_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_files(spec: BaseSpec) -> list[Path]:
     assert spec.path is not None
     if spec.path.is_file():
@@ -113,7 +106,7 @@ def base_sha256(spec: BaseSpec) -> str:
         st = f.stat()
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in cache:
-            cache[key] = _sha256_file(f)
+            cache[key] = sha256_file(f)
             dirty = True
         h.update(str(f.relative_to(root)).encode() + b"\0" + cache[key].encode())
     if dirty:

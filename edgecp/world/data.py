@@ -49,6 +49,7 @@ __all__ = [
     "Example",
     "photo_sources",
     "make_example",
+    "canonical_caption",
     "make_dataset",
     "iter_batches",
 ]
@@ -483,6 +484,32 @@ def _scene_caption(rng: np.random.Generator, scene: Scene) -> str:
         text = _weighted(rng, _NO_BG_TEMPLATES).format(g=g)
     else:
         text = _weighted(rng, _SCENE_TEMPLATES).format(g=g, bg=_bg_phrase(rng, scene))
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def canonical_caption(scene: Scene, **overrides) -> str:
+    """The full, fixed-wording caption of a one-group shapes scene, with attributes optionally replaced.
+
+    ``canonical_caption(scene, colour="blue")`` describes the same scene with a blue shape: the evaluation
+    compares an image against such one-attribute variants. Overrides: shape, colour, size, pattern, count,
+    position (of the group) and bg_colour (plain / gradient / noise backgrounds only).
+    """
+    if scene.kind != "shapes" or len(scene.groups) != 1:
+        raise ValueError("canonical captions are defined for one-group shapes scenes")
+    g = scene.groups[0]
+    a = {"shape": g.shape, "colour": g.colour, "size": g.size, "pattern": g.pattern, "count": g.count,
+         "position": g.position, "bg_colour": scene.bg_colour}
+    unknown = set(overrides) - set(a)
+    if unknown:
+        raise ValueError(f"unknown attributes {sorted(unknown)}")
+    a.update(overrides)
+    g2 = Group(a["shape"], a["colour"], a["size"], a["pattern"], int(a["count"]), a["position"])
+    words = ["a" if g2.count == 1 else COUNTS[g2.count], g2.size, g2.colour]
+    if g2.pattern != "plain":
+        words.append(g2.pattern)
+    words += [g2.shape if g2.count == 1 else PLURAL[g2.shape], _POS_PHRASES[g2.position][0]]
+    bg_scene = Scene("shapes", (g2,), scene.background, a["bg_colour"])
+    text = f"a photo of {' '.join(words)}, {_bg_phrase(np.random.default_rng(0), bg_scene)}"
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
