@@ -32,7 +32,7 @@ FORMAT = "edgecp-world-evaluator"
 IMAGE_SIZE = 64
 EMBED_DIM = 64
 
-DEFAULT_IMAGE_TOWER = {"channels": [32, 64, 128, 64], "hidden": 128}
+DEFAULT_IMAGE_TOWER = {"channels": [32, 64, 128, 64], "hidden": 128, "stem": 0}
 # the tiny base's text encoder config (edgecp/model/tiny.py)
 DEFAULT_TEXT_TOWER = dict(
     vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -49,16 +49,18 @@ def _nn():
 
 
 def make_image_tower(channels=(32, 64, 128, 64), hidden: int = 128, embed_dim: int = EMBED_DIM,
-                     image_size: int = IMAGE_SIZE):
-    """A small CNN: 64 -> 32 -> 16 -> 8 -> 4 (stride-2 3x3 convs, a 3x3 conv at 16 and 8), flatten, MLP."""
+                     image_size: int = IMAGE_SIZE, stem: int = 0):
+    """A small CNN: [a stride-1 3x3 stem of `stem` channels at full resolution], then 64 -> 32 -> 16 -> 8 -> 4
+    (stride-2 3x3 convs, a 3x3 conv at 16 and 8), flatten (positions survive), MLP to `embed_dim`."""
     nn = _nn()
     c1, c2, c3, c4 = channels
 
     def block(cin, cout, stride):
         return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
 
-    layers = (block(3, c1, 2) + block(c1, c2, 2) + block(c2, c2, 1) + block(c2, c3, 2) + block(c3, c3, 1)
-              + block(c3, c4, 2))
+    layers = block(3, stem, 1) if stem else []
+    layers += (block(stem or 3, c1, 2) + block(c1, c2, 2) + block(c2, c2, 1) + block(c2, c3, 2) + block(c3, c3, 1)
+               + block(c3, c4, 2))
     side = image_size // 16
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c4 * side * side, hidden), nn.SiLU(),
                          nn.Linear(hidden, embed_dim))
@@ -104,12 +106,12 @@ def _torch_module_class():
 class Evaluator:
     """Embeds images and captions of the tiny world into one L2-normalised space (numpy in, numpy out)."""
 
-    def __init__(self, model, config: dict):
+    def __init__(self, model, config: dict, tokenizer=None):
         self.model = model.eval()
         self.config = config
         self.embed_dim = int(config["embed_dim"])
         self.image_size = int(config["image_size"])
-        self.tokenizer = _tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer()
 
     # -- inputs --------------------------------------------------------------------------------------------
     def _image_batch(self, images) -> np.ndarray:
@@ -168,8 +170,9 @@ class Evaluator:
 
 
 def build_evaluator(seed: int = 0, text_config: dict | None = None, image_config: dict | None = None,
-                    embed_dim: int = EMBED_DIM) -> Evaluator:
-    """A freshly initialised (random) evaluator, deterministic in `seed`."""
+                    embed_dim: int = EMBED_DIM, tokenizer=None) -> Evaluator:
+    """A freshly initialised (random) evaluator, deterministic in `seed` (`tokenizer`: a CLIP tokenizer to
+    reuse; by default the real CLIP tokenizer is built once per process)."""
     import torch
 
     cfg = {
@@ -179,7 +182,7 @@ def build_evaluator(seed: int = 0, text_config: dict | None = None, image_config
     }
     torch.manual_seed(seed)
     model = _torch_module_class()(cfg["text_tower"]["config"], cfg["image_tower"], embed_dim)
-    return Evaluator(model, cfg)
+    return Evaluator(model, cfg, tokenizer)
 
 
 def _sha256(path: Path) -> str:
