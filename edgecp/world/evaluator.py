@@ -20,13 +20,14 @@ A saved evaluator is a folder::
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from edgecp.store import sha256_file
 
 FORMAT = "edgecp-world-evaluator"
 IMAGE_SIZE = 64
@@ -185,14 +186,6 @@ def build_evaluator(seed: int = 0, text_config: dict | None = None, image_config
     return Evaluator(model, cfg, tokenizer)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_evaluator(ev: Evaluator, folder: str | Path, text_weights: str | Path | None = None, **extra) -> Path:
     """Write `ev` to `folder`. With `text_weights` (a safetensors file holding exactly the text tower's
     state dict, e.g. the base's ``text_encoder/model.safetensors``) the text tower is referenced by relative
@@ -224,7 +217,7 @@ def save_evaluator(ev: Evaluator, folder: str | Path, text_weights: str | Path |
 
         rel = os.path.relpath(text_file.resolve(), folder.resolve())
     cfg = dict(ev.config)
-    cfg["text_tower"] = {"config": dict(cfg["text_tower"]["config"]), "weights": rel, "sha256": _sha256(text_file)}
+    cfg["text_tower"] = {"config": dict(cfg["text_tower"]["config"]), "weights": rel, "sha256": sha256_file(text_file)}
     cfg["logit_scale"] = float(m.logit_scale.detach().exp())
     cfg.update(extra)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -244,7 +237,7 @@ def load_evaluator(folder: str | Path) -> Evaluator:
     text_file = (folder / cfg["text_tower"]["weights"]).resolve()
     if not text_file.is_file():
         raise FileNotFoundError(f"evaluator text tower weights not found: {text_file}")
-    if _sha256(text_file) != cfg["text_tower"]["sha256"]:
+    if sha256_file(text_file) != cfg["text_tower"]["sha256"]:
         raise ValueError(f"evaluator text tower weights {text_file} do not match the sha256 in {folder / 'config.json'}")
     model = _torch_module_class()(cfg["text_tower"]["config"], cfg["image_tower"], int(cfg["embed_dim"]))
     own = load_file(folder / "model.safetensors")
