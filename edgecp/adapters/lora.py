@@ -110,6 +110,14 @@ def lora_delta(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
     return {m: scaling * state[f"{m}.lora_B.weight"].float() @ state[f"{m}.lora_A.weight"].float() for m in lora_modules(state)}
 
 
+def fold_into_base(unet, deltas: dict[str, torch.Tensor]) -> None:
+    """W <- W + delta for each adapted layer (module name -> (out, in)), before any adapter is attached."""
+    with torch.no_grad():
+        for m, d in deltas.items():
+            layer = unet.get_submodule(m)
+            layer.weight += d.to(layer.weight)
+
+
 def concat_loras(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """One LoRA equal to sum_i w_i B_i A_i: A's stacked (sum r, in), B's side by side (out, sum r) times w_i."""
     out = {}

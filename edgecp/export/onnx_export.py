@@ -197,7 +197,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         raise EdgecpError(f"export folder '{out}' exists and is not empty: remove it or pass another --out")
     model = PersonalModel.load(store, device=torch.device("cpu"))  # full precision, CPU: merge never touches int8
     comps = model.comps
-    if lora.adapter_parameters(comps.unet):
+    if lora.has_adapter(comps.unet):
         lora.merge(comps.unet)
     bake_tokens(comps.text_encoder)
     for m in (comps.text_encoder, comps.unet, comps.vae):

@@ -29,14 +29,6 @@ def previous_manifest(ctx: TaskContext) -> dict:
     return json.loads((ctx.prev_dir / "manifest.json").read_text())
 
 
-def fold_into_base(unet, deltas: dict[str, torch.Tensor]) -> None:
-    """W <- W + delta for each adapted layer (before any adapter is attached)."""
-    with torch.no_grad():
-        for m, d in deltas.items():
-            layer = unet.get_submodule(m)
-            layer.weight += d.to(layer.weight)
-
-
 class CLora(Method):
     name = "c-lora"
     summary = "a new LoRA per task, earlier ones frozen in, self-regularization on occupied spots (000's C-LoRA, Eq. 2)"
@@ -49,7 +41,7 @@ class CLora(Method):
         scaling = self.adapter.alpha / self.adapter.rank
         if tasks:
             summed = lora.lora_delta(lora.concat_loras(tasks, [1.0] * len(tasks)), scaling)
-            fold_into_base(unet, summed)
+            lora.fold_into_base(unet, summed)
             ctx.extra["occupied"] = {m: d.abs().to(ctx.device) for m, d in summed.items()}
         ctx.extra["tasks"] = tasks
         lora.attach(unet, self.adapter, seed=ctx.train.seed + ctx.index)

@@ -72,11 +72,7 @@ class MagMax(Method):
         selected = read_tensors(ctx.prev_dir, ADAPTER_FILE)
         ctx.extra["selected"] = selected
         if selected:  # "temporarily merged into the frozen base model"
-            scaling = self.adapter.alpha / self.adapter.rank
-            with torch.no_grad():
-                for m, d in lora.lora_delta(selected, scaling).items():
-                    layer = ctx.comps.unet.get_submodule(m)
-                    layer.weight += d.to(layer.weight)
+            lora.fold_into_base(ctx.comps.unet, lora.lora_delta(selected, self.adapter.alpha / self.adapter.rank))
         lora.attach(ctx.comps.unet, self.adapter, seed=ctx.train.seed + ctx.index)
         lora.set_trainable(ctx.comps.unet, True)
 
