@@ -9,7 +9,7 @@ from edgecp.errors import EdgecpError
 from edgecp.store import Store
 
 # The embedded tiny model learns in seconds; paper-scale defaults (1000 x 8 iterations) would only waste time.
-TINY_TRAIN = dict(steps=150, grad_accum=1, lr=1e-3, token_lr=5e-3)
+TINY_TRAIN = dict(steps=150, batch_size=4, grad_accum=1, lr=1e-3, token_lr=5e-3)
 TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10)
 DEFAULT_TEMPLATE = "a photo of a {}"
 

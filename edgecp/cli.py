@@ -292,7 +292,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
 def bench(
     out_dir: Annotated[Path, typer.Option("--out", help="A new folder for the results.")] = Path("edgecp-bench"),
     preset: Annotated[str, typer.Option(help="quick (3 methods, 6 tasks, CPU) or full (every method, GPU).")] = "quick",
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: the preset's).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods, or all (default: the preset's).")] = None,
     sequence: Annotated[Optional[str], typer.Option(help="six, procedural, or a folder of task folders.")] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
@@ -307,16 +307,19 @@ def bench(
 
     Examples:
       edgecp bench --preset quick --out bench-quick
+      edgecp bench --methods all --out bench-all
       edgecp bench --methods lora-sequential,ewc-dc --sequence procedural --tasks 10 --seeds 0,1,2
     """
     import dataclasses
 
     from edgecp.eval.bench import preset as get_preset
     from edgecp.eval.bench import run_bench, table_markdown
+    from edgecp.methods import method_names
 
     cfg = get_preset(preset)
     overrides = {
-        "methods": tuple(m.strip() for m in methods.split(",")) if methods else None,
+        "methods": tuple(method_names()) if methods == "all" else
+                   tuple(m.strip() for m in methods.split(",")) if methods else None,
         "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
         "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
         "base": base, "features": features,
@@ -325,7 +328,7 @@ def bench(
     with progress_bars() as bar:
         result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench (tasks)", i, n),
                            log=lambda msg: err.print(f"[dim]bench:[/] {msg}"))
-    out.print(table_markdown(result))
+    typer.echo(table_markdown(result))  # plain: a markdown table must not be wrapped at the terminal width
     out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{out_dir}[/]")
 
 

@@ -1,4 +1,4 @@
-"""`edgecp bench` end to end on a short sequence (a random evaluator stands in for the shipped one)."""
+"""`edgecp bench` end to end on a short sequence, with the evaluation encoder shipped beside the tiny base."""
 
 import math
 
@@ -9,12 +9,8 @@ from edgecp.eval.bench import BenchConfig, run_bench
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
-    from edgecp.world.evaluator import build_evaluator, save_evaluator
-
-    folder = tmp_path_factory.mktemp("ev") / "evaluator"
-    save_evaluator(build_evaluator(seed=0), folder)
-    return folder
+def evaluator():
+    return "tiny"
 
 
 def _cfg(evaluator, **kw):

@@ -221,8 +221,6 @@ def _nan_list(a: np.ndarray) -> list:
 
 TABLE_COLUMNS = ["N_param_Train", "N_param_Store", "KID", "A_MMD", "BwT_MMD", "CLIP_I2I", "F_MMD",
                  "avg_score", "avg_forgetting", "DC_accuracy"]
-# the paper's reporting scale (Table 1 headers); the raw numbers are in results.json
-PAPER_SCALE = {"KID": 1e5, "A_MMD": 1e3, "CLIP_I2I": 100.0}
 
 
 def _summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
@@ -237,13 +235,19 @@ def _summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
 def _fmt(stat: dict | None, key: str) -> str:
     if stat is None or stat["mean"] is None:
         return "-"
-    s = PAPER_SCALE.get(key, 1.0)
-    return f"{stat['mean'] * s:.3f}" + (f" ± {stat['std'] * s:.3f}" if stat["std"] else "")
+    s = _scale(key)
+    # 4 significant digits: BwT_MMD and F_MMD are raw (no factor in the paper) and often of order 1e-3
+    return f"{stat['mean'] * s:.4g}" + (f" ± {stat['std'] * s:.2g}" if stat["std"] else "")
+
+
+def _scale(key: str) -> float:
+    """Paper 000's table factor (metrics.PAPER_SCALE; the raw numbers are in results.json)."""
+    return metrics.PAPER_SCALE.get(key.lower(), 1.0)
 
 
 def table_markdown(result: dict) -> str:
     cols = TABLE_COLUMNS
-    head = ["method"] + [f"{c} (x{PAPER_SCALE[c]:g})" if c in PAPER_SCALE else c for c in cols]
+    head = ["method"] + [f"{c} (x{_scale(c):g})" if _scale(c) != 1.0 else c for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, stats in result["summary"].items():
         lines.append("| " + " | ".join([method] + [_fmt(stats[c], c) for c in cols]) + " |")

@@ -1,20 +1,20 @@
 """The embedded tiny model: the Stable Diffusion architecture at a size a CPU trains in seconds.
 
 Same classes as SD 1.x (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIPTextModel with the real
-49,408-token CLIP BPE tokenizer, the SD noise schedule), built from a seed without any network and written once
-to ``$EDGECP_HOME/models/tiny-v1`` as a diffusers folder, so that it loads like any real base.
+49,408-token CLIP BPE tokenizer, the SD noise schedule). ``build_tiny_components`` makes the architecture from a
+seed (random weights); ``tools/train_tiny_world.py`` pretrains it on the procedural tiny world and writes the
+diffusers folder that ships in the package (``edgecp/model/assets/tiny-world``), which is ``--base tiny``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from edgecp.paths import edgecp_home
+from edgecp.errors import EdgecpError
 
-TINY_NAME = "tiny-v1"
+TINY_NAME = "tiny-world"
 TINY_SEED = 0
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples by 4, the UNet sees 16x16x4 latents
 
@@ -33,7 +33,8 @@ SD_SCHEDULER_CONFIG = dict(
 
 
 def tiny_path() -> Path:
-    return edgecp_home() / "models" / TINY_NAME
+    """The shipped, pretrained tiny base (a diffusers folder with the tiny-world evaluator beside it)."""
+    return Path(__file__).resolve().parent / "assets" / TINY_NAME
 
 
 def build_tiny_components(seed: int = TINY_SEED) -> dict:
@@ -94,27 +95,11 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict:
 
 
 def ensure_tiny_model() -> Path:
-    """Return the tiny model's diffusers folder, writing it first if it does not exist (atomic rename)."""
+    """Return the shipped tiny base's diffusers folder; a clear error if the package was installed without it."""
     path = tiny_path()
-    if (path / "model_index.json").exists():
-        return path
-    from diffusers import StableDiffusionPipeline
-
-    from edgecp.model.base import quiet_hf
-
-    quiet_hf()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=path.parent))
-    try:
-        pipe = StableDiffusionPipeline(
-            **build_tiny_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    if not (path / "model_index.json").exists() or not (path / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        raise EdgecpError(
+            f"the embedded tiny base is missing at {path}; reinstall edgecp with its package data "
+            "or rebuild it with `python tools/train_tiny_world.py --seed 0`"
         )
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process won the race: theirs is identical
-            if not (path / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
