@@ -312,14 +312,12 @@ def bench(
     """
     import dataclasses
 
+    from edgecp.eval.bench import parse_methods, run_bench, table_markdown
     from edgecp.eval.bench import preset as get_preset
-    from edgecp.eval.bench import run_bench, table_markdown
-    from edgecp.methods import method_names
 
     cfg = get_preset(preset)
     overrides = {
-        "methods": tuple(method_names()) if methods == "all" else
-                   tuple(m.strip() for m in methods.split(",")) if methods else None,
+        "methods": parse_methods(methods) if methods else None,
         "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
         "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
         "base": base, "features": features,

@@ -5,7 +5,7 @@ import math
 import pytest
 from cli_util import assert_one_line_error, run_cli
 
-from edgecp.eval.bench import BenchConfig, run_bench
+from edgecp.eval.bench import BenchConfig, parse_methods, run_bench
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,10 @@ def test_bench_errors_name_the_fix(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--features", str(tmp_path / "missing"), "--out", tmp_path / "y",
                            "--tasks", "1")
     assert_one_line_error(code, err, "--features tiny")
+
+
+def test_methods_all_names_every_registered_method():
+    from edgecp.methods import method_names
+
+    assert parse_methods("all") == tuple(method_names()) and len(parse_methods("all")) >= 18
+    assert parse_methods(" lora-sequential, c-lora ,") == ("lora-sequential", "c-lora")

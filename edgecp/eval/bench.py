@@ -71,6 +71,15 @@ def preset(name: str) -> BenchConfig:
     return cfg
 
 
+def parse_methods(spec: str) -> tuple[str, ...]:
+    """`--methods`: 'all' (every registered method) or comma-separated names."""
+    from edgecp.methods import method_names
+
+    if spec.strip() == "all":
+        return tuple(method_names())
+    return tuple(m.strip() for m in spec.split(",") if m.strip())
+
+
 def load_sequence(cfg: BenchConfig):
     from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
 
