@@ -245,8 +245,14 @@ def _fmt(stat: dict | None, key: str) -> str:
     if stat is None or stat["mean"] is None:
         return "-"
     s = _scale(key)
-    # 4 significant digits: BwT_MMD and F_MMD are raw (no factor in the paper) and often of order 1e-3
-    return f"{stat['mean'] * s:.4g}" + (f" ± {stat['std'] * s:.2g}" if stat["std"] else "")
+    return _num(stat["mean"] * s, 4) + (f" ± {_num(stat['std'] * s, 2)}" if stat["std"] else "")
+
+
+def _num(x: float, digits: int) -> str:
+    """Fixed decimals from 1 up, significant digits below: raw BwT_MMD and F_MMD are often of order 1e-4."""
+    if abs(x) >= 1:
+        return f"{x:.2f}" if digits > 2 else f"{x:.1f}"
+    return f"{x:.{digits}g}"
 
 
 def _scale(key: str) -> float:
