@@ -8,21 +8,16 @@ from cli_util import assert_one_line_error, run_cli
 from edgecp.eval.bench import BenchConfig, parse_methods, run_bench
 
 
-@pytest.fixture(scope="module")
-def evaluator():
-    return "tiny"
-
-
-def _cfg(evaluator, **kw):
+def _cfg(**kw):  # features: BenchConfig's default, "tiny" (the shipped evaluator)
     return BenchConfig(**{"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2, "n_train": 2,
-                          "n_target": 3, "n_gen": 2, "gen_steps": 2, "dc_trials": 1, "features": str(evaluator),
+                          "n_target": 3, "n_gen": 2, "gen_steps": 2, "dc_trials": 1,
                           "prior": {"num_images": 2, "steps": 2}, **kw})
 
 
 @pytest.fixture(scope="module")
-def bench_run(evaluator, tmp_path_factory):
+def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "b"
-    return run_bench(_cfg(evaluator), out), out
+    return run_bench(_cfg(), out), out
 
 
 def test_bench_fills_the_matrices_and_writes_every_output(bench_run):
@@ -44,9 +39,9 @@ def test_bench_fills_the_matrices_and_writes_every_output(bench_run):
     assert len(rows) == 3 and rows[0].startswith("method,seed,N_param_Train")
 
 
-def test_bench_is_reproducible_from_its_seed(bench_run, tmp_path, evaluator):
+def test_bench_is_reproducible_from_its_seed(bench_run, tmp_path):
     a = bench_run[0]["runs"][0]
-    b = run_bench(_cfg(evaluator, methods=("lora-sequential",)), tmp_path / "again")["runs"][0]
+    b = run_bench(_cfg(methods=("lora-sequential",)), tmp_path / "again")["runs"][0]
     assert a["method"] == b["method"] == "lora-sequential"
     assert a["matrices"] == b["matrices"] and a["metrics"] == b["metrics"]
 

@@ -245,14 +245,12 @@ def _fmt(stat: dict | None, key: str) -> str:
     if stat is None or stat["mean"] is None:
         return "-"
     s = _scale(key)
-    return _num(stat["mean"] * s, 4) + (f" ± {_num(stat['std'] * s, 2)}" if stat["std"] else "")
+    return _num(stat["mean"] * s, 2, 4) + (f" ± {_num(stat['std'] * s, 1, 2)}" if stat["std"] else "")
 
 
-def _num(x: float, digits: int) -> str:
+def _num(x: float, decimals: int, significant: int) -> str:
     """Fixed decimals from 1 up, significant digits below: raw BwT_MMD and F_MMD are often of order 1e-4."""
-    if abs(x) >= 1:
-        return f"{x:.2f}" if digits > 2 else f"{x:.1f}"
-    return f"{x:.{digits}g}"
+    return f"{x:.{decimals}f}" if abs(x) >= 1 else f"{x:.{significant}g}"
 
 
 def _scale(key: str) -> float:
