@@ -23,9 +23,14 @@ def init_store(
     train: dict | None = None,
     prior: dict | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
+    memory_budget: str | int | None = None,
 ) -> Store:
-    """Create a store on `base` ('tiny', a diffusers folder, a .safetensors file or a hub id)."""
+    """Create a store on `base` ('tiny', a diffusers folder, a .safetensors file or a hub id).
+
+    `memory_budget` ('6GB') becomes the default budget of add-concept and generate for this store.
+    """
     from edgecp.model.base import base_sha256, resolve_base
+    from edgecp.planner import parse_bytes
 
     if "{}" not in prompt_template:
         raise EdgecpError(f"prompt template '{prompt_template}' has no '{{}}' where the concept goes: e.g. 'a photo of a {{}}'")
@@ -37,6 +42,7 @@ def init_store(
     defaults = {**(TINY_TRAIN if tiny else {}), **type(m).train_defaults(tiny)}
     train_cfg = replace(TrainConfig(**defaults), **(train or {}))
     prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
+    budget = parse_bytes(memory_budget)
     spec = resolve_base(base)
     info = {
         "base": {**spec.to_json(), "sha256": base_sha256(spec)},
@@ -45,8 +51,23 @@ def init_store(
         "train": to_dict(train_cfg),
         "prior": to_dict(prior_cfg),
         "prompt_template": prompt_template,
+        **({"memory_budget": budget} if budget else {}),
     }
     return Store.create(root, info)
+
+
+def plan_store(root: str | Path, memory_budget: str | int | None = None, overrides: dict | None = None,
+               device: str | None = None, n_images: int = 4, force: dict | None = None):
+    """The plan `add-concept` would run on this store now (no model loaded, nothing written)."""
+    import torch
+
+    from edgecp.personal import default_device, open_base
+    from edgecp.train import plan_add_concept
+
+    store = Store.open(root)
+    train_cfg = replace(from_dict(TrainConfig, store.info["train"], "train"), **(overrides or {}))
+    dev = torch.device(device) if device else default_device()
+    return plan_add_concept(store, open_base(store), train_cfg, dev, memory_budget, n_images, force)
 
 
 def _build(method: str, params: dict | None, adapter: dict | None):

@@ -36,6 +36,11 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="The store folder (made by `edgecp init`).")]
+PlanOpt = Annotated[Optional[list[str]], typer.Option(
+    "--plan", help="Pin a plan setting key=value (weights=int8|bf16|fp32, gradient_checkpointing=true, micro_batch=1, "
+    "dc_chunk=2); the planner chooses the rest.")]
+BudgetOpt = Annotated[Optional[str], typer.Option(
+    "--memory-budget", help="Peak memory to stay within, e.g. 6GB (GPU memory on CUDA, resident memory on the CPU).")]
 
 
 def _parse_kv(items: list[str] | None, flag: str) -> dict:
@@ -85,6 +90,7 @@ def init(
     train: Annotated[Optional[list[str]], typer.Option("--train", help="Training default key=value (steps, lr, grad_accum, ...).")] = None,
     prior_prompt: Annotated[Optional[str], typer.Option(help="The prior prompt c_0 for prior preservation.")] = None,
     prior_images: Annotated[Optional[int], typer.Option(help="How many prior images the base generates once.")] = None,
+    memory_budget: BudgetOpt = None,
 ) -> None:
     """Create a store: one personal model on one base.
 
@@ -100,7 +106,8 @@ def init(
     if targets:
         adapter_d["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
     prior = {k: v for k, v in (("prompt", prior_prompt), ("num_images", prior_images)) if v is not None}
-    s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior)
+    s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior,
+                   memory_budget=memory_budget)
     out.print(f"created store [bold]{s.root}[/] on base '{s.info['base']['locator']}' "
               f"(sha256 {s.info['base']['sha256'][:12]}), method {s.info['method']['name']}")
 
@@ -133,22 +140,57 @@ def add_concept_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     purge_source: Annotated[bool, typer.Option("--purge-source/--keep-source", help="Delete the given image files after the commit.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when present).")] = None,
+    memory_budget: BudgetOpt = None,
+    plan_pin: PlanOpt = None,
 ) -> None:
     """Learn a new concept from a few photos and commit it as a new version.
 
     Examples:
       edgecp add-concept my-dog photos/dog/ --store my-model --class-word dog
-      edgecp add-concept my-mug a.jpg b.jpg --store my-model --purge-source
+      edgecp add-concept my-mug a.jpg b.jpg --store my-model --purge-source --memory-budget 6GB
     """
     from edgecp.train import add_concept
 
     overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("seed", seed)) if v is not None}
     with progress_bars() as bar:
         m = add_concept(store, name, images, class_word=class_word, overrides=overrides,
-                        purge_source=purge_source, device=device, progress=_train_progress(bar))
+                        purge_source=purge_source, device=device, progress=_train_progress(bar),
+                        memory_budget=memory_budget, plan_force=_parse_kv(plan_pin, "--plan") or None, on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
     c = m["concepts"][-1]
     out.print(f"learned [bold]<{c['name']}>[/] from {len(c['images'])} image(s) in {c['seconds']['total']:.1f}s "
               f"-> version {m['version']}; staged copies purged" + ("; source files deleted" if purge_source else ""))
+
+
+@app.command()
+def plan(
+    store: StoreOpt,
+    memory_budget: BudgetOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when present).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: the store's).")] = None,
+    images: Annotated[int, typer.Option(help="How many photos the concept will have.")] = 4,
+    plan_pin: PlanOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what add-concept will do within a memory budget, and its predicted peak per phase (loads no model).
+
+    Examples:
+      edgecp plan --store my-model --memory-budget 6GB
+      edgecp plan --store my-model --memory-budget 3GB --resolution 512 --device cuda
+    """
+    from edgecp.api import plan_store
+    from edgecp.planner import fmt_bytes
+
+    p = plan_store(store, memory_budget, {"resolution": resolution}, device, images, _parse_kv(plan_pin, "--plan") or None)
+    if as_json:
+        out.print_json(json.dumps(p.to_json()))
+        return
+    out.print(p.line(), markup=False, highlight=False, soft_wrap=True)
+    t = Table(title="predicted peak per phase")
+    t.add_column("phase")
+    t.add_column("peak", justify="right")
+    for phase, peak in p.predicted.items():
+        t.add_row(phase, fmt_bytes(peak))
+    out.print(t)
 
 
 @app.command()
@@ -186,6 +228,7 @@ def generate(
     backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
     onnx_dir: Annotated[Optional[Path], typer.Option(help="An ONNX export folder (default: the store's newest export).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch backend: cuda or cpu.")] = None,
+    memory_budget: BudgetOpt = None,
 ) -> None:
     """Generate images, with PyTorch or with onnxruntime on an export.
 
@@ -205,7 +248,9 @@ def generate(
         if backend == "torch":
             from edgecp.generate import generate_from_store
 
-            paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb)
+            paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
+                                        memory_budget=memory_budget,
+                                        on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
         else:
             from edgecp.generate import find_export, generate_from_onnx
 

@@ -5,6 +5,7 @@ Both backends start from the same numpy-drawn latents for a seed, so their image
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -37,12 +38,17 @@ class GenerateConfig:
             raise EdgecpError(f"--size {self.size} must be a positive multiple of 8 (e.g. 512)")
 
 
-def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: StepCallback | None = None) -> list:
-    """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline."""
+def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: StepCallback | None = None,
+                   plan=None) -> list:
+    """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline.
+
+    Under a memory `plan` (see edgecp/planner.py): its autocast, `plan.micro_batch` images per call, VAE slicing.
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
     from edgecp.export.ort_runner import initial_latents
+    from edgecp.methods.phases import autocast_for
 
     size = cfg.size or comps.resolution
     if size % comps.vae_scale:
@@ -56,21 +62,25 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     latents = torch.from_numpy(
         initial_latents(cfg.seed, cfg.n, comps.unet.config.in_channels, lat, lat)
     ) * comps.scheduler.init_noise_sigma
-    total = cfg.steps * math.ceil(cfg.n / cfg.batch_size)
+    per_call = plan.micro_batch if plan is not None else cfg.batch_size
+    if plan is not None and plan.vae_slicing:
+        comps.vae.enable_slicing()
+    total = cfg.steps * math.ceil(cfg.n / per_call)
     images, done = [], 0
-    for start in range(0, cfg.n, cfg.batch_size):
-        chunk = latents[start : start + cfg.batch_size]
+    for start in range(0, cfg.n, per_call):
+        chunk = latents[start : start + per_call]
 
         def on_step(_pipe, i, _t, kwargs, _base=done):
             if callback:
                 callback(_base + i + 1, total)
             return kwargs
 
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(plan, torch.device(device).type) if plan else contextlib.nullcontext():
             out = pipe(
                 [prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk), height=size, width=size,
                 num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                latents=chunk.to(device, comps.unet.dtype), callback_on_step_end=on_step,
+                latents=chunk.to(device, comps.unet.dtype if plan is None else torch.float32),
+                callback_on_step_end=on_step,
             )
         images += out.images
         done += cfg.steps
@@ -107,20 +117,41 @@ def save_images(images: list, out_dir: Path, stem: str) -> list[Path]:
     return paths + [g]
 
 
+def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
+    """The memory plan of `generate` on this store (no model loaded)."""
+    from edgecp.memory import device_info
+    from edgecp.model.shape import base_shape
+    from edgecp.personal import open_base
+    from edgecp.planner import parse_bytes, plan_generation
+
+    shape = base_shape(open_base(store))
+    size = cfg.size or shape.unet.sample_size * shape.vae_scale
+    budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
+    return plan_generation(shape, size, cfg.n, device_info(device), budget)
+
+
 def generate_from_store(
     store_root: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path,
-    device: str | None = None, callback: StepCallback | None = None,
+    device: str | None = None, callback: StepCallback | None = None, memory_budget=None, on_plan=None,
 ) -> list[Path]:
-    """PyTorch backend: the store's current version; files are named after prompt, version and seed."""
+    """PyTorch backend: the store's current version; files are named after prompt, version and seed.
+
+    The memory planner picks the precision and images per call within `memory_budget` (default: the store's, else
+    the device's memory); `on_plan` receives the plan.
+    """
     import torch
 
-    from edgecp.personal import PersonalModel
+    from edgecp.personal import PersonalModel, default_device
     from edgecp.store import Store
 
     store = Store.open(store_root)
     expanded = expand(prompt, store.concepts())
-    model = PersonalModel.load(store, device=torch.device(device) if device else None)
-    images = torch_generate(model.comps, expanded, cfg, model.device, callback)
+    dev = torch.device(device) if device else default_device()
+    plan = plan_generate(store, cfg, dev, memory_budget)
+    if on_plan:
+        on_plan(plan)
+    model = PersonalModel.load(store, device=dev, plan=plan)
+    images = torch_generate(model.comps, expanded, cfg, model.device, callback, plan)
     return save_images(images, Path(out_dir), f"{slug(prompt)}-{store.head}-s{cfg.seed}")
 
 

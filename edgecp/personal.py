@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgecp.adapters import lora
-from edgecp.config import AdapterConfig, from_dict
+from edgecp.config import AdapterConfig, from_dict, replace
 from edgecp.errors import EdgecpError
 from edgecp.model.base import BaseSpec, Components, base_sha256, load_components, resolve_base
 from edgecp.model.tokens import load_concept_tokens
@@ -49,10 +49,22 @@ class PersonalModel:
     adapter: AdapterConfig
     device: torch.device
 
+    plan: object = None  # the memory plan it was loaded under (None: full precision)
+
     @classmethod
-    def load(cls, store: Store, version: str | None = None, device: torch.device | None = None) -> PersonalModel:
+    def load(cls, store: Store, version: str | None = None, device: torch.device | None = None,
+             plan=None) -> PersonalModel:
+        """The version's model. With a memory `plan` the frozen base is held as the plan says (16-bit or 8-bit,
+        the adapted layers fp32, the adapter unmerged and fp32); without one, in full precision (export, merges)."""
         device = device or default_device()
-        comps = load_components(open_base(store))
+        spec = open_base(store)
+        if plan is None:
+            comps = load_components(spec)
+        else:
+            from edgecp.model.quant import load_planned
+
+            keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
+            comps = load_planned(spec, replace(plan.precision, keep=keep), device.type)
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
@@ -64,7 +76,7 @@ class PersonalModel:
             lora.load_adapter_state(comps.unet, state)
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)
-        return cls(comps, concepts, adapter, device)
+        return cls(comps, concepts, adapter, device, plan)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -23,14 +23,19 @@ def prior_key(base_sha: str, cfg: PriorConfig, resolution: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def ensure_priors(store: Store, comps, cfg: PriorConfig, resolution: int, device, callback=None) -> list[Path]:
-    """The cached prior images, generating them with the (clean) base model if missing. Call inside writer()."""
+def ensure_priors(store: Store, comps, cfg: PriorConfig, resolution: int, device, callback=None, plan=None) -> list[Path]:
+    """The cached prior images, generating them with the (clean) base model if missing. Call inside writer().
+
+    Under a memory `plan` the base samples in the plan's precision, `plan.micro_batch` images per call; the cache
+    key does not include the precision (the images are a training-time prior either way).
+    """
     key = prior_key(store.info["base"]["sha256"], cfg, resolution)
     d = store.prior_dir(key)
     if (d / "done.json").exists():
         return sorted(d.glob("*.png"))
     gcfg = GenerateConfig(n=cfg.num_images, seed=1234, steps=cfg.steps, guidance=cfg.guidance, size=resolution)
-    images = torch_generate(comps, cfg.prompt, gcfg, device, callback)
+    comps.vae.enable_slicing()  # decode one image at a time (same images, a quarter of the decoder's peak)
+    images = torch_generate(comps, cfg.prompt, gcfg, device, callback, plan)
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=d.parent))
     try:

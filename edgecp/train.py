@@ -21,9 +21,12 @@ from edgecp.config import (
 )
 from edgecp.errors import EdgecpError
 from edgecp.images import load_square, validate_images
+from edgecp.memory import PeakMeter, device_info, is_oom, release_memory, training_workload
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
-from edgecp.model.base import load_components
+from edgecp.methods.phases import autocast, checkpointing, concept_texts
+from edgecp.model.quant import load_planned
+from edgecp.model.shape import base_shape
 from edgecp.model.tokens import (
     add_concept_token,
     concept_embedding,
@@ -32,14 +35,15 @@ from edgecp.model.tokens import (
     word_embedding,
 )
 from edgecp.personal import TOKENS_FILE, default_device, encode_text, open_base, read_tensors
-from edgecp.priors import ensure_priors
+from edgecp.planner import GB, Plan, fmt_bytes, parse_bytes, plan_training
+from edgecp.priors import ensure_priors, prior_key
 from edgecp.prompts import concept_prompt
 from edgecp.store import Store, sha256_file
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    phase: str  # priors | encode | train | consolidate | commit
+    phase: str  # load | priors | encode | train | fisher | dsc | consolidate | commit
     step: int
     total: int
     loss: float | None = None
@@ -53,21 +57,37 @@ def _emit(progress: Progress | None, phase: str, step: int, total: int, loss: fl
         progress(ProgressEvent(phase, step, total, loss))
 
 
+ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows; SD's encoder at 512 px
+# holds about 0.5 GB of activations per row, and encoding is once per task, so one at a time costs nothing that counts)
+
+
 @torch.no_grad()
-def encode_images(comps, paths: list[Path], size: int, device, flip: bool) -> LatentSet:
-    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`)."""
-    px = torch.stack([load_square(p, size) for p in paths])
-    if flip:
-        px = torch.cat([px, px.flip(-1)])
-    dist = comps.vae.encode(px.to(device, comps.vae.dtype)).latent_dist
-    return LatentSet(dist.mean.float(), dist.std.float(), float(comps.vae.config.scaling_factor))
+def encode_images(comps, paths: list[Path], size: int, device, flip: bool, chunk: int = ENCODE_CHUNK) -> LatentSet:
+    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`), `chunk` images per call."""
+    means, stds = [], []
+    for i in range(0, len(paths), chunk):
+        px = torch.stack([load_square(p, size) for p in paths[i:i + chunk]])
+        if flip:
+            px = torch.cat([px, px.flip(-1)])
+        dist = comps.vae.encode(px.to(device, comps.vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    if flip:  # the order of one call: every image, then every mirror image
+        means = [m[: len(m) // 2] for m in means] + [m[len(m) // 2:] for m in means]
+        stds = [s[: len(s) // 2] for s in stds] + [s[len(s) // 2:] for s in stds]
+    return LatentSet(torch.cat(means), torch.cat(stds), float(comps.vae.config.scaling_factor))
 
 
-def denoise_loss(unet, scheduler, latents, text, generator) -> torch.Tensor:
-    """Per-row epsilon-prediction MSE (B,) at a random timestep per row (the standard LDM objective)."""
-    b = latents.shape[0]
+def draw_noise(latents: torch.Tensor, scheduler, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, t) for every row: eps ~ N(0, I), t ~ U{0..T-1}, in this order from `generator`."""
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    return noise, t.to(latents.device)
+
+
+def denoise_loss(unet, scheduler, latents, text, generator, noise_t=None) -> torch.Tensor:
+    """Per-row epsilon-prediction MSE (B,) at a random timestep per row (the standard LDM objective)."""
+    noise, t = noise_t if noise_t is not None else draw_noise(latents, scheduler, generator)
     noisy = scheduler.add_noise(latents, noise, t)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     pred = unet(noisy, t, text).sample
@@ -84,10 +104,16 @@ def add_concept(
     purge_source: bool = False,
     device: str | None = None,
     progress: Progress | None = None,
+    memory_budget: int | str | None = None,
+    plan_force: dict | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> dict:
     """Learn concept `name` from `images`, commit it as a new version, purge the staged copies. Returns the manifest.
 
-    Every input is validated before anything is written; on any failure the store is exactly as before.
+    The memory planner picks how to run within `memory_budget` (bytes or '6GB'; default: the store's, else the
+    device's memory) before anything is written; `on_plan` receives the plan. `plan_force` pins plan fields
+    (e.g. {"weights": "int8"}). Every input is validated before anything is written; on any failure, an
+    out-of-memory error included, the store is exactly as before and the staged images are purged.
     """
     name = check_concept_name(name)
     store = Store.open(store_root)
@@ -101,10 +127,18 @@ def add_concept(
                 f"concept '{name}' already exists in '{store.root}': choose another name (see `edgecp concepts`)"
             )
         spec = open_base(store)
+        dev = torch.device(device) if device else default_device()
+        plan = plan_add_concept(store, spec, train_cfg, dev, memory_budget, len(paths), plan_force)
+        if on_plan:
+            on_plan(plan)
         staged = store.stage(paths)
         try:
-            manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, class_word, train_cfg,
-                              torch.device(device) if device else default_device(), progress)
+            manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, class_word, train_cfg, dev, progress,
+                              plan)
+        except Exception as e:
+            if is_oom(e):
+                raise EdgecpError(_oom_message(e, plan, dev)) from e
+            raise
         finally:
             store.purge_staging(staged)
     if purge_source:
@@ -113,16 +147,62 @@ def add_concept(
     return manifest
 
 
-def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, device, progress) -> dict:
+def _store_method(store):
+    info = store.info["method"]
+    return build_method(info["name"], info["params"], from_dict(AdapterConfig, store.info["adapter"], "adapter"))
+
+
+def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, memory_budget=None,
+                     n_images: int = 4, force: dict | None = None) -> Plan:
+    """The memory plan add-concept will run (no model loaded): `edgecp plan` shows the same."""
+    method = _store_method(store)
+    shape = base_shape(spec, method.keep_full_precision())
+    resolution = train_cfg.resolution or shape.unet.sample_size * shape.vae_scale
+    prior_cfg = from_dict(PriorConfig, store.info["prior"], "prior")
+    cached = (store.prior_dir(prior_key(store.info["base"]["sha256"], prior_cfg, resolution)) / "done.json").exists()
+    work = training_workload(method, shape, train_cfg, resolution, len(store.concepts()), n_images,
+                             0 if cached else prior_cfg.num_images, prior_cfg.steps)
+    if not train_cfg.gradient_checkpointing:
+        force = {**(force or {}), "gradient_checkpointing": False}
+    budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
+    return plan_training(shape, work, device_info(device), budget, force)
+
+
+def _oom_message(e: BaseException, plan: Plan, device: torch.device) -> str:
+    free = device_info(device).total
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    suggest = min(0.8 * plan.peak, 0.9 * free) / GB
+    return (f"ran out of {device.type} memory while learning ({type(e).__name__}; the plan predicted "
+            f"{fmt_bytes(plan.peak)}): the store is unchanged and the staged images were purged; "
+            f"retry with --memory-budget {suggest:.1f}GB, or free memory held by other programs")
+
+
+def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, device, progress, plan: Plan) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    comps = load_components(spec)
-    for m in (comps.text_encoder, comps.vae, comps.unet):
-        m.to(device)
+    method = _store_method(store)
+    with PeakMeter(device) as meter:
+        def emit(phase, i, n, loss=None):
+            meter.enter(phase)
+            _emit(progress, phase, i, n, loss)
+
+        emit("load", 0, 1)
+        precision = replace(plan.precision, keep=method.keep_full_precision())
+        comps = load_planned(spec, precision, device.type)
+        for m in (comps.text_encoder, comps.vae, comps.unet):
+            m.to(device)
+        emit("load", 1, 1)
+        manifest = _learn_loaded(store, comps, method, name, staged, sources, class_word, cfg, device, emit, plan,
+                                 meter, t_start)
+    return manifest
+
+
+def _learn_loaded(store, comps, method, name, staged, sources, class_word, cfg, device, emit, plan, meter,
+                  t_start) -> dict:
     size = cfg.resolution or comps.resolution
     prior_cfg = from_dict(PriorConfig, store.info["prior"], "prior")
-    prior_paths = ensure_priors(store, comps, prior_cfg, size, device,
-                                lambda i, n: _emit(progress, "priors", i, n))
+    prior_paths = ensure_priors(store, comps, prior_cfg, size, device, lambda i, n: emit("priors", i, n), plan)
 
     head = store.manifest()
     previous = head["concepts"]
@@ -133,7 +213,6 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
     token_row = concept_embedding(comps.text_encoder).rows[-1]
 
     method_info = store.info["method"]
-    method = build_method(method_info["name"], method_info["params"], from_dict(AdapterConfig, store.info["adapter"], "adapter"))
     from diffusers import DDPMScheduler
 
     ctx = TaskContext(
@@ -141,20 +220,27 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
         prompt=concept_prompt(store.info["prompt_template"], token, class_word), prior_prompt=prior_cfg.prompt,
         previous=previous, prev_dir=store.version_dir(), train=cfg, comps=comps, device=device,
         noise_scheduler=DDPMScheduler.from_config(comps.scheduler.config),
-        token_row=token_row if cfg.token_lr > 0 else None,
+        token_row=token_row if cfg.token_lr > 0 else None, plan=plan,
     )
-    _emit(progress, "encode", 0, 1)
+    emit("encode", 0, 1)
     ctx.instance = encode_images(comps, staged, size, device, flip=True)
     ctx.prior = encode_images(comps, prior_paths, size, device, flip=False)
-    _emit(progress, "encode", 1, 1)
+    if plan.offload:  # the latents are cached: the VAE is not needed again in this task
+        comps.vae = None
+        release_memory(device)
+    emit("encode", 1, 1)
 
     method.prepare(ctx)
     n_train = method.n_trainable(ctx)
-    losses = _train_loop(ctx, method, progress)
+    losses = _train_loop(ctx, method, emit)
     t_train = time.perf_counter() - t_start
-    method.consolidate(ctx, lambda phase, i, n, loss=None: _emit(progress, phase, i, n, loss))
+    if plan.offload:  # consolidation needs only the concepts' embeddings: cache them, drop the text encoder
+        concept_texts(ctx)
+        comps.text_encoder = None  # the token row lives on in ctx.token_row
+        release_memory(device)
+    method.consolidate(ctx, lambda phase, i, n, loss=None: emit(phase, i, n, loss))
 
-    _emit(progress, "commit", 0, 1)
+    emit("commit", 0, 1)
     tensors = method.files(ctx)
     n_store = sum(t.numel() for f in tensors.values() for t in f.values())
     files = {fname: _safetensors_bytes(t) for fname, t in tensors.items()}
@@ -171,6 +257,9 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
             k: round(v, 4) for k, v in (("train", ctx.extra["train_seconds"] / cfg.steps),
                                         ("fisher", ctx.extra.get("fisher_seconds_per_iter")),
                                         ("dsc", ctx.extra.get("dsc_seconds_per_iter"))) if v is not None},
+        "memory": {"plan": plan.to_json(), "predicted_peak": plan.peak, "measured_peak": meter.peak,
+                   "measured_phases": dict(meter.phases), "device": device.type,
+                   "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS"},
     }
     unet_params = sum(p.numel() for n, p in comps.unet.named_parameters() if "lora_" not in n and "vera_" not in n)
     manifest = {
@@ -182,17 +271,23 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
         **method.manifest_extra(ctx),
     }
     version = store.commit(files, manifest)
-    _emit(progress, "commit", 1, 1)
+    emit("commit", 1, 1)
     return store.manifest(version)
 
 
 class Trainer:
-    """One training iteration = grad_accum micro-batches of (instance + prior) rows in one UNet call, then a step."""
+    """One training iteration = grad_accum batches of (instance + prior) rows, then an optimizer step.
+
+    A memory plan may split each batch of B images into micro-batches of m: the B instance and B prior latents, their
+    noise and timesteps are drawn exactly as for one call, then the UNet runs on m + m rows at a time and the
+    gradients add up (each call's loss is weighted by its share of the rows), so the step is the same.
+    """
 
     def __init__(self, ctx: TaskContext, method):
         comps, cfg = ctx.comps, ctx.train
         self.ctx, self.method = ctx, method
-        if cfg.gradient_checkpointing:
+        self.micro = ctx.plan.micro_batch if ctx.plan is not None else cfg.batch_size
+        if checkpointing(ctx):
             comps.unet.enable_gradient_checkpointing()
             if ctx.token_row is not None:
                 te = comps.text_encoder
@@ -201,27 +296,34 @@ class Trainer:
         comps.text_encoder.train(ctx.token_row is not None)
         self.opt = torch.optim.AdamW(method.param_groups(ctx), weight_decay=1e-2)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.index)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(ctx):
             self.prior_text = encode_text(comps, [ctx.prior_prompt], ctx.device)
 
     def step(self) -> float:
         ctx, cfg, gen = self.ctx, self.ctx.train, self.gen
         total = 0.0
+        b, m = cfg.batch_size, self.micro
         for _ in range(cfg.grad_accum):
-            b = cfg.batch_size
             inst = ctx.instance.draw(torch.randint(len(ctx.instance), (b,), generator=gen), gen)
             prior = ctx.prior.draw(torch.randint(len(ctx.prior), (b,), generator=gen), gen)
-            text_n = encode_text(ctx.comps, [ctx.prompt], ctx.device)
-            if ctx.token_row is None:
-                text_n = text_n.detach()
-            text = torch.cat([text_n.expand(b, -1, -1), self.prior_text.expand(b, -1, -1)])
-            per_row = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, torch.cat([inst, prior]), text, gen)
-            loss = per_row[:b].mean() + cfg.prior_weight * per_row[b:].mean()
-            pen = self.method.penalty(ctx)
-            if pen is not None:
-                loss = loss + pen
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            latents = torch.cat([inst, prior])  # (2B, C, h, w)
+            noise, t = draw_noise(latents, ctx.noise_scheduler, gen)
+            for start in range(0, b, m):
+                rows = torch.cat([torch.arange(start, start + m), torch.arange(b + start, b + start + m)])
+                with autocast(ctx):
+                    text_n = encode_text(ctx.comps, [ctx.prompt], ctx.device)
+                    if ctx.token_row is None:
+                        text_n = text_n.detach()
+                    text = torch.cat([text_n.expand(m, -1, -1), self.prior_text.expand(m, -1, -1)])
+                    per_row = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, latents[rows], text, gen,
+                                           (noise[rows], t[rows]))
+                loss = (per_row[:m].sum() + cfg.prior_weight * per_row[m:].sum()) / b
+                if start == 0:
+                    pen = self.method.penalty(ctx)
+                    if pen is not None:
+                        loss = loss + pen
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return total
@@ -233,14 +335,14 @@ class Trainer:
         comps.unet.disable_gradient_checkpointing()
 
 
-def _train_loop(ctx: TaskContext, method, progress) -> list[float]:
+def _train_loop(ctx: TaskContext, method, emit) -> list[float]:
     trainer = Trainer(ctx, method)
     losses = []
     t0 = time.perf_counter()
     for step in range(ctx.train.steps):
         loss = trainer.step()
         losses.append(round(loss, 6))
-        _emit(progress, "train", step + 1, ctx.train.steps, loss)
+        emit("train", step + 1, ctx.train.steps, loss)
     ctx.extra["train_seconds"] = time.perf_counter() - t0
     trainer.close()
     return losses

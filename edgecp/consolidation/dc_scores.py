@@ -5,6 +5,11 @@ For latents x0 (B images) and a concept subset S (k text embeddings):
   2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps;
   3. ONE batched UNet call on B*k rows (x_t repeated, the k cached text embeddings tiled);
   4. e[b, i] = mean((eps - eps_hat[b, i])^2);  p[b, :] = softmax(-e[b, :] / tau).
+
+When the B*k rows do not fit in memory at once, `dc_grad` runs them `chunk` rows at a time and keeps the gradient
+exact with two passes: a no-grad pass gives every row's prediction, so the loss and its gradient with respect to
+each prediction are known; then each chunk is recomputed with gradients and back-propagated with its slice of that
+gradient (the chain rule summed over rows). The extra cost is one no-grad forward pass.
 """
 
 from __future__ import annotations
@@ -25,15 +30,65 @@ def dc_forward(
 
     x0: (B, C, H, W) clean latents; text: (k, T, D) concept embeddings; t: (B,) timesteps; noise: like x0.
     """
+    return dc_forward_chunked(predict, scheduler, x0, text, t, noise, chunk=None)
+
+
+def _rows(scheduler, x0, text, t, noise):
     b, k = x0.shape[0], text.shape[0]
     xt = scheduler.add_noise(x0, noise, t)  # (B, C, H, W)
     rows_x = xt.repeat_interleave(k, dim=0)  # (B*k, C, H, W): image b at rows b*k .. b*k+k-1
     rows_t = t.repeat_interleave(k, dim=0)  # (B*k,)
     rows_c = text.repeat(b, 1, 1)  # (B*k, T, D): concepts 0..k-1 for every image
-    eps_hat = predict(rows_x, rows_t, rows_c).float().view(b, k, *x0.shape[1:])  # (B, k, C, H, W)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    err = ((target.float()[:, None] - eps_hat) ** 2).mean(dim=(2, 3, 4))  # (B, k)
-    return err, eps_hat
+    return rows_x, rows_t, rows_c, target.float()
+
+
+def _errors(target: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
+    return ((target[:, None] - eps_hat) ** 2).mean(dim=(2, 3, 4))  # (B, k)
+
+
+def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, chunk: int | None):
+    """`dc_forward` with the UNet called on at most `chunk` rows at a time (no gradient across chunks needed)."""
+    b, k = x0.shape[0], text.shape[0]
+    rows_x, rows_t, rows_c, target = _rows(scheduler, x0, text, t, noise)
+    n = b * k
+    step = n if not chunk or chunk >= n else chunk
+    eps = torch.cat([predict(rows_x[i:i + step], rows_t[i:i + step], rows_c[i:i + step]).float()
+                     for i in range(0, n, step)])
+    eps_hat = eps.view(b, k, *x0.shape[1:])  # (B, k, C, H, W)
+    return _errors(target, eps_hat), eps_hat
+
+
+LossOfScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (err (B, k), eps_hat (B, k, ...)) -> scalar
+
+
+def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: LossOfScores,
+            params: list[torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(loss, d loss / d params) of `loss_fn` over the B*k rows, the UNet called `chunk` rows at a time.
+
+    With `chunk` >= B*k (or None) this is one call and `torch.autograd.grad`; otherwise the exact two-pass
+    gradient of the module docstring.
+    """
+    b, k = x0.shape[0], text.shape[0]
+    n = b * k
+    if not chunk or chunk >= n:
+        err, eps_hat = dc_forward(predict, scheduler, x0, text, t, noise)
+        loss = loss_fn(err, eps_hat)
+        return loss.detach(), list(torch.autograd.grad(loss, params, allow_unused=True))
+    rows_x, rows_t, rows_c, target = _rows(scheduler, x0, text, t, noise)
+    with torch.no_grad():  # pass 1: every row's prediction
+        eps = torch.cat([predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
+                         for i in range(0, n, chunk)])
+    leaf = eps.view(b, k, *x0.shape[1:]).requires_grad_(True)
+    loss = loss_fn(_errors(target, leaf), leaf)
+    (g_eps,) = torch.autograd.grad(loss, leaf)  # (B, k, C, H, W): d loss / d prediction of every row
+    g_rows = g_eps.reshape(n, *x0.shape[1:])
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    for i in range(0, n, chunk):  # pass 2: each chunk with gradients, back-propagated with its slice
+        out = predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
+        part = torch.autograd.grad(out, params, grad_outputs=g_rows[i:i + chunk], allow_unused=True)
+        grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, part)]
+    return loss.detach(), grads
 
 
 def dc_scores(err: torch.Tensor, tau: float) -> torch.Tensor:

@@ -46,7 +46,10 @@ class FisherAccumulator:
         self.count = 0
 
     def add(self, loss: torch.Tensor) -> None:
-        grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+        self.add_grads(torch.autograd.grad(loss, list(self.params.values()), allow_unused=True))
+
+    def add_grads(self, grads) -> None:
+        """One iteration's gradients (in the order of `params`), e.g. from `dc_scores.dc_grad`."""
         for (k, _), g in zip(self.params.items(), grads):
             if g is not None:
                 self.sum[k] += g.detach().float() ** 2

@@ -58,6 +58,7 @@ class TaskContext:
     instance: LatentSet | None = None
     prior: LatentSet | None = None
     extra: dict = field(default_factory=dict)  # method scratch space
+    plan: object = None  # the memory plan (edgecp.planner.Plan): precision, checkpointing, micro-batch, DC chunk
 
 
 Progress = Callable[[str, int, int, float | None], None]  # (phase, step, total, loss)
@@ -115,6 +116,24 @@ class Method:
 
     def penalty(self, ctx: TaskContext) -> torch.Tensor | None:
         return None
+
+    # -- what the memory planner needs (edgecp/planner.py), without a model ------------------------------------
+    def phase_rows(self, n_previous: int) -> dict[str, int]:
+        """UNet rows per training image in one call of each phase (train: the instance and its prior row)."""
+        return {"train": 2}
+
+    def trainable_numbers(self, target_in_out: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+        """(adapter numbers, base weights) a task trains, from the (in, out) of each target layer."""
+        r = self.adapter.rank
+        if self.adapter_kind == "vera":
+            return sum(o + r for _, o in target_in_out), 0
+        if self.adapter_kind == "lora":
+            return sum(r * (i + o) for i, o in target_in_out), 0
+        return 0, 0
+
+    def keep_full_precision(self) -> tuple[str, ...]:
+        """UNet layers whose base weights stay fp32 in a 16/8-bit plan: those the method adapts or trains."""
+        return tuple(self.adapter.targets)
 
     def consolidate(self, ctx: TaskContext, progress: Progress | None = None) -> None:
         return None

@@ -42,6 +42,12 @@ class CustomDiffusion(Method):
     def tensors(self, ctx: TaskContext) -> dict[str, torch.nn.Parameter]:
         return kv_weights(ctx.comps.unet)
 
+    def trainable_numbers(self, target_in_out: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+        return 0, sum(i * o for i, o in target_in_out)  # the full K/V matrices
+
+    def keep_full_precision(self) -> tuple[str, ...]:
+        return KV_TARGETS
+
     def weight_deltas(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         """The cumulative change of every trained tensor since the base: earlier tasks + this one."""
         start, base = ctx.extra["start"], ctx.extra["base_delta"]

@@ -70,6 +70,9 @@ class Dsc(Method):
                       lam=self.params.lam, tau_teacher=self.params.tau_teacher, tau_student=self.params.tau_student,
                       progress=progress)
 
+    def phase_rows(self, n_previous: int) -> dict[str, int]:
+        return {**super().phase_rows(n_previous), **({"dsc": 3} if n_previous else {})}  # S = {c_0, c_n, c_j}
+
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
         theta_n = lora.adapter_state(ctx.comps.unet)
         return {**super().files(ctx), TEACHERS_FILE: write_pool(ctx.extra["pool"] + [theta_n])}

@@ -49,6 +49,10 @@ class EwcMixin:
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
         return {**super().files(ctx), FISHER_FILE: ctx.extra["fisher"]}
 
+    def phase_rows(self, n_previous: int) -> dict[str, int]:
+        rows = 2 + min(self.params.k - 2, n_previous) if self.use_dc else 1  # S = {c_0, c_n} + earlier concepts
+        return {**super().phase_rows(n_previous), "fisher": rows}
+
     def _load_ewc(self, ctx: TaskContext) -> None:
         fisher = read_tensors(ctx.prev_dir, FISHER_FILE)
         anchor = self.anchor(ctx)

@@ -5,7 +5,8 @@
   from a frozen copy of itself and a randomly drawn earlier-task adapter.
 
 Every UNet call evaluates a whole concept subset: B images x k concepts as B*k rows, one (t, eps) per image.
-Text embeddings of the (frozen) concept tokens are computed once per phase.
+Text embeddings of the (frozen) concept tokens are computed once per task (`concept_texts`). When the memory plan
+(ctx.plan) caps the rows per call, the rows run in chunks with the exact two-pass gradient of `dc_scores.dc_grad`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from contextlib import contextmanager
 import torch
 
 from edgecp.adapters import lora
-from edgecp.consolidation.dc_scores import dc_forward, dc_log_scores, dc_scores, sample_subset, trial
+from edgecp.consolidation.dc_scores import (
+    dc_forward_chunked,
+    dc_grad,
+    dc_log_scores,
+    dc_scores,
+    sample_subset,
+    trial,
+)
 from edgecp.consolidation.distill import dsc_loss
 from edgecp.consolidation.ewc import FisherAccumulator, dc_ewc_loss
 from edgecp.methods.base import TaskContext
@@ -28,26 +36,50 @@ def phase_iterations(ctx: TaskContext, ratio: float) -> int:
     return max(1, round(ratio * ctx.train.steps))
 
 
+def checkpointing(ctx: TaskContext) -> bool:
+    return ctx.plan.gradient_checkpointing if ctx.plan is not None else ctx.train.gradient_checkpointing
+
+
+def autocast_for(plan, device_type: str):
+    """Autocast to the plan's 16-bit dtype (a no-op without a plan or for fp32 plans)."""
+    enabled = plan is not None and plan.compute != "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute if plan else "", torch.bfloat16)
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def autocast(ctx: TaskContext):
+    return autocast_for(ctx.plan, ctx.device.type)
+
+
+def dc_chunk(ctx: TaskContext) -> int | None:
+    return ctx.plan.dc_chunk if ctx.plan is not None else None
+
+
 @contextmanager
 def grad_mode(ctx: TaskContext):
     """UNet in training mode with gradient checkpointing (as during training) for the duration of a phase."""
     unet = ctx.comps.unet
-    if ctx.train.gradient_checkpointing:
+    if checkpointing(ctx):
         unet.enable_gradient_checkpointing()
     unet.train()
     try:
-        yield
+        with autocast(ctx):
+            yield
     finally:
         unet.eval()
-        if ctx.train.gradient_checkpointing:
+        if checkpointing(ctx):
             unet.disable_gradient_checkpointing()
 
 
 @torch.no_grad()
 def concept_texts(ctx: TaskContext) -> torch.Tensor:
-    """(n+1, T, D): c_0 (prior), c_1 .. c_{n-1} (previous), c_n (current), computed once per phase."""
-    prompts = [ctx.prior_prompt] + [c["prompt"] for c in ctx.previous] + [ctx.prompt]
-    return encode_text(ctx.comps, prompts, ctx.device).detach()
+    """(n+1, T, D): c_0 (prior), c_1 .. c_{n-1} (previous), c_n (current), computed once per task (after training,
+    so c_n uses the trained token) and cached, so that the text encoder can leave memory."""
+    if "concept_texts" not in ctx.extra:
+        prompts = [ctx.prior_prompt] + [c["prompt"] for c in ctx.previous] + [ctx.prompt]
+        with autocast(ctx):
+            ctx.extra["concept_texts"] = encode_text(ctx.comps, prompts, ctx.device).detach().float()
+    return ctx.extra["concept_texts"]
 
 
 def predictor(unet, override: dict[str, torch.Tensor] | None = None):
@@ -77,12 +109,13 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
             t, noise = trial(x0, sched.config.num_train_timesteps, gen)
             if use_dc:
                 subset = [0, n_prev + 1] + [1 + j for j in sample_subset(n_prev, k, gen)]  # c_0, c_n, previous
-                err, _ = dc_forward(predictor(unet), sched, x0, texts[subset], t, noise)  # (B, k')
-                loss = dc_ewc_loss(err, dc_log_scores(err, tau), current=1, delta=delta)
+                loss_fn = lambda err, _eps: dc_ewc_loss(err, dc_log_scores(err, tau), current=1, delta=delta)  # noqa: E731
             else:
-                err, _ = dc_forward(predictor(unet), sched, x0, texts[[n_prev + 1]], t, noise)  # plain denoising
-                loss = err[:, 0].mean()
-            acc.add(loss)
+                subset = [n_prev + 1]  # plain denoising loss on c_n
+                loss_fn = lambda err, _eps: err[:, 0].mean()  # noqa: E731
+            loss, grads = dc_grad(predictor(unet), sched, x0, texts[subset], t, noise, loss_fn,
+                                  list(params.values()), chunk=dc_chunk(ctx))
+            acc.add_grads(grads)
             _report(progress, "fisher", it + 1, iterations, loss.item())
     ctx.extra["fisher_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
     return acc.mean()
@@ -108,12 +141,18 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
             t, noise = trial(x0, sched.config.num_train_timesteps, gen)
             s = texts[[0, n_prev + 1, 1 + j]]  # S = {c_0, c_n, c_j}
             with torch.no_grad():
-                err_n, eps_n = dc_forward(predictor(unet, teacher_n), sched, x0, s, t, noise)
-                err_j, eps_j = dc_forward(predictor(unet, teachers[j]), sched, x0, s, t, noise)
-            err_s, eps_s = dc_forward(predictor(unet), sched, x0, s, t, noise)
-            loss = dsc_loss(dc_scores(err_n, tau_teacher), dc_scores(err_j, tau_teacher), dc_log_scores(err_s, tau_student),
-                            eps_n[:, 1], eps_j[:, 2], eps_s[:, 1], eps_s[:, 2], gamma, lam)
-            loss.backward()
+                err_n, eps_n = dc_forward_chunked(predictor(unet, teacher_n), sched, x0, s, t, noise, dc_chunk(ctx))
+                err_j, eps_j = dc_forward_chunked(predictor(unet, teachers[j]), sched, x0, s, t, noise, dc_chunk(ctx))
+            p_n, p_j = dc_scores(err_n, tau_teacher), dc_scores(err_j, tau_teacher)
+
+            def student_loss(err_s, eps_s, p_n=p_n, p_j=p_j, eps_n=eps_n, eps_j=eps_j):
+                return dsc_loss(p_n, p_j, dc_log_scores(err_s, tau_student), eps_n[:, 1], eps_j[:, 2], eps_s[:, 1],
+                                eps_s[:, 2], gamma, lam)
+
+            params = list(student.values())
+            loss, grads = dc_grad(predictor(unet), sched, x0, s, t, noise, student_loss, params, chunk=dc_chunk(ctx))
+            for p, g in zip(params, grads):
+                p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=True)
             _report(progress, "dsc", it + 1, iterations, loss.item())

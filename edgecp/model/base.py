@@ -126,6 +126,7 @@ def quiet_hf() -> None:
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 

@@ -31,7 +31,9 @@ class ConceptEmbedding(nn.Module):
         return torch.cat([self.base.weight, *[r[None] for r in self.rows]]) if len(self.rows) else self.base.weight
 
     def add_row(self, vec: torch.Tensor, trainable: bool) -> int:
-        self.rows.append(nn.Parameter(vec.detach().clone().to(self.base.weight), requires_grad=trainable))
+        # fp32 master row even when the frozen table is held in 16 bits (a memory plan)
+        row = vec.detach().clone().to(device=self.base.weight.device, dtype=torch.float32)
+        self.rows.append(nn.Parameter(row, requires_grad=trainable))
         return self.base_vocab + len(self.rows) - 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

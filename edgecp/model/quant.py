@@ -1,0 +1,261 @@
+"""The frozen base in the precision a memory plan asks for: fp32, 16-bit, or 8-bit Linear weights.
+
+What changes with a plan (a training- and sampling-time representation only; the store's identity, every merge and
+every export keep using the original full-precision weights):
+- `fp32`: the weights as stored.
+- `bf16` / `fp16`: every UNet and text-encoder weight held in 16 bits, run under autocast (diffusers' LoRA training
+  scripts do the same with `--mixed_precision`).
+- `int8`: as 16-bit, and every UNet `nn.Linear` swapped for an 8-bit weight-only layer: torchao's
+  `Int8WeightOnlyConfig` on the CPU, bitsandbytes' `Linear8bitLt` on CUDA (the backends we measured fastest on each,
+  see docs/memory.md). Those libraries quantize `Linear` only, so convolutions (about half of SD 1.5's UNet weights)
+  and norms stay in 16 bits.
+- In every plan the adapter's target layers (by default cross-attention K/V, 2% of SD 1.5's UNet) keep their
+  full-precision base weights: Custom Diffusion and CNS train them directly, merge-and-reinit folds LoRAs into them,
+  and the adapter's update is added to an unrounded base. Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
+  fp32 affine parameters beside 16-bit inputs). The VAE is held in bf16 in bf16 plans and stays fp32 otherwise
+  (SD's VAE overflows in fp16); plans drop it from memory once the latents are cached.
+
+The UNet of a diffusers folder is loaded tensor by tensor into an empty (meta) model and converted as it arrives, in
+batches of memory-mapped reads that are unmapped after each batch, so the full fp32 UNet never sits in memory (peak
+RSS counts the mapped pages). `from_pretrained` reads the whole fp32 state dict first; this is why we stream by hand.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecp.errors import EdgecpError
+
+BACKENDS = ("torchao", "bitsandbytes")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STREAM_BATCH_BYTES = 64 * 2**20  # mapped bytes read before the mapping is dropped
+
+
+NORMS = (nn.GroupNorm, nn.LayerNorm)  # held in fp32: tiny, and PyTorch's CPU kernels want fp32 affine parameters
+
+
+def _keep(name: str, keep: Iterable[str]) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keep)
+
+
+def quantize_linear(layer: nn.Linear, backend: str, device: str = "cpu") -> nn.Module:
+    """An 8-bit weight-only copy of `layer` (frozen). torchao converts in place; bitsandbytes returns a new module."""
+    if backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(layer, Int8WeightOnlyConfig())
+        layer.requires_grad_(False)
+        return layer
+    if backend == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                has_fp16_weights=False, threshold=6.0)
+        q.weight = bnb.nn.Int8Params(layer.weight.data.float().cpu(), requires_grad=False, has_fp16_weights=False)
+        if layer.bias is not None:
+            q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # the library never prints
+        return q.to(device)  # Int8Params quantize on their first move to a device (bitsandbytes' documented way)
+    raise EdgecpError(f"8-bit backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
+
+
+def check_backend(backend: str) -> None:
+    """A clear error when the 8-bit backend's package is missing."""
+    module = {"torchao": "torchao", "bitsandbytes": "bitsandbytes"}.get(backend)
+    if module is None:
+        raise EdgecpError(f"8-bit backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
+    try:
+        __import__(module)
+    except Exception as e:
+        raise EdgecpError(
+            f"the 8-bit backend {backend} cannot be imported ({type(e).__name__}): pip install {module}, "
+            "or pass a larger --memory-budget so that a 16-bit plan fits"
+        ) from e
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the frozen base is held. `compute` is the dtype of its non-quantized weights and of autocast."""
+
+    weights: str = "fp32"  # fp32 | bf16 | fp16 | int8
+    backend: str | None = None  # int8 only: torchao | bitsandbytes
+    compute: str = "fp32"  # fp32 | bf16 | fp16
+    keep: tuple[str, ...] = ()  # module-name suffixes kept in full precision (the adapter's targets)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("fp32", "bf16", "fp16", "int8"):
+            raise EdgecpError(f"weight precision '{self.weights}' is unknown: use fp32, bf16, fp16 or int8")
+        if (self.weights == "int8") != (self.backend is not None):
+            raise EdgecpError(f"an 8-bit backend goes with int8 weights only (weights={self.weights}, backend={self.backend})")
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.compute]
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute != "fp32"
+
+
+def convert_(model: nn.Module, precision: Precision, device: str = "cpu") -> nn.Module:
+    """In place: hold `model` in `precision`, except the modules it keeps in full precision."""
+    if precision.weights == "fp32":
+        return model
+    for name, module in list(model.named_modules()):
+        if (name and _keep(name, precision.keep)) or isinstance(module, NORMS):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != precision.dtype:
+                setattr(module, pname, nn.Parameter(p.data.to(precision.dtype), requires_grad=False))
+    if precision.weights == "int8":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and not _keep(name, precision.keep):
+                _set_submodule(model, name, quantize_linear(module, precision.backend, device))
+    return model
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def stream_unet(folder: Path, precision: Precision, device: str = "cpu"):
+    """UNet2DConditionModel of a diffusers folder, converted tensor by tensor (see the module docstring).
+
+    Returns None when the folder's keys do not match the model exactly (an old layout diffusers renames on load):
+    the caller then loads it the usual way and converts in place.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    keep = precision.keep
+    files = sorted(f for f in (folder / "unet").glob("*.safetensors") if ".fp16." not in f.name)
+    if not files:
+        return None
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    expected = dict(unet.state_dict())
+    index: list[tuple[Path, str, int]] = []
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open is no dict)
+                shape = sf.get_slice(k).get_shape()
+                index.append((f, k, 4 * int(torch.tensor(shape).prod()) if shape else 4))
+    if {k for _, k, _ in index} != set(expected):
+        return None
+    float_dtype = precision.dtype if precision.weights != "fp32" else torch.float32
+    pending: dict[str, set[str]] = {}
+    for name, module in unet.named_modules():
+        names = {n for n, _ in module.named_parameters(recurse=False)}
+        if names:
+            pending[name] = names
+
+    def batches():
+        batch, size = [], 0
+        for item in index:
+            if batch and (item[0] != batch[0][0] or size + item[2] > STREAM_BATCH_BYTES):
+                yield batch
+                batch, size = [], 0
+            batch.append(item)
+            size += item[2]
+        if batch:
+            yield batch
+
+    for batch in batches():
+        _load_batch(unet, batch, keep, float_dtype, pending, precision, device)
+        gc.collect()  # drops the batch's memory mapping (and the pages it counted in RSS)
+    unet.requires_grad_(False)
+    return unet.eval()
+
+
+def _load_batch(unet, batch, keep, float_dtype, pending, precision, device) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(batch[0][0]), "pt") as sf:
+        for _, key, _ in batch:
+            mod_name, _, pname = key.rpartition(".")
+            t = sf.get_tensor(key)
+            owner = unet.get_submodule(mod_name)
+            full = _keep(mod_name, keep) or isinstance(owner, NORMS) or not t.is_floating_point()
+            dtype = torch.float32 if full else float_dtype
+            if pname in owner._parameters:
+                owner._parameters[pname] = nn.Parameter(t.to(dtype, copy=True), requires_grad=False)  # copy: never keep the mapping alive
+            else:
+                owner._buffers[pname] = t.to(dtype, copy=True)
+            del t
+            left = pending.get(mod_name)
+            if left is not None:
+                left.discard(pname)
+                if not left:
+                    del pending[mod_name]
+                    module = unet.get_submodule(mod_name)
+                    if precision.weights == "int8" and isinstance(module, nn.Linear) and not _keep(mod_name, keep):
+                        _set_submodule(unet, mod_name, quantize_linear(module, precision.backend, device))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy (8-bit layers counted with their scales)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if hasattr(t, "__tensor_flatten__"):  # torchao's quantized weight: int8 data + scales
+            names, _ = t.__tensor_flatten__()
+            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+        else:
+            total += t.numel() * t.element_size()
+    for m in model.modules():  # bitsandbytes keeps the row scales beside the int8 weight
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if scb is not None:
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def load_planned(spec, precision: Precision, device: str = "cpu"):
+    """The base's Components held in `precision` (see the module docstring); the VAE is always fp32."""
+    from edgecp.memory import compact_allocator
+    from edgecp.model.base import Components, load_components, quiet_hf
+
+    if precision.weights == "int8":
+        check_backend(precision.backend)
+    quiet_hf()
+    with compact_allocator():
+        if spec.path is None or spec.path.is_file():  # single file: diffusers builds the fp32 pipeline first
+            comps = load_components(spec)
+            convert_(comps.unet, precision, device)
+            convert_(comps.text_encoder, Precision(precision.weights if precision.weights != "int8" else precision.compute,
+                                                   None, precision.compute))
+            return comps
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        text_dtype = torch.float32 if precision.weights == "fp32" else precision.dtype
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(spec.path / "tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(spec.path / "text_encoder", dtype=text_dtype,
+                                                         use_safetensors=True)
+            vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32  # fp16 overflows in SD's VAE
+            vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
+            scheduler = DDIMScheduler.from_pretrained(spec.path / "scheduler")
+            unet = stream_unet(spec.path, precision, device)
+            if unet is None:  # an older key layout: let diffusers rename, then convert
+                unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", use_safetensors=True)
+                unet = convert_(unet, precision, device)
+        except EdgecpError:
+            raise
+        except Exception as e:
+            raise EdgecpError(
+                f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+    return Components(tokenizer, text_encoder, vae, unet, scheduler)

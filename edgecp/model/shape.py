@@ -1,0 +1,89 @@
+"""A base's shape for the memory planner, read from safetensors headers and config files (no weights loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgecp.model.base import BaseSpec
+from edgecp.planner import BaseShape, UNetShape
+
+# The SD 1.x UNet layout (diffusers' UNet2DConditionModel defaults), used when a single-file checkpoint has no
+# config beside it; the planner only needs the block structure, which SD 1.x and 2.x share.
+SD1_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "in_channels": 4, "sample_size": 64,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
+SD_VAE_CHANNELS = (128, 256, 512, 512)
+_SINGLE_FILE_PREFIX = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text",
+                       "conditioner.embedders.0.": "text"}
+
+
+def _header(path: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as sf:
+        return {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}  # noqa: SIM118 (safe_open is no dict)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _is_target(key: str, targets: tuple[str, ...]) -> bool:
+    module = key.rsplit(".", 1)[0]
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _count(tensors: dict[str, list[int]], targets: tuple[str, ...]) -> dict:
+    c = {"conv": 0, "linear": 0, "other": 0, "target": 0, "rows": 0, "largest": 0, "target_io": []}
+    for key, shape in tensors.items():
+        n = _numel(shape)
+        c["largest"] = max(c["largest"], n)
+        if _is_target(key, targets):
+            c["target"] += n
+            if key.endswith("weight") and len(shape) == 2:
+                c["target_io"].append((shape[1], shape[0]))
+        elif len(shape) == 4:
+            c["conv"] += n
+        elif len(shape) == 2 and key.endswith("weight"):
+            c["linear"] += n
+            c["rows"] += shape[0]
+        else:
+            c["other"] += n
+    return c
+
+
+def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")) -> BaseShape:
+    """Counts by kind of the UNet's weights, text encoder and VAE sizes, the UNet's block structure."""
+    assert spec.path is not None
+    if spec.path.is_file():
+        parts: dict[str, dict[str, list[int]]] = {"unet": {}, "vae": {}, "text": {}}
+        for key, shape in _header(spec.path).items():
+            for prefix, comp in _SINGLE_FILE_PREFIX.items():
+                if key.startswith(prefix):
+                    parts[comp][key.removeprefix(prefix)] = shape
+                    break
+        unet_cfg, vae_channels, single = SD1_UNET, SD_VAE_CHANNELS, True
+    else:
+        def tensors(comp: str) -> dict[str, list[int]]:
+            out: dict[str, list[int]] = {}
+            for f in sorted((spec.path / comp).glob("*.safetensors")):
+                if ".fp16." not in f.name:
+                    out.update(_header(f))
+            return out
+
+        parts = {"unet": tensors("unet"), "vae": tensors("vae"), "text": tensors("text_encoder")}
+        unet_cfg = json.loads((spec.path / "unet" / "config.json").read_text())
+        vae_channels = tuple(json.loads((spec.path / "vae" / "config.json").read_text())["block_out_channels"])
+        single = False
+    u = _count(parts["unet"], targets)
+    return BaseShape(
+        unet_conv=u["conv"], unet_linear=u["linear"], unet_other=u["other"], unet_target=u["target"],
+        unet_linear_rows=u["rows"], text=sum(_numel(s) for s in parts["text"].values()),
+        vae=sum(_numel(s) for s in parts["vae"].values()), vae_channels=vae_channels,
+        vae_scale=2 ** (len(vae_channels) - 1), unet=UNetShape.from_config(unet_cfg),
+        largest_tensor=max(u["largest"], max((_numel(s) for s in parts["text"].values()), default=0)),
+        target_in_out=tuple(u["target_io"]), single_file=single,
+    )

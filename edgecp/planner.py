@@ -1,0 +1,392 @@
+"""The memory planner: from a base's shape, a method's phases, a resolution, a device and a budget, to a plan.
+
+A pure module: no model is loaded and nothing is measured here (`base_shape` reads only safetensors headers).
+`plan_training` and `plan_generation` enumerate the plans in order of expected speed and return the fastest one
+whose predicted peak fits the budget; `predict_training` gives the peak of every phase of one plan.
+
+What a plan decides (each knob keeps the mathematics of training unchanged):
+- the frozen weights: fp32, 16-bit (bf16 where the device has it, else fp16) or 8-bit Linear weights (bitsandbytes
+  on CUDA, torchao on the CPU), with autocast to the 16-bit dtype; adapters and token rows stay fp32 masters;
+- gradient checkpointing;
+- the micro-batch: a training iteration of `batch_size` images becomes `batch_size / micro_batch` UNet calls whose
+  gradients add up (an exact split of the same per-row loss);
+- the DC/DSC chunk: the B*k rows of a Fisher or DSC call are run `dc_chunk` rows at a time (methods/phases.py keeps
+  the gradient exact with a two-pass backward);
+- the VAE and text encoder leave memory once latents and embeddings are cached (free: add-concept no longer needs
+  them), SDPA attention (PyTorch's fused kernel, the diffusers default), VAE slicing for generation.
+
+The peak model (bytes):
+    peak(phase) = runtime + resident weights(phase) + trainable state + activations(rows, resolution) + transients
+Activations come from the UNet's structure: U = sum over its ResNet and transformer blocks of C_l * h_l^2 (channels
+times latent area at that level). Without checkpointing a row keeps ACT_FULL * U values for the backward pass; with
+checkpointing it keeps ACT_SAVED * U plus one block's recomputation, ACT_BLOCK * max_l(C_l h_l^2). The coefficients
+were fitted on measured peaks (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory.md) and are checked
+against the tiny base by tests/test_planner.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from edgecp.errors import EdgecpError
+
+GB = 1e9
+# Fitted coefficients (see the module docstring); values per activation element of a row.
+ACT_FULL = 40.0  # no checkpointing: values kept per C*h^2 of every block
+ACT_SAVED = 3.0  # checkpointing: block inputs and skips kept per C*h^2
+ACT_BLOCK = 40.0  # checkpointing: the largest block recomputed with its gradients
+ACT_INFER = 6.0  # no grad: live values per C*h^2 of the largest level (sampling)
+VAE_DECODE = 24.0  # VAE decoder, per pixel-channel of its first (widest, full-resolution) level, fp32
+VAE_ENCODE = 12.0
+RUNTIME_CPU = 0.50 * GB  # python + torch + diffusers + transformers + peft resident (measured)
+RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context
+CPU_SLACK = 1.10  # allocator fragmentation on glibc (measured)
+STREAM_TRANSIENT = 64 * 2**20  # model/quant.STREAM_BATCH_BYTES
+
+# Relative time of an iteration per weight precision, by device: measured on this project's CPU (AVX512-BF16)
+# for large layers (tools/bench_memory.py); CUDA values are the usual tensor-core ratios, not measured here.
+SPEED = {
+    ("cpu", True): {"fp32": 1.0, "bf16": 0.55, "int8": 0.6},  # CPU with native bf16 (AVX512-BF16 / AMX)
+    ("cpu", False): {"fp32": 1.0, "bf16": 2.0, "int8": 2.2},
+    ("cuda", True): {"fp32": 1.0, "bf16": 0.45, "fp16": 0.45, "int8": 0.7},
+    ("cuda", False): {"fp32": 1.0, "fp16": 0.5, "int8": 0.75},
+}
+SMALL_UNET = 100e6  # below this many UNet parameters a CPU gains nothing from bf16 (op overhead dominates)
+CHECKPOINT_COST = 1.35  # one more forward pass per block
+CHUNK_COST = 1.3  # the two-pass chunked DC/DSC backward adds a no-grad forward
+
+
+def parse_bytes(text: str | float | int | None) -> int | None:
+    """'6GB', '6 GiB', '512MB', '6' (GB) -> bytes; None -> None."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return int(text * GB) if text < 1e6 else int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
+    if not m:
+        raise EdgecpError(f"memory budget '{text}' is not a size: write it like 6GB, 6.5GiB or 3000MB")
+    value, unit = float(m.group(1)), (m.group(2) or "gb")
+    base = 1024 if "i" in unit else 1000
+    power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+    n = int(value * base**power)
+    if n < 64 * 2**20:
+        raise EdgecpError(f"memory budget '{text}' is below 64 MB: write it like 6GB")
+    return n
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _round_up(n: float) -> str:
+    """The next 0.1 GB above n, as a --memory-budget value."""
+    return f"{math.ceil(n / GB * 10 + 1e-9) / 10:.1f}GB"
+
+
+@dataclass(frozen=True)
+class UNetShape:
+    """What the activation model needs of a UNet2DConditionModel config."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention_levels: tuple[bool, ...]  # does level l have transformer blocks
+    in_channels: int = 4
+    sample_size: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> UNetShape:
+        lpb = cfg.get("layers_per_block", 2)
+        return cls(
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=lpb if isinstance(lpb, int) else max(lpb),
+            attention_levels=tuple("CrossAttn" in t for t in cfg["down_block_types"]),
+            in_channels=cfg.get("in_channels", 4),
+            sample_size=cfg.get("sample_size") or 64,
+        )
+
+    def units(self, latent: int) -> tuple[float, float, float]:
+        """(U_resnet, U_attention, largest attention level's C*h^2) in elements for a latent side `latent`."""
+        u_res = u_attn = biggest = 0.0
+        last = len(self.block_out_channels) - 1
+        for level, c in enumerate(self.block_out_channels):
+            h = max(1, latent // 2**level)
+            area = c * h * h
+            n_down, n_up = self.layers_per_block, self.layers_per_block + 1
+            u_res += (n_down + n_up) * area
+            if self.attention_levels[level]:
+                u_attn += (n_down + n_up) * area
+                biggest = max(biggest, area)
+            if level == last:  # mid block: two ResNets and one transformer
+                u_res += 2 * area
+                u_attn += area
+                biggest = max(biggest, area)
+        return u_res, u_attn, biggest or max(c * max(1, latent // 2**i) ** 2 for i, c in enumerate(self.block_out_channels))
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """Parameter counts by kind (from safetensors headers) and the structure the activation model needs."""
+
+    unet_conv: int
+    unet_linear: int  # nn.Linear weights (8-bit in an int8 plan), adapter targets excluded
+    unet_other: int  # norms, biases, embeddings
+    unet_target: int  # base weights of the adapter's target layers (always full precision)
+    unet_linear_rows: int  # output rows of the quantizable Linears (one fp32 scale each when 8-bit)
+    text: int
+    vae: int
+    vae_channels: tuple[int, ...]
+    vae_scale: int
+    unet: UNetShape
+    largest_tensor: int = 0  # elements
+    target_in_out: tuple[tuple[int, int], ...] = ()  # (in, out) of each adapted layer
+    single_file: bool = False
+
+    @property
+    def unet_params(self) -> int:
+        return self.unet_conv + self.unet_linear + self.unet_other + self.unet_target
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # cpu | cuda
+    total: int  # bytes the process may use (CPU: physical RAM; CUDA: the card)
+    bf16: bool  # native bf16 (CPU: AVX512-BF16/AMX; CUDA: compute capability >= 8)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What add-concept will run, in UNet rows per image and parameters trained."""
+
+    resolution: int
+    batch_size: int  # images per UNet call in training, before any micro-batch split
+    grad_accum: int
+    phase_rows: dict = field(default_factory=lambda: {"train": 2})  # rows per image, per phase
+    adapter_params: int = 0  # trainable adapter numbers
+    base_params_trained: int = 0  # base weights trained directly (Custom Diffusion, CNS)
+    trains_token: bool = True
+    n_images: int = 4
+    priors_to_generate: int = 0  # prior images not cached yet
+    prior_steps: int = 25
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    weights: str  # fp32 | bf16 | fp16 | int8
+    backend: str | None  # torchao | bitsandbytes (int8 only)
+    compute: str  # fp32 | bf16 | fp16: autocast dtype and the dtype of the non-8-bit frozen weights
+    gradient_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    dc_chunk: int  # rows per UNet call in the Fisher / DSC phases
+    offload: bool = True  # VAE and text encoder leave memory once cached
+    attention: str = "sdpa"
+    vae_slicing: bool = True
+    budget: int | None = None
+    predicted: dict = field(default_factory=dict)  # phase -> bytes
+    purpose: str = "train"  # train | generate (micro_batch is then the images per UNet call)
+
+    @property
+    def peak(self) -> int:
+        return max(self.predicted.values()) if self.predicted else 0
+
+    def line(self) -> str:
+        w = {"fp32": "fp32 base", "bf16": "bf16 base", "fp16": "fp16 base"}.get(self.weights)
+        w = w or f"8-bit base ({self.backend}; convs/norms {self.compute}, adapted layers fp32)"
+        parts = [w, f"{self.compute} autocast" if self.compute != "fp32" else "no autocast"]
+        if self.purpose == "generate":
+            parts += [f"{self.micro_batch} image(s) per call", "VAE slicing" if self.vae_slicing else "", "SDPA"]
+        else:
+            parts += ["checkpointing" if self.gradient_checkpointing else "no checkpointing",
+                      f"micro-batch {self.micro_batch} x {self.grad_accum}", f"DC chunk {self.dc_chunk} rows",
+                      "encoders offloaded" if self.offload else "encoders resident", self.attention.upper()]
+        parts = [p for p in parts if p]
+        budget = f" of {fmt_bytes(self.budget)} budget" if self.budget else ""
+        return f"plan on {self.device}: " + ", ".join(parts) + f"; predicted peak {fmt_bytes(self.peak)}{budget}"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["peak"] = self.peak
+        return d
+
+    @property
+    def precision(self):
+        from edgecp.model.quant import Precision
+
+        return Precision(self.weights, self.backend, self.compute)
+
+
+# -- the peak model ---------------------------------------------------------------------------------------------
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def unet_weight_bytes(shape: BaseShape, weights: str, compute: str) -> float:
+    if weights == "fp32":
+        return 4.0 * shape.unet_params
+    lin = shape.unet_linear + 4 * shape.unet_linear_rows if weights == "int8" else _bytes(compute) * shape.unet_linear
+    return lin + _bytes(compute) * (shape.unet_conv + shape.unet_other) + 4 * shape.unet_target
+
+
+def _activation_bytes(shape: BaseShape, latent: int, rows: int, ckpt: bool, compute: str, grad: bool = True) -> float:
+    u_res, u_attn, biggest = shape.unet.units(latent)
+    b = _bytes(compute)
+    if not grad:
+        return rows * ACT_INFER * biggest * b
+    if ckpt:
+        return rows * (ACT_SAVED * (u_res + u_attn) * b + ACT_BLOCK * biggest * b)
+    return rows * ACT_FULL * (u_res + u_attn) * b
+
+
+def _runtime(device: DeviceInfo) -> float:
+    return RUNTIME_CPU if device.kind == "cpu" else RUNTIME_CUDA
+
+
+def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan: Plan) -> dict[str, int]:
+    """Predicted peak bytes of each add-concept phase under `plan` (CPU: resident set; CUDA: allocated)."""
+    latent = work.resolution // shape.vae_scale
+    cbytes = _bytes(plan.compute)
+    unet = unet_weight_bytes(shape, plan.weights, plan.compute)
+    text = (4 if plan.weights == "fp32" else cbytes) * shape.text
+    vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
+    runtime = _runtime(device)
+    slack = CPU_SLACK if device.kind == "cpu" else 1.0
+    # trainable state: fp32 master + grad + two AdamW moments
+    state = 16.0 * (work.adapter_params + work.base_params_trained)
+    out: dict[str, float] = {}
+    transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
+    if shape.single_file:  # from_single_file materialises the fp32 pipeline before it is converted
+        transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
+    out["load"] = runtime + unet + text + vae + transient
+    vae_px = shape.vae_channels[0] * work.resolution**2
+    if work.priors_to_generate:
+        sample_rows = 2 * min(plan.micro_batch, work.priors_to_generate)  # guidance doubles the rows
+        out["priors"] = runtime + unet + text + vae + max(
+            _activation_bytes(shape, latent, sample_rows, False, plan.compute, grad=False),
+            VAE_DECODE * vae_px)  # VAE slicing: one image at a time
+    out["encode"] = runtime + unet + text + vae + VAE_ENCODE * vae_px * 2  # one image and its mirror
+    resident = unet + (text if work.trains_token or not plan.offload else 0) + (0 if plan.offload else vae)
+    train_rows = work.phase_rows.get("train", 2) * plan.micro_batch
+    out["train"] = runtime + resident + state + _activation_bytes(shape, latent, train_rows, plan.gradient_checkpointing,
+                                                                  plan.compute)
+    consolidate_resident = unet + (0 if plan.offload else text + vae)
+    for phase in ("fisher", "dsc"):
+        per_image = work.phase_rows.get(phase)
+        if not per_image:
+            continue
+        rows = min(plan.dc_chunk, per_image * work.batch_size)
+        extra = 4.0 * 2 * work.adapter_params if phase == "fisher" else state  # accumulator + grads / optimizer
+        out[phase] = runtime + consolidate_resident + extra + _activation_bytes(
+            shape, latent, rows, plan.gradient_checkpointing, plan.compute)
+    return {k: int(v * slack) for k, v in out.items()}
+
+
+def predict_generation(shape: BaseShape, resolution: int, batch: int, device: DeviceInfo, plan: Plan) -> dict[str, int]:
+    latent = resolution // shape.vae_scale
+    unet = unet_weight_bytes(shape, plan.weights, plan.compute)
+    text = (4 if plan.weights == "fp32" else _bytes(plan.compute)) * shape.text
+    vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
+    runtime = _runtime(device)
+    slack = CPU_SLACK if device.kind == "cpu" else 1.0
+    transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
+    if shape.single_file:
+        transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
+    vae_px = shape.vae_channels[0] * resolution**2
+    out = {
+        "load": runtime + unet + text + vae + transient,
+        "sample": runtime + unet + text + vae + _activation_bytes(shape, latent, 2 * batch, False, plan.compute, grad=False),
+        "decode": runtime + unet + text + vae + VAE_DECODE * vae_px * (1 if plan.vae_slicing else batch),
+    }
+    return {k: int(v * slack) for k, v in out.items()}
+
+
+# -- enumeration ---------------------------------------------------------------------------------------------------
+def _precisions(shape: BaseShape, device: DeviceInfo) -> list[tuple[str, str | None, str]]:
+    half = "bf16" if device.bf16 or device.kind == "cpu" else "fp16"
+    backend = "bitsandbytes" if device.kind == "cuda" else "torchao"
+    return [("fp32", None, "fp32"), (half, None, half), ("int8", backend, half)]
+
+
+def _speed(device: DeviceInfo, shape: BaseShape, weights: str) -> float:
+    """Relative iteration time of a precision (lower is faster)."""
+    if device.kind == "cpu" and shape.unet_params < SMALL_UNET:
+        return {"fp32": 1.0, "bf16": 1.1, "fp16": 1.1, "int8": 1.2}[weights]
+    table = SPEED[(device.kind, device.bf16)]
+    return table.get(weights, 1.0)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo):
+    consolidation_rows = max([work.phase_rows.get(p, 0) * work.batch_size for p in ("fisher", "dsc")] + [1])
+    chunks = sorted({consolidation_rows, *[c for c in (8, 4, 2, 1) if c < consolidation_rows]}, reverse=True)
+    for weights, backend, compute in _precisions(shape, device):
+        for ckpt in (False, True):
+            for micro in _divisors(work.batch_size):
+                for chunk in chunks:
+                    speed = _speed(device, shape, weights) * (CHECKPOINT_COST if ckpt else 1.0)
+                    speed *= 1.0 + 0.08 * (work.batch_size // micro - 1)
+                    speed *= 1.0 if chunk >= consolidation_rows else CHUNK_COST + 0.02 * (consolidation_rows // chunk)
+                    yield speed, Plan(device.kind, weights, backend, compute, ckpt, micro,
+                                      work.grad_accum * (work.batch_size // micro), chunk)
+
+
+def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: int | None = None,
+                  force: dict | None = None) -> Plan:
+    """The fastest plan whose predicted peak fits `budget` (default: the device's memory).
+
+    `force` pins plan fields (e.g. {"weights": "int8"}) for measurements. Raises EdgecpError naming the smallest
+    budget that would work when none fits.
+    """
+    limit = budget or device.total
+    valid = {f for f in Plan.__dataclass_fields__}
+    for key in force or {}:
+        if key not in valid:
+            raise EdgecpError(f"--plan {key}=... is not a plan setting: use one of weights, gradient_checkpointing, "
+                              "micro_batch, dc_chunk, compute, backend")
+    best, smallest = None, None
+    for speed, plan in _candidates(shape, work, device):
+        if force and any(getattr(plan, k) != v for k, v in force.items()):
+            continue
+        plan = replace(plan, budget=budget, predicted=predict_training(shape, work, device, plan))
+        if smallest is None or plan.peak < smallest.peak:
+            smallest = plan
+        if plan.peak <= limit and (best is None or speed < best[0]):
+            best = (speed, plan)
+    if best is None:
+        if smallest is None:
+            raise EdgecpError(f"no plan matches {force}: drop the forced setting")
+        what = f"--memory-budget {fmt_bytes(budget)}" if budget else f"this {device.kind}'s {fmt_bytes(device.total)}"
+        raise EdgecpError(
+            f"{what} is below the smallest plan for {work.resolution} px ({fmt_bytes(smallest.peak)} with "
+            f"{smallest.weights} weights, micro-batch {smallest.micro_batch}, DC chunk {smallest.dc_chunk}): "
+            f"pass --memory-budget {_round_up(smallest.peak)} or more, or lower the resolution with --train resolution=..."
+        )
+    return best[1]
+
+
+def plan_generation(shape: BaseShape, resolution: int, n: int, device: DeviceInfo, budget: int | None = None) -> Plan:
+    """The sampling plan: the fastest precision and the largest images-per-call (`micro_batch`) that fit."""
+    limit = budget or device.total
+    best, smallest = None, None
+    for weights, backend, compute in _precisions(shape, device):
+        for batch in sorted({min(n, 4), *[b for b in (2, 1) if b < min(n, 4)]}, reverse=True):
+            plan = Plan(device.kind, weights, backend, compute, False, batch, 1, 1, budget=budget, purpose="generate")
+            plan = replace(plan, predicted=predict_generation(shape, resolution, batch, device, plan))
+            speed = _speed(device, shape, weights) * (1 + 0.05 * (4 // batch))
+            if smallest is None or plan.peak < smallest[1].peak:
+                smallest = (batch, plan)
+            if plan.peak <= limit and (best is None or speed < best[0]):
+                best = (speed, plan, batch)
+    if best is None:
+        raise EdgecpError(
+            f"--memory-budget {fmt_bytes(limit)} is below the smallest generation plan for {resolution} px "
+            f"({fmt_bytes(smallest[1].peak)}): pass --memory-budget {_round_up(smallest[1].peak)} or more, "
+            "or a smaller --size"
+        )
+    return best[1]
