@@ -20,7 +20,7 @@ from edgecp.config import (
     to_dict,
 )
 from edgecp.errors import EdgecpError
-from edgecp.images import load_square, validate_images
+from edgecp.images import load_square, purge_sources, validate_images
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.model.base import load_components
@@ -108,8 +108,7 @@ def add_concept(
         finally:
             store.purge_staging(staged)
     if purge_source:
-        for p in paths:
-            p.unlink(missing_ok=True)
+        manifest["purged"] = purge_sources(paths)  # what was and was not deleted (links, hard links), for the CLI
     return manifest
 
 
