@@ -15,8 +15,8 @@ from rich.table import Table
 
 from edgecp.render import esc
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # long paths stay on one line
+err = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="The store folder (made by `edgecp init`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -73,6 +73,8 @@ def rollback_cmd(
     out.print(f"HEAD {r['from'] or '(damaged)'} -> [bold]{r['to']}[/]; concepts: {esc(', '.join(r['concepts']) or 'none')}")
     if r["dropped"]:
         out.print(f"no longer current: {esc(', '.join(r['dropped']))}")
+    if r["restored"]:
+        out.print(f"back in the model: {esc(', '.join(r['restored']))}")
     if r["later_versions"]:
         out.print(f"kept until `edgecp gc`: {', '.join(r['later_versions'])} (roll forward with `edgecp rollback`)")
 
@@ -94,8 +96,12 @@ def remove_concept_cmd(
     r = remove_concept(store, name, mode)
     if r["mode"] == "rollback":
         out.print(f"removed [bold]{esc(name)}[/] by rolling back: HEAD {r['from']} -> {r['to']}")
-        if r["dropped"]:
-            out.print(f"also no longer current: {esc(', '.join(c for c in r['dropped'] if c != name)) or 'nothing else'}")
+        others = [c for c in r["dropped"] if c != name]
+        if others:
+            out.print(f"also no longer current: {esc(', '.join(others))} (kept in history until `edgecp gc`)")
+        if r["restored"]:
+            out.print(f"[yellow]back in the model:[/] {esc(', '.join(r['restored']))} (removed after that version; "
+                      "remove again with --mode token-only)")
     else:
         out.print(f"removed [bold]{esc(name)}[/] ({r['mode']}) -> version {r['to']}; concepts: "
                   f"{esc(', '.join(r['concepts']) or 'none')}")
@@ -121,9 +127,9 @@ def verify_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
         out.print_json(json.dumps(r))
     else:
         for n in r["notes"]:
-            out.print(f"note: {esc(n)}", highlight=False)
+            out.print(f"note: {esc(n)}", highlight=False, soft_wrap=True)
         for p in r["problems"]:
-            err.print(f"[red]problem:[/] {esc(p)}", highlight=False)
+            err.print(f"[red]problem:[/] {esc(p)}", highlight=False, soft_wrap=True)
         if r["ok"]:
             out.print(f"store {esc(r['store'])} is intact: HEAD {r['head']}, {len(r['intact'])} version(s) verified")
         else:

@@ -140,6 +140,7 @@ def _names(store: Store, version: str | None) -> list[str]:
 def _head_move(store: Store, old: str | None, new: str) -> dict:
     before, after = _names(store, old), _names(store, new)
     return {"from": old, "to": new, "concepts": after, "dropped": [n for n in before if n not in after],
+            "restored": [n for n in after if n not in before],
             "later_versions": [v for v in store.versions() if int(v[1:]) > int(new[1:])]}
 
 
@@ -224,6 +225,7 @@ def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
     # exact: the method takes the concept's contribution out. token-only on a method that cannot separate it: the
     # method still drops what it keeps apart (DSC's teacher-pool entry). token-only on a separable method, which
     # the user asked for explicitly: only the token goes.
+    loaded = {f: ts for f, ts in tensors.items() if f != TOKENS_FILE}
     updates = method.remove_concept(tensors, position, m) if mode == "exact" or method.removal != "exact" else {}
     manifest = {k: v for k, v in m.items() if k not in ("version", "parent", "committed", "files", "action")}
     manifest["concepts"] = [c for c in m["concepts"] if c["name"] != name]  # the image hashes go with it
@@ -240,8 +242,9 @@ def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
     if isinstance(n, dict) and n.get("unet"):
         stored = sum(t.numel() for f, ts in tensors.items() if f != TOKENS_FILE for t in ts.values())
         manifest["n_param"] = {**n, "store": stored, "store_pct": round(100 + 100 * stored / n["unet"], 4)}
-    files: dict[str, bytes | Path] = {f: save({k: v.contiguous() for k, v in ts.items()}) for f, ts in tensors.items()}
-    files.update(other)
+    files: dict[str, bytes | Path] = dict(other)
+    for f, ts in tensors.items():  # files the removal did not touch are copied byte for byte
+        files[f] = vdir / f if loaded.get(f) is ts else save({k: v.contiguous() for k, v in ts.items()})
     return store.commit(files, manifest)
 
 
