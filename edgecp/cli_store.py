@@ -171,9 +171,9 @@ def render_purge(purged: dict | None, console: Console) -> None:
     if not purged:
         return
     if purged["deleted"]:
-        console.print(f"source files deleted: {esc(', '.join(purged['deleted']))}", highlight=False)
+        console.print(f"source files deleted: {esc(', '.join(purged['deleted']))}", highlight=False, soft_wrap=True)
     for k in purged["not_deleted"]:
-        console.print(f"[yellow]not deleted:[/] {esc(k['path'])} ({esc(k['reason'])})", highlight=False)
+        console.print(f"[yellow]not deleted:[/] {esc(k['path'])} ({esc(k['reason'])})", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
