@@ -79,9 +79,11 @@ def run_child(store: Path, args: list[str], kill_after: float | None) -> tuple[f
                          stderr=subprocess.DEVNULL, text=True, env=env)
     assert p.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
-    if kill_after is None:
+    if kill_after is None:  # the command's own work ends when it prints its result (exit takes longer)
+        first = p.stdout.readline()
+        t_work = time.perf_counter() - t0
         p.communicate()
-        return time.perf_counter() - t0, p.returncode
+        return (t_work if first else time.perf_counter() - t0), p.returncode
     try:
         p.wait(timeout=kill_after)
         return time.perf_counter() - t0, p.returncode  # finished before the kill
@@ -135,7 +137,8 @@ def main() -> None:
         durations[cmd], rc = run_child(d, cargs, None)
         assert rc == 0, f"{cmd} failed on the template"
         finals[cmd] = snapshot(d)
-    print("command durations after import: " + ", ".join(f"{c} {t:.2f}s" for c, t in durations.items()), flush=True)
+    print("command work durations (import excluded): " + ", ".join(f"{c} {t:.3f}s" for c, t in durations.items()),
+          flush=True)
     results = []
     for i in range(args.trials):
         cmd = list(COMMANDS)[i % len(COMMANDS)]
@@ -144,6 +147,7 @@ def main() -> None:
         delay = rng.uniform(0, 1.1 * durations[cmd])
         _, rc = run_child(d, COMMANDS[cmd], delay)
         state = snapshot(d)["head"]
+        which = "old" if state == before["head"] else "new"
         problems = check(d, before, finals[cmd], cmd)
         again, rc2 = run_child(d, COMMANDS[cmd], None)  # the command completes after the crash (or says it is done)
         end = snapshot(d)
@@ -151,13 +155,15 @@ def main() -> None:
             problems.append(f"re-running {cmd} did not reach the new state (rc {rc2})")
         outcome = "killed" if rc is None else f"finished rc={rc}"
         results.append({"trial": i, "command": cmd, "kill_at_s": round(delay, 3), "outcome": outcome,
-                        "head_after_kill": state, "problems": problems})
-        print(f"trial {i:2d} {cmd:<15} kill at {delay:5.2f}s {outcome:<14} HEAD {state}: "
+                        "head_after_kill": state, "state": which, "problems": problems})
+        print(f"trial {i:2d} {cmd:<15} kill at {delay:6.3f}s {outcome:<14} HEAD {state} ({which} state): "
               + ("OK" if not problems else "FAIL " + "; ".join(problems)), flush=True)
         shutil.rmtree(d, ignore_errors=True)
     failed = [r for r in results if r["problems"]]
     killed = sum(r["outcome"] == "killed" for r in results)
-    print(f"{len(results)} trials, {killed} killed mid-command, {len(failed)} failed")
+    old = sum(r["state"] == "old" for r in results)
+    print(f"{len(results)} trials, {killed} killed before exit, {old} left the old state, "
+          f"{len(results) - old} the new, {len(failed)} failed")
     (work / "crash-results.json").write_text(json.dumps(results, indent=2))
     sys.exit(1 if failed else 0)
 
