@@ -12,7 +12,8 @@ Choices the issue leaves open (also in docs/architecture.md):
 - `remove-concept` makes a new version without the concept (history is append-only). Methods that store each
   concept's contribution apart remove it exactly; the others refuse unless told `--mode rollback` (HEAD goes to
   the version before the concept; the later concepts are named) or `--mode token-only` (the token and the image
-  hashes go, the shared state keeps traces: recorded as `removed: [{name, mode, traces: true}]`). Earlier versions
+  hashes go, the shared state keeps traces: recorded as `removed: [{name, mode, traces: true}]`). Exact methods
+  refuse token-only: their stored parts must stay one per remaining concept so later removals stay exact. Earlier versions
   still hold the concept until `gc --keep 1` deletes them; the result says which.
 - `verify` checks every version (its files against the sha256s its manifest recorded), HEAD, store.json and every
   export. Versions written before edgecp recorded hashes are reported as such, not as damaged.
@@ -181,6 +182,11 @@ def remove_concept(root: str | Path, name: str, mode: str | None = None) -> dict
                 f"method {method} keeps every concept in one shared state, so '{name}' cannot be removed exactly; "
                 f"choose --mode rollback (HEAD goes back to {version_before(store, name)}, the version before it; "
                 f"{lost}) or --mode token-only (the token and image hashes go, the adapter keeps traces of it)"
+            )
+        if mode == "token-only" and support == "exact":
+            raise EdgecpError(
+                f"method {method} removes '{name}' exactly (its contribution is stored apart): drop --mode token-only; "
+                "keeping its part of the model without its token would leave the store unable to remove it later"
             )
         mode = mode or "exact"
         if mode == "rollback":

@@ -246,6 +246,8 @@ def test_lora_merge_exact_removal_equals_a_store_that_never_learned_it(tmp_path,
         train.add_concept(ac, n, photos[n], class_word="toy")
     monkeypatch.undo()
 
+    with pytest.raises(EdgecpError, match="removes 'b' exactly.*drop --mode token-only"):
+        remove_concept(abc, "b", "token-only")
     r = remove_concept(abc, "b")
     assert r["mode"] == "exact" and r["to"] == "v0004" and r["still_in"] == ["v0002", "v0003"]
     got = load_file(str(abc / "versions" / "v0004" / "adapter.safetensors"))
