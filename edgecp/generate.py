@@ -151,7 +151,7 @@ def find_export(store_root: str | Path) -> Path:
         damaged.append(f"{d.name} ({problems[0] if problems else 'another version'})")
     hint = f" ({'; '.join(damaged)}: delete it or run `edgecp gc --store {store_root}`)" if damaged else ""
     raise EdgecpError(
-        f"no intact ONNX export of version {head} in '{store.root}'{hint}: run `edgecp export --store {store_root} "
+        f"no ONNX export of version {head} in '{store.root}' is complete and intact{hint}: run `edgecp export --store {store_root} "
         "--profile cpu-fp32` first, or pass --onnx-dir"
     )
 

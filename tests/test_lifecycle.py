@@ -302,7 +302,7 @@ def test_export_folders_are_found_only_when_complete_and_intact(store_copy, fp32
     half = exports / ".cpu-fp32-v0002-k1ll3d"  # what a killed export leaves
     shutil.copytree(fp32_export_dir, half)
     (half / "edgecp.json").unlink()
-    with pytest.raises(EdgecpError, match="no intact ONNX export of version v0002"):
+    with pytest.raises(EdgecpError, match="no ONNX export of version v0002 .* is complete and intact"):
         find_export(store_copy)
     assert not half.exists()  # recovered on open: no writer holds its lock
     good = exports / "cpu-fp32-v0002"
@@ -317,3 +317,14 @@ def test_export_folders_are_found_only_when_complete_and_intact(store_copy, fp32
     assert gc(store_copy)["exports_deleted"] == []  # a damaged export of a kept version is reported, not deleted
     os.remove(good / "edgecp.json")
     assert gc(store_copy)["exports_deleted"] == ["cpu-fp32-v0002"]
+
+
+def test_versions_from_an_older_edgecp_verify_with_a_note(tmp_path):
+    s = _store3(tmp_path)
+    f = s.version_dir("v0002") / "manifest.json"
+    m = json.loads(f.read_text())
+    del m["files"]  # what an edgecp before per-file hashes wrote
+    f.write_text(json.dumps(m))
+    r = verify(s.root)
+    assert r["ok"] and r["notes"] == ["v0002: no recorded hashes (written by an older edgecp); its files were not checked"]
+    assert s.check_version("v0002") == "v0002"
