@@ -44,6 +44,10 @@ def init_store(
     prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
     budget = parse_bytes(memory_budget)
     spec = resolve_base(base)
+    if spec.kind == "single_file":  # read the checkpoint's configuration now, refuse one we cannot load
+        from edgecp.model.single_file import config_folder, detect_family
+
+        config_folder(detect_family(spec.path))
     info = {
         "base": {**spec.to_json(), "sha256": base_sha256(spec)},
         "method": {"name": m.name, "params": to_dict(m.params)},

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from edgecp.errors import EdgecpError
+from edgecp.render import esc
 
 app = typer.Typer(
     name="edgecp", help="Continual personalization of Stable Diffusion: teach concepts one at a time, export to ONNX.",
@@ -108,7 +109,7 @@ def init(
     prior = {k: v for k, v in (("prompt", prior_prompt), ("num_images", prior_images)) if v is not None}
     s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior,
                    memory_budget=memory_budget)
-    out.print(f"created store [bold]{s.root}[/] on base '{s.info['base']['locator']}' "
+    out.print(f"created store [bold]{esc(s.root)}[/] on base '{esc(s.info['base']['locator'])}' "
               f"(sha256 {s.info['base']['sha256'][:12]}), method {s.info['method']['name']}")
 
 
@@ -126,7 +127,7 @@ def set_method_cmd(
     from edgecp.api import set_method
 
     s = set_method(store, method, _parse_kv(param, "--param"))
-    out.print(f"store {s.root} now uses {s.info['method']['name']} {s.info['method']['params']}")
+    out.print(f"store {esc(s.root)} now uses {s.info['method']['name']} {esc(s.info['method']['params'])}")
 
 
 @app.command("add-concept")
@@ -155,10 +156,15 @@ def add_concept_cmd(
     with progress_bars() as bar:
         m = add_concept(store, name, images, class_word=class_word, overrides=overrides,
                         purge_source=purge_source, device=device, progress=_train_progress(bar),
-                        memory_budget=memory_budget, plan_force=_parse_kv(plan_pin, "--plan") or None, on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
+                        memory_budget=memory_budget, plan_force=_parse_kv(plan_pin, "--plan") or None,
+                        on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
     c = m["concepts"][-1]
     out.print(f"learned [bold]<{c['name']}>[/] from {len(c['images'])} image(s) in {c['seconds']['total']:.1f}s "
-              f"-> version {m['version']}; staged copies purged" + ("; source files deleted" if purge_source else ""))
+              f"-> version {m['version']}; staged copies purged")
+    if purge_source:
+        from edgecp.cli_store import render_purge
+
+        render_purge(m.get("purged"), out)
 
 
 @app.command()
@@ -202,11 +208,11 @@ def concepts(store: StoreOpt, as_json: Annotated[bool, typer.Option("--json", he
     if as_json:
         out.print_json(json.dumps(s))
         return
-    t = Table(title=f"{s['store']} @ {s['version']} - method {s['method']['name']} - {s['bytes'] / 1e6:.2f} MB")
+    t = Table(title=f"{esc(s['store'])} @ {s['version']} - method {s['method']['name']} - {s['bytes'] / 1e6:.2f} MB")
     for col in ("task", "name", "prompt token", "class word", "images", "steps", "seconds"):
         t.add_column(col)
     for c in s["concepts"]:
-        t.add_row(str(c["task"]), c["name"], c["token"], c["class_word"] or "-", str(c["images"]), str(c["steps"]),
+        t.add_row(str(c["task"]), c["name"], esc(c["token"]), esc(c["class_word"] or "-"), str(c["images"]), str(c["steps"]),
                   f"{c['seconds']['total']:.1f}")
     out.print(t)
     if s["n_param"]:
@@ -255,7 +261,7 @@ def generate(
             from edgecp.generate import find_export, generate_from_onnx
 
             paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb)
-    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{paths[-1]}[/]")
+    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
 
 
 @app.command()
@@ -277,7 +283,7 @@ def export(
         if out_dir is None:
             raise EdgecpError("--format diffusers needs --out DIR")
         files = export_diffusers(store, out_dir)
-        out.print(f"wrote {len(files)} file(s) to [bold]{out_dir}[/] (load with load_lora_weights / load_textual_inversion)")
+        out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
         return
     if fmt != "onnx":
         raise EdgecpError(f"--format '{fmt}' is unknown: use onnx or diffusers")
@@ -291,19 +297,21 @@ def export(
     for name, r in report["models"].items():
         t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}")
     out.print(t)
-    out.print(f"exported to [bold]{report['out']}[/]")
+    out.print(f"exported to [bold]{esc(report['out'])}[/]")
 
 
 @app.command()
 def methods() -> None:
-    """List the continual strategies a store can use."""
+    """List the continual strategies a store can use, and how `remove-concept` works with each."""
     from edgecp.methods import method_class, method_names
 
     t = Table()
     t.add_column("method")
     t.add_column("what it does")
+    t.add_column("remove-concept")
     for name in method_names():
-        t.add_row(name, method_class(name).summary)
+        cls = method_class(name)
+        t.add_row(name, cls.summary, "exact" if cls.removal == "exact" else "token-only or rollback")
     out.print(t)
 
 
@@ -370,9 +378,9 @@ def bench(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     with progress_bars() as bar:
         result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench (tasks)", i, n),
-                           log=lambda msg: err.print(f"[dim]bench:[/] {msg}"))
+                           log=lambda msg: err.print(f"[dim]bench:[/] {esc(msg)}"))
     typer.echo(table_markdown(result))  # plain: a markdown table must not be wrapped at the terminal width
-    out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{out_dir}[/]")
+    out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{esc(out_dir)}[/]")
 
 
 @app.command()
@@ -381,10 +389,15 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="Where the demo wri
     from edgecp.demo import run_demo
 
     with progress_bars() as bar:
-        report = run_demo(out_dir, progress=bar, log=lambda msg: err.print(f"[dim]demo:[/] {msg}"))
-    out.print("\n[bold]edgecp demo done[/] - everything is under " + str(report["out"]))
+        report = run_demo(out_dir, progress=bar, log=lambda msg: err.print(f"[dim]demo:[/] {esc(msg)}"))
+    out.print("\n[bold]edgecp demo done[/] - everything is under " + esc(report["out"]))
     for k, v in report["paths"].items():
-        out.print(f"  {k:<22} {v}")
+        out.print(f"  {k:<22} {esc(v)}")
+
+
+from edgecp.cli_store import register as _register_store_commands  # noqa: E402
+
+_register_store_commands(app)
 
 
 def main() -> None:
@@ -394,7 +407,7 @@ def main() -> None:
     except EdgecpError as e:
         if os.environ.get("EDGECP_DEBUG") == "1":
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {esc(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted: the store is at its last committed version")

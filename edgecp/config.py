@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, fields
 
 from edgecp.errors import EdgecpError
 
-CONCEPT_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+CONCEPT_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def check_concept_name(name: str) -> str:
-    if not CONCEPT_NAME_RE.match(name or ""):
+    if not CONCEPT_NAME_RE.fullmatch(name or ""):  # fullmatch: `$` alone would accept a trailing newline
         raise EdgecpError(
-            f"concept name '{name}' is not a valid token: use 1-32 lowercase letters, digits, '-' or '_', "
+            f"concept name {name!r} is not a valid token: use 1-32 lowercase letters, digits, '-' or '_', "
             "starting with a letter (e.g. 'my-dog')"
         )
     return name

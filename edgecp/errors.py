@@ -14,3 +14,9 @@ class EdgecpError(Exception):
 
 class StoreLockedError(EdgecpError):
     exit_code = 3
+
+
+class DamagedStoreError(EdgecpError):
+    """The store's files are not what edgecp wrote (truncated, missing, edited): the message says what to run."""
+
+    exit_code = 4

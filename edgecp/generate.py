@@ -156,21 +156,35 @@ def generate_from_store(
 
 
 def find_export(store_root: str | Path) -> Path:
-    """The newest ONNX export of the store's current version (under STORE/exports)."""
+    """The newest complete, intact ONNX export of the store's current version (under STORE/exports).
+
+    An export counts only when its edgecp.json (written last) is present and every file matches the sha256 it
+    records: a folder left by a killed export, or one whose files changed, is never picked up."""
+    from edgecp.integrity import read_export_meta
     from edgecp.store import Store
 
     store = Store.open(store_root)
-    candidates = []
+    head = store.head
+    candidates, damaged = [], []
     for d in (store.root / "exports").glob("*"):
         meta = d / "edgecp.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("version") == store.head:
-            candidates.append((meta.stat().st_mtime, d))
-    if not candidates:
-        raise EdgecpError(
-            f"no ONNX export of version {store.head} in '{store.root}': run `edgecp export --store {store_root} "
-            "--profile cpu-fp32` first, or pass --onnx-dir"
-        )
-    return max(candidates)[1]
+        if d.is_dir() and not d.name.startswith(".") and meta.is_file():
+            try:
+                version = json.loads(meta.read_text()).get("version")
+            except (OSError, ValueError, AttributeError):
+                version = None
+            if version == head or version is None:
+                candidates.append((meta.stat().st_mtime, d))
+    for _, d in sorted(candidates, reverse=True):
+        meta, problems = read_export_meta(d)
+        if not problems and meta.get("version") == head:
+            return d
+        damaged.append(f"{d.name} ({problems[0] if problems else 'another version'})")
+    hint = f" ({'; '.join(damaged)}: delete it or run `edgecp gc --store {store_root}`)" if damaged else ""
+    raise EdgecpError(
+        f"no ONNX export of version {head} in '{store.root}' is complete and intact{hint}: run `edgecp export --store {store_root} "
+        "--profile cpu-fp32` first, or pass --onnx-dir"
+    )
 
 
 def generate_from_onnx(
@@ -183,7 +197,11 @@ def generate_from_onnx(
     meta_file = onnx_dir / "edgecp.json"
     if not meta_file.is_file():
         raise EdgecpError(f"'{onnx_dir}' is not an edgecp ONNX export (no edgecp.json): run `edgecp export` first")
-    meta = json.loads(meta_file.read_text())
+    from edgecp.integrity import read_export_meta
+
+    meta, problems = read_export_meta(onnx_dir)
+    if problems:
+        raise EdgecpError(f"export '{onnx_dir}' is not intact: {problems[0]}; export again with `edgecp export`")
     expanded = expand(prompt, meta["concepts"])
     try:
         runner = OnnxStableDiffusion(onnx_dir)

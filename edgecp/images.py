@@ -1,7 +1,18 @@
-"""Validating and reading the user's images. Everything is checked before anything is written."""
+"""Validating, reading and purging the user's images. Everything is checked before anything is written.
+
+Choices the issue left to us (also in docs/architecture.md):
+- Duplicates are found by content (sha256), so hard links, copies and a file given twice count once.
+- At most MAX_IMAGES images per concept (the papers use 3-20); more is refused with the number and the limit.
+- Transparent images are composited on mid grey (128, 128, 128), which is 0 in the model's [-1, 1] pixel range:
+  the neutral value, neither the white nor the black a photo editor might have hidden under the alpha.
+- 16- and 32-bit greyscale (PIL modes I;16*, I, F) are scaled to 8 bits by their bit depth, not clipped.
+- `--purge-source` on a symbolic link deletes the photo it points to and the link; the report names every path
+  deleted and every one not deleted, and a photo that survives through other hard links is named as such.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -10,6 +21,8 @@ from edgecp.errors import EdgecpError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 32
 MAX_PIXELS = 64_000_000
+MAX_IMAGES = 100
+NEUTRAL_GREY = (128, 128, 128)
 
 
 def expand_image_args(args: list[str | Path]) -> list[Path]:
@@ -34,18 +47,44 @@ def expand_image_args(args: list[str | Path]) -> list[Path]:
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
+def _content_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dedupe_by_content(paths: list[Path]) -> list[Path]:
+    """The first of each set of files with the same bytes (hard links, copies)."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        h = _content_sha256(p)
+        if h not in seen:
+            seen.add(h)
+            out.append(p)
+    return out
+
+
 def validate_image(path: Path) -> tuple[int, int]:
     """Decode the whole file; return (width, height) or raise naming the file and the rule it breaks."""
     from PIL import Image
 
+    too_large = f"image '{path}' is too large: resize it to at most {MAX_PIXELS:,} pixels (e.g. 8000x8000)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                w, h = im.size  # from the header: refuse a huge image before decoding it
+                if w * h > MAX_PIXELS:
+                    raise EdgecpError(f"image '{path}' is {w}x{h} px ({w * h:,} pixels), too large: resize it to "
+                                      f"at most {MAX_PIXELS:,} pixels")
                 im.load()
-                w, h = im.size
-    except Image.DecompressionBombWarning:
-        raise EdgecpError(f"image '{path}' is too large to be a photo: resize it below {MAX_PIXELS} pixels") from None
+    except EdgecpError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise EdgecpError(too_large) from None
     except Exception as e:
         raise EdgecpError(f"image '{path}' cannot be decoded ({type(e).__name__}): pass a PNG, JPEG or WebP file") from None
     if min(w, h) < MIN_SIDE:
@@ -56,10 +95,58 @@ def validate_image(path: Path) -> tuple[int, int]:
 
 
 def validate_images(args: list[str | Path]) -> list[Path]:
-    paths = expand_image_args(args)
+    """The distinct (by content) images among `args`, each decoded once; errors name the file and the rule."""
+    paths = dedupe_by_content(expand_image_args(args))
+    if len(paths) > MAX_IMAGES:
+        raise EdgecpError(f"{len(paths)} images given, at most {MAX_IMAGES} per concept are accepted: pass the 3-20 "
+                          "best photos of the concept")
     for p in paths:
         validate_image(p)
     return paths
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB: high-bit-depth greyscale scaled by its depth, transparency composited on grey."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0
+        elif im.mode == "I":  # 32-bit integer: PNG 16-bit greyscale often loads as "I"
+            a = a / 257.0 if a.max() > 255 else a
+        else:  # float: [0, 1] or [0, 255]
+            a = a * 255.0 if a.max() <= 1.0 else a
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info) or \
+            (im.mode in ("L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, NEUTRAL_GREY + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def purge_sources(paths: list[Path]) -> dict:
+    """Delete the user's photos after the commit. A symbolic link: the photo it points to, then the link.
+    Returns {"deleted": [...], "not_deleted": [{"path", "reason"}]}; never claims a deletion that did not happen."""
+    deleted, kept = [], []
+    for p in paths:
+        targets = [p.resolve(), p] if p.is_symlink() else [p]
+        for t in targets:
+            try:
+                links = t.stat().st_nlink if not t.is_symlink() else 1
+                t.unlink()
+            except FileNotFoundError:
+                kept.append({"path": str(t), "reason": "not found (deleted meanwhile?)"})
+                continue
+            except OSError as e:
+                kept.append({"path": str(t), "reason": f"{type(e).__name__}: {e.strerror or e}"})
+                continue
+            deleted.append(str(t))
+            if links > 1:
+                kept.append({"path": str(t), "reason": f"its bytes survive in {links - 1} other hard link(s)"})
+    return {"deleted": deleted, "not_deleted": kept}
 
 
 def load_square(path: Path, size: int):
@@ -69,7 +156,7 @@ def load_square(path: Path, size: int):
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = to_rgb(ImageOps.exif_transpose(im))
         im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, from_dict, replace
-from edgecp.errors import EdgecpError
+from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.model.base import BaseSpec, Components, base_sha256, load_components, resolve_base
 from edgecp.model.tokens import load_concept_tokens
 from edgecp.store import Store
@@ -38,8 +38,18 @@ def open_base(store: Store) -> BaseSpec:
 
 
 def read_tensors(version_dir: Path, fname: str) -> dict[str, torch.Tensor]:
+    """A version's tensor file ({} when the version has none); a damaged file raises one line saying what to run."""
     f = version_dir / fname
-    return load_file(str(f)) if f.exists() else {}
+    if not f.exists():
+        return {}
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises SafetensorError (truncated, bad header) or OSError
+        store = version_dir.parent.parent
+        raise DamagedStoreError(
+            f"store '{store}' is damaged: {version_dir.name}/{fname} cannot be read ({type(e).__name__}); run "
+            f"`edgecp verify --store {store}`, then `edgecp rollback --store {store} VERSION` to an intact version"
+        ) from None
 
 
 @dataclass
@@ -57,6 +67,7 @@ class PersonalModel:
         """The version's model. With a memory `plan` the frozen base is held as the plan says (16-bit or 8-bit,
         the adapted layers fp32, the adapter unmerged and fp32); without one, in full precision (export, merges)."""
         device = device or default_device()
+        version = store.check_version(version)  # refuse files that fail the hashes the manifest recorded
         spec = open_base(store)
         if plan is None:
             comps = load_components(spec)

@@ -20,7 +20,7 @@ from edgecp.config import (
     to_dict,
 )
 from edgecp.errors import EdgecpError
-from edgecp.images import load_square, validate_images
+from edgecp.images import load_square, purge_sources, validate_images
 from edgecp.memory import PeakMeter, device_info, is_oom, release_memory, training_workload
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
@@ -142,8 +142,7 @@ def add_concept(
         finally:
             store.purge_staging(staged)
     if purge_source:
-        for p in paths:
-            p.unlink(missing_ok=True)
+        manifest["purged"] = purge_sources(paths)  # what was and was not deleted (links, hard links), for the CLI
     return manifest
 
 

@@ -63,6 +63,16 @@ def trained_store(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def fp32_export_dir(trained_store, tmp_path_factory) -> Path:
+    """A cpu-fp32 ONNX export of trained_store (outside the store); tests must not modify it (copy it first)."""
+    from edgecp.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("exports") / "cpu"
+    export_onnx(trained_store, "cpu-fp32", out)
+    return out
+
+
 @pytest.fixture
 def store_copy(trained_store, tmp_path) -> Path:
     dst = tmp_path / "store"

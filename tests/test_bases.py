@@ -49,5 +49,5 @@ def test_a_single_file_that_is_not_sd_gives_a_clear_error(tmp_path, monkeypatch)
     f = tmp_path / "weird.safetensors"
     save_file({"x": torch.zeros(2)}, str(f))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EdgecpError, match="could not load base"):
+    with pytest.raises(EdgecpError, match="not a Stable Diffusion checkpoint"):
         load_components(resolve_base(str(f)))

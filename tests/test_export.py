@@ -15,10 +15,8 @@ from edgecp.export.onnx_export import export_onnx
 
 
 @pytest.fixture(scope="module")
-def fp32_export(trained_store, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exports") / "cpu"
-    export_onnx(trained_store, "cpu-fp32", out)
-    return out
+def fp32_export(fp32_export_dir) -> Path:
+    return fp32_export_dir  # conftest: one export of trained_store per session (read-only)
 
 
 def test_onnx_layout_and_parity(fp32_export, trained_store):

@@ -23,6 +23,7 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
     from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
 
     store = Store.open(store_root)
+    store.check_version()
     adapter = effective_adapter(store)
     if adapter.kind == "vera":
         raise EdgecpError("--format diffusers exports LoRA; this store uses VeRA, which diffusers cannot load: use --format onnx")

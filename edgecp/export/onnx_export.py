@@ -27,6 +27,7 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
+from edgecp.integrity import lock_dir, unlock_dir, write_export_meta
 from edgecp.model.tokens import bake_tokens
 from edgecp.profiles import DeviceProfile, load_profile
 from edgecp.store import Store
@@ -206,6 +207,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     names = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    lock = lock_dir(tmp)  # recovery and gc leave a temporary export alone while its writer lives
     report = {"profile": profile.name, "precision": profile.precision, "version": version, "models": {}}
     try:
         specs = _specs(comps)
@@ -232,11 +234,12 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         concepts = [{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts]
         meta = {**report, "concepts": concepts, "base": store.info["base"], "store": str(store.root),
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / "edgecp.json").write_text(json.dumps(meta, indent=2))
+        write_export_meta(tmp, meta)  # edgecp.json with every file's sha256, last: only a complete export has it
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     finally:
+        unlock_dir(lock)
         shutil.rmtree(tmp, ignore_errors=True)
     report["out"] = str(out)
     return report

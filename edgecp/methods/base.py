@@ -77,6 +77,9 @@ class Method:
     Params: ClassVar[type] = NoParams
     adapter_kind: ClassVar[str] = "lora"  # the adapter the method requires
     default_rank: ClassVar[int] = 16
+    # how `edgecp remove-concept` can take a concept out: "exact" when the method stores each concept's contribution
+    # apart (remove_concept below rebuilds the model without it); "token-only" when one state mixes all concepts
+    removal: ClassVar[str] = "token-only"
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params
@@ -140,3 +143,9 @@ class Method:
 
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
         return {ADAPTER_FILE: lora.adapter_state(ctx.comps.unet)}
+
+    def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
+        """Take concept `position` (0-based in the manifest's concepts) out of a version's tensor files, in place
+        (the token is removed by the caller); return manifest entries to update. Default: the method keeps one
+        state that mixes every concept, which cannot be separated, so nothing but the token goes."""
+        return {}

@@ -77,6 +77,24 @@ class Dsc(Method):
         theta_n = lora.adapter_state(ctx.comps.unet)
         return {**super().files(ctx), TEACHERS_FILE: write_pool(ctx.extra["pool"] + [theta_n])}
 
+    def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
+        """The concept's teacher-pool entry goes exactly (later DSC phases never draw it); the one adapter trained
+        through every task keeps its traces (token-only for the model itself)."""
+        flat = files.get(TEACHERS_FILE)
+        if flat:
+            tasks: dict[str, dict[str, torch.Tensor]] = {}
+            for key, v in flat.items():
+                task, rest = key.split("/", 1)
+                tasks.setdefault(task, {})[rest] = v
+            pool = [tasks[t] for t in sorted(tasks)]
+            if position < len(pool):
+                del pool[position]
+            if pool:
+                files[TEACHERS_FILE] = write_pool(pool)
+            else:
+                files.pop(TEACHERS_FILE)
+        return super().remove_concept(files, position, manifest)
+
 
 class DscEwc(EwcMixin, Dsc):
     name = "dsc-ewc"

@@ -50,3 +50,19 @@ class LoraMerge(Method):
     def manifest_extra(self, ctx: TaskContext) -> dict:
         n = len(ctx.extra["tasks"]) + 1
         return {"adapter_rank": self.adapter.rank * n, "merge_weights": self._weights(n)}
+
+    removal = "exact"
+
+    def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
+        """Drop the concept's task LoRA and re-weight the rest as a store that learned only them would (1/(n-1))."""
+        state = files.get(ADAPTER_FILE) or {}
+        tasks = lora.split_lora(state, self.adapter.rank, manifest.get("merge_weights")) if state else []
+        if len(tasks) != len(manifest["concepts"]):
+            raise EdgecpError(f"the adapter holds {len(tasks)} task LoRAs for {len(manifest['concepts'])} concepts: "
+                              "the version is inconsistent; run `edgecp verify`")
+        del tasks[position]
+        if not tasks:
+            files.pop(ADAPTER_FILE, None)
+            return {"adapter_rank": None, "merge_weights": []}
+        files[ADAPTER_FILE] = lora.concat_loras(tasks, self._weights(len(tasks)))
+        return {"adapter_rank": self.adapter.rank * len(tasks), "merge_weights": self._weights(len(tasks))}

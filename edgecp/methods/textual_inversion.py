@@ -13,6 +13,7 @@ class TextualInversion(Method):
     name = "textual-inversion"
     summary = "only the new token's embedding is trained (000's TI baseline)"
     adapter_kind = "none"
+    removal = "exact"  # the concept is its token; dropping the token leaves what never learned it
 
     @classmethod
     def train_defaults(cls, tiny: bool) -> dict:

@@ -158,9 +158,12 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
     quiet_hf()
     dtype = dtype or torch.float32
     try:
-        if spec.kind == "single_file":
+        if spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
+            from edgecp.model.single_file import config_folder, detect_family
+
             pipe = StableDiffusionPipeline.from_single_file(
-                str(spec.path), dtype=dtype, safety_checker=None, use_safetensors=True
+                str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
+                torch_dtype=dtype, safety_checker=None, use_safetensors=True,
             )
         else:
             pipe = StableDiffusionPipeline.from_pretrained(

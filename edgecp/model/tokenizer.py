@@ -44,8 +44,9 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77):
-    """Write a CLIP tokenizer to `folder` (the layout of a diffusers pipeline's `tokenizer/`) and return it."""
+def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """Write a CLIP tokenizer to `folder` (the layout of a diffusers pipeline's `tokenizer/`) and return it.
+    `pad_token`: SD 1.x pads with <|endoftext|>, SD 2.x (OpenCLIP) with "!"."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -55,7 +56,7 @@ def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77):
         vocab=vocab,
         merges=[tuple(m.split()) for m in merges],
         model_max_length=model_max_length,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
     tok.save_pretrained(folder)
     # vocab.json + merges.txt too, for tools that read the slow-tokenizer files

@@ -1,0 +1,393 @@
+"""The personal model's lifecycle: history, rollback, remove a concept, verify, reclaim space (gc).
+
+Every command that writes takes the writer lock and changes the store by one atomic step: a new version (remove a
+concept), a HEAD replaced by rename (rollback), or versions renamed to `versions/.trash-*` before they are deleted
+(gc). A SIGKILL at any instant leaves the old state or the new one; recovery finishes or undoes the rest.
+
+Choices the issue leaves open (also in docs/architecture.md):
+- `rollback VERSION` points HEAD at an existing version (older or newer); the versions above it stay until `gc`.
+- `gc` keeps every version reachable from HEAD (HEAD and its parents) and v0000, the empty store; `--keep N`
+  keeps only HEAD and its N-1 nearest parents (and v0000). Versions left by a rollback, exports of deleted
+  versions, and incomplete exports are deleted. The bytes freed are reported.
+- `remove-concept` makes a new version without the concept (history is append-only). Methods that store each
+  concept's contribution apart remove it exactly; the others refuse unless told `--mode rollback` (HEAD goes to
+  the version before the concept; the later concepts are named) or `--mode token-only` (the token and the image
+  hashes go, the shared state keeps traces: recorded as `removed: [{name, mode, traces: true}]`). Exact methods
+  refuse token-only: their stored parts must stay one per remaining concept so later removals stay exact. Earlier versions
+  still hold the concept until `gc --keep 1` deletes them; the result says which.
+- `verify` checks every version (its files against the sha256s its manifest recorded), HEAD, store.json and every
+  export. Versions written before edgecp recorded hashes are reported as such, not as damaged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgecp.errors import DamagedStoreError, EdgecpError
+from edgecp.integrity import read_export_meta, tree_bytes
+from edgecp.store import MANIFEST, VERSION_RE, Store, check_version_name
+
+REMOVE_MODES = ("exact", "token-only", "rollback")
+
+
+# -- what each method can remove ---------------------------------------------------------------------------
+def removal_support(method: str) -> str:
+    """'exact' or 'token-only' (rollback works for every method)."""
+    from edgecp.methods import method_class
+
+    return method_class(method).removal
+
+
+def removal_table() -> list[dict]:
+    """Per method: how `remove-concept` works, for `edgecp methods` and the README."""
+    from edgecp.methods import method_class, method_names
+
+    rows = []
+    for name in method_names():
+        cls = method_class(name)
+        modes = (["exact"] if cls.removal == "exact" else []) + ["token-only", "rollback"]
+        rows.append({"method": name, "default": cls.removal if cls.removal == "exact" else None, "modes": modes})
+    return rows
+
+
+# -- history ------------------------------------------------------------------------------------------------
+def _describe(m: dict, parent: dict | None) -> dict:
+    """What a version did: an explicit `action` (remove-concept) or the difference of concepts to its parent."""
+    if m.get("action"):
+        return m["action"]
+    if m.get("parent") is None:
+        return {"kind": "init"}
+    names = [c["name"] for c in m["concepts"]]
+    if parent is None:  # the parent was deleted by gc: the newest concept is the one added
+        return {"kind": "add", "concept": names[-1]} if names else {"kind": "unknown"}
+    before = [c["name"] for c in parent["concepts"]]
+    added = [n for n in names if n not in before]
+    removed = [n for n in before if n not in names]
+    if added and not removed:
+        return {"kind": "add", "concept": added[-1]}
+    return {"kind": "change", "added": added, "removed": removed}
+
+
+def describe_action(a: dict) -> str:
+    k = a.get("kind")
+    if k == "init":
+        return "created the store"
+    if k == "add":
+        return f"added {a['concept']}"
+    if k == "remove":
+        return f"removed {a['concept']} ({a['mode']})"
+    return f"added {', '.join(a.get('added', [])) or '-'}; removed {', '.join(a.get('removed', [])) or '-'}"
+
+
+def history(root: str | Path) -> dict:
+    """Every version (oldest first): name, parent, time, what it did, method, concepts, bytes, whether HEAD;
+    and the HEAD moves that were not commits (rollbacks) from the reflog."""
+    store = Store.open(root)
+    head = store.head_or_none()
+    manifests: dict[str, dict | None] = {}
+    for v in store.versions():
+        try:
+            manifests[v] = store.manifest(v)
+        except DamagedStoreError:
+            manifests[v] = None
+    rows = []
+    for v, m in manifests.items():
+        if m is None:
+            rows.append({"version": v, "damaged": True, "head": v == head, "bytes": store.disk_bytes(v)})
+            continue
+        action = _describe(m, manifests.get(m.get("parent")))
+        rows.append({
+            "version": v, "parent": m.get("parent"), "committed": m.get("committed") or store.info.get("created"),
+            "action": action, "what": describe_action(action),
+            "method": (m.get("method") or store.info["method"])["name"],
+            "concepts": [c["name"] for c in m["concepts"]], "bytes": store.disk_bytes(v), "head": v == head,
+            "removed": m.get("removed", []),
+        })
+    events = [e for e in store.reflog() if e.get("action") in ("rollback", "remove-concept", "gc")]
+    return {"store": str(store.root), "head": head, "versions": rows, "events": events,
+            "bytes": tree_bytes(store.root / "versions")}
+
+
+# -- rollback -----------------------------------------------------------------------------------------------
+def rollback(root: str | Path, version: str) -> dict:
+    """Point HEAD at `version`, atomically. The versions above it are kept until `gc`."""
+    check_version_name(version)
+    store = Store.open(root)
+    with store.writer(check_head=False):
+        versions = store.versions()
+        if version not in versions:
+            raise EdgecpError(f"version {version} does not exist in '{store.root}': it has {_span(versions)} "
+                              f"(see `edgecp history --store {store.root}`)")
+        old = store.head_or_none()
+        if version == old:
+            raise EdgecpError(f"HEAD of '{store.root}' is already {version}: nothing to roll back")
+        store.check_version(version)
+        store.set_head(version, {"action": "rollback", "from": old, "to": version})
+        return _head_move(store, old, version)
+
+
+def _span(versions: list[str]) -> str:
+    return f"{versions[0]} .. {versions[-1]}" if versions else "no complete version"
+
+
+def _names(store: Store, version: str | None) -> list[str]:
+    try:
+        return [c["name"] for c in store.manifest(version)["concepts"]] if version else []
+    except DamagedStoreError:
+        return []
+
+
+def _head_move(store: Store, old: str | None, new: str) -> dict:
+    before, after = _names(store, old), _names(store, new)
+    return {"from": old, "to": new, "concepts": after, "dropped": [n for n in before if n not in after],
+            "restored": [n for n in after if n not in before],
+            "later_versions": [v for v in store.versions() if int(v[1:]) > int(new[1:])]}
+
+
+# -- remove-concept -----------------------------------------------------------------------------------------
+def version_before(store: Store, name: str) -> str:
+    """The newest ancestor of HEAD without concept `name` (following parents from HEAD)."""
+    v = store.head
+    while name in _names(store, v):
+        parent = store.manifest(v).get("parent")
+        if parent is None or parent not in store.versions():
+            raise EdgecpError(
+                f"the version before concept '{name}' was added is gone (deleted by gc): remove it with "
+                "--mode token-only instead"
+            )
+        v = parent
+    return v
+
+
+def remove_concept(root: str | Path, name: str, mode: str | None = None) -> dict:
+    """Forget concept `name`; see the module docstring for the modes. Returns what was done."""
+    if mode is not None and mode not in REMOVE_MODES:
+        raise EdgecpError(f"--mode '{mode}' is unknown: use {', '.join(REMOVE_MODES)}")
+    store = Store.open(root)
+    with store.writer():
+        head = store.head
+        m = store.manifest()
+        names = [c["name"] for c in m["concepts"]]
+        if name not in names:
+            raise EdgecpError(f"concept '{name}' is not in version {head} of '{store.root}': its concepts are "
+                              f"{', '.join(names) or 'none'} (see `edgecp concepts`)")
+        method = store.info["method"]["name"]
+        support = removal_support(method)
+        later = names[names.index(name) + 1:]
+        if mode is None and support != "exact" or mode == "exact" and support != "exact":
+            lost = f"loses the later concept(s) {', '.join(later)} (kept in history until gc)" if later else \
+                "loses no other concept"
+            raise EdgecpError(
+                f"method {method} keeps every concept in one shared state, so '{name}' cannot be removed exactly; "
+                f"choose --mode rollback (HEAD goes back to {version_before(store, name)}, the version before it; "
+                f"{lost}) or --mode token-only (the token and image hashes go, the adapter keeps traces of it)"
+            )
+        if mode == "token-only" and support == "exact":
+            raise EdgecpError(
+                f"method {method} removes '{name}' exactly (its contribution is stored apart): drop --mode token-only; "
+                "keeping its part of the model without its token would leave the store unable to remove it later"
+            )
+        mode = mode or "exact"
+        if mode == "rollback":
+            target = version_before(store, name)
+            store.set_head(target, {"action": "remove-concept", "mode": "rollback", "concept": name,
+                                    "from": head, "to": target})
+            return {"mode": mode, "concept": name, **_head_move(store, head, target),
+                    "still_in": _holding(store, name, exclude=None)}
+        version = _commit_without(store, m, name, mode)
+        return {"mode": mode, "concept": name, "from": head, "to": version, "traces": mode == "token-only",
+                "concepts": _names(store, version), "still_in": _holding(store, name, exclude=version)}
+
+
+def _holding(store: Store, name: str, exclude: str | None) -> list[str]:
+    """Versions that still hold the concept (earlier history): `gc --keep 1` deletes them."""
+    return [v for v in store.versions() if v != exclude and name in _names(store, v)]
+
+
+def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
+    from safetensors.torch import save
+
+    from edgecp.config import AdapterConfig, from_dict
+    from edgecp.methods import build_method
+    from edgecp.personal import TOKENS_FILE, read_tensors
+
+    vdir = store.version_dir()
+    position = [c["name"] for c in m["concepts"]].index(name)
+    entry = m["concepts"][position]
+    tensors, other = {}, {}
+    for f in sorted(vdir.iterdir()):
+        if f.name == MANIFEST or not f.is_file():
+            continue
+        if f.suffix == ".safetensors":
+            tensors[f.name] = read_tensors(vdir, f.name)
+        else:
+            other[f.name] = f
+    tokens = tensors.get(TOKENS_FILE, {})
+    tokens.pop(entry["token"], None)
+    info = store.info
+    method = build_method(info["method"]["name"], info["method"]["params"],
+                          from_dict(AdapterConfig, info["adapter"], "adapter"))
+    # exact: the method takes the concept's contribution out. token-only on a method that cannot separate it: the
+    # method still drops what it keeps apart (DSC's teacher-pool entry). token-only on a separable method, which
+    # the user asked for explicitly: only the token goes.
+    loaded = {f: ts for f, ts in tensors.items() if f != TOKENS_FILE}
+    updates = method.remove_concept(tensors, position, m) if mode == "exact" or method.removal != "exact" else {}
+    manifest = {k: v for k, v in m.items() if k not in ("version", "parent", "committed", "files", "action")}
+    manifest["concepts"] = [c for c in m["concepts"] if c["name"] != name]  # the image hashes go with it
+    for k, v in updates.items():
+        if v is None:
+            manifest.pop(k, None)
+        else:
+            manifest[k] = v
+    record = {"name": name, "token": entry["token"], "mode": mode, "traces": mode == "token-only",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest["removed"] = list(m.get("removed", [])) + [record]
+    manifest["action"] = {"kind": "remove", "concept": name, "mode": mode}
+    n = manifest.get("n_param")
+    if isinstance(n, dict) and n.get("unet"):
+        stored = sum(t.numel() for f, ts in tensors.items() if f != TOKENS_FILE for t in ts.values())
+        manifest["n_param"] = {**n, "store": stored, "store_pct": round(100 + 100 * stored / n["unet"], 4)}
+    files: dict[str, bytes | Path] = dict(other)
+    for f, ts in tensors.items():  # files the removal did not touch are copied byte for byte
+        files[f] = vdir / f if loaded.get(f) is ts else save({k: v.contiguous() for k, v in ts.items()})
+    return store.commit(files, manifest)
+
+
+# -- verify -------------------------------------------------------------------------------------------------
+def verify(root: str | Path) -> dict:
+    """Check store.json, HEAD, every version's files against their recorded sha256s, and every export.
+    Returns {ok, problems, notes, intact, suggestion}; never changes the store (beyond open's recovery)."""
+    root = Path(root).expanduser()
+    problems, notes = [], []
+    try:
+        store = Store.open(root)
+    except DamagedStoreError as e:
+        problems.append(str(e))
+        store = Store(root, {})
+    versions_dir = store.root / "versions"
+    if not versions_dir.is_dir():
+        problems.append("versions/ is missing")
+        return _verdict(store, problems, notes, [])
+    intact = []
+    for p in sorted(versions_dir.iterdir()):
+        if p.name.startswith("."):
+            notes.append(f"versions/{p.name} is left from an interrupted write; the next write removes it")
+        elif not VERSION_RE.fullmatch(p.name) or not p.is_dir():
+            problems.append(f"versions/{p.name} is not a version folder: move it out of the store")
+        elif not (p / MANIFEST).is_file():
+            problems.append(f"{p.name} has no {MANIFEST}: damaged; `edgecp gc` deletes it")
+    for v in store.versions():
+        try:
+            m = store.manifest(v)
+        except DamagedStoreError:
+            problems.append(f"{v}/{MANIFEST} cannot be read")
+            continue
+        files = m.get("files")
+        if files is None:
+            notes.append(f"{v}: no recorded hashes (written by an older edgecp); its files were not checked")
+            intact.append(v)
+            continue
+        bad = [f"{v}/{x}" for x in store.version_problems(v)]
+        extra = sorted(f.name for f in store.version_dir(v).iterdir() if f.name != MANIFEST and f.name not in files)
+        bad += [f"{v}/{x} was not written by edgecp (not in the manifest)" for x in extra]
+        problems += bad
+        if not bad:
+            intact.append(v)
+    head = store.head_or_none()
+    if head is None:
+        problems.append("HEAD is missing, empty or not a version name")
+    elif head not in store.versions():
+        problems.append(f"HEAD names {head}, which is not a complete version")
+    exports = store.root / "exports"
+    for d in sorted(exports.iterdir()) if exports.is_dir() else []:
+        if d.name.startswith("."):
+            notes.append(f"exports/{d.name} is an export in progress or interrupted; the next write removes it")
+            continue
+        meta, bad = read_export_meta(d)
+        if meta is not None and "files" not in meta:
+            notes.append(f"exports/{d.name}: no recorded hashes (written by an older edgecp)")
+        else:
+            problems += [f"exports/{d.name}: {x}" for x in bad]
+    if (store.root / "staging").exists():
+        notes.append("staging/ holds photos of a write in progress (another edgecp holds the lock)")
+    return _verdict(store, problems, notes, intact)
+
+
+def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[str]) -> dict:
+    head = store.head_or_none()
+    root = store.root
+    suggestion = None
+    if problems:
+        if head in intact:
+            suggestion = (f"HEAD ({head}) is intact; restore the damaged files from a backup, or delete damaged old "
+                          f"versions and exports with `edgecp gc --store {root} --keep 1`")
+        elif intact:
+            suggestion = f"run `edgecp rollback --store {root} {intact[-1]}` (the newest intact version)"
+        else:
+            suggestion = "no intact version is left: restore the store from a backup"
+    return {"store": str(root), "ok": not problems, "problems": problems, "notes": notes, "head": head,
+            "intact": intact, "suggestion": suggestion}
+
+
+# -- gc -----------------------------------------------------------------------------------------------------
+def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict:
+    """Delete versions HEAD cannot reach (and with `keep`, all but HEAD's N-1 nearest parents), exports of deleted
+    versions and incomplete exports, and leftovers of interrupted writes. Returns what went and the bytes freed."""
+    if keep is not None and keep < 1:
+        raise EdgecpError(f"--keep {keep} must be >= 1 (HEAD is always kept)")
+    root = Path(root).expanduser()
+    leftovers = _leftover_bytes(root)  # Store.open recovers these when idle: count them first
+    store = Store.open(root)
+    with store.writer(check_head=False):
+        head = store.head
+        chain, v = [], head
+        while v is not None and v in store.versions() and (keep is None or len(chain) < keep):
+            chain.append(v)
+            v = _parent(store, v)
+        kept = set(chain) | ({"v0000"} & set(store.versions()))
+        versions_dir = store.root / "versions"
+        doomed = [p.name for p in versions_dir.iterdir()
+                  if VERSION_RE.fullmatch(p.name) and p.name not in kept]
+        doomed.sort(key=lambda n: int(n[1:]))
+        exports = []
+        for d in sorted((store.root / "exports").glob("*")):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            meta, _ = read_export_meta(d)
+            if meta is None or meta.get("version") not in kept:
+                exports.append(d)
+        freed = {"versions": sum(tree_bytes(versions_dir / v) for v in doomed),
+                 "exports": sum(tree_bytes(d) for d in exports), "leftovers": leftovers}
+        result = {"store": str(store.root), "head": head, "kept": sorted(kept, key=lambda n: int(n[1:])),
+                  "deleted": doomed, "exports_deleted": [d.name for d in exports], "bytes_freed": freed,
+                  "bytes_total": sum(freed.values()), "dry_run": dry_run}
+        if dry_run:
+            return result
+        if doomed or exports:
+            store.log({"action": "gc", "deleted": doomed, "exports": [d.name for d in exports]})
+        for v in doomed:
+            store._trash(v)
+        for d in exports:
+            trash = d.parent / f".trash-{d.name}"
+            d.rename(trash)
+            _rmtree(trash)
+    return result
+
+
+def _parent(store: Store, v: str) -> str | None:
+    try:
+        return store.manifest(v).get("parent")
+    except DamagedStoreError:
+        return None
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _leftover_bytes(root: Path) -> int:
+    paths = [root / "staging", *root.glob("versions/.*"), *root.glob("exports/.*"), *root.glob("priors/.*")]
+    return sum(tree_bytes(p) if p.is_dir() else (p.stat().st_size if p.exists() else 0) for p in paths)

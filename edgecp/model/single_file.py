@@ -1,0 +1,96 @@
+"""Single-file checkpoints (the original LDM layout most people download), loaded with no network.
+
+diffusers' `from_single_file` converts the weights but fetches the pipeline's configs and tokenizer from the hub.
+edgecp ships the small config files of the Stable Diffusion families it supports (`assets/sd-configs/`) and
+builds the CLIP tokenizer from the BPE vocabulary it already carries, so `from_single_file(config=LOCAL)` never
+goes online.
+
+The family is read from the checkpoint's header (key names and two tensor shapes; no weights are loaded):
+- `sd1`: SD 1.x (CLIP ViT-L/14 text encoder, cross-attention 768), epsilon prediction, 512 px;
+- `sd2-v`: SD 2.x (OpenCLIP ViT-H text encoder, cross-attention 1024), v-prediction, 768 px (2.0 / 2.1);
+- `sd2-base`: SD 2.x base, epsilon prediction, 512 px;
+- `tiny`: the embedded tiny world's architecture (cross-attention 64), e.g. `--base tiny` saved as one file.
+Whether an SD 2.x checkpoint predicts v or epsilon is not in its weights. Like diffusers (which defaults to
+stable-diffusion-2-1), edgecp assumes v-prediction at 768 px, unless the file name says `base` or `512`
+(e.g. `v2-1_512-ema-pruned.safetensors`, `sd2-base.safetensors`): our choice, stated here and in the README.
+SDXL, inpainting, and anything else are refused with the reason, before a store is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from edgecp.errors import EdgecpError
+
+CONFIGS = Path(__file__).parent / "assets" / "sd-configs"
+FAMILIES = ("sd1", "sd2-base", "sd2-v", "tiny")
+
+UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+V2_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # (out, 1024) in SD 2.x
+V1_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, 768) in SD 1.x
+XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+
+
+def _header(path: Path) -> dict[str, list[int]]:
+    """key -> shape, from the safetensors header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as e:
+        raise EdgecpError(f"base file '{path}' is not a readable .safetensors file ({type(e).__name__}): "
+                          "check the download") from None
+
+
+def detect_family(path: Path) -> str:
+    """sd1 | sd2-base | sd2-v for a single-file checkpoint; refuses what edgecp cannot load, naming why."""
+    keys = _header(path)
+    what = f"base file '{path}'"
+    if XL_KEY in keys:
+        raise EdgecpError(f"{what} is an SDXL checkpoint: edgecp supports Stable Diffusion 1.x and 2.x")
+    if UNET_KEY not in keys:
+        raise EdgecpError(f"{what} is not a Stable Diffusion checkpoint in the original single-file layout (no "
+                          f"{UNET_KEY}): pass an SD 1.x/2.x .safetensors checkpoint or a diffusers folder")
+    if keys[UNET_KEY][1] != 4:
+        raise EdgecpError(f"{what} has a UNet with {keys[UNET_KEY][1]} input channels (an inpainting or "
+                          "depth model): edgecp supports text-to-image SD 1.x/2.x checkpoints (4 channels)")
+    if V2_KEY in keys and keys[V2_KEY][-1] == 1024:
+        name = path.name.lower()
+        return "sd2-base" if ("base" in name or "512" in name) else "sd2-v"
+    if V1_KEY in keys and keys[V1_KEY][-1] == 768:
+        return "sd1"
+    if V1_KEY in keys and keys[V1_KEY][-1] == 64 and keys[UNET_KEY][0] == 32:
+        return "tiny"
+    raise EdgecpError(f"{what} is a Stable Diffusion UNet of an unknown size (cross-attention is neither 768 "
+                      "nor 1024): edgecp supports SD 1.x/2.x checkpoints; convert others to a diffusers folder")
+
+
+def config_folder(family: str) -> Path:
+    """A local diffusers config folder for `family` (shipped configs + the CLIP tokenizer), made once under
+    EDGECP_HOME: what `from_single_file(config=...)` reads instead of the hub."""
+    from edgecp.model.tokenizer import write_clip_tokenizer
+    from edgecp.paths import edgecp_home
+
+    if family not in FAMILIES:
+        raise EdgecpError(f"unknown Stable Diffusion family '{family}': one of {', '.join(FAMILIES)}")
+    if family == "tiny":
+        from edgecp.model.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+    d = edgecp_home() / "single-file-configs" / family
+    if (d / "tokenizer" / "vocab.json").is_file():
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=d.parent)) / "configs"
+    shutil.copytree(CONFIGS / family, tmp)
+    # SD 2.x's OpenCLIP tokenizer pads with "!" (id 0); SD 1.x pads with <|endoftext|>
+    write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family.startswith("sd2") else "<|endoftext|>")
+    try:
+        tmp.rename(d)
+    except OSError:  # another process made it first
+        pass
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+    return d
