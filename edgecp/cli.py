@@ -157,7 +157,7 @@ def add_concept_cmd(
         m = add_concept(store, name, images, class_word=class_word, overrides=overrides,
                         purge_source=purge_source, device=device, progress=_train_progress(bar),
                         memory_budget=memory_budget, plan_force=_parse_kv(plan_pin, "--plan") or None,
-                        on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
+                        on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
     c = m["concepts"][-1]
     out.print(f"learned [bold]<{c['name']}>[/] from {len(c['images'])} image(s) in {c['seconds']['total']:.1f}s "
               f"-> version {m['version']}; staged copies purged")
@@ -256,7 +256,7 @@ def generate(
 
             paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
                                         memory_budget=memory_budget,
-                                        on_plan=lambda p: err.print(p.line(), markup=False, highlight=False, soft_wrap=True))
+                                        on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
         else:
             from edgecp.generate import find_export, generate_from_onnx
 

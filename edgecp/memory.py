@@ -42,6 +42,14 @@ def current_rss() -> int:
 
 
 def max_rss() -> int:
+    """The process's peak resident set: VmHWM of its own address space. (`ru_maxrss` is not used: after a fork and
+    exec it starts from the parent's peak, so a child of a large process reports the parent's size.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

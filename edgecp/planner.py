@@ -34,7 +34,7 @@ from edgecp.errors import EdgecpError
 
 GB = 1e9
 # Fitted coefficients (see the module docstring); values per activation element of a row.
-ACT_FULL = 40.0  # no checkpointing: values kept per C*h^2 of every block
+ACT_FULL = 28.0  # no checkpointing: values kept per C*h^2 of every block
 ACT_SAVED = 3.0  # checkpointing: block inputs and skips kept per C*h^2
 ACT_BLOCK = 40.0  # checkpointing: the largest block recomputed with its gradients
 ACT_INFER = 6.0  # no grad: live values per C*h^2 of the largest level (sampling)
@@ -42,7 +42,7 @@ VAE_DECODE = 24.0  # VAE decoder, per pixel-channel of its first (widest, full-r
 VAE_ENCODE = 12.0
 RUNTIME_CPU = 0.50 * GB  # python + torch + diffusers + transformers + peft resident (measured)
 RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context
-CPU_SLACK = 1.10  # allocator fragmentation on glibc (measured)
+CPU_SLACK = 1.0  # allocator fragmentation on glibc: within the fitted coefficients (measured)
 STREAM_TRANSIENT = 64 * 2**20  # model/quant.STREAM_BATCH_BYTES
 
 # Relative time of an iteration per weight precision, by device: measured on this project's CPU (AVX512-BF16)
@@ -322,10 +322,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo):
+def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo, force: dict):
     consolidation_rows = max([work.phase_rows.get(p, 0) * work.batch_size for p in ("fisher", "dsc")] + [1])
     chunks = sorted({consolidation_rows, *[c for c in (8, 4, 2, 1) if c < consolidation_rows]}, reverse=True)
+    if "dc_chunk" in force:  # a pinned chunk larger than the rows simply runs them in one call
+        chunks = [int(force["dc_chunk"])]
     for weights, backend, compute in _precisions(shape, device):
+        if weights == "int8" and "backend" in force:
+            backend = force["backend"]
         for ckpt in (False, True):
             for micro in _divisors(work.batch_size):
                 for chunk in chunks:
@@ -350,7 +354,7 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
             raise EdgecpError(f"--plan {key}=... is not a plan setting: use one of weights, gradient_checkpointing, "
                               "micro_batch, dc_chunk, compute, backend")
     best, smallest = None, None
-    for speed, plan in _candidates(shape, work, device):
+    for speed, plan in _candidates(shape, work, device, force or {}):
         if force and any(getattr(plan, k) != v for k, v in force.items()):
             continue
         plan = replace(plan, budget=budget, predicted=predict_training(shape, work, device, plan))
@@ -360,7 +364,8 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
             best = (speed, plan)
     if best is None:
         if smallest is None:
-            raise EdgecpError(f"no plan matches {force}: drop the forced setting")
+            raise EdgecpError(f"no plan matches --plan {force}: micro_batch must divide the batch size "
+                              f"{work.batch_size}, backend needs weights=int8; drop or change the setting")
         what = f"--memory-budget {fmt_bytes(budget)}" if budget else f"this {device.kind}'s {fmt_bytes(device.total)}"
         raise EdgecpError(
             f"{what} is below the smallest plan for {work.resolution} px ({fmt_bytes(smallest.peak)} with "

@@ -117,21 +117,30 @@ def _learn(tmp_path, name, method="lora-sequential", force=None, budget=None, st
                              plan_force=force, memory_budget=budget)
 
 
-def test_micro_batches_give_the_same_training(tmp_path):
-    """Batch 4 in one UNet call vs four calls of 1 image: same draws, same gradients, same adapter (fp32)."""
-    a, ma = _learn(tmp_path, "one", force={"weights": "fp32", "micro_batch": 4})
-    b, mb = _learn(tmp_path, "four", force={"weights": "fp32", "micro_batch": 1})
+def test_micro_batches_give_the_same_training(tmp_path, monkeypatch):
+    """Batch 4 in one UNet call vs four calls of 1 image: same draws, same loss, same gradient at every step."""
+    grads, label = {}, ["one"]
+    original = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        grads.setdefault(label[0], []).append([p.grad.clone() for g in self.param_groups for p in g["params"]
+                                               if p.grad is not None])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    _, ma = _learn(tmp_path, "one", force={"weights": "fp32", "micro_batch": 4}, steps=1)
+    label[0] = "four"
+    _, mb = _learn(tmp_path, "four", force={"weights": "fp32", "micro_batch": 1}, steps=1)
     assert ma["concepts"][-1]["memory"]["plan"]["micro_batch"] == 4
     assert mb["concepts"][-1]["memory"]["plan"]["grad_accum"] == 4
-    # the first loss is computed before any update: the split changes only the order of float sums
-    first_a, first_b = ma["concepts"][-1]["metrics"]["loss_first"], mb["concepts"][-1]["metrics"]["loss_first"]
-    assert first_a == pytest.approx(first_b, rel=1e-5)
-    # AdamW normalises each gradient entry, so entries whose gradient is ~0 can move by ~lr on float noise alone;
-    # everything else agrees far below the update size (lr 1e-3 x 2 steps)
-    ta, tb = _version_tensors(a, "adapter.safetensors"), _version_tensors(b, "adapter.safetensors")
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert (ta[k] - tb[k]).abs().max() < 2e-5, (k, (ta[k] - tb[k]).abs().max())
+    assert ma["concepts"][-1]["metrics"]["loss_first"] == pytest.approx(mb["concepts"][-1]["metrics"]["loss_first"],
+                                                                         rel=1e-5)
+    assert len(grads["one"]) == len(grads["four"]), {k: len(v) for k, v in grads.items()}
+    ga, gb = grads["one"][0], grads["four"][0]  # the first optimizer step
+    assert len(ga) == len(gb) > 0
+    for a, b in zip(ga, gb):
+        # float32 sums in another order (oneDNN picks other kernels per batch size): agreement to ~1e-4
+        assert (a - b).norm() <= 1e-3 * a.norm() + 1e-12
 
 
 def test_int8_base_trains_and_exports_with_parity(tmp_path):
@@ -225,7 +234,9 @@ def test_out_of_memory_mid_training_is_one_line_and_changes_nothing(tmp_path, mo
     monkeypatch.setattr(train.Trainer, "step", boom)
     code, _, err = run_cli(capsys, "add-concept", "bb", *make_photos(tmp_path / "b", seed=1), "--store", root)
     assert calls
-    assert_one_line_error(code, err, "ran out of", "--memory-budget", "unchanged")
+    last = err.strip().splitlines()[-1]  # after the progress bars drawn before the failure
+    assert code != 0 and "Traceback" not in err
+    assert last.startswith("error: ran out of") and "--memory-budget" in last and "unchanged" in last
     assert tree_snapshot(root) == before
     assert not any((root / "staging").glob("*/*")) if (root / "staging").exists() else True
 
@@ -243,10 +254,10 @@ def test_plan_command_and_store_budget(tmp_path, capsys):
 
 
 def test_generate_within_a_budget(trained_store, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "generate", "a photo of <alpha>", "--store", trained_store, "-n", "2",
-                           "--steps", "2", "--out", tmp_path / "g", "--memory-budget", "2GB")
+    code, out, err = run_cli(capsys, "generate", "a photo of <alpha>", "--store", trained_store, "-n", "2",
+                             "--steps", "2", "--out", tmp_path / "g", "--memory-budget", "2GB")
     assert code == 0, err
-    assert "plan on cpu" in err and "of 2.00 GB budget" in err
+    assert "plan on cpu" in out and "of 2.00 GB budget" in out
     assert len(list((tmp_path / "g").glob("*.png"))) == 3
 
 

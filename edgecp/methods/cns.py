@@ -52,16 +52,18 @@ def top_per_row(score: torch.Tensor, fraction: float) -> torch.Tensor:
 def taylor_importance(ctx: TaskContext, params: dict[str, torch.nn.Parameter], latents, prompts: list[str],
                       batches: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """sum over batches of |W * dL/dW| for the denoising loss of `latents` under random prompts from `prompts`."""
+    from edgecp.methods.phases import autocast
     from edgecp.train import denoise_loss
 
     score = {k: torch.zeros_like(p) for k, p in params.items()}
-    with torch.no_grad():
-        texts = encode_text(ctx.comps, prompts, ctx.device)
+    with torch.no_grad(), autocast(ctx):
+        texts = encode_text(ctx.comps, prompts, ctx.device).float()
     for _ in range(batches):
         b = ctx.train.batch_size
         x0 = latents.draw(torch.randint(len(latents), (b,), generator=gen), gen)
         text = texts[torch.randint(len(prompts), (b,), generator=gen)]
-        loss = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, x0, text, gen).mean()
+        with autocast(ctx):  # the memory plan's precision (a no-op at fp32)
+            loss = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, x0, text, gen).mean()
         grads = torch.autograd.grad(loss, list(params.values()))
         for (k, p), g in zip(params.items(), grads):
             score[k] += (p.detach() * g).abs()
