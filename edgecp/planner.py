@@ -35,8 +35,8 @@ from edgecp.errors import EdgecpError
 GB = 1e9
 # Fitted coefficients (see the module docstring); values per activation element of a row.
 ACT_FULL = 28.0  # no checkpointing: values kept per C*h^2 of every block
-ACT_SAVED = 3.0  # checkpointing: block inputs and skips kept per C*h^2
-ACT_BLOCK = 40.0  # checkpointing: the largest block recomputed with its gradients
+ACT_SAVED = 8.0  # checkpointing: block inputs and skips kept per C*h^2
+ACT_BLOCK = 80.0  # checkpointing: the largest block recomputed with its gradients
 ACT_INFER = 6.0  # no grad: live values per C*h^2 of the largest level (sampling)
 VAE_DECODE = 24.0  # VAE decoder, per pixel-channel of its first (widest, full-resolution) level, fp32
 VAE_ENCODE = 12.0

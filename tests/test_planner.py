@@ -81,8 +81,8 @@ def test_weight_bytes_by_precision():
     (CPU_OLD, None, lora_work(), {"weights": "fp32"}),
     (T4, None, lora_work(512), {"weights": "fp16", "compute": "fp16"}),
     # tight budgets: 8-bit weights, checkpointing, small DC chunks
-    (RTX_8GB, 3 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True}),
-    (RTX_8GB, 2.8 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
+    (RTX_8GB, 3.2 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True}),
+    (RTX_8GB, 3 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
                                                                 "gradient_checkpointing": True}),
     (CPU_BF16, 3 * GB, lora_work(256), {"weights": "int8", "backend": "torchao"}),
     (T4, 4 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"compute": "fp16"}),
