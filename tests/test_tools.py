@@ -29,3 +29,23 @@ def test_bench_methods_reports_time_and_bytes(tmp_path):
     r = bench.run_method("lora-ewc", steps=1, work=tmp_path, tick=lambda: ticks.append(1))
     assert len(ticks) == 3 and r["train"] > 0 and r["fisher"] > 0 and r["dsc"] == 0
     assert r["version_bytes"] > 0 and r["store_bytes"] >= r["version_bytes"]
+
+
+def test_sd_fixture_writes_a_loadable_base_whose_shape_matches(tmp_path):
+    """tools/make_sd_fixture.py (the SD 1.5 architecture; here its narrow preset): the header-read shape counts
+    every parameter of the loaded model, by kind."""
+    from edgecp.model.base import BaseSpec, load_components
+    from edgecp.model.shape import base_shape
+
+    counts = _load("make_sd_fixture").write_fixture(tmp_path / "mini", "sd15-mini", log=lambda *_: None)
+    spec = BaseSpec("folder", str(tmp_path / "mini"), tmp_path / "mini")
+    comps = load_components(spec)
+    shape = base_shape(spec)
+    unet = comps.unet
+    convs = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    linears = sum(m.weight.numel() for n, m in unet.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not n.endswith(("attn2.to_k", "attn2.to_v")))
+    assert shape.unet_params == sum(p.numel() for p in unet.parameters()) == counts["unet"]
+    assert (shape.unet_conv, shape.unet_linear) == (convs, linears)
+    assert shape.text == counts["text_encoder"] and shape.vae == counts["vae"]
+    assert shape.unet.block_out_channels == (32, 64, 128, 128) and shape.vae_scale == 8
