@@ -133,8 +133,9 @@ def test_micro_batches_give_the_same_training(tmp_path, monkeypatch):
     _, mb = _learn(tmp_path, "four", force={"weights": "fp32", "micro_batch": 1}, steps=1)
     assert ma["concepts"][-1]["memory"]["plan"]["micro_batch"] == 4
     assert mb["concepts"][-1]["memory"]["plan"]["grad_accum"] == 4
+    # the manifest rounds losses to 6 decimals
     assert ma["concepts"][-1]["metrics"]["loss_first"] == pytest.approx(mb["concepts"][-1]["metrics"]["loss_first"],
-                                                                         rel=1e-5)
+                                                                         abs=2.1e-6)
     assert len(grads["one"]) == len(grads["four"]), {k: len(v) for k, v in grads.items()}
     ga, gb = grads["one"][0], grads["four"][0]  # the first optimizer step
     assert len(ga) == len(gb) > 0
