@@ -81,8 +81,8 @@ def test_weight_bytes_by_precision():
     (CPU_OLD, None, lora_work(), {"weights": "fp32"}),
     (T4, None, lora_work(512), {"weights": "fp16", "compute": "fp16"}),
     # tight budgets: 8-bit weights, checkpointing, small DC chunks
-    (RTX_8GB, 3.2 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True}),
-    (RTX_8GB, 3 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
+    (RTX_8GB, 3.5 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True}),
+    (RTX_8GB, 3.3 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
                                                                 "gradient_checkpointing": True}),
     (CPU_BF16, 3 * GB, lora_work(256), {"weights": "int8", "backend": "torchao"}),
     (T4, 4 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"compute": "fp16"}),
@@ -91,7 +91,7 @@ def test_plan_table(device, budget, work, expect):
     plan = plan_training(SD15, work, device, budget)
     for key, value in expect.items():
         assert getattr(plan, key) == value, (key, plan)
-    assert plan.peak <= (budget or device.total)
+    assert plan.peak <= 0.92 * (budget or device.total)  # the planner keeps 8% headroom
     assert plan.micro_batch * plan.grad_accum == work.batch_size * work.grad_accum  # the same effective batch
 
 
@@ -114,7 +114,7 @@ def test_tighter_budget_never_predicts_more_and_is_never_faster():
 
 def test_chunk_and_micro_batch_shrink_the_consolidation_peak():
     work = lora_work(512, batch=2, phase_rows=DSC_EWC_DC)
-    plan = plan_training(SD15, work, RTX_8GB, 3 * GB)
+    plan = plan_training(SD15, work, RTX_8GB, 3.3 * GB)
     assert plan.dc_chunk < 5 * 2  # the 10 Fisher rows do not run at once
     full = dataclasses.replace(plan, dc_chunk=10, micro_batch=2, grad_accum=8)
     assert predict_training(SD15, work, RTX_8GB, full)["fisher"] > plan.predicted["fisher"]
