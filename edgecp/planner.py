@@ -157,6 +157,7 @@ class DeviceInfo:
     total: int  # bytes the process may use (CPU: physical RAM; CUDA: the card)
     bf16: bool  # native bf16 (CPU: AVX512-BF16/AMX; CUDA: compute capability >= 8)
     name: str = ""
+    runtime: int = 0  # CPU: resident bytes of the process with its libraries imported (0: RUNTIME_CPU)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,9 @@ def _activation_bytes(shape: BaseShape, latent: int, rows: int, ckpt: bool, comp
 
 
 def _runtime(device: DeviceInfo) -> float:
-    return RUNTIME_CPU if device.kind == "cpu" else RUNTIME_CUDA
+    if device.kind == "cpu":
+        return device.runtime or RUNTIME_CPU
+    return RUNTIME_CUDA
 
 
 def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan: Plan) -> dict[str, int]:
