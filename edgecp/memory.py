@@ -45,6 +45,10 @@ def runtime_rss() -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel  # noqa: F401
 
+    try:  # diffusers imports it when installed, and 16/8-bit plans use it
+        import torchao  # noqa: F401
+    except ImportError:
+        pass
     return current_rss()
 
 
