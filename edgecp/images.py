@@ -12,11 +12,11 @@ Choices the issue left to us (also in docs/architecture.md):
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
 from edgecp.errors import EdgecpError
+from edgecp.integrity import sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 32
@@ -47,20 +47,12 @@ def expand_image_args(args: list[str | Path]) -> list[Path]:
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
-def _content_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dedupe_by_content(paths: list[Path]) -> list[Path]:
     """The first of each set of files with the same bytes (hard links, copies)."""
     seen: set[str] = set()
     out = []
     for p in paths:
-        h = _content_sha256(p)
+        h = sha256_file(p)
         if h not in seen:
             seen.add(h)
             out.append(p)

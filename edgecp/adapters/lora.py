@@ -143,6 +143,19 @@ def split_lora(state: dict[str, torch.Tensor], rank: int, weights: list[float] |
     return tasks
 
 
+def tasks_without(state: dict[str, torch.Tensor], rank: int, n_concepts: int, position: int,
+                  weights: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """The per-task LoRAs of a concatenated adapter (`split_lora`) minus task `position` (remove-concept)."""
+    from edgecp.errors import EdgecpError
+
+    tasks = split_lora(state, rank, weights) if state else []
+    if len(tasks) != n_concepts:
+        raise EdgecpError(f"the adapter holds {len(tasks)} task LoRAs for {n_concepts} concepts: "
+                          "the version is inconsistent; run `edgecp verify`")
+    del tasks[position]
+    return tasks
+
+
 def merge(unet) -> torch.nn.Module:
     """Fold the adapter into the base weights and remove it (for export; call on a full-precision copy)."""
     from peft.tuners.tuners_utils import BaseTunerLayer

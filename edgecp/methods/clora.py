@@ -16,7 +16,6 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.consolidation.clora import clora_penalty
-from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.personal import ADAPTER_FILE, read_tensors
 
@@ -69,12 +68,7 @@ class CLora(Method):
     def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
         """Drop the concept's LoRA factors: W = W_init + the other tasks' A B. The later tasks' factors stay as they
         were trained (with the removed one folded in and penalised against); they are not retrained."""
-        state = files.get(ADAPTER_FILE) or {}
-        tasks = lora.split_lora(state, self.adapter.rank) if state else []
-        if len(tasks) != len(manifest["concepts"]):
-            raise EdgecpError(f"the adapter holds {len(tasks)} task LoRAs for {len(manifest['concepts'])} concepts: "
-                              "the version is inconsistent; run `edgecp verify`")
-        del tasks[position]
+        tasks = lora.tasks_without(files.get(ADAPTER_FILE) or {}, self.adapter.rank, len(manifest["concepts"]), position)
         if not tasks:
             files.pop(ADAPTER_FILE, None)
             return {"adapter_rank": None}

@@ -55,12 +55,8 @@ class LoraMerge(Method):
 
     def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
         """Drop the concept's task LoRA and re-weight the rest as a store that learned only them would (1/(n-1))."""
-        state = files.get(ADAPTER_FILE) or {}
-        tasks = lora.split_lora(state, self.adapter.rank, manifest.get("merge_weights")) if state else []
-        if len(tasks) != len(manifest["concepts"]):
-            raise EdgecpError(f"the adapter holds {len(tasks)} task LoRAs for {len(manifest['concepts'])} concepts: "
-                              "the version is inconsistent; run `edgecp verify`")
-        del tasks[position]
+        tasks = lora.tasks_without(files.get(ADAPTER_FILE) or {}, self.adapter.rank, len(manifest["concepts"]), position,
+                                   manifest.get("merge_weights"))
         if not tasks:
             files.pop(ADAPTER_FILE, None)
             return {"adapter_rank": None, "merge_weights": []}

@@ -150,6 +150,14 @@ class Components:
         return int(self.unet.config.sample_size) * self.vae_scale
 
 
+def load_error(spec: BaseSpec, e: Exception) -> EdgecpError:
+    """The one-line error for a base that diffusers or transformers could not load."""
+    return EdgecpError(
+        f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}"
+    )
+
+
 def load_components(spec: BaseSpec, dtype=None) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a resolved base (weights via safetensors only)."""
     import torch
@@ -173,10 +181,7 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
     except EdgecpError:
         raise
     except Exception as e:
-        raise EdgecpError(
-            f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        raise load_error(spec, e) from e
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for m in (pipe.text_encoder, pipe.vae, pipe.unet):
         m.requires_grad_(False)

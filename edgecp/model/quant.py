@@ -221,7 +221,7 @@ def weight_bytes(model: nn.Module) -> int:
 def load_planned(spec, precision: Precision, device: str = "cpu"):
     """The base's Components held in `precision` (see the module docstring); the VAE is always fp32."""
     from edgecp.memory import compact_allocator
-    from edgecp.model.base import Components, load_components, quiet_hf
+    from edgecp.model.base import Components, load_components, load_error, quiet_hf
 
     if precision.weights == "int8":
         check_backend(precision.backend)
@@ -251,10 +251,7 @@ def load_planned(spec, precision: Precision, device: str = "cpu"):
         except EdgecpError:
             raise
         except Exception as e:
-            raise EdgecpError(
-                f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
-            ) from e
+            raise load_error(spec, e) from e
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
         m.eval()
