@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgecp.config import AdapterConfig, PriorConfig, TrainConfig, from_dict, replace, to_dict
+from edgecp.config import DEFAULT_METHOD, AdapterConfig, PriorConfig, TrainConfig, from_dict, replace, to_dict
 from edgecp.errors import EdgecpError
 from edgecp.store import Store
 
 # The embedded tiny model learns in seconds; paper-scale defaults (1000 x 8 iterations) would only waste time.
 TINY_TRAIN = dict(steps=150, batch_size=4, grad_accum=1, lr=1e-3, token_lr=5e-3)
-TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10)
+TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10, sampler="base")
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
 def init_store(
     root: str | Path,
     base: str,
-    method: str = "lora-sequential",
+    method: str = DEFAULT_METHOD,
     method_params: dict | None = None,
     adapter: dict | None = None,
     train: dict | None = None,

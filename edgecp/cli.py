@@ -58,6 +58,17 @@ def _parse_kv(items: list[str] | None, flag: str) -> dict:
     return result
 
 
+def _method_params(items: list[str]) -> dict:
+    """`METHOD:key=value` pairs -> {method: {key: value}}."""
+    out: dict = {}
+    for item in items:
+        method, sep, kv = item.partition(":")
+        if not sep:
+            raise EdgecpError(f"--param '{item}' is not METHOD:key=value: e.g. -p ewc-dc:ewc_strength=3")
+        out.setdefault(method.strip(), {}).update(_parse_kv([kv], "--param"))
+    return out
+
+
 @contextmanager
 def progress_bars():
     """A rich progress display; yields `bar(phase, step, total, loss=None)` that creates a bar per phase."""
@@ -83,7 +94,8 @@ def _train_progress(bar):
 def init(
     store: Annotated[Path, typer.Argument(help="A new, empty folder for the store.")],
     base: Annotated[str, typer.Option(help="'tiny' (embedded), a diffusers folder, a .safetensors file, or a hub id.")] = "tiny",
-    method: Annotated[str, typer.Option(help="Continual strategy; see `edgecp methods`.")] = "lora-sequential",
+    method: Annotated[Optional[str], typer.Option(
+        help="Continual strategy (default dsc-ewc-dc, paper 000's method); see `edgecp methods`.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method hyperparameter key=value (repeat).")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="lora or vera (default: the method's).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Adapter rank (default 16).")] = None,
@@ -100,6 +112,7 @@ def init(
       edgecp init my-model --base ./stable-diffusion-v1-5 --rank 16
     """
     from edgecp.api import init_store
+    from edgecp.config import DEFAULT_METHOD
 
     adapter_d: dict = {"kind": adapter} if adapter else {}
     if rank is not None:
@@ -107,10 +120,12 @@ def init(
     if targets:
         adapter_d["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
     prior = {k: v for k, v in (("prompt", prior_prompt), ("num_images", prior_images)) if v is not None}
-    s = init_store(store, base, method, _parse_kv(param, "--param"), adapter_d, _parse_kv(train, "--train"), prior,
-                   memory_budget=memory_budget)
+    s = init_store(store, base, method or DEFAULT_METHOD, _parse_kv(param, "--param"), adapter_d,
+                   _parse_kv(train, "--train"), prior, memory_budget=memory_budget)
+    chosen = s.info["method"]["name"]
+    why = " (the default: paper 000's EWC + DSC with DC scores; --method picks another)" if method is None else ""
     out.print(f"created store [bold]{esc(s.root)}[/] on base '{esc(s.info['base']['locator'])}' "
-              f"(sha256 {s.info['base']['sha256'][:12]}), method {s.info['method']['name']}")
+              f"(sha256 {s.info['base']['sha256'][:12]}), method {chosen}{why}")
 
 
 @app.command("set-method")
@@ -354,6 +369,10 @@ def bench(
     gen_steps: Annotated[Optional[int], typer.Option(help="Sampling steps of those images.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model (default tiny).")] = None,
     features: Annotated[Optional[str], typer.Option(help="tiny (the tiny world's encoder) or a CLIP folder / hub id.")] = None,
+    class_word: Annotated[Optional[str], typer.Option(
+        help="Class word in the prompts: paper (000: CD and TI only), always or never.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p",
+                                                       help="A method's hyperparameter, METHOD:key=value.")] = None,
 ) -> None:
     """Benchmark methods over a concept sequence: paper 000's table, 001's average score and forgetting,
     curves, heatmaps, sample grids, JSON and CSV.
@@ -362,6 +381,7 @@ def bench(
       edgecp bench --preset quick --out bench-quick
       edgecp bench --methods all --out bench-all
       edgecp bench --methods lora-sequential,ewc-dc --sequence procedural --tasks 10 --seeds 0,1,2
+      edgecp bench --methods ewc-dc -p ewc-dc:ewc_strength=3 --sequence procedural --tasks 6
     """
     import dataclasses
 
@@ -373,7 +393,8 @@ def bench(
         "methods": parse_methods(methods) if methods else None,
         "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
         "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
-        "base": base, "features": features,
+        "base": base, "features": features, "class_word": class_word,
+        "method_params": _method_params(param) if param else None,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     with progress_bars() as bar:

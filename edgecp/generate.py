@@ -28,6 +28,7 @@ class GenerateConfig:
     size: int | None = None  # None: the model's native resolution
     negative_prompt: str = ""
     batch_size: int = 4
+    sampler: str | None = None  # None: the base's scheduler; "ddpm" or "ddim": that scheduler from its config
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -53,15 +54,20 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     size = cfg.size or comps.resolution
     if size % comps.vae_scale:
         raise EdgecpError(f"--size {size} must be divisible by the VAE factor {comps.vae_scale}")
+    scheduler = comps.scheduler
+    if cfg.sampler is not None:
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.sampler].from_config(comps.scheduler.config)
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     lat = size // comps.vae_scale
     latents = torch.from_numpy(
         initial_latents(cfg.seed, cfg.n, comps.unet.config.in_channels, lat, lat)
-    ) * comps.scheduler.init_noise_sigma
+    ) * scheduler.init_noise_sigma
     per_call = plan.micro_batch if plan is not None else cfg.batch_size
     if plan is not None and plan.vae_slicing:
         comps.vae.enable_slicing()

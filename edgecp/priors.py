@@ -19,7 +19,10 @@ from edgecp.store import Store
 
 
 def prior_key(base_sha: str, cfg: PriorConfig, resolution: int) -> str:
-    blob = json.dumps([base_sha, cfg.prompt, cfg.num_images, cfg.steps, cfg.guidance, resolution], sort_keys=True)
+    key = [base_sha, cfg.prompt, cfg.num_images, cfg.steps, cfg.guidance, resolution]
+    if cfg.sampler != "base":  # stores made before the sampler setting keep their cache key
+        key.append(cfg.sampler)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -33,7 +36,8 @@ def ensure_priors(store: Store, comps, cfg: PriorConfig, resolution: int, device
     d = store.prior_dir(key)
     if (d / "done.json").exists():
         return sorted(d.glob("*.png"))
-    gcfg = GenerateConfig(n=cfg.num_images, seed=1234, steps=cfg.steps, guidance=cfg.guidance, size=resolution)
+    gcfg = GenerateConfig(n=cfg.num_images, seed=1234, steps=cfg.steps, guidance=cfg.guidance, size=resolution,
+                          sampler=None if cfg.sampler == "base" else cfg.sampler)
     comps.vae.enable_slicing()  # decode one image at a time (same images, a quarter of the decoder's peak)
     images = torch_generate(comps, cfg.prompt, gcfg, device, callback, plan)
     d.parent.mkdir(parents=True, exist_ok=True)

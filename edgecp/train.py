@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from edgecp.config import (
     AdapterConfig,
-    PriorConfig,
     TrainConfig,
     check_concept_name,
+    stored_prior,
     from_dict,
     replace,
     to_dict,
@@ -100,6 +100,7 @@ def add_concept(
     images: list[str | Path],
     *,
     class_word: str | None = None,
+    init_word: str | None = None,
     overrides: dict | None = None,
     purge_source: bool = False,
     device: str | None = None,
@@ -114,6 +115,9 @@ def add_concept(
     device's memory) before anything is written; `on_plan` receives the plan. `plan_force` pins plan fields
     (e.g. {"weights": "int8"}). Every input is validated before anything is written; on any failure, an
     out-of-memory error included, the store is exactly as before and the staged images are purged.
+    `class_word` goes into the concept's prompts; the token's embedding starts from `init_word` (default: the class
+    word, else "object"), so a concept can start from its class without its prompts naming it (paper 000's
+    evaluation prompts name the class for CD and TI only).
     """
     name = check_concept_name(name)
     store = Store.open(store_root)
@@ -133,8 +137,8 @@ def add_concept(
             on_plan(plan)
         staged = store.stage(paths)
         try:
-            manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, class_word, train_cfg, dev, progress,
-                              plan)
+            manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, (class_word, init_word), train_cfg,
+                              dev, progress, plan)
         except Exception as e:
             if is_oom(e):
                 raise EdgecpError(_oom_message(e, plan, dev)) from e
@@ -157,7 +161,7 @@ def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, 
     method = _store_method(store)
     shape = base_shape(spec, method.keep_full_precision())
     resolution = train_cfg.resolution or shape.unet.sample_size * shape.vae_scale
-    prior_cfg = from_dict(PriorConfig, store.info["prior"], "prior")
+    prior_cfg = stored_prior(store.info["prior"])
     cached = (store.prior_dir(prior_key(store.info["base"]["sha256"], prior_cfg, resolution)) / "done.json").exists()
     work = training_workload(method, shape, train_cfg, resolution, len(store.concepts()), n_images,
                              0 if cached else prior_cfg.num_images, prior_cfg.steps)
@@ -177,7 +181,7 @@ def _oom_message(e: BaseException, plan: Plan, device: torch.device) -> str:
             f"retry with --memory-budget {suggest:.1f}GB, or free memory held by other programs")
 
 
-def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, device, progress, plan: Plan) -> dict:
+def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, progress, plan: Plan) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     method = _store_method(store)
@@ -192,22 +196,23 @@ def _learn(store, spec, name, staged, sources, class_word, cfg: TrainConfig, dev
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)
         emit("load", 1, 1)
-        manifest = _learn_loaded(store, comps, method, name, staged, sources, class_word, cfg, device, emit, plan,
+        manifest = _learn_loaded(store, comps, method, name, staged, sources, words, cfg, device, emit, plan,
                                  meter, t_start)
     return manifest
 
 
-def _learn_loaded(store, comps, method, name, staged, sources, class_word, cfg, device, emit, plan, meter,
+def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, device, emit, plan, meter,
                   t_start) -> dict:
+    class_word, init_word = words
     size = cfg.resolution or comps.resolution
-    prior_cfg = from_dict(PriorConfig, store.info["prior"], "prior")
+    prior_cfg = stored_prior(store.info["prior"])
     prior_paths = ensure_priors(store, comps, prior_cfg, size, device, lambda i, n: emit("priors", i, n), plan)
 
     head = store.manifest()
     previous = head["concepts"]
     load_concept_tokens(comps.tokenizer, comps.text_encoder, previous, read_tensors(store.version_dir(), TOKENS_FILE))
     token = token_of(name)
-    init = word_embedding(comps.tokenizer, comps.text_encoder, class_word or "object")
+    init = word_embedding(comps.tokenizer, comps.text_encoder, init_word or class_word or "object")
     add_concept_token(comps.tokenizer, comps.text_encoder, name, init, trainable=cfg.token_lr > 0)
     token_row = concept_embedding(comps.text_encoder).rows[-1]
 
@@ -248,6 +253,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, class_word, cfg, 
     files[TOKENS_FILE] = _safetensors_bytes(tokens)
     entry = {
         "name": name, "token": token, "class_word": class_word, "prompt": ctx.prompt, "task": ctx.index,
+        "init_word": init_word or class_word or "object",
         "images": [{"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sources],
         "steps": cfg.steps, "train": to_dict(cfg),
         "seconds": {"train": round(t_train, 2), "total": round(time.perf_counter() - t_start, 2)},

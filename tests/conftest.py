@@ -45,8 +45,11 @@ def photos(tmp_path) -> list[Path]:
 
 
 def new_store(root: Path, **kw):
+    """A tiny-base store with fast settings; lora-sequential unless `method` says otherwise (the library's default,
+    dsc-ewc-dc, adds two consolidation phases that most tests do not need)."""
     from edgecp.api import init_store
 
+    kw.setdefault("method", "lora-sequential")
     return init_store(root, "tiny", train={**FAST_TRAIN, **kw.pop("train", {})}, prior={**FAST_PRIOR, **kw.pop("prior", {})}, **kw)
 
 

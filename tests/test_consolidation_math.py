@@ -92,11 +92,23 @@ def test_dc_ewc_loss_is_eq5_and_reduces_to_the_denoising_loss_at_delta_zero():
     torch.testing.assert_close(dc_ewc_loss(err, log_p, current=1, delta=0.5), expected)
 
 
-def test_online_fisher_update():
+def test_online_fisher_sum_update():
     f1 = {"a": torch.tensor([1.0, 2.0])}
     f2 = {"a": torch.tensor([3.0, 5.0])}
-    assert torch.equal(online_fisher(None, f1, 0.9)["a"], f1["a"])
-    torch.testing.assert_close(online_fisher(f1, f2, 0.5)["a"], torch.tensor([3.5, 6.0]))
+    assert torch.equal(online_fisher(None, f1, 0.9, "sum")["a"], f1["a"])
+    torch.testing.assert_close(online_fisher(f1, f2, 0.5, "sum")["a"], torch.tensor([3.5, 6.0]))
+
+
+def test_online_fisher_default_is_the_running_average_over_tasks():
+    """000 App. I: one set of FIM weights, updated by a running average over tasks: after n tasks, F is the plain
+    mean of F_1..F_n (checked against the mean of the stacked per-task Fishers)."""
+    per_task = [{"a": torch.rand(5) * 10 ** i} for i in range(4)]
+    f = None
+    for n, f_n in enumerate(per_task):
+        f = online_fisher(f, f_n, tasks_before=n)
+        torch.testing.assert_close(f["a"], torch.stack([p["a"] for p in per_task[: n + 1]]).mean(0))
+    with pytest.raises(ValueError, match="fisher update"):
+        online_fisher(f, per_task[0], update="max")
 
 
 def test_fisher_is_the_mean_squared_gradient_and_keeps_no_graph():

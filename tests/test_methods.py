@@ -19,12 +19,12 @@ EXPECTED_FILES = {
     "lora-sequential": set(), "lora-merge": set(), "c-lora": set(), "vera-sequential": set(),
     "lora-ewc": {"fisher"}, "ewc-dc": {"fisher"}, "vera-ewc": {"fisher"}, "vera-ewc-dc": {"fisher"},
     "dsc": {"teachers"}, "dsc-ewc": {"teachers", "fisher"}, "dsc-ewc-dc": {"teachers", "fisher"},
-    "custom-diffusion": {"base_delta"}, "cd-ewc": {"base_delta", "fisher"}, "cns": {"base_delta"},
+    "custom-diffusion": {"base_delta", "cd_merge"}, "custom-diffusion-sequential": {"base_delta"}, "cd-ewc": {"base_delta", "fisher"}, "cns": {"base_delta"},
     "textual-inversion": set(), "merge-reinit": {"base_delta"}, "merge-orthogonal": {"base_delta", "accumulated_a"},
     "magmax": set(),
 }
 EXPORT_CHECKED = {"vera-ewc-dc", "c-lora", "merge-orthogonal"}
-NO_ADAPTER = {"custom-diffusion", "cd-ewc", "cns", "textual-inversion", "merge-reinit", "merge-orthogonal"}
+NO_ADAPTER = {"custom-diffusion", "custom-diffusion-sequential", "cd-ewc", "cns", "textual-inversion", "merge-reinit", "merge-orthogonal"}
 
 
 def _three_concepts(tmp_path, method, **params):

@@ -19,8 +19,16 @@ def test_bench_iterations_times_every_path_with_synthetic_concepts():
     bench = _load("bench_iterations")
     ticks = []
     r = bench.measure(3, iters=1, warmup=0, batch=1, k=5, device=torch.device("cpu"), tick=lambda: ticks.append(1))
-    assert set(r) == {"plain", "ewc-dc", "dsc", "c-lora"} and all(v > 0 for v in r.values())
-    assert len(ticks) == 4
+    assert set(r) == {"plain", "ewc-dc", "dsc", "c-lora", "ewc", "default"} and all(v > 0 for v in r.values())
+    assert r["default"] == r["ewc"] + 0.2 * (r["ewc-dc"] + r["dsc"])
+    assert len(ticks) == 5
+
+
+def test_dc_entropy_measures_both_reductions_on_a_base():
+    r = _load("dc_entropy").measure_base("tiny", 64, trials=1, taus=[0.05], images=1)
+    s = r["scores"]
+    assert r["latent_elements"] == 4 * 16 * 16 and set(s) == {"mean@tau=0.05", "sum@tau=0.05"}
+    assert 0 <= s["sum@tau=0.05"]["entropy"] <= s["mean@tau=0.05"]["entropy"] <= 1.0987  # ln 3 at most
 
 
 def test_bench_methods_reports_time_and_bytes(tmp_path):

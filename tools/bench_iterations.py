@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Seconds per iteration of training and consolidation, with 2, 6 and 50 concepts in the store (issue 3).
+"""Seconds per iteration of training and consolidation, with 2, 6 and 50 concepts in the store (issues 3, 10).
 
 Times, in one run and on the same model, the real code paths of edgecp:
-  plain     one LoRA training iteration (instance + prior rows, token trained)        train.Trainer.step
+  plain     one LoRA training iteration (instance + prior rows, token trained): lora-sequential   train.Trainer.step
   ewc-dc    one EWC DC Fisher iteration, k concepts in ONE batched UNet call          methods.phases.fisher_phase
   dsc       one DSC iteration (2 no-grad teacher calls + 1 student call, 3 concepts)   methods.phases.dsc_phase
   c-lora    one C-LoRA training iteration (plain + Eq. 2 penalty over earlier tasks)  train.Trainer.step
+  ewc       one training iteration of dsc-ewc-dc (plain + the online EWC penalty)     train.Trainer.step
+  default   what dsc-ewc-dc, the default method, costs per training iteration, its two consolidation phases
+            amortised: ewc + 0.2 x (ewc-dc + dsc) (000 App. H.2.1: each phase runs 0.2 x the training iterations)
 Previous concepts are synthetic tokens and random earlier-task LoRAs (timing does not depend on their values).
 
     python tools/bench_iterations.py                      # tiny model, CPU, 2/6/50 concepts
@@ -84,7 +87,9 @@ def time_train(ctx, method, iters: int, warmup: int) -> float:
 
 def measure(n: int, iters: int, warmup: int, batch: int, k: int, device, tick) -> dict[str, float]:
     from edgecp.adapters import lora
+    from edgecp.consolidation.clora import occupied_norm
     from edgecp.methods.clora import CLora, CLoraParams
+    from edgecp.methods.dsc import DscEwcDc, DscEwcDcParams
     from edgecp.methods.lora_sequential import LoraSequential
     from edgecp.methods.phases import dsc_phase, fisher_phase
 
@@ -108,7 +113,13 @@ def measure(n: int, iters: int, warmup: int, batch: int, k: int, device, tick) -
     # C-LoRA: the earlier tasks' |sum of deltas| per layer, as CLora.prepare computes it once per task
     earlier = lora.concat_loras(pool, [1.0] * len(pool))
     ctx.extra["occupied"] = {m: d.abs().to(device) for m, d in lora.lora_delta(earlier, 1.0).items()}
+    ctx.extra["occupied_norm"], ctx.extra["loss_ref"] = occupied_norm(ctx.extra["occupied"]), 0.1  # values: no cost
     out["c-lora"] = time_train(ctx, CLora(CLoraParams(), adapter), iters, warmup)
+    tick()
+    params = lora.adapter_parameters(ctx.comps.unet)  # the EWC penalty of dsc-ewc-dc: a Fisher and an anchor
+    ctx.extra["ewc"] = ({k: torch.rand_like(p) for k, p in params.items()}, {k: p.detach().clone() for k, p in params.items()})
+    out["ewc"] = time_train(ctx, DscEwcDc(DscEwcDcParams(), adapter), iters, warmup)
+    out["default"] = out["ewc"] + 0.2 * (out["ewc-dc"] + out["dsc"])
     tick()
     return out
 
@@ -127,20 +138,20 @@ def main() -> None:
     results = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=console) as prog:
-        task = prog.add_task("timing", total=4 * len(args.concepts))
+        task = prog.add_task("timing", total=5 * len(args.concepts))
         for n in args.concepts:
             prog.update(task, description=f"{n} concepts")
             results[n] = measure(n, args.iters, args.warmup, args.batch, args.k, device, lambda: prog.advance(task))
     t = Table(title=f"seconds per iteration, tiny model, {args.device}, batch {args.batch}, k={args.k}, "
                     f"torch threads {torch.get_num_threads()}, mean of {args.iters}")
     t.add_column("concepts")
-    for col in ("plain", "ewc-dc", "dsc", "c-lora"):
+    timed, ratios = ("plain", "ewc-dc", "dsc", "c-lora", "ewc", "default"), ("ewc-dc", "dsc", "c-lora", "ewc", "default")
+    for col in timed:
         t.add_column(f"{col} s")
-    for col in ("ewc-dc", "dsc", "c-lora"):
+    for col in ratios:
         t.add_column(f"{col} / plain")
     for n, r in results.items():
-        t.add_row(str(n), *(f"{r[c]:.4f}" for c in ("plain", "ewc-dc", "dsc", "c-lora")),
-                  *(f"{r[c] / r['plain']:.2f}x" for c in ("ewc-dc", "dsc", "c-lora")))
+        t.add_row(str(n), *(f"{r[c]:.4f}" for c in timed), *(f"{r[c] / r['plain']:.2f}x" for c in ratios))
     console.print(t)
 
 

@@ -4,7 +4,10 @@ For latents x0 (B images) and a concept subset S (k text embeddings):
   1. one trial per image: t ~ U[0, T), eps ~ N(0, I), shared by all k concepts;
   2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps;
   3. ONE batched UNet call on B*k rows (x_t repeated, the k cached text embeddings tiled);
-  4. e[b, i] = mean((eps - eps_hat[b, i])^2);  p[b, :] = softmax(-e[b, :] / tau).
+  4. e[b, i] = ||eps - eps_hat[b, i]||^2 ("sum", Eq. 3's squared norm) or its mean over the C*H*W latent elements
+     ("mean"): the `reduction`;  p[b, :] = softmax(-e[b, :] / tau).
+The two reductions differ by the factor D = C*H*W, i.e. "mean" is "sum" at the temperature tau * D. Which one the
+methods use is their `dc_reduction` hyperparameter (docs/architecture.md, "DC-score reduction").
 
 When the B*k rows do not fit in memory at once, `dc_grad` runs them `chunk` rows at a time and keeps the gradient
 exact with two passes: a no-grad pass gives every row's prediction, so the loss and its gradient with respect to
@@ -23,14 +26,18 @@ import torch.nn.functional as F
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+REDUCTIONS = ("mean", "sum")
+
+
 def dc_forward(
-    predict: NoisePredictor, scheduler, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    predict: NoisePredictor, scheduler, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Errors (B, k) and noise predictions (B, k, C, H, W) of every image under every concept, in one call.
 
     x0: (B, C, H, W) clean latents; text: (k, T, D) concept embeddings; t: (B,) timesteps; noise: like x0.
     """
-    return dc_forward_chunked(predict, scheduler, x0, text, t, noise, chunk=None)
+    return dc_forward_chunked(predict, scheduler, x0, text, t, noise, chunk=None, reduction=reduction)
 
 
 def _rows(scheduler, x0, text, t, noise):
@@ -43,11 +50,17 @@ def _rows(scheduler, x0, text, t, noise):
     return rows_x, rows_t, rows_c, target.float()
 
 
-def _errors(target: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
-    return ((target[:, None] - eps_hat) ** 2).mean(dim=(2, 3, 4))  # (B, k)
+def _errors(target: torch.Tensor, eps_hat: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    sq = (target[:, None] - eps_hat) ** 2
+    if reduction == "sum":
+        return sq.sum(dim=(2, 3, 4))  # (B, k): ||eps - eps_hat||^2, Eq. 3
+    if reduction == "mean":
+        return sq.mean(dim=(2, 3, 4))  # (B, k)
+    raise ValueError(f"DC reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
 
 
-def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, chunk: int | None):
+def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, chunk: int | None,
+                       reduction: str = "mean"):
     """`dc_forward` with the UNet called on at most `chunk` rows at a time (no gradient across chunks needed)."""
     b, k = x0.shape[0], text.shape[0]
     rows_x, rows_t, rows_c, target = _rows(scheduler, x0, text, t, noise)
@@ -56,14 +69,15 @@ def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, c
     eps = torch.cat([predict(rows_x[i:i + step], rows_t[i:i + step], rows_c[i:i + step]).float()
                      for i in range(0, n, step)])
     eps_hat = eps.view(b, k, *x0.shape[1:])  # (B, k, C, H, W)
-    return _errors(target, eps_hat), eps_hat
+    return _errors(target, eps_hat, reduction), eps_hat
 
 
 LossOfScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (err (B, k), eps_hat (B, k, ...)) -> scalar
 
 
 def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: LossOfScores,
-            params: list[torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            params: list[torch.Tensor], chunk: int | None = None,
+            reduction: str = "mean") -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """(loss, d loss / d params) of `loss_fn` over the B*k rows, the UNet called `chunk` rows at a time.
 
     With `chunk` >= B*k (or None) this is one call and `torch.autograd.grad`; otherwise the exact two-pass
@@ -72,7 +86,7 @@ def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: Los
     b, k = x0.shape[0], text.shape[0]
     n = b * k
     if not chunk or chunk >= n:
-        err, eps_hat = dc_forward(predict, scheduler, x0, text, t, noise)
+        err, eps_hat = dc_forward(predict, scheduler, x0, text, t, noise, reduction)
         loss = loss_fn(err, eps_hat)
         return loss.detach(), list(torch.autograd.grad(loss, params, allow_unused=True))
     rows_x, rows_t, rows_c, target = _rows(scheduler, x0, text, t, noise)
@@ -80,7 +94,7 @@ def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: Los
         eps = torch.cat([predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
                          for i in range(0, n, chunk)])
     leaf = eps.view(b, k, *x0.shape[1:]).requires_grad_(True)
-    loss = loss_fn(_errors(target, leaf), leaf)
+    loss = loss_fn(_errors(target, leaf, reduction), leaf)
     (g_eps,) = torch.autograd.grad(loss, leaf)  # (B, k, C, H, W): d loss / d prediction of every row
     g_rows = g_eps.reshape(n, *x0.shape[1:])
     grads: list[torch.Tensor | None] = [None] * len(params)
@@ -98,6 +112,11 @@ def dc_scores(err: torch.Tensor, tau: float) -> torch.Tensor:
 
 def dc_log_scores(err: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(-err / tau, dim=-1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row of p (B, k); log k is the uniform distribution's."""
+    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
 
 
 def sample_subset(n_previous: int, k: int, generator: torch.Generator) -> list[int]:

@@ -17,11 +17,24 @@ def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]
     return weight * total
 
 
-def online_fisher(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
-    """F <- decay * F + F_n (online EWC, Schwarz et al. 2018); the first task's F is F_1."""
+def online_fisher(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor], decay: float = 1.0,
+                  update: str = "mean", tasks_before: int = 0) -> dict[str, torch.Tensor]:
+    """The one Fisher that online EWC keeps across tasks; the first task's F is F_1.
+
+    update="mean" (the default, paper 000 App. I: online EWC "maintains a single set of FIM weights that are updated
+    continuously using a running average over tasks"): F <- (m F + F_n) / (m + 1), m = `tasks_before` tasks already
+    averaged into F, so the penalty keeps the scale of one task's Fisher however long the sequence grows.
+    update="sum" (Schwarz et al. 2018's form): F <- decay * F + F_n; with decay = 1 the penalty at task n is about
+    n - 1 times one task's.
+    """
+    if update not in ("mean", "sum"):
+        raise ValueError(f"fisher update '{update}' is not 'mean' or 'sum'")
     if not previous:
         return {k: v.clone() for k, v in new.items()}
-    return {k: decay * previous[k] + v for k, v in new.items()}
+    if update == "sum":
+        return {k: decay * previous[k] + v for k, v in new.items()}
+    m = max(tasks_before, 1)
+    return {k: (m * previous[k] + v) / (m + 1) for k, v in new.items()}
 
 
 def dc_ewc_loss(err: torch.Tensor, log_p: torch.Tensor, current: int, delta: float) -> torch.Tensor:

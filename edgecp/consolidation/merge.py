@@ -1,4 +1,5 @@
-"""Merging math of paper 001: orthogonal re-initialisation by SVD and magnitude-based selection (MagMax)."""
+"""Merging math: paper 001's orthogonal re-initialisation by SVD and magnitude-based selection (MagMax), and
+Custom Diffusion's constrained merge of per-concept K/V weights (Kumari et al. 2023, Sec. 3.2, Eq. 4-5)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,33 @@ def max_abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     an = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
     bn = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return float((an @ bn.T).abs().max())
+
+
+def regulariser_covariance(features: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """R = X^T X + ridge * tr(X^T X) / d * I for regularisation text features X (m, d). The ridge keeps R invertible
+    when m < d (edgecp's choice; Kumari et al. use 1000 captions, edgecp 100 prompts and the prior prompt)."""
+    x = features.double()
+    r = x.T @ x
+    return r + ridge * torch.trace(r) / r.shape[0] * torch.eye(r.shape[0], dtype=r.dtype)
+
+
+def merge_targets(delta: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """T_i = (W_i - W0) C_i^T (out, s_i): all that the merge needs to keep of concept i's fine-tuned layer."""
+    return delta.double() @ features.double().T
+
+
+def constrained_merge(targets: list[torch.Tensor], features: list[torch.Tensor], reg_cov: torch.Tensor) -> torch.Tensor:
+    """Kumari et al. 2023's closed form, as a change of the base weight W0 (out, in).
+
+    min_W || (W - W0) X_reg^T ||_F^2  subject to  W C^T = V,  C = the stacked concept text features (s, in),
+    V = [W_i C_i^T] the values each fine-tuned W_i gives its own concept's features:
+        W - W0 = T (C R^-1 C^T)^+ C R^-1,   T = [T_i] = [(W_i - W0) C_i^T] (`merge_targets`),  R = X_reg^T X_reg.
+    W0 cancels, so the merge needs only each concept's T_i (out x s_i) and C_i (s_i x in), never its full W_i. The
+    pseudo-inverse (edgecp's choice, where Kumari et al. invert) gives the least-squares compromise when rows repeat
+    across concepts (the shared "a photo of a" tokens) or when s > in on a narrow text encoder.
+    """
+    c = torch.cat([f.double() for f in features])  # (s, in)
+    t = torch.cat([x.double() for x in targets], dim=1)  # (out, s)
+    r_inv_ct = torch.linalg.solve(reg_cov.double(), c.T)  # R^-1 C^T (in, s)
+    gram = c @ r_inv_ct  # (s, s), symmetric PSD
+    return (t @ torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ r_inv_ct.T).float()

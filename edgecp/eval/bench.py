@@ -23,6 +23,15 @@ from edgecp.errors import EdgecpError
 from edgecp.eval import metrics
 
 QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
+CLASS_WORD_MODES = ("paper", "always", "never")
+
+
+def uses_class_word(cfg: "BenchConfig", method: str) -> bool:
+    """Whether `method`'s prompts name the concept's class in this bench (000 Sec. 4: "For CD and TI, we
+    additionally include the concept name after the modifier token")."""
+    from edgecp.methods import method_class
+
+    return {"always": True, "never": False}.get(cfg.class_word, method_class(method).bench_class_word)
 
 
 @dataclass(frozen=True)
@@ -42,12 +51,21 @@ class BenchConfig:
     dc_trials: int = 4  # (t, eps) trials per training image for the DC-score accuracy
     method_params: dict = field(default_factory=dict)  # method -> {hyperparameter: value}
     prior: dict = field(default_factory=dict)  # prior-preservation overrides (num_images, steps, prompt)
+    # the class word in a method's prompts: "paper" (000: for CD and TI only), "always" or "never"; the token's
+    # embedding starts from the class word in every case
+    class_word: str = "paper"
 
     def __post_init__(self) -> None:
         from edgecp.methods import method_class
 
         for m in self.methods:
             method_class(m)  # unknown names list the valid ones
+        for m in self.method_params:
+            if m not in self.methods:
+                raise EdgecpError(f"hyperparameters given for '{m}', which is not among the bench's methods "
+                                  f"({', '.join(self.methods)}): add it to --methods or drop its -p")
+        if self.class_word not in CLASS_WORD_MODES:
+            raise EdgecpError(f"--class-word '{self.class_word}' is unknown: use {', '.join(CLASS_WORD_MODES)}")
         if self.n_gen < 2 or self.n_target < 2:
             raise EdgecpError("the MMD needs at least 2 generated and 2 target images per concept (--n-gen >= 2)")
 
@@ -151,10 +169,12 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
     gen: list[list[np.ndarray]] = []
     last_images = []
     t_train = 0.0
+    named = uses_class_word(cfg, method)
     for i, concept in enumerate(seq):
         tick(f"learn <{concept.name}>", i)
         t = time.perf_counter()
-        add_concept(root, concept.name, [data / concept.name / "train"], class_word=concept.class_word)
+        add_concept(root, concept.name, [data / concept.name / "train"],
+                    class_word=concept.class_word if named else None, init_word=concept.class_word)
         t_train += time.perf_counter() - t
         tick(f"evaluate after task {i + 1}", i)
         store = Store.open(root)

@@ -7,7 +7,7 @@ from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method
 from edgecp.methods.clora import CLora
 from edgecp.methods.cns import Cns
-from edgecp.methods.custom_diffusion import CdEwc, CustomDiffusion
+from edgecp.methods.custom_diffusion import CdEwc, CustomDiffusion, CustomDiffusionSequential
 from edgecp.methods.dsc import Dsc, DscEwc, DscEwcDc
 from edgecp.methods.ewc import EwcDc, LoraEwc
 from edgecp.methods.lora_merge import LoraMerge
@@ -21,7 +21,7 @@ _METHODS: dict[str, type[Method]] = {
     for m in (
         # paper 000: baselines, then the DC-score family, then VeRA (App. G.1)
         LoraSequential, LoraMerge, CLora, LoraEwc, EwcDc, Dsc, DscEwc, DscEwcDc, VeraSequential, VeraEwc, VeraEwcDc,
-        CustomDiffusion, CdEwc, TextualInversion,
+        CustomDiffusion, CustomDiffusionSequential, CdEwc, TextualInversion,
         # paper 001: merging strategies (naive continual LoRA is lora-sequential)
         MergeReinit, MergeOrthogonal, MagMax,
         # paper 003

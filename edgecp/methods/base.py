@@ -80,6 +80,8 @@ class Method:
     # how `edgecp remove-concept` can take a concept out: "exact" when the method stores each concept's contribution
     # apart (remove_concept below rebuilds the model without it); "token-only" when one state mixes all concepts
     removal: ClassVar[str] = "token-only"
+    # paper 000's evaluation prompt is "a photo of a V*"; "for CD and TI, we additionally include the concept name"
+    bench_class_word: ClassVar[bool] = False
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params

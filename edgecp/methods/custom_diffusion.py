@@ -1,20 +1,38 @@
-"""Custom Diffusion (Kumari et al. 2023) as paper 000 runs it sequentially, and CD EWC.
+"""Custom Diffusion (Kumari et al. 2023) as paper 000 compares it: the paper's CD, its sequential variant, CD EWC.
 
-The cross-attention K and V projections (attn2.to_k / to_v, full matrices) and the concept token are trained,
-task after task, from the weights the previous task left. The version stores only those changed tensors
-(base_delta: W - W_base). Paper 000 App. H: lr 5e-6 for the non-LoRA methods. CD EWC adds the online EWC
-penalty on the K/V weights, Fisher from the denoising loss ("a sequentially trained variant of CD").
+All three train the cross-attention K and V projections (attn2.to_k / to_v, full matrices) and the concept token;
+000 App. H: lr 5e-6 for the non-LoRA methods.
+
+- `custom-diffusion` (000's "CD"): "the best performing variant of Kumari et al. that trains separate KV parameters
+  per task and then merges them into a single model using a constrained optimization objective". Each task trains
+  K/V from the base; then every layer is merged by Kumari et al.'s closed form (consolidation/merge.py) over all
+  concepts so far (from the second concept on; the first concept's model is its fine-tuned K/V, as Kumari et al.
+  use a single concept's). The version keeps, per concept, only what the merge needs: T_i = (W_i - W0) C_i^T and the
+  concept's text features C_i, plus the regulariser covariance R (shared); and the merged change W - W0 as
+  base_delta, so inference and export see one model. Regulariser features (Kumari et al.: 1000 LAION captions):
+  edgecp uses the 100 diverse prompts of `GENERAL_PROMPTS` and the prior prompt (no captions ship with edgecp).
+  Text features of a prompt: the text encoder's output rows from BOS to EOT (the K/V inputs that prompt produces).
+- `custom-diffusion-sequential`: K/V trained task after task from the weights the previous task left, no merge.
+- `cd-ewc`: the sequential variant + online EWC on K/V ("a sequentially trained variant of CD", 000).
 """
 
 from __future__ import annotations
 
 import torch
 
+from edgecp.consolidation.merge import constrained_merge, merge_targets, regulariser_covariance
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcMixin, EwcParams
-from edgecp.personal import DELTA_FILE, fold_base_delta
+from edgecp.personal import DELTA_FILE, encode_text, fold_base_delta, read_tensors
 
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
+CD_FILE = "cd_merge.safetensors"  # per concept: T_i of every K/V layer and C_i; the regulariser covariance
+
+_SUBJECTS = ["a dog", "a city street", "a bowl of fruit", "a mountain lake", "an old car", "a child", "a forest",
+             "a cup of coffee", "a sailing boat", "a bird"]
+_SETTINGS = ["at sunset", "in the rain", "in a watercolor painting", "on a white background", "at night",
+             "in winter", "seen from above", "in a busy market", "in black and white", "on a sunny beach"]
+GENERAL_PROMPTS = [f"{s} {t}" for s in _SUBJECTS for t in _SETTINGS]  # 100 diverse descriptions
 
 
 def kv_weights(unet, targets: tuple[str, ...] = KV_TARGETS) -> dict[str, torch.nn.Parameter]:
@@ -23,10 +41,17 @@ def kv_weights(unet, targets: tuple[str, ...] = KV_TARGETS) -> dict[str, torch.n
             if any(name.endswith(t) for t in targets) and isinstance(m, torch.nn.Linear)}
 
 
-class CustomDiffusion(Method):
-    name = "custom-diffusion"
-    summary = "train the cross-attention K/V projections + token, sequentially (000's Custom Diffusion baseline)"
+def prompt_rows(tokenizer, prompts: list[str]) -> list[int]:
+    """How many encoder rows each prompt fills: BOS, its tokens and EOT (the rest is padding)."""
+    ids = tokenizer(prompts, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return [len(x) for x in ids]
+
+
+class CustomDiffusionSequential(Method):
+    name = "custom-diffusion-sequential"
+    summary = "train the cross-attention K/V projections + token, task after task (sequential CD, no merge)"
     adapter_kind = "none"
+    bench_class_word = True  # 000 evaluates CD with the concept name after the token
 
     @classmethod
     def train_defaults(cls, tiny: bool) -> dict:
@@ -34,8 +59,11 @@ class CustomDiffusion(Method):
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
+        self._start_training(ctx)
+
+    def _start_training(self, ctx: TaskContext) -> None:
         params = kv_weights(ctx.comps.unet)
-        ctx.extra["start"] = {k: p.detach().clone() for k, p in params.items()}  # W after task n-1
+        ctx.extra["start"] = {k: p.detach().clone() for k, p in params.items()}  # W when this task starts
         for p in params.values():
             p.requires_grad_(True)
 
@@ -57,11 +85,91 @@ class CustomDiffusion(Method):
         return {DELTA_FILE: {k: v.cpu() for k, v in self.weight_deltas(ctx).items()}}
 
 
-class CdEwc(EwcMixin, CustomDiffusion):
+def _split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+    tasks: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        if "/" in key:
+            task, rest = key.split("/", 1)
+            tasks.setdefault(task, {})[rest] = v
+    return [tasks[t] for t in sorted(tasks)], flat.get("reg_cov")
+
+
+def _join_tasks(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = {f"t{i + 1:04d}/{k}": v.contiguous() for i, task in enumerate(tasks) for k, v in task.items()}
+    return {**flat, "reg_cov": reg_cov}
+
+
+def merge_all(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The merged change W - W0 of every K/V layer from each concept's (T_i per layer, C_i)."""
+    layers = [k for k in tasks[0] if k != "features"]
+    feats = [t["features"] for t in tasks]
+    return {k: constrained_merge([t[k] for t in tasks], feats, reg_cov) for k in layers}
+
+
+class CustomDiffusion(CustomDiffusionSequential):
+    name = "custom-diffusion"
+    summary = "K/V + token per task from the base, merged by Kumari et al.'s constrained closed form (000's CD)"
+    removal = "exact"  # re-merge without the concept's (T_i, C_i)
+
+    def prepare(self, ctx: TaskContext) -> None:
+        ctx.extra["base_delta"] = {}  # K/V trained from W0: earlier concepts live only in the merge file
+        tasks, reg_cov = _split_tasks(read_tensors(ctx.prev_dir, CD_FILE))
+        if reg_cov is None:
+            reg_cov = self._regulariser(ctx)
+        ctx.extra["cd_tasks"], ctx.extra["reg_cov"] = tasks, reg_cov
+        self._start_training(ctx)
+
+    @torch.no_grad()
+    def _regulariser(self, ctx: TaskContext) -> torch.Tensor:
+        from edgecp.methods.phases import autocast
+
+        prompts = GENERAL_PROMPTS + [ctx.prior_prompt]
+        rows = prompt_rows(ctx.comps.tokenizer, prompts)
+        with autocast(ctx):
+            emb = encode_text(ctx.comps, prompts, ctx.device).float().cpu()
+        return regulariser_covariance(torch.cat([e[:n] for e, n in zip(emb, rows)])).float()
+
+    def consolidate(self, ctx: TaskContext, progress=None) -> None:
+        from edgecp.methods.phases import concept_texts
+
+        texts = concept_texts(ctx)  # (n+1, T, D), the current concept last (its trained token)
+        n = prompt_rows(ctx.comps.tokenizer, [ctx.prompt])[0]
+        feats = texts[-1, :n].cpu()
+        start = ctx.extra["start"]
+        task = {k: merge_targets(p.detach().cpu() - start[k].cpu(), feats).float() for k, p in self.tensors(ctx).items()}
+        task["features"] = feats
+        ctx.extra["cd_tasks"] = ctx.extra["cd_tasks"] + [task]
+        if len(ctx.extra["cd_tasks"]) == 1:  # one concept: its fine-tuned K/V as trained (nothing to merge yet)
+            ctx.extra["merged"] = {k: (p.detach() - start[k]).cpu() for k, p in self.tensors(ctx).items()}
+            return
+        merged = merge_all(ctx.extra["cd_tasks"], ctx.extra["reg_cov"])
+        with torch.no_grad():  # the in-memory model becomes the merged one, as the version will be
+            for k, p in self.tensors(ctx).items():
+                p.copy_(start[k] + merged[k].to(p))
+        ctx.extra["merged"] = merged
+        if progress:
+            progress("consolidate", 1, 1, None)
+
+    def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
+        return {DELTA_FILE: ctx.extra["merged"], CD_FILE: _join_tasks(ctx.extra["cd_tasks"], ctx.extra["reg_cov"])}
+
+    def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
+        tasks, reg_cov = _split_tasks(files.get(CD_FILE) or {})
+        if position < len(tasks):
+            del tasks[position]
+        if tasks:  # one concept left: its merge with itself (its raw K/V change is not kept), exact otherwise
+            files[CD_FILE] = _join_tasks(tasks, reg_cov)
+            files[DELTA_FILE] = merge_all(tasks, reg_cov)
+        else:
+            files.pop(CD_FILE, None)
+            files.pop(DELTA_FILE, None)
+        return {}
+
+
+class CdEwc(EwcMixin, CustomDiffusionSequential):
     name = "cd-ewc"
     summary = "sequential Custom Diffusion + online EWC on the K/V weights (000's CD EWC baseline)"
     Params = EwcParams
 
     def anchor(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         return ctx.extra["start"]  # the K/V weights the previous task left
-

@@ -15,7 +15,7 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.methods.base import Method, TaskContext
-from edgecp.methods.ewc import EwcDcParams, EwcMixin, EwcParams
+from edgecp.methods.ewc import EwcDcParams, EwcMixin, EwcParams, check_reduction
 from edgecp.methods.phases import dsc_phase, phase_iterations
 from edgecp.personal import read_tensors
 
@@ -29,6 +29,16 @@ class DscParams:
     tau_teacher: float = 0.05  # teachers' DC temperature: low-entropy targets
     tau_student: float = 1.0
     consolidation_ratio: float = 0.2  # DSC iterations = 0.2 x training iterations (App. H.2.1)
+    dc_reduction: str = "sum"  # DC errors as Eq. 3's squared norm ("sum") or per-element mean (docs/architecture.md)
+    teacher_reduction: str | None = None  # the teachers' own reduction (None: dc_reduction); see docs/architecture.md
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the EWC checks, in DSC EWC [DC]
+            parent()
+        check_reduction(self.dc_reduction)
+        if self.teacher_reduction is not None:
+            check_reduction(self.teacher_reduction)
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,8 @@ class Dsc(Method):
         if pool:  # task n >= 2
             dsc_phase(ctx, pool, phase_iterations(ctx, self.params.consolidation_ratio), gamma=self.params.gamma,
                       lam=self.params.lam, tau_teacher=self.params.tau_teacher, tau_student=self.params.tau_student,
-                      progress=progress)
+                      progress=progress, reduction=self.params.dc_reduction,
+                      teacher_reduction=self.params.teacher_reduction or self.params.dc_reduction)
 
     def phase_rows(self, n_previous: int) -> dict[str, int]:
         return {**super().phase_rows(n_previous), **({"dsc": 3} if n_previous else {})}  # S = {c_0, c_n, c_j}

@@ -22,6 +22,7 @@ from edgecp.consolidation.dc_scores import (
     dc_grad,
     dc_log_scores,
     dc_scores,
+    entropy,
     sample_subset,
     trial,
 )
@@ -94,36 +95,100 @@ def _report(progress, phase: str, i: int, n: int, loss: float | None) -> None:
         progress(phase, i, n, loss)
 
 
+def effective_batch(ctx: TaskContext) -> int:
+    """Images per optimizer step in training (batch x accumulation): the consolidation phases use the same."""
+    return ctx.train.batch_size * ctx.train.grad_accum
+
+
+def latent_elements(ctx: TaskContext) -> int:
+    """D = C*H*W of one training latent (the factor between the 'mean' and 'sum' DC reductions)."""
+    return int(ctx.instance.mean[0].numel())
+
+
+@torch.no_grad()
+def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4) -> float:
+    """The task's denoising loss (per-element mean) at its start: the first `images` training latents (posterior
+    means) under c_n, at `timesteps` evenly spaced t (stratified, so one number with little Monte-Carlo noise),
+    noise from a fixed generator. The loss scale of the scale-free penalties (C-LoRA, CNS)."""
+    from edgecp.train import denoise_loss
+
+    sched = ctx.noise_scheduler
+    x0 = ctx.instance.mean[:images] * ctx.instance.scale
+    n_t = sched.config.num_train_timesteps
+    ts = torch.tensor([int((i + 0.5) * n_t / timesteps) for i in range(timesteps)])
+    gen = torch.Generator().manual_seed(ctx.train.seed * 613 + ctx.index)
+    rows = x0.repeat(timesteps, 1, 1, 1)
+    t = ts.repeat_interleave(x0.shape[0]).to(rows.device)
+    noise = torch.randn(rows.shape, generator=gen).to(rows)
+    with autocast(ctx):
+        text = encode_text(ctx.comps, [ctx.prompt], ctx.device).float()
+    step = ctx.plan.micro_batch if ctx.plan is not None else ctx.train.batch_size
+    losses = []
+    for i in range(0, rows.shape[0], step):
+        with autocast(ctx):
+            losses.append(denoise_loss(ctx.comps.unet, sched, rows[i:i + step], text.expand(len(rows[i:i + step]), -1, -1),
+                                       gen, (noise[i:i + step], t[i:i + step])).float())
+    return float(torch.cat(losses).mean())
+
+
 def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterations: int, use_dc: bool, k: int = 5,
-                 delta: float = 0.5, tau: float = 1.0, progress=None) -> dict[str, torch.Tensor]:
-    """F_n over `params`: mean over iterations of (grad L_ewc)^2 on D_n. With DC: Eq. 5 over S = {c_0, c_n} + k-2."""
+                 delta: float = 0.5, tau: float = 1.0, progress=None, reduction: str = "mean") -> dict[str, torch.Tensor]:
+    """F_n over `params`: mean over iterations of (grad L_ewc)^2 on D_n. With DC: Eq. 5 over S = {c_0, c_n} + k-2.
+
+    One iteration sees the training's effective batch: `grad_accum` batches of `batch_size` images, their gradients
+    averaged (as the optimizer step of training would see them), then squared. Also leaves in ctx.extra["fisher_loss"]
+    the mean per-element denoising loss of c_n over the phase (the loss scale of the scale-free EWC weight).
+    """
     unet, sched = ctx.comps.unet, ctx.noise_scheduler
     texts = concept_texts(ctx)  # (n+1, T, D)
     n_prev = len(ctx.previous)
     gen = torch.Generator().manual_seed(ctx.train.seed * 7919 + ctx.index)
     acc = FisherAccumulator(params)
+    accum, d = ctx.train.grad_accum, latent_elements(ctx)
+    per_element = 1.0 / d if reduction == "sum" else 1.0
+    denoise: list[float] = []
     t0 = time.perf_counter()
     with grad_mode(ctx):
         for it in range(iterations):
-            x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
-            t, noise = trial(x0, sched.config.num_train_timesteps, gen)
-            if use_dc:
-                subset = [0, n_prev + 1] + [1 + j for j in sample_subset(n_prev, k, gen)]  # c_0, c_n, previous
-                loss_fn = lambda err, _eps: dc_ewc_loss(err, dc_log_scores(err, tau), current=1, delta=delta)  # noqa: E731
-            else:
-                subset = [n_prev + 1]  # plain denoising loss on c_n
-                loss_fn = lambda err, _eps: err[:, 0].mean()  # noqa: E731
-            loss, grads = dc_grad(predictor(unet), sched, x0, texts[subset], t, noise, loss_fn,
-                                  list(params.values()), chunk=dc_chunk(ctx))
-            acc.add_grads(grads)
-            _report(progress, "fisher", it + 1, iterations, loss.item())
+            summed: list[torch.Tensor | None] = [None] * len(params)
+            total = 0.0
+            for _ in range(accum):
+                x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
+                t, noise = trial(x0, sched.config.num_train_timesteps, gen)
+                if use_dc:
+                    subset = [0, n_prev + 1] + [1 + j for j in sample_subset(n_prev, k, gen)]  # c_0, c_n, previous
+
+                    def loss_fn(err, _eps):
+                        denoise.append(err[:, 1].mean().item() * per_element)
+                        return dc_ewc_loss(err, dc_log_scores(err, tau), current=1, delta=delta)
+                else:
+                    subset = [n_prev + 1]  # plain denoising loss on c_n
+
+                    def loss_fn(err, _eps):
+                        denoise.append(err[:, 0].mean().item() * per_element)
+                        return err[:, 0].mean()
+                loss, grads = dc_grad(predictor(unet), sched, x0, texts[subset], t, noise, loss_fn,
+                                      list(params.values()), chunk=dc_chunk(ctx), reduction=reduction)
+                summed = [g if a is None else (a if g is None else a + g) for a, g in zip(summed, grads)]
+                total += loss.item() / accum
+            acc.add_grads([None if g is None else g / accum for g in summed])
+            _report(progress, "fisher", it + 1, iterations, total)
     ctx.extra["fisher_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
+    ctx.extra["fisher_loss"] = sum(denoise) / max(len(denoise), 1)
     return acc.mean()
 
 
 def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations: int, gamma: float = 0.1,
-              lam: float = 1.5, tau_teacher: float = 0.05, tau_student: float = 1.0, progress=None) -> None:
-    """Algo 3: distil the adapter in place (student initialised from theta_n) from theta_n and theta_j ~ pool."""
+              lam: float = 1.5, tau_teacher: float = 0.05, tau_student: float = 1.0, progress=None,
+              reduction: str = "mean", teacher_reduction: str | None = None) -> None:
+    """Algo 3: distil the adapter in place (student initialised from theta_n) from theta_n and theta_j ~ pool.
+
+    One iteration = one optimizer step over the training's effective batch (`grad_accum` batches of `batch_size`
+    images, gradients averaged); theta_j is drawn anew for every batch (000 draws it per iteration, with batch 1).
+    The teachers' DC scores over S = {c_0, c_n, c_j} are logged in ctx.extra["dsc_teacher_entropy"] (mean, nats).
+    `teacher_reduction` (default: `reduction`) reduces the teachers' errors, `reduction` the student's.
+    """
+    teacher_reduction = teacher_reduction or reduction
     unet, sched = ctx.comps.unet, ctx.noise_scheduler
     names = lora.param_names(unet)
     student = lora.adapter_parameters(unet)
@@ -133,27 +198,38 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
     n_prev = len(ctx.previous)
     opt = torch.optim.AdamW(list(student.values()), lr=ctx.train.lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(ctx.train.seed * 104729 + ctx.index)
+    accum = ctx.train.grad_accum
+    params = list(student.values())
+    entropies: list[float] = []
     t0 = time.perf_counter()
     with grad_mode(ctx):
         for it in range(iterations):
-            j = int(torch.randint(len(teachers), (1,), generator=gen))  # theta_j, j ~ U{1..n-1}, drawn anew
-            x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
-            t, noise = trial(x0, sched.config.num_train_timesteps, gen)
-            s = texts[[0, n_prev + 1, 1 + j]]  # S = {c_0, c_n, c_j}
-            with torch.no_grad():
-                err_n, eps_n = dc_forward_chunked(predictor(unet, teacher_n), sched, x0, s, t, noise, dc_chunk(ctx))
-                err_j, eps_j = dc_forward_chunked(predictor(unet, teachers[j]), sched, x0, s, t, noise, dc_chunk(ctx))
-            p_n, p_j = dc_scores(err_n, tau_teacher), dc_scores(err_j, tau_teacher)
+            total = 0.0
+            for _ in range(accum):
+                j = int(torch.randint(len(teachers), (1,), generator=gen))  # theta_j, j ~ U{1..n-1}, drawn anew
+                x0 = ctx.instance.draw(torch.randint(len(ctx.instance), (ctx.train.batch_size,), generator=gen), gen)
+                t, noise = trial(x0, sched.config.num_train_timesteps, gen)
+                s = texts[[0, n_prev + 1, 1 + j]]  # S = {c_0, c_n, c_j}
+                with torch.no_grad():
+                    err_n, eps_n = dc_forward_chunked(predictor(unet, teacher_n), sched, x0, s, t, noise,
+                                                      dc_chunk(ctx), teacher_reduction)
+                    err_j, eps_j = dc_forward_chunked(predictor(unet, teachers[j]), sched, x0, s, t, noise,
+                                                      dc_chunk(ctx), teacher_reduction)
+                p_n, p_j = dc_scores(err_n, tau_teacher), dc_scores(err_j, tau_teacher)
+                entropies.append(0.5 * float(entropy(p_n).mean() + entropy(p_j).mean()))
 
-            def student_loss(err_s, eps_s, p_n=p_n, p_j=p_j, eps_n=eps_n, eps_j=eps_j):
-                return dsc_loss(p_n, p_j, dc_log_scores(err_s, tau_student), eps_n[:, 1], eps_j[:, 2], eps_s[:, 1],
-                                eps_s[:, 2], gamma, lam)
+                def student_loss(err_s, eps_s, p_n=p_n, p_j=p_j, eps_n=eps_n, eps_j=eps_j):
+                    return dsc_loss(p_n, p_j, dc_log_scores(err_s, tau_student), eps_n[:, 1], eps_j[:, 2],
+                                    eps_s[:, 1], eps_s[:, 2], gamma, lam)
 
-            params = list(student.values())
-            loss, grads = dc_grad(predictor(unet), sched, x0, s, t, noise, student_loss, params, chunk=dc_chunk(ctx))
-            for p, g in zip(params, grads):
-                p.grad = g
+                loss, grads = dc_grad(predictor(unet), sched, x0, s, t, noise, student_loss, params,
+                                      chunk=dc_chunk(ctx), reduction=reduction)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g / accum if p.grad is None else p.grad + g / accum
+                total += loss.item() / accum
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _report(progress, "dsc", it + 1, iterations, loss.item())
+            _report(progress, "dsc", it + 1, iterations, total)
     ctx.extra["dsc_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
+    ctx.extra["dsc_teacher_entropy"] = sum(entropies) / max(len(entropies), 1)

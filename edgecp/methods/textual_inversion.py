@@ -14,6 +14,7 @@ class TextualInversion(Method):
     summary = "only the new token's embedding is trained (000's TI baseline)"
     adapter_kind = "none"
     removal = "exact"  # the concept is its token; dropping the token leaves what never learned it
+    bench_class_word = True  # 000 evaluates TI with the concept name after the token
 
     @classmethod
     def train_defaults(cls, tiny: bool) -> dict:

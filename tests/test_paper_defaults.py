@@ -1,0 +1,201 @@
+"""Issue 10: the paper's method as the default, and the paper-faithful pieces it rests on.
+
+Math is checked against independent references (a KKT system solved directly, hand-computed cases); behaviour on
+tiny stores (two concepts, a few steps).
+"""
+
+import json
+
+import pytest
+import torch
+from cli_util import run_cli
+from conftest import make_photos, new_store
+from safetensors.torch import load_file
+
+from edgecp.consolidation.clora import clora_penalty, occupied_norm, relative_penalty
+from edgecp.consolidation.dc_scores import _errors, dc_scores, entropy
+from edgecp.consolidation.merge import constrained_merge, merge_targets, regulariser_covariance
+from edgecp.errors import EdgecpError
+from edgecp.train import add_concept
+
+
+# -- the math -------------------------------------------------------------------------------------------------
+def test_dc_sum_reduction_is_eq3_squared_norm_and_mean_is_it_over_d():
+    target = torch.randn(2, 4, 3, 3)
+    eps_hat = torch.randn(2, 5, 4, 3, 3)
+    loop = torch.tensor([[float(((target[b] - eps_hat[b, i]) ** 2).sum()) for i in range(5)] for b in range(2)])
+    torch.testing.assert_close(_errors(target, eps_hat, "sum"), loop)
+    torch.testing.assert_close(_errors(target, eps_hat, "mean"), loop / 36)
+    with pytest.raises(ValueError, match="DC reduction"):
+        _errors(target, eps_hat, "max")
+
+
+def test_entropy_of_dc_scores_by_hand():
+    p = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    torch.testing.assert_close(entropy(p), torch.tensor([1.0986123, 0.0, 0.6931472]))
+    # the same errors, sharper under the sum reading: mean errors 0.40/0.41/0.42 over D = 1024 elements
+    err_mean = torch.tensor([[0.40, 0.41, 0.42]])
+    assert entropy(dc_scores(err_mean, 0.05)) > 1.0  # near uniform (000's teachers must be low-entropy)
+    assert entropy(dc_scores(err_mean * 1024, 0.05)) < 1e-3
+
+
+def _kkt_merge(targets, feats, reg):
+    """Reference: the equality-constrained least squares solved as one KKT linear system, row by row of W.
+
+    min_w w^T R w  s.t.  C w = t  (w: one row of W - W0)  <=>  [[2R, C^T], [C, 0]] [w; mu] = [0; t]."""
+    c = torch.cat(feats).double()
+    t = torch.cat(targets, dim=1).double()
+    s, d = c.shape
+    kkt = torch.zeros(d + s, d + s, dtype=torch.float64)
+    kkt[:d, :d] = 2 * reg.double()
+    kkt[:d, d:] = c.T
+    kkt[d:, :d] = c
+    rhs = torch.cat([torch.zeros(t.shape[0], d, dtype=torch.float64), t], dim=1).T
+    return torch.linalg.solve(kkt, rhs)[:d].T
+
+
+def test_constrained_merge_equals_the_kkt_solution_and_keeps_each_concept_s_values():
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out = 12, 7
+    feats = [torch.randn(3, d_in, generator=g), torch.randn(2, d_in, generator=g)]
+    deltas = [torch.randn(d_out, d_in, generator=g) for _ in feats]
+    x_reg = torch.randn(40, d_in, generator=g)
+    reg = regulariser_covariance(x_reg)
+    targets = [merge_targets(dw, f) for dw, f in zip(deltas, feats)]
+    merged = constrained_merge(targets, feats, reg)
+    torch.testing.assert_close(merged.double(), _kkt_merge(targets, feats, reg), atol=1e-5, rtol=1e-5)
+    for dw, f in zip(deltas, feats):  # W C_i^T = W_i C_i^T: each concept's K/V values are those it trained
+        torch.testing.assert_close(merged @ f.T, dw @ f.T, atol=1e-4, rtol=1e-4)
+
+
+def test_constrained_merge_of_one_concept_with_identity_regulariser_is_the_row_space_projection():
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(2, 6, generator=g)
+    dw = torch.randn(3, 6, generator=g)
+    projection = c.T @ torch.linalg.inv(c @ c.T) @ c  # by hand: the closest W (Frobenius) with W c^T = dW c^T
+    merged = constrained_merge([merge_targets(dw, c)], [c], torch.eye(6))
+    torch.testing.assert_close(merged, dw @ projection, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_clora_penalty_costs_strength_times_loss_for_an_update_as_large_as_the_earlier_ones():
+    occ = {"a": torch.rand(4, 5) + 0.1, "b": torch.rand(3, 2) + 0.1}
+    norm = occupied_norm(occ)
+    same = relative_penalty(occ, occ, 2.0, 0.25, norm)
+    torch.testing.assert_close(same, torch.tensor(0.5, dtype=same.dtype))
+    half = {k: 0.5 * v for k, v in occ.items()}  # quadratic in the update
+    torch.testing.assert_close(relative_penalty(occ, half, 2.0, 0.25, norm), torch.tensor(0.125, dtype=same.dtype))
+    scaled = {k: 10 * v for k, v in occ.items()}  # scale-free: earlier updates 10x larger, the same relative cost
+    torch.testing.assert_close(relative_penalty(scaled, scaled, 2.0, 0.25, occupied_norm(scaled)), same)
+    assert clora_penalty(scaled, scaled, 1.0) > 1000 * clora_penalty(occ, occ, 1.0)  # the absolute form is not
+
+
+# -- the methods on tiny stores ------------------------------------------------------------------------------
+def _two(tmp_path, method, name, **params):
+    root = tmp_path / name
+    new_store(root, method=method, method_params=params, train={"steps": 2})
+    for i, c in enumerate(["aa", "bb"]):
+        add_concept(root, c, make_photos(tmp_path / "photos" / c, seed=i), class_word="dog")
+    return root
+
+
+def test_online_ewc_default_averages_where_the_sum_reading_adds(tmp_path):
+    """Task 2 trains against F_1 in both readings (identical runs), so after it sum = F_1 + F_2 = 2 x mean."""
+    mean = _two(tmp_path, "lora-ewc", "mean")
+    summed = _two(tmp_path, "lora-ewc", "sum", fisher_update="sum")
+    fm = load_file(str(mean / "versions" / "v0002" / "fisher.safetensors"))
+    fs = load_file(str(summed / "versions" / "v0002" / "fisher.safetensors"))
+    for k in fm:
+        torch.testing.assert_close(fs[k], 2 * fm[k], rtol=1e-4, atol=1e-12)
+    info = json.loads((mean / "versions" / "v0002" / "manifest.json").read_text())["ewc"]
+    assert info["tasks"] == 2 and info["update"] == "mean" and info["fisher"] == "normalised"
+    # the normalisation: F~ = F * b * D / L, with the loss L measured in the same Fisher phase
+    assert info["scale"] == pytest.approx(4 * 4 * 16 * 16 / info["loss"], rel=1e-4)  # loss rounded to 6 digits
+
+
+def test_absolute_ewc_weight_keeps_the_raw_fisher(tmp_path):
+    root = tmp_path / "abs"
+    new_store(root, method="lora-ewc", method_params={"ewc_weight": 1e6}, train={"steps": 2})
+    add_concept(root, "aa", make_photos(tmp_path / "p", seed=0), class_word="dog")
+    info = json.loads((root / "versions" / "v0001" / "manifest.json").read_text())["ewc"]
+    assert info["fisher"] == "raw" and info["scale"] == 1.0
+
+
+def test_cns_trains_only_inside_its_mask_and_differs_from_textual_inversion(tmp_path):
+    root = _two(tmp_path, "cns", "cns")
+    d1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
+    d2 = load_file(str(root / "versions" / "v0002" / "base_delta.safetensors"))
+    moved = [(d != 0).float().mean().item() for d in d1.values()]
+    assert all(0 < m <= 0.3 + 1e-6 for m in moved), moved  # the UNet moves, on at most the top 30% per row
+    assert any(not torch.equal(d1[k], d2[k]) for k in d1)  # task 2 moved it too (under L_reg on task 1's spots)
+    m2 = json.loads((root / "versions" / "v0002" / "manifest.json").read_text())
+    assert m2["n_param"]["train"] > 0
+
+
+def test_paper_cd_merges_per_task_kv_and_removes_a_concept_exactly(tmp_path):
+    from edgecp.lifecycle import remove_concept
+    from edgecp.methods.custom_diffusion import CD_FILE, _split_tasks, merge_all
+
+    root = _two(tmp_path, "custom-diffusion", "cd")
+    for c in ["cc"]:
+        add_concept(root, c, make_photos(tmp_path / "photos" / c, seed=2), class_word="dog")
+    v = root / "versions" / "v0003"
+    tasks, reg = _split_tasks(load_file(str(v / CD_FILE)))
+    assert len(tasks) == 3 and reg.shape == (64, 64)
+    merged = load_file(str(v / "base_delta.safetensors"))
+    again = merge_all(tasks, reg)
+    assert merged.keys() == again.keys() and all(torch.allclose(merged[k], again[k], atol=1e-6) for k in merged)
+    # each concept's K/V values on its own prompt features are (in least squares) the ones it trained
+    t1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
+    k = next(iter(t1))
+    f1 = tasks[0]["features"]
+    assert torch.allclose(tasks[0][k], t1[k].double().matmul(f1.double().T).float(), atol=1e-5)
+    remove_concept(root, "bb")
+    head = sorted((root / "versions").iterdir())[-1]
+    left, _ = _split_tasks(load_file(str(head / CD_FILE)))
+    assert len(left) == 2 and torch.equal(left[1]["features"], tasks[2]["features"])
+    after = load_file(str(head / "base_delta.safetensors"))
+    expect = merge_all([tasks[0], tasks[2]], reg)
+    assert all(torch.allclose(after[k], expect[k], atol=1e-6) for k in expect)
+
+
+def test_bench_names_the_class_only_for_cd_and_ti_by_default():
+    from edgecp.eval.bench import BenchConfig, uses_class_word
+
+    paper = BenchConfig(methods=("lora-sequential",))
+    assert [uses_class_word(paper, m) for m in ("custom-diffusion", "cd-ewc", "textual-inversion")] == [True] * 3
+    assert [uses_class_word(paper, m) for m in ("lora-sequential", "dsc-ewc-dc", "c-lora", "cns")] == [False] * 4
+    assert uses_class_word(BenchConfig(methods=("lora-sequential",), class_word="always"), "lora-sequential")
+    with pytest.raises(EdgecpError, match="--class-word 'sometimes'"):
+        BenchConfig(class_word="sometimes")
+    with pytest.raises(EdgecpError, match="not among the bench's methods"):
+        BenchConfig(methods=("c-lora",), method_params={"ewc-dc": {"ewc_strength": 2}})
+
+
+def test_a_concept_without_class_word_starts_from_its_init_word(tmp_path):
+    root = tmp_path / "s"
+    new_store(root, train={"steps": 1})
+    m = add_concept(root, "aa", make_photos(tmp_path / "p"), init_word="dog")
+    entry = m["concepts"][0]
+    assert entry["class_word"] is None and entry["init_word"] == "dog" and entry["prompt"] == "a photo of a <aa>"
+
+
+def test_init_defaults_to_the_paper_method_and_says_so(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "init", tmp_path / "s", "--base", "tiny")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "store.json").read_text())["method"]["name"] == "dsc-ewc-dc"
+    assert "method dsc-ewc-dc (the default" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "init", tmp_path / "t", "--base", "tiny", "--method", "c-lora")
+    assert code == 0 and "(the default" not in out
+
+
+def test_real_bases_get_the_paper_prior_set_and_old_stores_keep_their_sampler():
+    from edgecp.config import PriorConfig, stored_prior
+    from edgecp.priors import prior_key
+
+    p = PriorConfig()
+    assert (p.num_images, p.sampler, p.steps, p.prompt) == (200, "ddpm", 50, "a photo of a person")
+    old = {"prompt": "a photo", "num_images": 8, "steps": 10, "guidance": 7.5}  # a store.json from before
+    assert stored_prior(old).sampler == "base"
+    assert prior_key("x", stored_prior(old), 64) != prior_key("x", stored_prior({**old, "sampler": "ddpm"}), 64)
+    with pytest.raises(EdgecpError, match="prior sampler 'euler'"):
+        PriorConfig(sampler="euler")
