@@ -1,10 +1,12 @@
 """`edgecp bench --estimate`: runs, device-hours and disk of a bench, from one short calibration on this device.
 
 Calibration (the same code path as `add_concept` and the bench's evaluation, nothing written anywhere): the base is
-loaded as `add_concept` would load it (the memory planner's plan for a LoRA task), `warmup` + `iterations` real
-training iterations (`train.Trainer.step`, the store's batch size and accumulation: 1 x 8 on an SD base, 4 x 1 on the
-tiny one) run on synthetic latents at the base's resolution, and one image is generated with 2 sampling steps
-(`generate.torch_generate`, classifier-free guidance). The estimate then multiplies:
+loaded as `add_concept` would load it (the memory planner's plan for a LoRA task); `warmup` + `iterations` real
+training iterations (`train.Trainer.step`, the store's batch size: 1 on an SD base, 4 on the tiny one) run on
+synthetic latents at the base's resolution with accumulation 1, and the time is multiplied by the store's
+accumulation (our choice: an iteration is `grad_accum` identical batches, so timing one is 8x shorter on an SD
+base); one image is generated with 2 sampling steps (`generate.torch_generate`, classifier-free guidance).
+The estimate then multiplies:
 
     training       iterations x tasks x s/iteration
     consolidation  per task, each phase of `method.phase_rows` beyond training: ratio x iterations (the method's
@@ -72,6 +74,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     tiny = base == "tiny"
     train = replace(TrainConfig(**{**(TINY_TRAIN if tiny else {}), **type(method).train_defaults(tiny)}),
                     steps=iterations, seed=0)
+    accum, train = train.grad_accum, replace(train, grad_accum=1)  # timed: one batch; an iteration is `accum` of them
     shape = base_shape(spec, method.keep_full_precision())
     resolution = shape.unet.sample_size * shape.vae_scale
     work = training_workload(method, shape, train, resolution, 0, 4, 0, 0)
@@ -111,7 +114,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     for i in range(iterations):
         trainer.step()
         tick("calibrate", warmup + i + 1, warmup + iterations)
-    s_iter = (time.perf_counter() - t) / iterations
+    s_iter = accum * (time.perf_counter() - t) / iterations
     trainer.close()
     steps = 2
     with torch.no_grad():
@@ -121,7 +124,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
         s_step = (time.perf_counter() - t) / steps
     return {"seconds_per_iteration": s_iter, "seconds_per_image_step": s_step, "seconds_per_load": t_load,
             "device": str(dev), "base": base, "precision": plan.precision.weights, "batch_size": train.batch_size,
-            "grad_accum": train.grad_accum, "iterations_timed": iterations, "resolution": resolution,
+            "grad_accum": accum, "iterations_timed": iterations, "resolution": resolution,
             "shape": shape}
 
 
