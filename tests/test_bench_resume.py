@@ -121,6 +121,14 @@ def test_bench_option_errors_name_the_fix(tmp_path, capsys):
     assert_one_line_error(code, err, "--preset paper needs --sequence DIR")
     code, _, err = run_cli(capsys, "bench", "--executor", "dask", "--out", tmp_path / "y")
     assert_one_line_error(code, err, "unknown executor 'dask'")
+    code, _, err = run_cli(capsys, "bench", "--features", tmp_path / "no-clip", "--tasks", "1", "--out", tmp_path / "z")
+    assert_one_line_error(code, err, "--features")
+    assert not (tmp_path / "z").exists()  # nothing written before the inputs are checked
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "bench", "--tasks", "1", "--out", started)
+    assert_one_line_error(code, err, "exists and is not empty", f"edgecp bench --resume {started}")
 
 
 @pytest.fixture

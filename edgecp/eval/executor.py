@@ -115,11 +115,16 @@ def check_required(cfg) -> None:
                           "--features tiny on the tiny base")
 
 
-def start_folder(cfg, out: Path) -> None:
-    """A new bench folder: refuse a non-empty one (it may hold another bench), write config.json first."""
+def check_new_folder(out: Path) -> None:
+    """Refuse a non-empty folder (it may hold another bench)."""
     if out.exists() and any(out.iterdir()):
         hint = f"; to finish it, run `edgecp bench --resume {out}`" if (out / CONFIG_FILE).is_file() else ""
         raise EdgecpError(f"bench folder '{out}' exists and is not empty: pass a new --out{hint}")
+
+
+def start_folder(cfg, out: Path) -> None:
+    """A new bench folder, config.json written before anything runs."""
+    check_new_folder(out)
     write_json_atomic(out / CONFIG_FILE, {"format": 1, "config": asdict(cfg)})
 
 
@@ -323,16 +328,21 @@ def make_executor(name: str = "serial", **options):
 
 
 # -- the bench over an executor -----------------------------------------------------------------------------------
-def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log: Log | None = None) -> dict:
-    """Run every (method, seed) of `cfg` that has no result in `out` yet, then rebuild the outputs."""
+def _inputs(cfg):
+    """The sequence and the features, loaded before anything is written: a bad --sequence or --features fails here."""
     from edgecp.eval.bench import load_sequence
     from edgecp.eval.features import load_features
 
+    check_required(cfg)
+    return load_sequence(cfg), load_features(cfg.features)
+
+
+def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log: Log | None = None,
+            inputs=None) -> dict:
+    """Run every (method, seed) of `cfg` that has no result in `out` yet, then rebuild the outputs."""
     executor = executor or SerialExecutor()
     t0 = time.perf_counter()
-    check_required(cfg)
-    seq = load_sequence(cfg)
-    features = load_features(cfg.features)  # a bad --features fails here, before any run starts
+    seq, features = inputs or _inputs(cfg)
     runs = all_runs(cfg)
     todo = [(m, s) for m, s in runs if finished(out, m, s) is None]
     n_done = len(runs) - len(todo)
@@ -354,9 +364,10 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
 
 def run_bench(cfg, out: str | Path, progress: Progress | None = None, log: Log | None = None, executor=None) -> dict:
     out = Path(out)
-    check_required(cfg)
+    check_new_folder(out)
+    inputs = _inputs(cfg)
     start_folder(cfg, out)
-    return execute(cfg, out, executor, progress, log)
+    return execute(cfg, out, executor, progress, log, inputs)
 
 
 def resume_bench(out: str | Path, progress: Progress | None = None, log: Log | None = None, executor=None) -> dict:
