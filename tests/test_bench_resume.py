@@ -52,12 +52,13 @@ def test_a_bench_killed_mid_run_resumes_to_the_same_results(reference, tmp_path,
 
     out = tmp_path / "b"
     script = KILLED.replace("{cfg}", repr(CFG))
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=f, stderr=subprocess.STDOUT)
     trigger = run_dir(out, "ewc-dc", 0) / "eval-task-0.npz"  # the first run finished, the second one task in
     t0 = time.monotonic()
     while not trigger.exists():
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() - t0 < 120, "the bench did not reach its second run"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -67,6 +68,9 @@ def test_a_bench_killed_mid_run_resumes_to_the_same_results(reference, tmp_path,
     committed = sum(len(Store.open(d / "store").concepts()) for d in (first, second))
     saved = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.suffix in (".json", ".npz")}
     assert committed >= 3 and len(saved) >= 4  # 2 tasks + result of the first run, >= 1 task of the second
+    streamed = json.loads((out / "results.json").read_text())  # rebuilt when the first run finished
+    assert streamed["runs_finished"] == 1 and list(streamed["summary"]) == ["lora-sequential"]
+    assert (out / "table.md").is_file()
 
     import edgecp.train
 
@@ -101,6 +105,7 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
     finally:
         ray.shutdown()
     _same_metrics(reference, result)
+    assert all(r["worker"]["pid"] != os.getpid() for r in result["runs"])  # each run ran in a Ray worker
     assert sorted(line.split(":")[0] for line in logs) == ["ewc-dc seed 0", "lora-sequential seed 0"]
     assert (tmp_path / "ray" / "table.md").is_file() and result["runs_finished"] == 2
 

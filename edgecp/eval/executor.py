@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -210,6 +211,7 @@ def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | N
     run = _run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
                       tick or (lambda phase, task: None))
     run["features"] = inputs.features.name
+    run["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}  # where it ran (a Ray node, or this process)
     write_json_atomic(run_dir(out, method, seed) / RESULT_FILE, run)
     return run
 
@@ -350,16 +352,20 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
         progress("runs", n_done, len(runs))
         progress("tasks", tasks_done(cfg, out, len(seq)), len(runs) * len(seq))
 
+    names = [c.name for c in seq]
+
     def on_run(run: dict) -> None:
+        """Results stream into the folder: the table, CSV, JSON and plots cover every run finished so far."""
         nonlocal n_done
         n_done += 1
+        rebuild(out, cfg, names=names)
         if log:
             log(run_line(run))
         if progress:
             progress("runs", n_done, len(runs))
 
     executor.run(cfg, out, todo, seq, features, progress, on_run)
-    return rebuild(out, cfg, seconds=round(time.perf_counter() - t0, 1))
+    return rebuild(out, cfg, seconds=round(time.perf_counter() - t0, 1), names=names)
 
 
 def run_bench(cfg, out: str | Path, progress: Progress | None = None, log: Log | None = None, executor=None) -> dict:
@@ -376,15 +382,17 @@ def resume_bench(out: str | Path, progress: Progress | None = None, log: Log | N
     return execute(load_config(out), out, executor, progress, log)
 
 
-def rebuild(out: str | Path, cfg=None, seconds: float | None = None) -> dict:
-    """results.json, results.csv, table.md and the plots from the runs finished so far (callable at any time)."""
+def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list[str] | None = None) -> dict:
+    """results.json, results.csv, table.md and the plots from the runs finished so far (callable at any time, also
+    while a bench runs; a torn file, from a crash while writing them, is rewritten by the next rebuild)."""
     from edgecp.eval.bench import _summarize, _write_outputs, load_sequence
 
     out = Path(out)
     cfg = cfg or load_config(out)
+    names = names or [c.name for c in load_sequence(cfg)]
     runs = [r for r in (finished(out, m, s) for m, s in all_runs(cfg)) if r is not None]
     methods = tuple(m for m in cfg.methods if any(r["method"] == m for r in runs))
-    result = {"config": asdict(cfg), "sequence": [c.name for c in load_sequence(cfg)],
+    result = {"config": asdict(cfg), "sequence": names,
               "features": runs[0].get("features") if runs else None, "seconds": seconds,
               "runs_finished": len(runs), "runs_total": len(all_runs(cfg)),
               "summary": _summarize(replace(cfg, methods=methods), runs) if runs else {}, "runs": runs}
