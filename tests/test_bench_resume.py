@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from cli_util import assert_one_line_error, run_cli
 
+from edgecp.errors import EdgecpError
 from edgecp.eval.bench import BenchConfig
 from edgecp.eval.executor import RayExecutor, run_bench, run_dir
 
@@ -41,7 +42,8 @@ def _same_metrics(a: dict, b: dict) -> None:
 KILLED = textwrap.dedent("""
     import sys
     sys.modules["ray"] = None  # the serial path must never import Ray: any import of it fails here
-    from edgecp.eval.bench import BenchConfig
+    from edgecp.errors import EdgecpError
+from edgecp.eval.bench import BenchConfig
     from edgecp.eval.executor import run_bench
     run_bench(BenchConfig(**{cfg}), sys.argv[1])
 """)
@@ -101,7 +103,15 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster: two workers
     try:
         logs = []
-        result = run_bench(BenchConfig(**CFG), tmp_path / "ray", executor=RayExecutor(num_cpus=1), log=logs.append)
+        executor = RayExecutor(num_cpus=1)
+        result = run_bench(BenchConfig(**CFG), tmp_path / "ray", executor=executor, log=logs.append)
+
+        @ray.remote
+        def bad_input():
+            raise EdgecpError("--sequence 'x': no task folders")
+
+        with pytest.raises(EdgecpError, match=r"^--sequence 'x': no task folders$"):  # one line, not Ray's traceback
+            executor._get(bad_input.remote(), "lora-sequential", 0, tmp_path)
     finally:
         ray.shutdown()
     _same_metrics(reference, result)

@@ -229,7 +229,8 @@ class SerialExecutor:
 
     name = "serial"
 
-    def run(self, cfg, out: Path, todo: list[tuple[str, int]], seq, features, progress: Progress | None, on_run: Callable[[dict], None]) -> None:
+    def run(self, cfg, out: Path, todo: list[tuple[str, int]], seq, features, progress: Progress | None,
+            on_run: Callable[[dict], None]) -> None:
         n = len(seq)
         total = len(all_runs(cfg)) * n
         inputs: dict[int, SeedInputs] = {}
@@ -263,7 +264,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float | None = None,
                  max_retries: int = 3, retry_exceptions: bool | list = False, poll_seconds: float = 2.0):
         self.ray = import_ray()
-        if num_gpus is not None and num_gpus < 0 or num_cpus <= 0:
+        if (num_gpus is not None and num_gpus < 0) or num_cpus <= 0:
             raise EdgecpError(f"--gpus-per-run {num_gpus} / --cpus-per-run {num_cpus}: use a number >= 0 "
                               "(a fraction shares a GPU), and more than 0 CPUs")
         self.address, self.num_cpus, self.num_gpus = address, num_cpus, num_gpus
@@ -282,7 +283,8 @@ class RayExecutor:
             raise EdgecpError(f"--address {self.address}: no Ray cluster answered ({e}); start one with "
                               "`ray start --head`, or leave --address out to start a local one") from None
 
-    def run(self, cfg, out: Path, todo: list[tuple[str, int]], seq, features, progress: Progress | None, on_run: Callable[[dict], None]) -> None:
+    def run(self, cfg, out: Path, todo: list[tuple[str, int]], seq, features, progress: Progress | None,
+            on_run: Callable[[dict], None]) -> None:
         ray = self.ray
         self._init()
         gpus = self.num_gpus
@@ -300,13 +302,27 @@ class RayExecutor:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_seconds)
                 for ref in ready:
-                    on_run(ray.get(ref))  # a task's exception is raised here, with Ray's traceback as its cause
+                    on_run(self._get(ref, *refs[ref], out))
                 if progress:
                     progress("tasks", tasks_done(cfg, out, n), total)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
+
+    def _get(self, ref, method: str, seed: int, out: Path) -> dict:
+        """The run's result; an EdgecpError raised in the task comes back as itself (one line), a worker that died
+        more than `max_retries` times as an EdgecpError naming the resume."""
+        exc = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except exc.RayTaskError as e:
+            if isinstance(e.cause, EdgecpError):
+                raise e.cause from None
+            raise
+        except exc.RayError as e:
+            raise EdgecpError(f"run {method} seed {seed} failed on Ray ({type(e).__name__}, after {self.max_retries} "
+                              f"retries); what it finished is kept: `edgecp bench --resume {out} --executor ray`") from e
 
 
 def import_ray():
@@ -368,17 +384,29 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
     return rebuild(out, cfg, seconds=round(time.perf_counter() - t0, 1), names=names)
 
 
+def absolute_paths(cfg):
+    """Local paths in the config (base, sequence folder, features folder) made absolute, so that Ray workers (whose
+    working folder is not ours) and a `--resume` from another folder find them; names (tiny, six, a hub id) stay."""
+    def fix(value: str, names: tuple[str, ...]) -> str:
+        p = Path(value).expanduser()
+        return str(p.resolve()) if value and value not in names and p.exists() else value
+
+    return replace(cfg, base=fix(cfg.base, ("tiny",)), sequence=fix(cfg.sequence, ("six", "procedural")),
+                   features=fix(cfg.features, ("tiny",)))
+
+
 def run_bench(cfg, out: str | Path, progress: Progress | None = None, log: Log | None = None, executor=None) -> dict:
-    out = Path(out)
-    check_new_folder(out)
+    check_new_folder(Path(out))
+    cfg = absolute_paths(cfg)
     inputs = _inputs(cfg)
+    out = Path(out).expanduser().resolve()
     start_folder(cfg, out)
     return execute(cfg, out, executor, progress, log, inputs)
 
 
 def resume_bench(out: str | Path, progress: Progress | None = None, log: Log | None = None, executor=None) -> dict:
     """Finish the bench in `out` with the config it was started with (`edgecp bench --resume OUT`)."""
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
     return execute(load_config(out), out, executor, progress, log)
 
 
