@@ -358,7 +358,7 @@ def bench(
     resume: Annotated[Optional[Path], typer.Option(help="Finish the bench in this folder with the config it was "
                                                          "started with; finished tasks are not recomputed.")] = None,
     executor: Annotated[str, typer.Option(help="serial (in this process) or ray (one Ray task per method x seed; "
-                                               "pip install 'edgecp[distributed]').")] = "serial",
+                                               "needs edgecp's distributed extra).")] = "serial",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join: auto, or ray://HOST:PORT (default: a "
                                                         "local cluster).")] = None,
     gpus_per_run: Annotated[Optional[float], typer.Option(help="GPUs per run with --executor ray; a fraction shares "

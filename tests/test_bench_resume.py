@@ -97,14 +97,49 @@ def reference_out(result: dict):
     return Path(result["runs"][0]["samples"]).parents[2]
 
 
+def _ray_task_pids() -> list[int]:
+    """Processes running a bench run for Ray (Ray titles a worker `ray::<function>` while it runs a task)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::_ray_run"):
+                    pids.append(int(d))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
 def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
+    """Two runs as Ray tasks on a local 2-CPU cluster; one worker is SIGKILLed mid-run, Ray retries its task, which
+    resumes from the run's last committed task. The metrics are the serial bench's."""
+    import threading
+
     import ray
+
+    out = tmp_path / "ray"
+    killed, saved = [], {}
+
+    def kill_a_worker():
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            done = list(out.glob("runs/*/eval-task-0.npz"))
+            pids = _ray_task_pids()
+            if done and pids:
+                saved.update({p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval-task-*.npz")})
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.02)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster: two workers
     try:
         logs = []
-        executor = RayExecutor(num_cpus=1)
-        result = run_bench(BenchConfig(**CFG), tmp_path / "ray", executor=executor, log=logs.append)
+        executor = RayExecutor(num_cpus=1, max_retries=2)
+        killer = threading.Thread(target=kill_a_worker)
+        killer.start()
+        result = run_bench(BenchConfig(**CFG), out, executor=executor, log=logs.append)
+        killer.join()
 
         @ray.remote
         def bad_input():
@@ -116,8 +151,14 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
         ray.shutdown()
     _same_metrics(reference, result)
     assert all(r["worker"]["pid"] != os.getpid() for r in result["runs"])  # each run ran in a Ray worker
+    assert killed and killed[0] not in [r["worker"]["pid"] for r in result["runs"]]  # the killed task was retried
+    assert all(p.stat().st_mtime_ns == m for p, m in saved.items())  # and did not redo its saved evaluations
+    from edgecp.store import Store
+
+    for r in result["runs"]:
+        assert len(Store.open(run_dir(out, r["method"], 0) / "store").versions()) == 3  # no task learned twice
     assert sorted(line.split(":")[0] for line in logs) == ["ewc-dc seed 0", "lora-sequential seed 0"]
-    assert (tmp_path / "ray" / "table.md").is_file() and result["runs_finished"] == 2
+    assert (out / "table.md").is_file() and result["runs_finished"] == 2
 
 
 def test_ray_executor_without_ray_names_the_fix(tmp_path, capsys, monkeypatch):
