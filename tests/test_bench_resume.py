@@ -42,8 +42,7 @@ def _same_metrics(a: dict, b: dict) -> None:
 KILLED = textwrap.dedent("""
     import sys
     sys.modules["ray"] = None  # the serial path must never import Ray: any import of it fails here
-    from edgecp.errors import EdgecpError
-from edgecp.eval.bench import BenchConfig
+    from edgecp.eval.bench import BenchConfig
     from edgecp.eval.executor import run_bench
     run_bench(BenchConfig(**{cfg}), sys.argv[1])
 """)
