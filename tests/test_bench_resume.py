@@ -67,7 +67,7 @@ def test_a_bench_killed_mid_run_resumes_to_the_same_results(reference, tmp_path,
     first, second = run_dir(out, "lora-sequential", 0), run_dir(out, "ewc-dc", 0)
     assert (first / "result.json").is_file() and not (second / "result.json").exists()
     committed = sum(len(Store.open(d / "store").concepts()) for d in (first, second))
-    saved = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.suffix in (".json", ".npz")}
+    saved = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.name.startswith(("eval-task", "result"))}
     assert committed >= 3 and len(saved) >= 4  # 2 tasks + result of the first run, >= 1 task of the second
     streamed = json.loads((out / "results.json").read_text())  # rebuilt when the first run finished
     assert streamed["runs_finished"] == 1 and list(streamed["summary"]) == ["lora-sequential"]
@@ -120,15 +120,17 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
     killed, saved = [], {}
 
     def kill_a_worker():
+        """SIGKILL the Ray worker of a run with one task evaluated and no result yet."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < 120:
-            done = list(out.glob("runs/*/eval-task-0.npz"))
-            pids = _ray_task_pids()
-            if done and pids:
-                saved.update({p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval-task-*.npz")})
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
+            for run in out.glob("runs/*"):
+                if (run / "eval-task-0.npz").is_file() and not (run / "result.json").exists():
+                    pid = json.loads((run / "worker.json").read_text())["pid"]
+                    assert pid in _ray_task_pids()  # a Ray worker running a task
+                    saved.update({p: p.stat().st_mtime_ns for p in run.glob("eval-task-*.npz")})
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
             time.sleep(0.02)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster: two workers

@@ -18,6 +18,7 @@ either the old state or the new one):
     runs/<method>-s<seed>/store/               the run's store: one atomic version per finished task
     runs/<method>-s<seed>/eval-task-<i>.npz    the evaluation after task i: embeddings of every seen concept's
                                                images, the task's training seconds (and the images, last task)
+    runs/<method>-s<seed>/worker.json          host and pid of the process that runs it (written when it starts)
     runs/<method>-s<seed>/result.json          the finished run (its metrics and matrices), written last
     results.json, results.csv, table.md, curves.png, heatmaps   rebuilt from the finished runs (`rebuild`)
 
@@ -50,6 +51,7 @@ from edgecp.errors import EdgecpError
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
+WORKER_FILE = "worker.json"  # host and pid of the process running (or that last ran) the run
 RAY_FIX = "pip install 'edgecp[distributed]'"
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total); phase "runs" counts runs, any other tasks
@@ -207,11 +209,13 @@ def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | N
     done = finished(out, method, seed)
     if done is not None:
         return done
+    worker = {"host": socket.gethostname(), "pid": os.getpid()}  # where it runs (a Ray node, or this process)
+    write_json_atomic(run_dir(out, method, seed) / WORKER_FILE, {**worker, "started": time.time()})
     inputs = inputs or seed_inputs(cfg, out, seed)
     run = _run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
                       tick or (lambda phase, task: None))
     run["features"] = inputs.features.name
-    run["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}  # where it ran (a Ray node, or this process)
+    run["worker"] = worker
     write_json_atomic(run_dir(out, method, seed) / RESULT_FILE, run)
     return run
 
