@@ -79,7 +79,7 @@ def progress_bars():
 
         def bar(phase: str, step: int, total: int, loss: float | None = None) -> None:
             if phase not in tasks:
-                tasks[phase] = prog.add_task(phase, total=total, info="")
+                tasks[phase] = prog.add_task(phase, total=total, completed=step, info="")  # a resumed bar: ETA from here
             info = f"loss {loss:.4f}" if loss is not None else ""
             prog.update(tasks[phase], completed=step, total=total, info=info)
 
@@ -358,8 +358,9 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
 
 @app.command()
 def bench(
-    out_dir: Annotated[Path, typer.Option("--out", help="A new folder for the results.")] = Path("edgecp-bench"),
-    preset: Annotated[str, typer.Option(help="quick (3 methods, 6 tasks, CPU) or full (every method, GPU).")] = "quick",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="A new folder for the results (default edgecp-bench).")] = None,
+    preset: Annotated[str, typer.Option(help="quick (3 methods, 6 tasks, CPU), full (every method, GPU) or paper "
+                                             "(000's App. H: needs --sequence DIR and --features DIR).")] = "quick",
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods, or all (default: the preset's).")] = None,
     sequence: Annotated[Optional[str], typer.Option(help="six, procedural, or a folder of task folders.")] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
@@ -373,6 +374,18 @@ def bench(
         help="Class word in the prompts: paper (000: CD and TI only), always or never.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p",
                                                        help="A method's hyperparameter, METHOD:key=value.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Finish the bench in this folder with the config it was "
+                                                         "started with; finished tasks are not recomputed.")] = None,
+    executor: Annotated[str, typer.Option(help="serial (in this process) or ray (one Ray task per method x seed; "
+                                               "needs edgecp's distributed extra).")] = "serial",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join: auto, or ray://HOST:PORT (default: a "
+                                                        "local cluster).")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(help="GPUs per run with --executor ray; a fraction shares "
+                                                               "a GPU (default: 1 when the cluster has GPUs, else 0).")] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="CPUs per run with --executor ray.")] = 1,
+    retries: Annotated[int, typer.Option(help="Ray retries of a run whose worker died (it resumes).")] = 3,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print runs, device-hours (from a short calibration "
+                                                              "on this device) and disk, then exit.")] = False,
 ) -> None:
     """Benchmark methods over a concept sequence: paper 000's table, 001's average score and forgetting,
     curves, heatmaps, sample grids, JSON and CSV.
@@ -382,13 +395,16 @@ def bench(
       edgecp bench --methods all --out bench-all
       edgecp bench --methods lora-sequential,ewc-dc --sequence procedural --tasks 10 --seeds 0,1,2
       edgecp bench --methods ewc-dc -p ewc-dc:ewc_strength=3 --sequence procedural --tasks 6
+      edgecp bench --preset paper --base ./sd-v1-4 --sequence ./tasks --features ./clip-vit-l14 --estimate
+      edgecp bench --preset paper --base ./sd-v1-4 --sequence ./tasks --features ./clip-vit-l14 --executor ray --address auto --out b
+      edgecp bench --resume b
     """
     import dataclasses
 
-    from edgecp.eval.bench import parse_methods, run_bench, table_markdown
+    from edgecp.eval.bench import parse_methods, table_markdown
     from edgecp.eval.bench import preset as get_preset
+    from edgecp.eval.executor import make_executor, resume_bench, run_bench
 
-    cfg = get_preset(preset)
     overrides = {
         "methods": parse_methods(methods) if methods else None,
         "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
@@ -396,10 +412,32 @@ def bench(
         "base": base, "features": features, "class_word": class_word,
         "method_params": _method_params(param) if param else None,
     }
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if resume is not None and (given or out_dir is not None or preset != "quick" or estimate):
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given) or ("--out" if out_dir else "--preset/--estimate")
+        raise EdgecpError(f"--resume {resume} reads the config saved in that folder: leave out {flags}")
+    opts = {"address": address, "num_gpus": gpus_per_run, "num_cpus": cpus_per_run, "max_retries": retries}
+    ex = make_executor(executor, **opts) if executor == "ray" else make_executor(executor)
+    if estimate:
+        from edgecp.eval.estimate import estimate as estimate_bench
+        from edgecp.eval.estimate import estimate_lines
+
+        cfg = dataclasses.replace(get_preset(preset), **given)
+        with progress_bars() as bar:
+            e = estimate_bench(cfg, progress=lambda phase, i, n: bar(phase, i, n))
+        for line in estimate_lines(e):
+            out.print(esc(line), highlight=False)
+        return
     with progress_bars() as bar:
-        result = run_bench(cfg, out_dir, progress=lambda phase, i, n: bar("bench (tasks)", i, n),
-                           log=lambda msg: err.print(f"[dim]bench:[/] {esc(msg)}"))
+        progress = lambda phase, i, n: bar("bench (runs)" if phase == "runs" else "bench (tasks)", i, n)
+        log = lambda msg: err.print(f"[dim]bench:[/] {esc(msg)}")
+        if resume is not None:
+            result = resume_bench(resume, progress=progress, log=log, executor=ex)
+            out_dir = resume
+        else:
+            cfg = dataclasses.replace(get_preset(preset), **given)
+            out_dir = out_dir or Path("edgecp-bench")
+            result = run_bench(cfg, out_dir, progress=progress, log=log, executor=ex)
     typer.echo(table_markdown(result))  # plain: a markdown table must not be wrapped at the terminal width
     out.print(f"{result['seconds']:.0f}s; results, CSV, curves, heatmaps and samples in [bold]{esc(out_dir)}[/]")
 

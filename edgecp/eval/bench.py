@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,10 @@ PRESETS = {
     "quick": BenchConfig(),
     # the paper's setting, for GPUs: every method, 1000 iterations, three seeds
     "full": BenchConfig(methods=(), steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50, n_target=16),
+    # 000's App. H: every method, 1000 iterations (an SD base trains 1 x 8), 3 seeds, 50 sampling steps; the task
+    # folder (--sequence DIR) and the CLIP folder (--features DIR) are the user's (eval/executor.check_required)
+    "paper": BenchConfig(methods=(), sequence="", features="", steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50,
+                         n_target=16),
 }
 
 
@@ -117,45 +121,18 @@ Progress = Callable[[str, int, int], None]
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, progress: Progress | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
-    """Run every method x seed over the sequence; write results.json, results.csv, table.md and the PNGs."""
-    from edgecp.eval.features import load_features
+              log: Callable[[str], None] | None = None, executor=None) -> dict:
+    """Run every method x seed over the sequence; write results.json, results.csv, table.md and the PNGs.
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise EdgecpError(f"bench folder '{out}' exists and is not empty: pass a new --out")
-    seq = load_sequence(cfg)
-    features = load_features(cfg.features)
-    n = len(seq)
-    total = len(cfg.methods) * len(cfg.seeds) * n
-    done = 0
-    t0 = time.perf_counter()
-    runs = []
-    for seed in cfg.seeds:
-        data = out / "data" / f"seed{seed}"
-        seq.write(data, n_train=cfg.n_train, n_target=cfg.n_target, size=64, seed=seed)
-        real = [features.embed_images(c.target_views(cfg.n_target, 64, seed)) for c in seq]
-        for method in cfg.methods:
-            def tick(phase: str, task: int, _m=method, _s=seed, _d=done) -> None:
-                if progress:
-                    progress(f"{_m} s{_s}: {phase}", _d + task, total)
+    The loop over runs, the resumable folder layout and the executors (serial, Ray) are in `eval/executor.py`."""
+    from edgecp.eval.executor import run_bench as execute_bench
 
-            run = _run_method(cfg, method, seed, seq, data, real, features, out, tick)
-            runs.append(run)
-            done += n
-            if progress:
-                progress("tasks", done, total)
-            if log:
-                log(f"{method} seed {seed}: A_MMD {run['metrics']['A_MMD']:.4g}, BwT_MMD {run['metrics']['BwT_MMD']:.4g}")
-    summary = _summarize(cfg, runs)
-    result = {"config": asdict(cfg), "sequence": [c.name for c in seq], "features": features.name,
-              "seconds": round(time.perf_counter() - t0, 1), "summary": summary, "runs": runs}
-    _write_outputs(out, result)
-    return result
+    return execute_bench(cfg, out, progress, log, executor)
 
 
 def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, features, out: Path, tick) -> dict:
     from edgecp.api import init_store
+    from edgecp.eval.executor import eval_file
     from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel
     from edgecp.prompts import expand
@@ -163,31 +140,50 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
     from edgecp.train import add_concept
 
     root = out / "runs" / f"{method}-s{seed}" / "store"
-    init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
-               train={"steps": cfg.steps, "seed": seed}, prior=cfg.prior)
+    if not (root / "store.json").is_file():  # resume: a store exists (Store.create is atomic) with its tasks
+        init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
+                   train={"steps": cfg.steps, "seed": seed}, prior=cfg.prior)
     n = len(seq)
+    learned = len(Store.open(root).concepts())  # tasks committed by an earlier, interrupted process
     gen: list[list[np.ndarray]] = []
     last_images = []
     t_train = 0.0
     named = uses_class_word(cfg, method)
+    model, model_version = None, None
     for i, concept in enumerate(seq):
-        tick(f"learn <{concept.name}>", i)
+        saved = eval_file(out, method, seed, i)
         t = time.perf_counter()
-        add_concept(root, concept.name, [data / concept.name / "train"],
-                    class_word=concept.class_word if named else None, init_word=concept.class_word)
-        t_train += time.perf_counter() - t
-        tick(f"evaluate after task {i + 1}", i)
-        store = Store.open(root)
-        model = PersonalModel.load(store)
-        row = []
-        for j in range(i + 1):
-            prompt = expand(f"a photo of <{seq[j].name}>", store.concepts())
-            gcfg = GenerateConfig(n=cfg.n_gen, seed=seed * 1000 + j, steps=cfg.gen_steps, guidance=cfg.guidance)
-            images = torch_generate(model.comps, prompt, gcfg, model.device)
-            row.append(features.embed_images(images))
-            if i == n - 1:
-                last_images.append(images)
+        if i >= learned:
+            tick(f"learn <{concept.name}>", i)
+            add_concept(root, concept.name, [data / concept.name / "train"],
+                        class_word=concept.class_word if named else None, init_word=concept.class_word)
+        seconds = time.perf_counter() - t
+        if saved.is_file():  # resume: this task's evaluation was saved by an earlier process
+            row, images_last, seconds = _load_eval(saved)
+        else:
+            tick(f"evaluate after task {i + 1}", i)
+            store = Store.open(root)
+            version = _version_with(store, i + 1)
+            model, model_version = PersonalModel.load(store, version), version
+            concepts = store.manifest(version)["concepts"]
+            row, images_last = [], []
+            for j in range(i + 1):
+                prompt = expand(f"a photo of <{seq[j].name}>", concepts)
+                gcfg = GenerateConfig(n=cfg.n_gen, seed=seed * 1000 + j, steps=cfg.gen_steps, guidance=cfg.guidance)
+                images = torch_generate(model.comps, prompt, gcfg, model.device)
+                row.append(features.embed_images(images))
+                if i == n - 1:
+                    images_last.append(images)
+            if i < learned:  # learned by a process that crashed before this evaluation: the manifest's time
+                seconds = concepts[i]["seconds"]["total"]
+            _save_eval(saved, row, images_last, seconds)
+        t_train += seconds
+        if i == n - 1:
+            last_images = images_last
         gen.append(row)
+    store = Store.open(root)
+    if model_version != store.head:  # every evaluation was saved before a crash
+        model = PersonalModel.load(store)
     acc = dc_accuracy(model, store, seq, data, cfg.dc_trials, seed)
     m, d = metrics.mmd_matrices(real, gen)
     s = np.full((n, n), np.nan)
@@ -210,6 +206,33 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
         "matrices": {"M": _nan_list(m), "D": _nan_list(d), "S": _nan_list(s)},
         "samples": str(run_dir / "samples.png"),
     }
+
+
+def _version_with(store, n_concepts: int) -> str:
+    """The version on HEAD's line that holds the first `n_concepts` tasks (HEAD itself unless a crash came between
+    a task's commit and its evaluation's file)."""
+    version = store.head
+    while len(store.manifest(version)["concepts"]) > n_concepts:
+        version = store.manifest(version)["parent"]
+    return version
+
+
+def _save_eval(path: Path, row: list[np.ndarray], images: list, seconds: float) -> None:
+    """One task's evaluation (embeddings of each seen concept's images; the images themselves after the last task)."""
+    from edgecp.eval.executor import save_npz_atomic
+
+    arrays = {f"emb{j}": e for j, e in enumerate(row)}
+    arrays.update({f"img{j}": np.stack([np.asarray(im) for im in ims]) for j, ims in enumerate(images)})
+    save_npz_atomic(path, seconds=np.float64(seconds), **arrays)
+
+
+def _load_eval(path: Path) -> tuple[list[np.ndarray], list, float]:
+    from PIL import Image
+
+    with np.load(path) as z:
+        row = [z[f"emb{j}"] for j in range(sum(k.startswith("emb") for k in z.files))]
+        images = [[Image.fromarray(a) for a in z[f"img{j}"]] for j in range(sum(k.startswith("img") for k in z.files))]
+        return row, images, float(z["seconds"])
 
 
 def dc_accuracy(model, store, seq, data: Path, trials: int, seed: int) -> float:

@@ -1,0 +1,5 @@
+"""`python -m edgecp`: the same as the `edgecp` command."""
+
+from edgecp.cli import main
+
+main()
