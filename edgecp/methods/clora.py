@@ -24,7 +24,7 @@ from edgecp.consolidation.clora import clora_penalty, occupied_norm, relative_pe
 from edgecp.methods.base import Method, TaskContext
 from edgecp.personal import ADAPTER_FILE, read_tensors
 
-CLORA_STRENGTH = 1.0  # the scale-free default, chosen on the procedural sequence (docs/architecture.md)
+CLORA_STRENGTH = 0.1  # the scale-free default, chosen on the procedural sequence (docs/architecture.md)
 
 
 @dataclass(frozen=True)

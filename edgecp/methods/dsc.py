@@ -29,8 +29,11 @@ class DscParams:
     tau_teacher: float = 0.05  # teachers' DC temperature: low-entropy targets
     tau_student: float = 1.0
     consolidation_ratio: float = 0.2  # DSC iterations = 0.2 x training iterations (App. H.2.1)
-    dc_reduction: str = "sum"  # DC errors as Eq. 3's squared norm ("sum") or per-element mean (docs/architecture.md)
-    teacher_reduction: str | None = None  # the teachers' own reduction (None: dc_reduction); see docs/architecture.md
+    # DC errors of the student (and of EWC DC's Eq. 5): per-element mean ("mean") or Eq. 3's squared norm ("sum");
+    # the teachers' errors: "sum", so that their scores are the low-entropy targets 000 asks for (docs/architecture.md,
+    # "DC-score reduction"); None: the same as dc_reduction
+    dc_reduction: str = "mean"
+    teacher_reduction: str | None = "sum"
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)

@@ -29,7 +29,7 @@ from edgecp.methods.phases import effective_batch, fisher_phase, latent_elements
 from edgecp.personal import ADAPTER_FILE, read_tensors
 
 FISHER_FILE = "fisher.safetensors"
-EWC_STRENGTH = 1.0  # the scale-free default, chosen on the procedural sequence (docs/architecture.md, "EWC strength")
+EWC_STRENGTH = 10.0  # the scale-free default, chosen on the procedural sequence (docs/architecture.md, "EWC strength")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class EwcDcParams(EwcParams):
     k: int = 5  # |S|: c_0, c_n and k-2 previous concepts (Sec. 3.1)
     delta: float = 0.5  # weight of the DC cross-entropy term in Eq. 5 (App. H.2.2)
     tau: float = 1.0  # DC temperature
-    dc_reduction: str = "sum"  # DC errors as Eq. 3's squared norm ("sum") or per-element mean (docs/architecture.md)
+    dc_reduction: str = "mean"  # DC errors: per-element mean, or Eq. 3's squared norm ("sum"); docs/architecture.md
 
     def __post_init__(self) -> None:
         super().__post_init__()
