@@ -64,8 +64,8 @@ def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_step
     t0 = time.perf_counter()
     _prepare_out(out)
     store = out / "store"
-    init_store(store, "tiny")
-    say(f"created store {store} on the embedded tiny model")
+    method = init_store(store, "tiny").info["method"]["name"]
+    say(f"created store {store} on the embedded tiny model, method {method} (paper 000's, the default)")
 
     timings = {}
     for i, (name, image, word) in enumerate(CONCEPTS):
@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_step
         paths[f"onnx grid {j + 1}"] = files[-1]
         say(f"generated '{prompt}' with onnxruntime -> {files[-1]}")
 
-    summary = {"out": str(out), "store": str(store), "seconds": round(time.perf_counter() - t0, 1),
+    summary = {"out": str(out), "store": str(store), "method": method, "seconds": round(time.perf_counter() - t0, 1),
                "learn_seconds": timings, "export_max_abs_diff": worst,
                "paths": {"store": str(store), "photos": str(out / "photos"), "onnx export": report["out"],
                          **{k: str(v) for k, v in paths.items()}}}

@@ -199,3 +199,63 @@ def test_real_bases_get_the_paper_prior_set_and_old_stores_keep_their_sampler():
     assert prior_key("x", stored_prior(old), 64) != prior_key("x", stored_prior({**old, "sampler": "ddpm"}), 64)
     with pytest.raises(EdgecpError, match="prior sampler 'euler'"):
         PriorConfig(sampler="euler")
+
+
+def _phase_context(accum: int):
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from edgecp.adapters import lora
+
+    spec = importlib.util.spec_from_file_location("bi", Path(__file__).parent.parent / "tools" / "bench_iterations.py")
+    bi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bi)
+    ctx, adapter = bi.build_context(3, 1, torch.device("cpu"))
+    ctx.train = dataclasses.replace(ctx.train, grad_accum=accum)
+    lora.attach(ctx.comps.unet, adapter)
+    lora.set_trainable(ctx.comps.unet, True)
+    return ctx, lora.adapter_parameters(ctx.comps.unet)
+
+
+def test_fisher_iteration_squares_the_gradient_of_training_s_effective_batch(monkeypatch):
+    """Slow-loop reference: record every batch's gradient; F = mean over iterations of (mean of the iteration's
+    `grad_accum` batch gradients)^2, not the mean of the per-batch squares."""
+    from edgecp.methods import phases
+
+    ctx, params = _phase_context(accum=3)
+    seen = []
+    real = phases.dc_grad
+
+    def recording(*a, **kw):
+        loss, grads = real(*a, **kw)
+        seen.append([g.clone() for g in grads])
+        return loss, grads
+
+    monkeypatch.setattr(phases, "dc_grad", recording)
+    fisher = phases.fisher_phase(ctx, params, iterations=2, use_dc=True, k=5)
+    assert len(seen) == 6  # 2 iterations x 3 batches
+    differs = []
+    for i, key in enumerate(params):
+        per_iter = [sum(seen[b][i] for b in range(it * 3, it * 3 + 3)) / 3 for it in range(2)]
+        expected = sum(g ** 2 for g in per_iter) / 2
+        torch.testing.assert_close(fisher[key], expected, rtol=1e-5, atol=1e-12)
+        wrong = sum(g[i] ** 2 for g in seen) / 6  # the per-batch reading
+        differs.append(not torch.allclose(fisher[key], wrong))
+    assert any(differs)  # (lora_A's gradient is 0 while B = 0; B's tells the readings apart)
+    assert ctx.extra["fisher_loss"] > 0
+
+
+def test_dsc_iteration_is_one_optimizer_step_over_the_effective_batch(monkeypatch):
+    from edgecp.methods import phases
+
+    ctx, params = _phase_context(accum=2)
+    calls, steps = [], []
+    real = phases.dc_grad
+    monkeypatch.setattr(phases, "dc_grad", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
+    pool = [{k: 0.01 * torch.randn_like(p) for k, p in params.items()} for _ in range(2)]
+    phases.dsc_phase(ctx, pool, iterations=3, teacher_reduction="sum")
+    assert len(calls) == 6 and len(steps) == 3
+    assert 0 <= ctx.extra["dsc_teacher_entropy"] < 1.0987
