@@ -57,3 +57,23 @@ def test_sd_fixture_writes_a_loadable_base_whose_shape_matches(tmp_path):
     assert (shape.unet_conv, shape.unet_linear) == (convs, linears)
     assert shape.text == counts["text_encoder"] and shape.vae == counts["vae"]
     assert shape.unet.block_out_channels == (32, 64, 128, 128) and shape.vae_scale == 8
+
+
+def test_merge_bench_pools_runs_of_several_folders(tmp_path):
+    import json
+
+    from edgecp.eval.bench import TABLE_COLUMNS
+
+    def write(folder, runs):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"sequence": ["a", "b"], "runs": runs}))
+
+    def run(method, seed, a_mmd):
+        return {"method": method, "seed": seed, "metrics": {**{k: 0.5 for k in TABLE_COLUMNS}, "A_MMD": a_mmd}}
+
+    write(tmp_path / "x", [run("m1", 0, 0.010), run("m2", 0, 0.030)])
+    write(tmp_path / "y", [run("m1", 1, 0.020)])
+    merged = _load("merge_bench").merge([tmp_path / "x", tmp_path / "y"])
+    assert list(merged["summary"]) == ["m1", "m2"]
+    assert merged["summary"]["m1"]["A_MMD"]["mean"] == 0.015 and abs(merged["summary"]["m1"]["A_MMD"]["std"] - 0.005) < 1e-12
+    assert merged["summary"]["m2"]["A_MMD"] == {"mean": 0.03, "std": 0.0}
