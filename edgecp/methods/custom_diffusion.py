@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from edgecp.consolidation.merge import constrained_merge, merge_targets, regulariser_covariance
+from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcMixin, EwcParams
 from edgecp.personal import DELTA_FILE, encode_text, fold_base_delta, read_tensors
@@ -114,6 +115,11 @@ class CustomDiffusion(CustomDiffusionSequential):
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = {}  # K/V trained from W0: earlier concepts live only in the merge file
         tasks, reg_cov = _split_tasks(read_tensors(ctx.prev_dir, CD_FILE))
+        if ctx.previous and not tasks:  # a store whose concepts the sequential variant learned (before issue 10)
+            raise EdgecpError(
+                f"this store's {len(ctx.previous)} concept(s) were learned by sequential Custom Diffusion, which is "
+                "now called custom-diffusion-sequential, and hold no per-concept merge data: keep adding concepts "
+                "to it with an edgecp from before, or start a new store for the paper's CD")
         if reg_cov is None:
             reg_cov = self._regulariser(ctx)
         ctx.extra["cd_tasks"], ctx.extra["reg_cov"] = tasks, reg_cov
