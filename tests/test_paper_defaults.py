@@ -259,3 +259,16 @@ def test_dsc_iteration_is_one_optimizer_step_over_the_effective_batch(monkeypatc
     phases.dsc_phase(ctx, pool, iterations=3, teacher_reduction="sum")
     assert len(calls) == 6 and len(steps) == 3
     assert 0 <= ctx.extra["dsc_teacher_entropy"] < 1.0987
+
+
+def test_paper_cd_refuses_a_store_the_sequential_variant_filled(tmp_path):
+    root = tmp_path / "old"
+    new_store(root, method="custom-diffusion-sequential", train={"steps": 1})
+    add_concept(root, "aa", make_photos(tmp_path / "p", seed=0), class_word="dog")
+    info = json.loads((root / "store.json").read_text())
+    info["method"]["name"] = "custom-diffusion"  # as a store made before issue 10 reads now
+    (root / "store.json").write_text(json.dumps(info))
+    heads = sorted(p.name for p in (root / "versions").iterdir())
+    with pytest.raises(EdgecpError, match="now called custom-diffusion-sequential"):
+        add_concept(root, "bb", make_photos(tmp_path / "q", seed=1), class_word="dog")
+    assert sorted(p.name for p in (root / "versions").iterdir()) == heads
