@@ -22,7 +22,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One target device. Parity: every exported model must satisfy max|onnx - torch| <= atol + rtol * max|torch|."""
+    """One target device. Tensor gate: every exported model must satisfy max|onnx - torch| <= atol + rtol * max|torch|.
+    Image gate: one image through the export and through PyTorch (same prompt, seed, `gate_steps`) must be at
+    least `min_psnr` dB apart in PSNR."""
 
     name: str
     description: str
@@ -33,6 +35,8 @@ class DeviceProfile:
     rtol: float = 0.0
     vae_encoder: bool = True
     default_steps: int = 25
+    min_psnr: float = 30.0  # image gate: dB between the export's and PyTorch's image (same prompt, seed, steps)
+    gate_steps: int = 4     # denoising steps of the image gate (the gate image is drawn at the base's resolution)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -43,6 +47,10 @@ class DeviceProfile:
             raise EdgecpError(f"profile '{self.name}': atol and rtol must be >= 0")
         if not 14 <= self.opset <= 23:
             raise EdgecpError(f"profile '{self.name}': opset {self.opset} must be between 14 and 23")
+        if self.min_psnr < 0:
+            raise EdgecpError(f"profile '{self.name}': min_psnr {self.min_psnr} must be >= 0 dB (0 turns the image gate off)")
+        if self.gate_steps < 1:
+            raise EdgecpError(f"profile '{self.name}': gate_steps {self.gate_steps} must be >= 1")
         object.__setattr__(self, "providers", tuple(self.providers))
 
     def tolerance(self, ref_max_abs: float) -> float:
