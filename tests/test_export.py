@@ -66,6 +66,35 @@ def test_tokenizer_files_load_in_transformers_with_the_runners_ids(fp32_export, 
     assert (folder / "merges.txt").read_text().startswith("#version: 0.2\n")
 
 
+def _optimum_python() -> Path | None:
+    """optimum-onnx's environment (it pins transformers < 4.58): $EDGECP_OPTIMUM_PYTHON, or a `venv-optimum`
+    beside the checkout (see tools/check_optimum_reader.py for how to create it)."""
+    p = os.environ.get("EDGECP_OPTIMUM_PYTHON") or Path(__file__).resolve().parents[2] / "venv-optimum" / "bin" / "python"
+    return Path(p) if Path(p).is_file() else None
+
+
+@pytest.mark.skipif(_optimum_python() is None, reason="optimum's own venv is absent (set EDGECP_OPTIMUM_PYTHON)")
+def test_optimum_ort_pipeline_loads_the_export_and_draws_the_runners_image(fp32_export, tmp_path):
+    from edgecp.export.onnx_export import psnr
+    from edgecp.export.ort_runner import OnnxStableDiffusion, initial_latents
+
+    prompt = "a photo of <alpha> dog"
+    np.save(tmp_path / "lat.npy", initial_latents(0, 1, 4, 16, 16))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "check_optimum_reader.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of edgecp's environment
+    p = subprocess.run([str(_optimum_python()), str(tool), str(fp32_export), "--prompt", prompt, "--steps", "2",
+                        "--latents", str(tmp_path / "lat.npy"), "--out", str(tmp_path / "optimum.png")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["transformers"].startswith("4.") and got["tokenizer_class"] == "CLIPTokenizer"  # the slow class
+    runner = OnnxStableDiffusion(fp32_export, providers=["CPUExecutionProvider"])
+    assert got["ids"] == runner.tokenizer.encode(prompt).ids and 49408 in got["ids"]
+    ours = np.asarray(runner([prompt], steps=2, seed=0)[0])
+    theirs = np.asarray(Image.open(tmp_path / "optimum.png").convert("RGB"))
+    assert psnr(ours, theirs) >= 60.0  # same graphs, same DDIM steps: identical up to rounding
+
+
 def test_one_data_file_from_loose_external_files(tmp_path):
     """What torch's exporter writes past 2 GiB (one file per tensor) becomes model.onnx + one model.onnx_data."""
     import onnx
