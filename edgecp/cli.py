@@ -312,6 +312,9 @@ def export(
     for name, r in report["models"].items():
         t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}")
     out.print(t)
+    gate = report["image_gate"]
+    sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
+    out.print(f"image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (profile needs {gate['min_psnr_db']:g}){sim}")
     out.print(f"exported to [bold]{esc(report['out'])}[/]")
 
 

@@ -36,7 +36,8 @@ class DeviceProfile:
     vae_encoder: bool = True
     default_steps: int = 25
     min_psnr: float = 30.0  # image gate: dB between the export's and PyTorch's image (same prompt, seed, steps)
-    gate_steps: int = 4     # denoising steps of the image gate (the gate image is drawn at the base's resolution)
+    gate_steps: int = 4     # denoising steps of the image gate
+    gate_size: int = 256    # the gate image's side in pixels, at most the base's resolution (SD1.5: 256, not 512)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -49,6 +50,8 @@ class DeviceProfile:
             raise EdgecpError(f"profile '{self.name}': opset {self.opset} must be between 14 and 23")
         if self.min_psnr < 0:
             raise EdgecpError(f"profile '{self.name}': min_psnr {self.min_psnr} must be >= 0 dB (0 turns the image gate off)")
+        if self.gate_size < 8:
+            raise EdgecpError(f"profile '{self.name}': gate_size {self.gate_size} must be >= 8 pixels")
         if self.gate_steps < 1:
             raise EdgecpError(f"profile '{self.name}': gate_steps {self.gate_steps} must be >= 1")
         object.__setattr__(self, "providers", tuple(self.providers))

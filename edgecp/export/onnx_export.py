@@ -88,10 +88,17 @@ class _VaeEncoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters  # (B, 2C, h, w): mean and logvar
 
 
+EXAMPLE_LATENT_MAX = 32  # example inputs at most 32x32 latents (256 px): all spatial axes are dynamic anyway
+
+
 def _specs(comps, batch: int = 2) -> dict:
-    """Per model: wrapper, example inputs (seeded), input/output names, dynamic axes."""
+    """Per model: wrapper, example inputs (seeded), input/output names, dynamic axes.
+
+    The example latents are the base's size capped at EXAMPLE_LATENT_MAX: the traced graph is the same at any
+    size (height and width are dynamic axes), and an SD1.5 UNet traced at 64x64 latents holds ~1 GB per
+    self-attention map during the trace, on top of the weights."""
     g = torch.Generator().manual_seed(0)
-    lat = comps.unet.config.sample_size
+    lat = min(comps.unet.config.sample_size, EXAMPLE_LATENT_MAX)
     res = lat * comps.vae_scale
     c_in = comps.unet.config.in_channels
     d = comps.text_encoder.config.hidden_size
@@ -288,11 +295,12 @@ def gate_prompt(concepts: list[dict]) -> str:
     return "a photo of a dog"
 
 
-def _torch_gate_image(comps, prompt: str, steps: int) -> np.ndarray:
+def _torch_gate_image(comps, prompt: str, profile: DeviceProfile) -> np.ndarray:
     from edgecp.generate import GenerateConfig, torch_generate
 
+    size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
     # DDIM on both sides: the torch-free runner samples with DDIM whatever the base's scheduler
-    cfg = GenerateConfig(n=1, seed=GATE_SEED, steps=steps, sampler="ddim")
+    cfg = GenerateConfig(n=1, seed=GATE_SEED, steps=profile.gate_steps, sampler="ddim", size=size)
     return np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
 
 
@@ -356,7 +364,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         specs = _specs(comps)
         # every PyTorch reference first: then each torch model can be dropped as soon as it is exported
         prompt = gate_prompt(concepts)
-        ref_image = _torch_gate_image(comps, prompt, profile.gate_steps)
+        ref_image = _torch_gate_image(comps, prompt, profile)
         with torch.no_grad():
             refs = {}
             for name in names:
