@@ -471,9 +471,19 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/] {esc(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except ModuleNotFoundError as e:  # the lean install (edgecp[runtime]) has no torch stack: say which install
+        if e.name is None or e.name.split(".")[0] not in FULL_ONLY or os.environ.get("EDGECP_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/] this command needs {e.name.split('.')[0]}, which the lean install lacks: "
+                  "pip install 'edgecp[full]' (or 'edgecp[train,cuda]' on a CUDA machine)", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: the store is at its last committed version")
         sys.exit(130)
+
+
+FULL_ONLY = {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript",
+             "torchao", "skimage", "matplotlib"}
 
 
 if __name__ == "__main__":

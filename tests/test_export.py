@@ -161,6 +161,46 @@ def test_onnx_generation_path_imports_no_torch(fp32_export, tmp_path):
         "a-photo-of-alpha-v0002-s0-onnx-0.png", "a-photo-of-alpha-v0002-s0-onnx-grid.png"]
 
 
+def test_lean_install_runs_generate_onnx_through_the_console_script(fp32_export, tmp_path):
+    """What `pip install edgecp[runtime]` has: no torch stack, no typer or rich. The `edgecp` script (edgecp.entry)
+    falls back to the runtime CLI, which generates on the export and names the full install for anything else."""
+    block = ["torch", "diffusers", "transformers", "typer", "rich", "onnx", "safetensors", "peft", "click"]
+    pre = f"import sys\nfor m in {block!r}: sys.modules[m] = None\nfrom edgecp.entry import main\n"
+    run = lambda *args: subprocess.run([sys.executable, "-c", pre + f"sys.argv = ['edgecp', *{list(args)!r}]\nmain()\n"],
+                                       capture_output=True, text=True, env=os.environ.copy())
+    p = run("generate", "a photo of <alpha>", "--onnx-dir", str(fp32_export), "-n", "1", "--steps", "2", "--out",
+            str(tmp_path / "o"))
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == [
+        "a-photo-of-alpha-v0002-s0-onnx-0.png", "a-photo-of-alpha-v0002-s0-onnx-grid.png"]
+    for args, words in ((["init", "x"], "`edgecp init` needs the full install: pip install 'edgecp[full]'"),
+                        (["generate", "x", "--backend", "torch", "--store", "s"], "--backend 'torch' needs the full install"),
+                        (["generate", "x"], "no model given: pass --onnx-dir DIR")):
+        p = run(*args)
+        assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and words in p.stderr, p.stderr
+
+
+def test_runtime_extra_is_numpy_onnxruntime_tokenizers_pillow():
+    """The base install plus [runtime] is exactly the device runtime; the torch stack is in [train] / [full], and
+    [cuda] brings onnxruntime-gpu, never beside onnxruntime."""
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=;\[ ]", req, maxsplit=1)[0].lower()
+    base = {name(r) for r in project["dependencies"] if "python_version <" not in r}
+    extras = project["optional-dependencies"]
+    assert base | {name(r) for r in extras["runtime"]} == {"numpy", "onnxruntime", "tokenizers", "pillow"}
+    assert {"torch", "diffusers", "transformers", "typer"} <= {name(r) for r in extras["train"]}
+    assert extras["full"] == ["edgecp[train,runtime]"]
+    cuda = {name(r) for r in extras["cuda"]}
+    assert cuda == {"onnxruntime-gpu", "bitsandbytes"} and "onnxruntime" not in {name(r) for r in extras["train"]}
+    assert project["scripts"]["edgecp"] == "edgecp.entry:main"
+
+
 def test_export_refused_beyond_tolerance_leaves_nothing(trained_store, tmp_path):
     strict = tmp_path / "strict.toml"
     strict.write_text('name = "strict"\ndescription = "zero tolerance"\natol = 0.0\nrtol = 0.0\n')
