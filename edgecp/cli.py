@@ -275,7 +275,9 @@ def generate(
         else:
             from edgecp.generate import find_export, generate_from_onnx
 
-            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb)
+            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
+                                       on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
+                                                                   soft_wrap=True))
     out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
 
 

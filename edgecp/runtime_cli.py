@@ -50,7 +50,8 @@ def generate(argv: list[str]) -> None:
         sys.stderr.write(f"\rsample (onnx) {i}/{total}" + ("\n" if i == total else ""))
         sys.stderr.flush()
 
-    paths = generate_from_onnx(a.onnx_dir or find_export(a.store), a.prompt, cfg, a.out, callback=bar)
+    paths = generate_from_onnx(a.onnx_dir or find_export(a.store), a.prompt, cfg, a.out, callback=bar,
+                               on_note=lambda m: sys.stderr.write(f"note: {m}\n"))
     print(f"wrote {len(paths) - 1} image(s) and a grid: {paths[-1]}")
 
 
