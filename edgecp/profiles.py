@@ -16,7 +16,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# profiles/ at the top of a checkout; in an installed wheel, the copies edgecp/shipped_profiles (a link to it in git)
+_CHECKOUT = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parent / "shipped_profiles"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
