@@ -313,7 +313,10 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
 
     avail = set(ort.get_available_providers())
     providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
-    pipe = OnnxStableDiffusion(folder, providers=providers)
+    try:
+        pipe = OnnxStableDiffusion(folder, providers=providers)
+    except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
+        raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
     cb = (lambda i, n: progress("image gate", i, n)) if progress else None
     img = np.asarray(pipe([prompt], steps=steps, seed=GATE_SEED, height=h, width=w, callback=cb)[0].convert("RGB"))
