@@ -291,7 +291,7 @@ def gate_prompt(concepts: list[dict]) -> str:
     """The image gate's prompt: the first concept in its class (its token through every model), else a plain one."""
     if concepts:
         c = concepts[0]
-        return f"a photo of {c['token']} {c['class_word']}".strip()
+        return " ".join(w for w in ("a photo of", c["token"], c.get("class_word")) if w)
     return "a photo of a dog"
 
 
@@ -339,6 +339,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     `external_data_min_bytes` (default EXTERNAL_DATA_MIN_BYTES): fp32 weight bytes from which a model is written
     with one model.onnx_data; 0 writes every model that way.
     """
+    import onnx
+
     from edgecp.personal import PersonalModel
 
     profile = load_profile(profile_name)
@@ -389,8 +391,9 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             _stage(progress, "export", name, 1)
             if all(owners[n] is not owners[name] for n in names[i + 1:]):
                 owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
-            external = _weight_bytes(__import__("onnx").load(str(raw / "model.onnx"), load_external_data=False),
-                                     raw) >= threshold
+            graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
+            external = _weight_bytes(graph, raw) >= threshold
+            del graph
             if profile.precision == "fp16":
                 _stage(progress, "optimize", name, 0)
                 _to_fp16(raw / "model.onnx", tmp / name, external)
