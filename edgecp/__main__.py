@@ -1,5 +1,5 @@
 """`python -m edgecp`: the same as the `edgecp` command."""
 
-from edgecp.cli import main
+from edgecp.entry import main
 
 main()

@@ -275,7 +275,9 @@ def generate(
         else:
             from edgecp.generate import find_export, generate_from_onnx
 
-            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb)
+            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
+                                       on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
+                                                                   soft_wrap=True))
     out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
 
 
@@ -312,6 +314,9 @@ def export(
     for name, r in report["models"].items():
         t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}")
     out.print(t)
+    gate = report["image_gate"]
+    sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
+    out.print(f"image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (profile needs {gate['min_psnr_db']:g}){sim}")
     out.print(f"exported to [bold]{esc(report['out'])}[/]")
 
 
@@ -468,9 +473,19 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/] {esc(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except ModuleNotFoundError as e:  # the lean install (edgecp[runtime]) has no torch stack: say which install
+        if e.name is None or e.name.split(".")[0] not in FULL_ONLY or os.environ.get("EDGECP_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/] this command needs {e.name.split('.')[0]}, which the lean install lacks: "
+                  "pip install 'edgecp[full]' (or 'edgecp[train,cuda]' on a CUDA machine)", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: the store is at its last committed version")
         sys.exit(130)
+
+
+FULL_ONLY = {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript",
+             "torchao", "skimage", "matplotlib"}
 
 
 if __name__ == "__main__":

@@ -195,8 +195,10 @@ def find_export(store_root: str | Path) -> Path:
 
 def generate_from_onnx(
     onnx_dir: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path, callback: StepCallback | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """ONNX backend: onnxruntime on an exported folder; imports no torch."""
+    """ONNX backend: onnxruntime on an exported folder; imports no torch. `on_note(line)` hears why a listed GPU
+    provider was not used (the runner then runs on the CPU)."""
     from edgecp.export.ort_runner import OnnxStableDiffusion
 
     onnx_dir = Path(onnx_dir)
@@ -211,6 +213,8 @@ def generate_from_onnx(
     expanded = expand(prompt, meta["concepts"])
     try:
         runner = OnnxStableDiffusion(onnx_dir)
+        if runner.provider_note and on_note:
+            on_note(runner.provider_note)
         images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,
                         width=cfg.size, negative_prompt=cfg.negative_prompt, callback=callback)
     except (ValueError, FileNotFoundError) as e:  # the runner's own errors already name the value and the fix

@@ -16,13 +16,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# profiles/ at the top of a checkout; in an installed wheel, the copies edgecp/shipped_profiles (a link to it in git)
+_CHECKOUT = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parent / "shipped_profiles"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One target device. Parity: every exported model must satisfy max|onnx - torch| <= atol + rtol * max|torch|."""
+    """One target device. Tensor gate: every exported model must satisfy max|onnx - torch| <= atol + rtol * max|torch|.
+    Image gate: one image through the export and through PyTorch (same prompt, seed, `gate_steps`) must be at
+    least `min_psnr` dB apart in PSNR."""
 
     name: str
     description: str
@@ -33,6 +37,9 @@ class DeviceProfile:
     rtol: float = 0.0
     vae_encoder: bool = True
     default_steps: int = 25
+    min_psnr: float = 30.0  # image gate: dB between the export's and PyTorch's image (same prompt, seed, steps)
+    gate_steps: int = 4     # denoising steps of the image gate
+    gate_size: int = 256    # the gate image's side in pixels, at most the base's resolution (SD1.5: 256, not 512)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -43,6 +50,12 @@ class DeviceProfile:
             raise EdgecpError(f"profile '{self.name}': atol and rtol must be >= 0")
         if not 14 <= self.opset <= 23:
             raise EdgecpError(f"profile '{self.name}': opset {self.opset} must be between 14 and 23")
+        if self.min_psnr < 0:
+            raise EdgecpError(f"profile '{self.name}': min_psnr {self.min_psnr} must be >= 0 dB (0 turns the image gate off)")
+        if self.gate_size < 8:
+            raise EdgecpError(f"profile '{self.name}': gate_size {self.gate_size} must be >= 8 pixels")
+        if self.gate_steps < 1:
+            raise EdgecpError(f"profile '{self.name}': gate_steps {self.gate_steps} must be >= 1")
         object.__setattr__(self, "providers", tuple(self.providers))
 
     def tolerance(self, ref_max_abs: float) -> float:

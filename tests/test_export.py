@@ -19,10 +19,17 @@ def fp32_export(fp32_export_dir) -> Path:
     return fp32_export_dir  # conftest: one export of trained_store per session (read-only)
 
 
+TOKENIZER_FILES = ["added_tokens.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json"]
+
+
 def test_onnx_layout_and_parity(fp32_export, trained_store):
-    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        assert (fp32_export / part / "model.onnx").is_file() and (fp32_export / part / "config.json").is_file()
-    assert (fp32_export / "tokenizer" / "tokenizer.json").is_file()
+    top = sorted(f.name for f in fp32_export.iterdir())
+    assert top == ["edgecp.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae_decoder",
+                   "vae_encoder"]
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):  # small models: self-contained model.onnx
+        assert sorted(f.name for f in (fp32_export / part).iterdir()) == ["config.json", "model.onnx"], part
+    assert sorted(f.name for f in (fp32_export / "tokenizer").iterdir()) == TOKENIZER_FILES
     assert json.loads((fp32_export / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
     index = json.loads((fp32_export / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
@@ -30,6 +37,100 @@ def test_onnx_layout_and_parity(fp32_export, trained_store):
     assert meta["version"] == "v0002" and [c["name"] for c in meta["concepts"]] == ["alpha", "beta"]
     for name, r in meta["models"].items():
         assert r["max_abs_diff"] < 1e-4, name  # fp32 is near-exact
+        assert r["external_data"] is False
+    gate = meta["image_gate"]
+    assert gate["prompt"] == "a photo of <alpha> dog" and gate["psnr_db"] >= gate["min_psnr_db"] == 40.0
+    assert gate["evaluator_similarity"] > 0.99  # the tiny world's evaluator sees the same picture
+
+
+def test_tokenizer_files_load_in_transformers_with_the_runners_ids(fp32_export, tmp_path):
+    """transformers builds CLIPTokenizer from vocab.json + merges.txt + added tokens alone (tokenizer.json removed,
+    as transformers 4's slow class reads them), and gives a concept prompt the ids of edgecp's own runner."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from edgecp.export.ort_runner import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(fp32_export / "tokenizer", folder)
+    (folder / "tokenizer.json").unlink()
+    tok = CLIPTokenizer.from_pretrained(folder)
+    prompt = "a photo of <alpha> dog. Posing with <beta> mug"
+    ours, n = load_tokenizer(fp32_export / "tokenizer")
+    theirs = tok(prompt, padding="max_length", max_length=n, truncation=True).input_ids
+    assert theirs == ours.encode(prompt).ids
+    assert tok.convert_tokens_to_ids(["<alpha>", "<beta>"]) == [49408, 49409]
+    added = json.loads((folder / "added_tokens.json").read_text())
+    assert added == {"<alpha>": 49408, "<beta>": 49409}
+    assert (folder / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
+def _optimum_python() -> Path | None:
+    """optimum-onnx's environment (it pins transformers < 4.58): $EDGECP_OPTIMUM_PYTHON, or a `venv-optimum`
+    beside the checkout (see tools/check_optimum_reader.py for how to create it)."""
+    p = os.environ.get("EDGECP_OPTIMUM_PYTHON") or Path(__file__).resolve().parents[2] / "venv-optimum" / "bin" / "python"
+    return Path(p) if Path(p).is_file() else None
+
+
+@pytest.mark.skipif(_optimum_python() is None, reason="optimum's own venv is absent (set EDGECP_OPTIMUM_PYTHON)")
+def test_optimum_ort_pipeline_loads_the_export_and_draws_the_runners_image(fp32_export, tmp_path):
+    from edgecp.export.onnx_export import psnr
+    from edgecp.export.ort_runner import OnnxStableDiffusion, initial_latents
+
+    prompt = "a photo of <alpha> dog"
+    np.save(tmp_path / "lat.npy", initial_latents(0, 1, 4, 16, 16))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "check_optimum_reader.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of edgecp's environment
+    p = subprocess.run([str(_optimum_python()), str(tool), str(fp32_export), "--prompt", prompt, "--steps", "2",
+                        "--latents", str(tmp_path / "lat.npy"), "--out", str(tmp_path / "optimum.png")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["transformers"].startswith("4.") and got["tokenizer_class"] == "CLIPTokenizer"  # the slow class
+    runner = OnnxStableDiffusion(fp32_export, providers=["CPUExecutionProvider"])
+    assert got["ids"] == runner.tokenizer.encode(prompt).ids and 49408 in got["ids"]
+    ours = np.asarray(runner([prompt], steps=2, seed=0)[0])
+    theirs = np.asarray(Image.open(tmp_path / "optimum.png").convert("RGB"))
+    assert psnr(ours, theirs) >= 60.0  # same graphs, same DDIM steps: identical up to rounding
+
+
+def test_one_data_file_from_loose_external_files(tmp_path):
+    """What torch's exporter writes past 2 GiB (one file per tensor) becomes model.onnx + one model.onnx_data."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecp.export.onnx_export import write_one_data_file
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+         helper.make_node("Add", ["y0", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.ones(8, np.float32), "b")])
+    src = tmp_path / "raw"
+    src.mkdir()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(src.iterdir())) == 4  # graph + 3 loose tensor files
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for external, files in ((True, ["model.onnx", "model.onnx_data"]), (False, ["model.onnx"])):
+        dst = tmp_path / f"dst-{external}"
+        write_one_data_file(src / "model.onnx", dst, external)
+        assert sorted(f.name for f in dst.iterdir()) == files
+        y = ort.InferenceSession(str(dst / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ w1 @ w2 + 1.0, rtol=1e-5, atol=1e-5)
+    loaded = onnx.load(str(tmp_path / "dst-True" / "model.onnx"), load_external_data=False)
+    offsets = {t.name: {e.key: e.value for e in t.external_data} for t in loaded.graph.initializer}
+    assert offsets == {  # page-aligned, so onnxruntime can map the file instead of copying it
+        "w1": {"location": "model.onnx_data", "offset": "0", "length": "8192"},
+        "w2": {"location": "model.onnx_data", "offset": "8192", "length": "1024"},
+        "b": {"location": "model.onnx_data", "offset": "12288", "length": "32"}}
 
 
 def test_onnx_images_match_torch_images_for_the_same_seed(fp32_export, trained_store, tmp_path):
@@ -60,6 +161,46 @@ def test_onnx_generation_path_imports_no_torch(fp32_export, tmp_path):
         "a-photo-of-alpha-v0002-s0-onnx-0.png", "a-photo-of-alpha-v0002-s0-onnx-grid.png"]
 
 
+def test_lean_install_runs_generate_onnx_through_the_console_script(fp32_export, tmp_path):
+    """What `pip install edgecp[runtime]` has: no torch stack, no typer or rich. The `edgecp` script (edgecp.entry)
+    falls back to the runtime CLI, which generates on the export and names the full install for anything else."""
+    block = ["torch", "diffusers", "transformers", "typer", "rich", "onnx", "safetensors", "peft", "click"]
+    pre = f"import sys\nfor m in {block!r}: sys.modules[m] = None\nfrom edgecp.entry import main\n"
+    run = lambda *args: subprocess.run([sys.executable, "-c", pre + f"sys.argv = ['edgecp', *{list(args)!r}]\nmain()\n"],
+                                       capture_output=True, text=True, env=os.environ.copy())
+    p = run("generate", "a photo of <alpha>", "--onnx-dir", str(fp32_export), "-n", "1", "--steps", "2", "--out",
+            str(tmp_path / "o"))
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == [
+        "a-photo-of-alpha-v0002-s0-onnx-0.png", "a-photo-of-alpha-v0002-s0-onnx-grid.png"]
+    for args, words in ((["init", "x"], "`edgecp init` needs the full install: pip install 'edgecp[full]'"),
+                        (["generate", "x", "--backend", "torch", "--store", "s"], "--backend 'torch' needs the full install"),
+                        (["generate", "x"], "no model given: pass --onnx-dir DIR")):
+        p = run(*args)
+        assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and words in p.stderr, p.stderr
+
+
+def test_runtime_extra_is_numpy_onnxruntime_tokenizers_pillow():
+    """The base install plus [runtime] is exactly the device runtime; the torch stack is in [train] / [full], and
+    [cuda] brings onnxruntime-gpu, never beside onnxruntime."""
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=;\[ ]", req, maxsplit=1)[0].lower()
+    base = {name(r) for r in project["dependencies"] if "python_version <" not in r}
+    extras = project["optional-dependencies"]
+    assert base | {name(r) for r in extras["runtime"]} == {"numpy", "onnxruntime", "tokenizers", "pillow"}
+    assert {"torch", "diffusers", "transformers", "typer"} <= {name(r) for r in extras["train"]}
+    assert extras["full"] == ["edgecp[train,runtime]"]
+    cuda = {name(r) for r in extras["cuda"]}
+    assert cuda == {"onnxruntime-gpu", "bitsandbytes"} and "onnxruntime" not in {name(r) for r in extras["train"]}
+    assert project["scripts"]["edgecp"] == "edgecp.entry:main"
+
+
 def test_export_refused_beyond_tolerance_leaves_nothing(trained_store, tmp_path):
     strict = tmp_path / "strict.toml"
     strict.write_text('name = "strict"\ndescription = "zero tolerance"\natol = 0.0\nrtol = 0.0\n')
@@ -69,13 +210,39 @@ def test_export_refused_beyond_tolerance_leaves_nothing(trained_store, tmp_path)
     assert not out.exists() and not list(tmp_path.glob(".out-*"))
 
 
+def test_export_refused_below_the_image_gate_says_by_how_much(trained_store, tmp_path):
+    picky = tmp_path / "picky.toml"
+    picky.write_text('name = "picky"\ndescription = "impossible image gate"\nmin_psnr = 101.0\n'
+                     'vae_encoder = false\ngate_steps = 1\n')
+    out = tmp_path / "out"
+    with pytest.raises(EdgecpError, match=r"export refused: its image is [\d.]+ dB PSNR from PyTorch's, [\d.]+ dB "
+                                          r"below the 101 dB profile 'picky' requires") as e:
+        export_onnx(trained_store, str(picky), out)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".out-*"))
+
+
 @pytest.mark.parametrize("profile", ["edge-int8", "cuda-fp16"])
 def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, profile):
+    """Written with one model.onnx_data per model (forced on the tiny model: the layout of SD1.5-scale exports):
+    no intermediate file of the fp32 export or of the quantizer is left beside it."""
     from edgecp.generate import GenerateConfig, generate_from_onnx
 
-    report = export_onnx(trained_store, profile, tmp_path / profile)
+    phases = []
+    report = export_onnx(trained_store, profile, tmp_path / profile, external_data_min_bytes=0,
+                         progress=lambda phase, i, n: phases.append((phase, i, n)))
     assert all(r["max_abs_diff"] <= r["tolerance"] for r in report["models"].values())
     assert ("vae_encoder" in report["models"]) == (profile != "edge-int8")
+    stage = "quantize" if profile == "edge-int8" else "optimize"
+    for name in report["models"]:
+        assert sorted(f.name for f in (tmp_path / profile / name).iterdir()) == [
+            "config.json", "model.onnx", "model.onnx_data"], name
+        assert report["models"][name]["external_data"] is True
+        assert [p for p in phases if p[0].endswith(" " + name)] == [
+            (f"{s} {name}", i, 1) for s in ("export", stage, "verify") for i in (0, 1)]
+    assert phases[-1] == ("image gate", 4, 4)
+    assert report["image_gate"]["psnr_db"] >= report["image_gate"]["min_psnr_db"] >= 30.0
+    assert not [f for f in (tmp_path / profile).rglob("*") if f.name.startswith(".")]
     files = generate_from_onnx(tmp_path / profile, "a photo of <beta>", GenerateConfig(n=1, steps=2), tmp_path / "o")
     assert np.asarray(Image.open(files[0])).std() > 1.0
 

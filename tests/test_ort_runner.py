@@ -441,3 +441,22 @@ def test_folder_errors(tiny: tuple[dict, Path], tmp_path: Path) -> None:
         OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])
     with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
         OnnxStableDiffusion(tiny[1], providers=["NoSuchExecutionProvider"])
+
+
+def test_listed_but_unusable_cuda_provider_is_named(tiny: tuple[dict, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists CUDAExecutionProvider even without a GPU, driver, CUDA or cuDNN, and then falls back to
+    the CPU after logging. The runner says so: an error when CUDA was asked for, a note and the CPU by default."""
+    import onnxruntime as ort
+
+    _, folder = tiny
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU build's "provider not in available provider names"
+        with pytest.raises(ValueError, match=r"CUDAExecutionProvider is listed by onnxruntime .* could not start .*"
+                                             r"providers=\['CPUExecutionProvider'\]"):
+            OnnxStableDiffusion(folder, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        fallback = OnnxStableDiffusion(folder)
+    assert fallback.providers == ["CPUExecutionProvider"]
+    assert fallback.unet.session.get_providers() == ["CPUExecutionProvider"]
+    assert fallback.provider_note.endswith("; running on the CPU") and "could not start" in fallback.provider_note

@@ -23,6 +23,7 @@ def test_every_shipped_profile_loads(name):
     p = load_profile(name)
     assert p.name == name and p.precision in ("fp32", "fp16", "int8") and p.providers
     assert p.tolerance(10.0) >= p.atol
+    assert 30.0 <= p.min_psnr <= 60.0 and p.gate_steps >= 1 and p.gate_size <= 512  # every profile has an image gate
 
 
 def test_profile_kinds_shipped():
@@ -37,3 +38,10 @@ def test_unknown_profile_key_lists_the_valid_ones():
         parse_profile('name = "x"\ndescription = "y"\nprecision = "fp8"\n', "x.toml")
     with pytest.raises(EdgecpError, match="unknown profile 'nope'"):
         load_profile("nope")
+
+
+def test_image_gate_keys_are_checked():
+    for text, words in (("min_psnr = -1.0", "min_psnr -1.0 must be >= 0 dB"), ("gate_size = 4", "gate_size 4 must be >= 8"),
+                        ("gate_steps = 0", "gate_steps 0 must be >= 1")):
+        with pytest.raises(EdgecpError, match=words):
+            parse_profile(f'name = "x"\ndescription = "y"\n{text}\n', "x.toml")

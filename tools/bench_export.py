@@ -71,7 +71,14 @@ def main() -> None:
     print(f"  max |onnx - torch| on these inputs  {np.abs(got - ref).max():.2e}")
     print("export parity (edgecp.json):")
     for name, r in meta["models"].items():
-        print(f"  {name:<13} max abs diff {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.1e})")
+        data = ", model.onnx_data" if r.get("external_data") else ""
+        print(f"  {name:<13} max abs diff {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.1e}), "
+              f"{r['bytes'] / 1e6:.1f} MB{data}, {r.get('seconds', 0):.1f} s")
+    gate = meta.get("image_gate")
+    if gate:  # exports since issue 11
+        sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
+        print(f"  image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (min {gate['min_psnr_db']:g}), "
+              f"{gate['steps']} steps at {gate['size'][0]} px{sim}")
     print("training seconds per step (manifest):")
     for cpt in store.concepts():
         print(f"  <{cpt['name']}>  {cpt['seconds_per_iteration']['train']:.4f} s/step over {cpt['steps']} steps")

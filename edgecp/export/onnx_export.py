@@ -7,8 +7,18 @@
     OUT/tokenizer/ OUT/scheduler/ OUT/model_index.json OUT/edgecp.json
 
 input_ids are int64 and timestep a float scalar, as optimum exports them since late 2024. The adapter is merged into a full-precision copy of the base and the concept tokens are baked into the text
-encoder, so the device needs no peft and no torch. Each model is checked against PyTorch on the same inputs;
-beyond the profile's tolerance the export is refused and nothing is left behind.
+encoder, so the device needs no peft and no torch. Each model is checked against PyTorch on the same inputs
+(tensor gate), then one image is drawn through the export and through PyTorch with the same prompt, seed and
+steps (image gate: PSNR >= the profile's `min_psnr`); below either the export is refused and nothing is left behind.
+
+Weights: a model whose fp32 weights reach `EXTERNAL_DATA_MIN_BYTES` (1 GiB; protobuf's hard limit is 2 GiB) is
+written as `model.onnx` (graph) + one `model.onnx_data` (every tensor of 1 KiB or more, 4 KiB aligned so
+onnxruntime can map it), never as the hundreds of loose per-tensor files torch's exporter writes past 2 GiB.
+Each model goes through a private scratch folder (export -> optimize/quantize -> one data file) that is deleted
+before the next model starts, so no intermediate file reaches the final folder. Memory: every PyTorch reference
+(tensor outputs and the gate image) is computed first, and each torch model is dropped (moved to the meta device)
+as soon as it is exported, so the peak is the torch exporter's (torch weights + its in-memory graph of one model),
+not the whole pipeline twice; the data file is written tensor by tensor from the exporter's files.
 """
 
 from __future__ import annotations
@@ -32,7 +42,13 @@ from edgecp.model.tokens import bake_tokens
 from edgecp.profiles import DeviceProfile, load_profile
 from edgecp.store import Store
 
-ExportProgress = Callable[[str, int, int], None]
+ExportProgress = Callable[[str, int, int], None]  # (phase, done, total): phase is "<stage> <model>" or "image gate"
+
+EXTERNAL_DATA_MIN_BYTES = 1 << 30  # fp32 weights from which a model gets one model.onnx_data (protobuf: 2 GiB max)
+DATA_FILE = "model.onnx_data"      # optimum's and onnxruntime.transformers' name for the one external-data file
+_ALIGN = 4096                      # page-aligned tensors: onnxruntime maps them instead of copying
+_INLINE_MAX = 1024                 # smaller tensors stay in the graph (onnx's own size_threshold default)
+GATE_SEED = 0
 
 
 class _TextEncoder(torch.nn.Module):
@@ -72,10 +88,17 @@ class _VaeEncoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters  # (B, 2C, h, w): mean and logvar
 
 
+EXAMPLE_LATENT_MAX = 32  # example inputs at most 32x32 latents (256 px): all spatial axes are dynamic anyway
+
+
 def _specs(comps, batch: int = 2) -> dict:
-    """Per model: wrapper, example inputs (seeded), input/output names, dynamic axes."""
+    """Per model: wrapper, example inputs (seeded), input/output names, dynamic axes.
+
+    The example latents are the base's size capped at EXAMPLE_LATENT_MAX: the traced graph is the same at any
+    size (height and width are dynamic axes), and an SD1.5 UNet traced at 64x64 latents holds ~1 GB per
+    self-attention map during the trace, on top of the weights."""
     g = torch.Generator().manual_seed(0)
-    lat = comps.unet.config.sample_size
+    lat = min(comps.unet.config.sample_size, EXAMPLE_LATENT_MAX)
     res = lat * comps.vae_scale
     c_in = comps.unet.config.in_channels
     d = comps.text_encoder.config.hidden_size
@@ -117,30 +140,105 @@ def _torch_onnx_export(module, args, path: Path, inputs, outputs, axes, opset: i
                               dynamic_shapes=dyn, opset_version=opset)
 
 
-def _apply_precision(path: Path, precision: str) -> None:
+def _weight_bytes(model, folder: Path) -> int:
+    """Bytes of all initializer data of a model loaded with load_external_data=False (inline or external)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    total = 0
+    for t in _all_tensors(model):
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            total += info.length if info.length else (folder / info.location).stat().st_size
+        else:
+            total += len(t.raw_data)
+    return total
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)  # initializers and tensor attributes, subgraphs included
+
+
+def write_one_data_file(src: Path, dst_dir: Path, external: bool) -> None:
+    """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
+    self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
+
+    Streams tensor by tensor (reads each external tensor from its file, writes it, drops it): onnx's own
+    `convert_model_to_external_data` + `save_model` would first load every weight into the proto, a second copy
+    of the model in memory. The offsets and locations are set with onnx's `set_external_data`, so any onnx
+    reader (onnx.load, onnxruntime, optimum) reads the result.
+    """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
 
-    if precision == "fp16":
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    model = onnx.load(str(src), load_external_data=False)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / "model.onnx"
+    has_external = any(uses_external_data(t) for t in _all_tensors(model))
+    if not external:
+        if has_external:  # small enough to be one protobuf: load it whole
+            model = onnx.load(str(src))
+        onnx.save_model(model, str(dst))
+        return
+    with open(dst_dir / DATA_FILE, "wb") as data:
+        for t in _all_tensors(model):
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    raw = f.read(info.length) if info.length else f.read()
+            elif t.HasField("raw_data") and len(t.raw_data) >= _INLINE_MAX:
+                raw = t.raw_data
+            else:
+                continue
+            offset = data.tell()
+            if offset % _ALIGN:
+                data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = data.tell()
+            data.write(raw)
+            del raw
+            del t.external_data[:]
+            t.raw_data = b""  # set_external_data insists on the field; the data now lives in the file
+            set_external_data(t, DATA_FILE, offset=offset, length=data.tell() - offset)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(dst))
 
-        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True,
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Resize"])
-        _restore_resize_scales(model)
-        onnx.save(model, str(path))
-    elif precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = path.with_suffix(".fp32.onnx")
-        path.rename(tmp)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantizer warns on the root logger; the library never prints
-        try:
-            # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
-            quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        finally:
-            root.setLevel(level)
-            tmp.unlink()
+def _to_fp16(src: Path, dst_dir: Path, external: bool) -> None:
+    """onnxruntime.transformers' fp16 converter (fp32 inputs/outputs kept): the whole model in memory, once in fp32
+    and once in fp16 (the converter works on a loaded proto)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Resize"])
+    _restore_resize_scales(model)
+    half = src.parent / "fp16"
+    half.mkdir()
+    # onnx's saver streams the tensors out to one file (no loose files), then the usual layout is applied
+    onnx.save_model(model, str(half / "model.onnx"), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=_INLINE_MAX)
+    del model
+    write_one_data_file(half / "model.onnx", dst_dir, external)
+
+
+def _to_int8(src: Path, dst_dir: Path, external: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q = src.parent / "int8"
+    q.mkdir()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger; the library never prints
+    try:
+        # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
+        quantize_dynamic(str(src), str(q / "model.onnx"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
+    finally:
+        root.setLevel(level)
+    write_one_data_file(q / "model.onnx", dst_dir, external)
 
 
 def _restore_resize_scales(model) -> None:
@@ -169,28 +267,84 @@ def _session(path: Path, profile: DeviceProfile):
     return ort.InferenceSession(str(path), providers=providers)
 
 
-def _parity(path: Path, module, args, inputs, profile: DeviceProfile) -> tuple[float, float]:
-    """(max |onnx - torch| over all outputs, tolerance) on the export's example inputs."""
+def _parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile) -> tuple[float, float]:
+    """(max |onnx - torch| over all outputs, tolerance) on the export's example inputs; `ref` is PyTorch's output."""
     sess = _session(path, profile)
     feeds = {}
     for spec, name, a in zip(sess.get_inputs(), inputs, args):
         arr = a.numpy()
         feeds[name] = arr.astype(np.int32 if spec.type == "tensor(int32)" else arr.dtype)
     got = sess.run(None, feeds)
-    with torch.no_grad():
-        ref = module(*args)
-    ref = ref if isinstance(ref, tuple) else (ref,)
+    del sess
     diff = max(float(np.abs(g.astype(np.float32) - r.float().numpy()).max()) for g, r in zip(got, ref))
     tol = profile.tolerance(max(float(r.abs().max()) for r in ref))
     return diff, tol
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (peak 255); identical images give 100.0 (a finite, JSON-safe stand-in)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else min(100.0, 10 * float(np.log10(255.0**2 / mse)))
+
+
+def gate_prompt(concepts: list[dict]) -> str:
+    """The image gate's prompt: the first concept in its class (its token through every model), else a plain one."""
+    if concepts:
+        c = concepts[0]
+        return " ".join(w for w in ("a photo of", c["token"], c.get("class_word")) if w)
+    return "a photo of a dog"
+
+
+def _torch_gate_image(comps, prompt: str, profile: DeviceProfile) -> np.ndarray:
+    from edgecp.generate import GenerateConfig, torch_generate
+
+    size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
+    # DDIM on both sides: the torch-free runner samples with DDIM whatever the base's scheduler
+    cfg = GenerateConfig(n=1, seed=GATE_SEED, steps=profile.gate_steps, sampler="ddim", size=size)
+    return np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
+
+
+def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, ref: np.ndarray, is_tiny: bool,
+                progress: ExportProgress | None) -> dict:
+    """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch)."""
+    import onnxruntime as ort
+
+    from edgecp.export.ort_runner import OnnxStableDiffusion
+
+    avail = set(ort.get_available_providers())
+    providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
+    try:
+        pipe = OnnxStableDiffusion(folder, providers=providers)
+    except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
+        raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
+    h, w = ref.shape[:2]
+    cb = (lambda i, n: progress("image gate", i, n)) if progress else None
+    img = np.asarray(pipe([prompt], steps=steps, seed=GATE_SEED, height=h, width=w, callback=cb)[0].convert("RGB"))
+    del pipe
+    gate = {"prompt": prompt, "seed": GATE_SEED, "steps": steps, "size": [h, w], "psnr_db": round(psnr(img, ref), 2),
+            "min_psnr_db": profile.min_psnr}
+    if is_tiny:  # the tiny world's evaluator: does the export's image still read as the same picture?
+        from edgecp.eval.features import EvaluatorFeatures, tiny_evaluator_path
+
+        e = EvaluatorFeatures(tiny_evaluator_path()).embed_images([img, ref])
+        gate["evaluator_similarity"] = round(float(e[0] @ e[1]), 4)
+    return gate
+
+
 def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
-                progress: ExportProgress | None = None) -> dict:
-    """Export the store's current version for `profile_name`; returns the parity report. Refuses beyond tolerance."""
+                progress: ExportProgress | None = None, external_data_min_bytes: int | None = None) -> dict:
+    """Export the store's current version for `profile_name`; returns the report (per model: parity, bytes,
+    seconds, external data; the image gate). Refuses below the profile's tensor or image gate, leaving nothing.
+
+    `external_data_min_bytes` (default EXTERNAL_DATA_MIN_BYTES): fp32 weight bytes from which a model is written
+    with one model.onnx_data; 0 writes every model that way.
+    """
+    import onnx
+
     from edgecp.personal import PersonalModel
 
     profile = load_profile(profile_name)
+    threshold = EXTERNAL_DATA_MIN_BYTES if external_data_min_bytes is None else external_data_min_bytes
     store = Store.open(store_root)
     version = store.head
     out = Path(out) if out else store.root / "exports" / f"{profile.name}-{version}"
@@ -203,35 +357,77 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     bake_tokens(comps.text_encoder)
     for m in (comps.text_encoder, comps.unet, comps.vae):
         m.eval().float()
+    concepts = [{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts]
 
-    names = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
+    # the UNet first: torch's exporter streams a model past 2 GiB to external files, but holds a smaller one whole
+    # in memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB); with the UNet already dropped, those
+    # copies never sit beside the UNet's weights
+    names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
+    stages = ["export"] + {"fp16": ["optimize"], "int8": ["quantize"]}.get(profile.precision, []) + ["verify"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     lock = lock_dir(tmp)  # recovery and gc leave a temporary export alone while its writer lives
     report = {"profile": profile.name, "precision": profile.precision, "version": version, "models": {}}
     try:
         specs = _specs(comps)
+        # every PyTorch reference first: then each torch model can be dropped as soon as it is exported
+        prompt = gate_prompt(concepts)
+        ref_image = _torch_gate_image(comps, prompt, profile)
+        with torch.no_grad():
+            refs = {}
+            for name in names:
+                r = specs[name][0](*specs[name][1])
+                refs[name] = r if isinstance(r, tuple) else (r,)
+        owners = {"text_encoder": comps.text_encoder, "unet": comps.unet, "vae_decoder": comps.vae,
+                  "vae_encoder": comps.vae}
         for i, name in enumerate(names):
-            if progress:
-                progress("export", i, len(names))
             module, args, inputs, outputs, axes = specs[name]
-            (tmp / name).mkdir()
-            path = tmp / name / "model.onnx"
+            scratch = tmp / f".scratch-{name}"
+            raw = scratch / "raw"
+            raw.mkdir(parents=True)
             t0 = time.perf_counter()
-            _torch_onnx_export(module, args, path, inputs, outputs, axes, profile.opset)
-            _apply_precision(path, profile.precision)
-            diff, tol = _parity(path, module, args, inputs, profile)
+            _stage(progress, "export", name, 0)
+            _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
+            _stage(progress, "export", name, 1)
+            if all(owners[n] is not owners[name] for n in names[i + 1:]):
+                owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
+            graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
+            external = _weight_bytes(graph, raw) >= threshold
+            del graph
+            if profile.precision == "fp16":
+                _stage(progress, "optimize", name, 0)
+                _to_fp16(raw / "model.onnx", tmp / name, external)
+                _stage(progress, "optimize", name, 1)
+            elif profile.precision == "int8":
+                _stage(progress, "quantize", name, 0)
+                _to_int8(raw / "model.onnx", tmp / name, external)
+                _stage(progress, "quantize", name, 1)
+            else:
+                write_one_data_file(raw / "model.onnx", tmp / name, external)
+            shutil.rmtree(scratch)  # no intermediate file outlives its model
+            _stage(progress, "verify", name, 0)
+            diff, tol = _parity(tmp / name / "model.onnx", args, refs.pop(name), inputs, profile)
+            _stage(progress, "verify", name, 1)
             report["models"][name] = {"max_abs_diff": diff, "tolerance": tol, "bytes": _dir_bytes(tmp / name),
-                                      "seconds": round(time.perf_counter() - t0, 2)}
+                                      "external_data": external, "seconds": round(time.perf_counter() - t0, 2)}
             if not diff <= tol:
                 raise EdgecpError(
                     f"export refused: {name} differs from PyTorch by {diff:.3g} > {tol:.3g} allowed by profile "
                     f"'{profile.name}' ({profile.precision}); try a higher-precision profile such as cpu-fp32"
                 )
-        if progress:
-            progress("export", len(names), len(names))
+        report["stages"] = stages
         _write_configs(tmp, comps, names)
-        concepts = [{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts]
+        t0 = time.perf_counter()
+        gate = _image_gate(tmp, profile, prompt, profile.gate_steps, ref_image, store.info["base"].get("kind") == "tiny",
+                           progress)
+        gate["seconds"] = round(time.perf_counter() - t0, 2)
+        report["image_gate"] = gate
+        if not gate["psnr_db"] >= profile.min_psnr:
+            raise EdgecpError(
+                f"export refused: its image is {gate['psnr_db']:.2f} dB PSNR from PyTorch's, "
+                f"{profile.min_psnr - gate['psnr_db']:.2f} dB below the {profile.min_psnr:g} dB profile "
+                f"'{profile.name}' requires; try a higher-precision profile such as cpu-fp32"
+            )
         meta = {**report, "concepts": concepts, "base": store.info["base"], "store": str(store.root),
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_export_meta(tmp, meta)  # edgecp.json with every file's sha256, last: only a complete export has it
@@ -245,9 +441,15 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     return report
 
 
+def _stage(progress: ExportProgress | None, stage: str, name: str, done: int) -> None:
+    if progress:
+        progress(f"{stage} {name}", done, 1)
+
+
 def _write_configs(folder: Path, comps, names: list[str]) -> None:
     """tokenizer/, scheduler/, per-model config.json and model_index.json as optimum's ORT SD pipeline reads them."""
     comps.tokenizer.save_pretrained(folder / "tokenizer")
+    write_clip_vocab_files(folder / "tokenizer")
     comps.scheduler.save_pretrained(folder / "scheduler")
     comps.text_encoder.config.to_json_file(str(folder / "text_encoder" / "config.json"))
     comps.unet.save_config(folder / "unet")
@@ -269,6 +471,37 @@ def _write_configs(folder: Path, comps, names: list[str]) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_clip_vocab_files(folder: Path) -> None:
+    """Beside tokenizer.json (what transformers 5 writes), the files transformers 4's slow `CLIPTokenizer` reads,
+    as diffusers' SD folders ship them: vocab.json, merges.txt, special_tokens_map.json, added_tokens.json and a
+    tokenizer_config.json with `added_tokens_decoder`. optimum's ORT pipelines (transformers < 4.58) load the
+    tokenizer from these; the concept tokens become added tokens with the ids of tokenizer.json, so every reader
+    gives a concept prompt the same ids. Derived from tokenizer.json (the single source), not re-tokenized."""
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    bpe = tj["model"]
+    if bpe.get("type") != "BPE":
+        raise EdgecpError(f"tokenizer in '{folder}' is {bpe.get('type')}, not CLIP's BPE: export needs a CLIP tokenizer")
+    vocab = bpe["vocab"]
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    decoder, added = {}, {}
+    for t in tj["added_tokens"]:
+        decoder[str(t["id"])] = {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        if t["content"] not in vocab:
+            added[t["content"]] = t["id"]
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2, ensure_ascii=False), encoding="utf-8")
+    special = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if isinstance(cfg.get(k), str)}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    v4 = {"add_prefix_space": False, "clean_up_tokenization_spaces": True, "do_lower_case": True, "errors": "replace",
+          "model_max_length": cfg.get("model_max_length", 77), "tokenizer_class": "CLIPTokenizer",
+          **special, "added_tokens_decoder": decoder}
+    # transformers 5's own keys stay (it reads them back); the v4 keys are what a v4 reader needs
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, **v4}, indent=2, ensure_ascii=False),
+                                                  encoding="utf-8")
 
 
 def _dir_bytes(d: Path) -> int:

@@ -57,6 +57,31 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def cuda_major() -> str | None:
+    """The CUDA major version this onnxruntime-gpu was built for (its build info records it); None on CPU builds."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:  # pragma: no cover - every onnxruntime wheel has it
+        return None
+    cuda = getattr(info, "cuda_version", None)
+    return cuda.split(".")[0] if cuda else None
+
+
+def cuda_unusable_message() -> str:
+    """Why a listed CUDA provider did not start, with the versions this build needs and how to get them."""
+    major = cuda_major()
+    need = f"CUDA {major}.x and cuDNN 9" if major else "CUDA and cuDNN"
+    fix = (f"pip install nvidia-cuda-runtime-cu{major} nvidia-cublas-cu{major} nvidia-cudnn-cu{major}" if major
+           else "install onnxruntime-gpu instead of onnxruntime")
+    return (
+        f"CUDAExecutionProvider is listed by onnxruntime {ort.__version__} but could not start (it needs an NVIDIA "
+        f"GPU and driver, {need}): {fix}, or use providers=['CPUExecutionProvider']"
+    )
+
+
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:
     """A JSON file as a dict; ``{}`` when absent unless ``required``."""
     if not path.is_file():
@@ -269,10 +294,16 @@ class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None):
+        """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
+        installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
+        raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
+        CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after logging)."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
-        providers = list(providers) if providers is not None else default_providers()
+        explicit = providers is not None
+        providers = list(providers) if explicit else default_providers()
+        self.provider_note: str | None = None
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
             raise ValueError(
@@ -290,7 +321,8 @@ class OnnxStableDiffusion:
             len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
         )
 
-        self.text_encoder = OnnxModel(self.folder / "text_encoder" / "model.onnx", providers, "text_encoder")
+        self.text_encoder = self._first_session(providers, explicit)
+        providers = self.providers
         self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet")
         self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder")
         self.text_encoder.require_inputs(["input_ids"])
@@ -308,6 +340,27 @@ class OnnxStableDiffusion:
         sample_shape = self.unet.shape("sample")
         self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
         self.default_size = self._default_size(sample_shape)
+
+    def _first_session(self, providers: list[str], explicit: bool) -> OnnxModel:
+        """The text encoder's session, which also tells whether a GPU provider really started."""
+        path = self.folder / "text_encoder" / "model.onnx"
+        wants_gpu = any(p in GPU_PROVIDERS for p in providers)
+        if wants_gpu:
+            ort.set_default_logger_severity(4)  # its failed-provider errors: the library does not print
+        try:
+            model = OnnxModel(path, providers, "text_encoder")
+        finally:
+            if wants_gpu:
+                ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+        started = model.session.get_providers()
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in started:
+            if explicit:
+                raise ValueError(cuda_unusable_message())
+            self.provider_note = cuda_unusable_message() + "; running on the CPU"
+            providers = [p for p in providers if p not in GPU_PROVIDERS] or ["CPUExecutionProvider"]
+            model = OnnxModel(path, providers, "text_encoder")
+        self.providers = providers
+        return model
 
     def _default_size(self, sample_shape: list[Any]) -> tuple[int, int] | None:
         """(height, width): unet/config.json ``sample_size`` (or a static export) times the VAE factor."""

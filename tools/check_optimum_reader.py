@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Load an `edgecp export` folder with optimum's ORTStableDiffusionPipeline, in optimum's own environment.
+
+optimum-onnx pins transformers < 4.58, which edgecp (transformers 5) cannot share a venv with, so this script
+imports nothing from edgecp: run it with the other environment's python.
+
+    python3.11 -m venv /work/venv-optimum
+    /work/venv-optimum/bin/pip install torch optimum-onnx "transformers<4.58" "diffusers<0.36" onnxruntime
+    /work/venv-optimum/bin/python tools/check_optimum_reader.py EXPORT_DIR --prompt "a photo of <alpha> dog" \
+        --steps 2 --latents latents.npy --out image.png
+
+Prints one JSON line: the versions, the prompt's input ids from transformers 4's slow CLIPTokenizer (which
+optimum loads from tokenizer/vocab.json + merges.txt + the added concept tokens), the scheduler class, the
+image's size. The caller compares ids and image with edgecp's own runner (tests/test_export.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder")
+    ap.add_argument("--prompt", default="a photo of a dog")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--latents", help=".npy starting latents (B, C, h, w), already scaled by init_noise_sigma")
+    ap.add_argument("--out", help="where to save the image (PNG)")
+    a = ap.parse_args(argv)
+
+    import numpy as np
+    import optimum.onnxruntime
+    import torch
+    import transformers
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = ORTStableDiffusionPipeline.from_pretrained(a.folder, provider="CPUExecutionProvider")
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer(a.prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True).input_ids
+    kw = {}
+    if a.latents:
+        kw["latents"] = torch.from_numpy(np.load(a.latents))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = pipe(a.prompt, num_inference_steps=a.steps, guidance_scale=a.guidance, **kw).images[0]
+    if a.out:
+        image.save(a.out)
+    print(json.dumps({
+        "transformers": transformers.__version__, "optimum_onnx": getattr(optimum.onnxruntime, "__version__", None),
+        "tokenizer_class": type(pipe.tokenizer).__name__, "ids": ids,
+        "scheduler": type(pipe.scheduler).__name__, "size": list(image.size),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
