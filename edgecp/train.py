@@ -14,9 +14,9 @@ from edgecp.config import (
     AdapterConfig,
     TrainConfig,
     check_concept_name,
-    stored_prior,
     from_dict,
     replace,
+    stored_prior,
     to_dict,
 )
 from edgecp.errors import EdgecpError

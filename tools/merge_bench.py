@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def merge(folders: list[Path], methods: list[str] | None = None) -> dict:
-    from edgecp.eval.bench import TABLE_COLUMNS
-
     import numpy as np
+
+    from edgecp.eval.bench import TABLE_COLUMNS
 
     runs, order, seqs = [], [], set()
     for f in folders:

@@ -26,7 +26,7 @@ QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
 CLASS_WORD_MODES = ("paper", "always", "never")
 
 
-def uses_class_word(cfg: "BenchConfig", method: str) -> bool:
+def uses_class_word(cfg: BenchConfig, method: str) -> bool:
     """Whether `method`'s prompts name the concept's class in this bench (000 Sec. 4: "For CD and TI, we
     additionally include the concept name after the modifier token")."""
     from edgecp.methods import method_class

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from edgecp.consolidation.ewc import ewc_penalty, online_fisher
-from edgecp.methods.base import Method, TaskContext
 from edgecp.consolidation.dc_scores import REDUCTIONS
+from edgecp.consolidation.ewc import ewc_penalty, online_fisher
 from edgecp.errors import EdgecpError
+from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.phases import effective_batch, fisher_phase, latent_elements, phase_iterations
 from edgecp.personal import ADAPTER_FILE, read_tensors
 
