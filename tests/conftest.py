@@ -11,6 +11,13 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` (pyproject addopts): one torch thread per worker, also for the
+    os.environ["OMP_NUM_THREADS"] = "1"      # subprocesses and Ray workers a test starts (same arithmetic order)
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+    import torch
+
+    torch.set_num_threads(1)
 
 FAST_TRAIN = {"steps": 3}
 FAST_PRIOR = {"num_images": 2, "steps": 2}
@@ -86,3 +93,17 @@ def store_copy(trained_store, tmp_path) -> Path:
 def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its content (to assert 'the store is exactly as before')."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+# test_bench.py's smallest bench, shared by test_bench.py and test_bench_resume.py (one run for both)
+SMALL_BENCH = {"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2, "n_train": 2, "n_target": 3,
+               "n_gen": 2, "gen_steps": 2, "dc_trials": 1, "prior": {"num_images": 2, "steps": 2}}
+
+
+@pytest.fixture(scope="session")
+def small_bench(tmp_path_factory):
+    """(result, folder) of one uninterrupted serial bench with SMALL_BENCH; tests must not modify it."""
+    from edgecp.eval.bench import BenchConfig, run_bench
+
+    out = tmp_path_factory.mktemp("bench") / "b"
+    return run_bench(BenchConfig(**SMALL_BENCH), out), out

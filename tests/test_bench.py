@@ -15,9 +15,8 @@ def _cfg(**kw):  # features: BenchConfig's default, "tiny" (the shipped evaluato
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "b"
-    return run_bench(_cfg(), out), out
+def bench_run(small_bench):
+    return small_bench  # conftest.SMALL_BENCH == _cfg()
 
 
 def test_bench_fills_the_matrices_and_writes_every_output(bench_run):

@@ -13,30 +13,30 @@ import time
 import numpy as np
 import pytest
 from cli_util import assert_one_line_error, run_cli
+from conftest import SMALL_BENCH
 
 from edgecp.errors import EdgecpError
 from edgecp.eval.bench import BenchConfig
 from edgecp.eval.executor import RayExecutor, run_bench, run_dir
 
-CFG = {"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2, "n_train": 2, "n_target": 3, "n_gen": 2,
-       "gen_steps": 2, "dc_trials": 1, "prior": {"num_images": 2, "steps": 2}}  # test_bench.py's smallest bench
+CFG = SMALL_BENCH  # test_bench.py's smallest bench
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted serial bench."""
-    return run_bench(BenchConfig(**CFG), tmp_path_factory.mktemp("ref") / "b")
+def reference(small_bench):
+    """An uninterrupted serial bench (shared with test_bench.py)."""
+    return small_bench[0]
 
 
-def _same_metrics(a: dict, b: dict) -> None:
+def _same_metrics(a: dict, b: dict, rtol: float = 1e-5) -> None:
     assert [(r["method"], r["seed"]) for r in a["runs"]] == [(r["method"], r["seed"]) for r in b["runs"]]
     for ra, rb in zip(a["runs"], b["runs"]):
         for k, v in ra["metrics"].items():
-            np.testing.assert_allclose(rb["metrics"][k], v, rtol=1e-5, atol=1e-9, err_msg=f"{ra['method']} {k}")
+            np.testing.assert_allclose(rb["metrics"][k], v, rtol=rtol, atol=1e-9, err_msg=f"{ra['method']} {k}")
         for k in ("M", "D", "S"):
             x = np.array(ra["matrices"][k], dtype=float)
             y = np.array(rb["matrices"][k], dtype=float)
-            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-9, equal_nan=True)
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=1e-9, equal_nan=True)
 
 
 KILLED = textwrap.dedent("""
@@ -150,7 +150,9 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
             executor._get(bad_input.remote(), "lora-sequential", 0, tmp_path)
     finally:
         ray.shutdown()
-    _same_metrics(reference, result)
+    # a Ray worker runs torch on num_cpus=1 thread where this process may use 2: the same arithmetic in another
+    # reduction order, which training amplifies to ~1e-4 relative (measured 8.4e-5 on a 2-core CI machine)
+    _same_metrics(reference, result, rtol=1e-3)
     assert all(r["worker"]["pid"] != os.getpid() for r in result["runs"])  # each run ran in a Ray worker
     assert killed and killed[0] not in [r["worker"]["pid"] for r in result["runs"]]  # the killed task was retried
     assert all(p.stat().st_mtime_ns == m for p, m in saved.items())  # and did not redo its saved evaluations

@@ -288,7 +288,8 @@ def test_methods_table_names_the_removal_of_every_method(capsys):
     from edgecp.lifecycle import removal_table
 
     rows = {r["method"]: r for r in removal_table()}
-    assert {m for m, r in rows.items() if r["default"] == "exact"} == {"lora-merge", "c-lora", "textual-inversion"}
+    assert {m for m, r in rows.items() if r["default"] == "exact"} == {"lora-merge", "c-lora", "textual-inversion",
+                                                                               "custom-diffusion"}
     assert all("rollback" in r["modes"] and "token-only" in r["modes"] for r in rows.values())
     code, out, _ = run_cli(capsys, "methods")
     assert code == 0 and "token-only or rollback" in out

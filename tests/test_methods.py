@@ -57,6 +57,10 @@ def test_every_method_learns_three_concepts_and_generates(tmp_path, method):
         assert tasks == {"t0001", "t0002", "t0003"}
     files = generate_from_store(root, "a photo of <aa> dog. Posing with <cc> dog", GenerateConfig(n=1, steps=2), tmp_path / "o")
     assert np.asarray(Image.open(files[0])).std() > 0
+    if method == "cns":
+        check_cns(root)
+    if method == "custom-diffusion":
+        check_paper_cd(root)
     if method in EXPORT_CHECKED:  # one per way of storing the model: VeRA, concatenated LoRAs, weight deltas
         from edgecp.export.onnx_export import export_onnx
 
@@ -150,3 +154,40 @@ def test_method_change_is_refused_once_the_store_holds_concepts(store_copy, tmp_
 def test_concepts_shows_nparam(trained_store, capsys):
     code, out, _ = run_cli(capsys, "concepts", "--store", trained_store)
     assert code == 0 and "N_param Train" in out and "N_param Store" in out
+
+
+def check_cns(root):
+    """CNS (issue 10): the UNet moves, on at most the top 30% of each row; task 2 moves it too."""
+    d1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
+    d2 = load_file(str(root / "versions" / "v0002" / "base_delta.safetensors"))
+    moved = [(d != 0).float().mean().item() for d in d1.values()]
+    assert all(0 < m <= 0.3 + 1e-6 for m in moved), moved  # the UNet moves, on at most the top 30% per row
+    assert any(not torch.equal(d1[k], d2[k]) for k in d1)  # task 2 moved it too (under L_reg on task 1's spots)
+    m2 = json.loads((root / "versions" / "v0002" / "manifest.json").read_text())
+    assert m2["n_param"]["train"] > 0
+
+
+def check_paper_cd(root):
+    """The paper's CD (issue 10): base_delta is Kumari et al.'s merge of the stored (T_i, C_i); remove-concept
+    re-merges the others exactly."""
+    from edgecp.lifecycle import remove_concept
+    from edgecp.methods.custom_diffusion import CD_FILE, _split_tasks, merge_all
+
+    v = root / "versions" / "v0003"
+    tasks, reg = _split_tasks(load_file(str(v / CD_FILE)))
+    assert len(tasks) == 3 and reg.shape == (64, 64)
+    merged = load_file(str(v / "base_delta.safetensors"))
+    again = merge_all(tasks, reg)
+    assert merged.keys() == again.keys() and all(torch.allclose(merged[k], again[k], atol=1e-6) for k in merged)
+    # each concept's K/V values on its own prompt features are (in least squares) the ones it trained
+    t1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
+    k = next(iter(t1))
+    f1 = tasks[0]["features"]
+    assert torch.allclose(tasks[0][k], t1[k].double().matmul(f1.double().T).float(), atol=1e-5)
+    remove_concept(root, "bb")
+    head = sorted((root / "versions").iterdir())[-1]
+    left, _ = _split_tasks(load_file(str(head / CD_FILE)))
+    assert len(left) == 2 and torch.equal(left[1]["features"], tasks[2]["features"])
+    after = load_file(str(head / "base_delta.safetensors"))
+    expect = merge_all([tasks[0], tasks[2]], reg)
+    assert all(torch.allclose(after[k], expect[k], atol=1e-6) for k in expect)

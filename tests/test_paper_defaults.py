@@ -92,7 +92,7 @@ def test_relative_clora_penalty_costs_strength_times_loss_for_an_update_as_large
 # -- the methods on tiny stores ------------------------------------------------------------------------------
 def _two(tmp_path, method, name, **params):
     root = tmp_path / name
-    new_store(root, method=method, method_params=params, train={"steps": 2})
+    new_store(root, method=method, method_params=params, train={"steps": 1})
     for i, c in enumerate(["aa", "bb"]):
         add_concept(root, c, make_photos(tmp_path / "photos" / c, seed=i), class_word="dog")
     return root
@@ -118,44 +118,6 @@ def test_absolute_ewc_weight_keeps_the_raw_fisher(tmp_path):
     add_concept(root, "aa", make_photos(tmp_path / "p", seed=0), class_word="dog")
     info = json.loads((root / "versions" / "v0001" / "manifest.json").read_text())["ewc"]
     assert info["fisher"] == "raw" and info["scale"] == 1.0
-
-
-def test_cns_trains_only_inside_its_mask_and_differs_from_textual_inversion(tmp_path):
-    root = _two(tmp_path, "cns", "cns")
-    d1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
-    d2 = load_file(str(root / "versions" / "v0002" / "base_delta.safetensors"))
-    moved = [(d != 0).float().mean().item() for d in d1.values()]
-    assert all(0 < m <= 0.3 + 1e-6 for m in moved), moved  # the UNet moves, on at most the top 30% per row
-    assert any(not torch.equal(d1[k], d2[k]) for k in d1)  # task 2 moved it too (under L_reg on task 1's spots)
-    m2 = json.loads((root / "versions" / "v0002" / "manifest.json").read_text())
-    assert m2["n_param"]["train"] > 0
-
-
-def test_paper_cd_merges_per_task_kv_and_removes_a_concept_exactly(tmp_path):
-    from edgecp.lifecycle import remove_concept
-    from edgecp.methods.custom_diffusion import CD_FILE, _split_tasks, merge_all
-
-    root = _two(tmp_path, "custom-diffusion", "cd")
-    for c in ["cc"]:
-        add_concept(root, c, make_photos(tmp_path / "photos" / c, seed=2), class_word="dog")
-    v = root / "versions" / "v0003"
-    tasks, reg = _split_tasks(load_file(str(v / CD_FILE)))
-    assert len(tasks) == 3 and reg.shape == (64, 64)
-    merged = load_file(str(v / "base_delta.safetensors"))
-    again = merge_all(tasks, reg)
-    assert merged.keys() == again.keys() and all(torch.allclose(merged[k], again[k], atol=1e-6) for k in merged)
-    # each concept's K/V values on its own prompt features are (in least squares) the ones it trained
-    t1 = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
-    k = next(iter(t1))
-    f1 = tasks[0]["features"]
-    assert torch.allclose(tasks[0][k], t1[k].double().matmul(f1.double().T).float(), atol=1e-5)
-    remove_concept(root, "bb")
-    head = sorted((root / "versions").iterdir())[-1]
-    left, _ = _split_tasks(load_file(str(head / CD_FILE)))
-    assert len(left) == 2 and torch.equal(left[1]["features"], tasks[2]["features"])
-    after = load_file(str(head / "base_delta.safetensors"))
-    expect = merge_all([tasks[0], tasks[2]], reg)
-    assert all(torch.allclose(after[k], expect[k], atol=1e-6) for k in expect)
 
 
 def test_bench_names_the_class_only_for_cd_and_ti_by_default():
