@@ -10,8 +10,8 @@ The estimate then multiplies:
 
     training       iterations x tasks x s/iteration
     consolidation  per task, each phase of `method.phase_rows` beyond training: ratio x iterations (the method's
-                   `consolidation_ratio`, 0.2 in 000) x rows / (2 x accumulation) training iterations' worth of
-                   UNet rows; DSC's two no-grad teacher calls count 2/3 of a gradient call each (our choice: a
+                   `consolidation_ratio`, 0.2 in 000) x rows / 2 training iterations' worth of UNet rows (a
+                   consolidation iteration runs training's accumulation too, issue 10); DSC's two no-grad teacher calls count 2/3 of a gradient call each (our choice: a
                    forward is about a third of forward + backward)
     generation     priors (num_images x prior steps, once per store) and the evaluations: after task i, i seen
                    concepts x n_gen images x gen_steps, i.e. n(n+1)/2 x n_gen x gen_steps image-steps per run
@@ -162,7 +162,9 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
                 if phase == "train":
                     continue
                 weight = 5 / 3 if phase == "dsc" else 1.0
-                cons_s += max(1, round(ratio * cfg.steps)) * row_s * train.batch_size * rows * weight
+                # a consolidation iteration sees training's effective batch (batch x accumulation), as training does
+                cons_s += (max(1, round(ratio * cfg.steps)) * row_s * train.batch_size * train.grad_accum * rows
+                           * weight)
             extra = state if "ewc" in method_name else 0
             if method_name.startswith("dsc") or method_name in ("c-lora", "lora-merge"):
                 extra += state * (i + 1)
