@@ -94,6 +94,24 @@ class PersonalModel:
         return encode_text(self.comps, prompts, self.device)
 
 
+def split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A tensor file keyed `tNNNN/<key>` (one entry per task) -> (the tasks in order, the keys without a task)."""
+    tasks: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, v in flat.items():
+        if "/" in key:
+            task, name = key.split("/", 1)
+            tasks.setdefault(task, {})[name] = v
+        else:
+            rest[key] = v
+    return [tasks[t] for t in sorted(tasks)], rest
+
+
+def join_tasks(tasks: list[dict[str, torch.Tensor]], **rest: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of `split_tasks`."""
+    return {**{f"t{i + 1:04d}/{k}": v.contiguous() for i, task in enumerate(tasks) for k, v in task.items()}, **rest}
+
+
 def fold_base_delta(unet, version_dir: Path | None) -> dict[str, torch.Tensor]:
     """W <- W + delta for every tensor in the version's base_delta.safetensors; returns the deltas (maybe empty)."""
     deltas = read_tensors(version_dir, DELTA_FILE) if version_dir else {}

@@ -13,9 +13,7 @@ from pathlib import Path
 
 
 def merge(folders: list[Path], methods: list[str] | None = None) -> dict:
-    import numpy as np
-
-    from edgecp.eval.bench import TABLE_COLUMNS
+    from edgecp.eval.bench import _summarize
 
     runs, order, seqs = [], [], set()
     for f in folders:
@@ -28,14 +26,10 @@ def merge(folders: list[Path], methods: list[str] | None = None) -> dict:
     if len(seqs) != 1:
         raise SystemExit(f"the folders ran different sequences: {sorted(seqs)}")
     keep = methods or order
-    summary = {}
-    for m in keep:
-        rs = [r["metrics"] for r in runs if r["method"] == m]
-        if not rs:
-            raise SystemExit(f"no run of '{m}' in {', '.join(map(str, folders))}")
-        summary[m] = {k: {"mean": float(np.nanmean([r[k] for r in rs])),
-                          "std": float(np.nanstd([r[k] for r in rs])) if len(rs) > 1 else 0.0} for k in TABLE_COLUMNS}
-    return {"sequence": list(seqs.pop()), "summary": summary,
+    missing = [m for m in keep if m not in order]
+    if missing:
+        raise SystemExit(f"no run of '{missing[0]}' in {', '.join(map(str, folders))}")
+    return {"sequence": list(seqs.pop()), "summary": _summarize(keep, runs),
             "runs": [{"method": r["method"], "seed": r["seed"], "metrics": r["metrics"],
                       "train_seconds": r.get("train_seconds")} for r in runs if r["method"] in keep]}
 

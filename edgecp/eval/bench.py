@@ -275,9 +275,10 @@ TABLE_COLUMNS = ["N_param_Train", "N_param_Store", "KID", "A_MMD", "BwT_MMD", "C
                  "avg_score", "avg_forgetting", "DC_accuracy"]
 
 
-def _summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
+def _summarize(methods, runs: list[dict]) -> dict:
+    """Mean and std over seeds of every table column, per method in `methods`."""
     out = {}
-    for method in cfg.methods:
+    for method in methods:
         rs = [r["metrics"] for r in runs if r["method"] == method]
         out[method] = {k: {"mean": float(np.nanmean([r[k] for r in rs])) if any(not math.isnan(r[k]) for r in rs) else None,
                            "std": float(np.nanstd([r[k] for r in rs])) if len(rs) > 1 else 0.0} for k in TABLE_COLUMNS}

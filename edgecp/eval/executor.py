@@ -67,33 +67,27 @@ def eval_file(out: Path, method: str, seed: int, task: int) -> Path:
     return run_dir(out, method, seed) / f"eval-task-{task}.npz"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over `path`."""
+def _write_atomic(path: Path, write, suffix: str = "") -> None:
+    """`write(binary file)` into a temporary file in the same folder, fsync, rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
 def config_from_dict(d: dict):
@@ -427,7 +421,7 @@ def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list
     result = {"config": asdict(cfg), "sequence": names,
               "features": runs[0].get("features") if runs else None, "seconds": seconds,
               "runs_finished": len(runs), "runs_total": len(all_runs(cfg)),
-              "summary": _summarize(replace(cfg, methods=methods), runs) if runs else {}, "runs": runs}
+              "summary": _summarize(methods, runs) if runs else {}, "runs": runs}
     if runs:
         _write_outputs(out, result)
     return result

@@ -24,7 +24,7 @@ from edgecp.consolidation.merge import constrained_merge, merge_targets, regular
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcMixin, EwcParams
-from edgecp.personal import DELTA_FILE, encode_text, fold_base_delta, read_tensors
+from edgecp.personal import DELTA_FILE, encode_text, fold_base_delta, join_tasks, read_tensors, split_tasks
 
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
 CD_FILE = "cd_merge.safetensors"  # per concept: T_i of every K/V layer and C_i; the regulariser covariance
@@ -87,17 +87,8 @@ class CustomDiffusionSequential(Method):
 
 
 def _split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
-    tasks: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in flat.items():
-        if "/" in key:
-            task, rest = key.split("/", 1)
-            tasks.setdefault(task, {})[rest] = v
-    return [tasks[t] for t in sorted(tasks)], flat.get("reg_cov")
-
-
-def _join_tasks(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> dict[str, torch.Tensor]:
-    flat = {f"t{i + 1:04d}/{k}": v.contiguous() for i, task in enumerate(tasks) for k, v in task.items()}
-    return {**flat, "reg_cov": reg_cov}
+    tasks, rest = split_tasks(flat)
+    return tasks, rest.get("reg_cov")
 
 
 def merge_all(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -157,14 +148,14 @@ class CustomDiffusion(CustomDiffusionSequential):
             progress("consolidate", 1, 1, None)
 
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
-        return {DELTA_FILE: ctx.extra["merged"], CD_FILE: _join_tasks(ctx.extra["cd_tasks"], ctx.extra["reg_cov"])}
+        return {DELTA_FILE: ctx.extra["merged"], CD_FILE: join_tasks(ctx.extra["cd_tasks"], reg_cov=ctx.extra["reg_cov"])}
 
     def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
         tasks, reg_cov = _split_tasks(files.get(CD_FILE) or {})
         if position < len(tasks):
             del tasks[position]
         if tasks:  # one concept left: its merge with itself (its raw K/V change is not kept), exact otherwise
-            files[CD_FILE] = _join_tasks(tasks, reg_cov)
+            files[CD_FILE] = join_tasks(tasks, reg_cov=reg_cov)
             files[DELTA_FILE] = merge_all(tasks, reg_cov)
         else:
             files.pop(CD_FILE, None)

@@ -17,7 +17,7 @@ from edgecp.adapters import lora
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcDcParams, EwcMixin, EwcParams, check_reduction
 from edgecp.methods.phases import dsc_phase, phase_iterations
-from edgecp.personal import read_tensors
+from edgecp.personal import join_tasks, read_tensors, split_tasks
 
 TEACHERS_FILE = "teachers.safetensors"
 
@@ -55,16 +55,11 @@ class DscEwcDcParams(DscParams, EwcDcParams):
 
 
 def read_pool(version_dir) -> list[dict[str, torch.Tensor]]:
-    flat = read_tensors(version_dir, TEACHERS_FILE)
-    tasks: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in flat.items():
-        task, rest = key.split("/", 1)
-        tasks.setdefault(task, {})[rest] = v
-    return [tasks[t] for t in sorted(tasks)]
+    return split_tasks(read_tensors(version_dir, TEACHERS_FILE))[0]
 
 
 def write_pool(pool: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"t{i + 1:04d}/{k}": v for i, theta in enumerate(pool) for k, v in theta.items()}
+    return join_tasks(pool)
 
 
 class Dsc(Method):
@@ -96,11 +91,7 @@ class Dsc(Method):
         through every task keeps its traces (token-only for the model itself)."""
         flat = files.get(TEACHERS_FILE)
         if flat:
-            tasks: dict[str, dict[str, torch.Tensor]] = {}
-            for key, v in flat.items():
-                task, rest = key.split("/", 1)
-                tasks.setdefault(task, {})[rest] = v
-            pool = [tasks[t] for t in sorted(tasks)]
+            pool = split_tasks(flat)[0]
             if position < len(pool):
                 del pool[position]
             if pool:
