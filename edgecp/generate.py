@@ -193,6 +193,35 @@ def find_export(store_root: str | Path) -> Path:
     )
 
 
+def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
+    """The execution providers of an export's profile that this onnxruntime has, and a note when the profile's GPU
+    provider is missing (a CPU build of onnxruntime). None: the profile lists a GPU provider that is present; the
+    runner then tries it and falls back to the CPU with its own note when it cannot start (no GPU, CUDA, cuDNN)."""
+    import onnxruntime as ort
+
+    from edgecp.export.ort_runner import GPU_PROVIDERS
+
+    listed = meta.get("providers")
+    if not listed:  # exports before the report recorded them: the shipped profile of that name
+        try:
+            from edgecp.profiles import load_profile
+
+            listed = list(load_profile(meta.get("profile", "cpu-fp32")).providers)
+        except EdgecpError:
+            listed = ["CPUExecutionProvider"]
+    avail = ort.get_available_providers()
+    missing = [p for p in listed if p in GPU_PROVIDERS and p not in avail]
+    note = None
+    if missing:
+        note = (f"profile '{meta.get('profile')}' runs on {missing[0]}, which this onnxruntime {ort.__version__} "
+                f"does not have (a CPU build): pip uninstall onnxruntime && pip install 'edgecp[cuda]' "
+                "(onnxruntime-gpu); running on the CPU")
+    usable = [p for p in listed if p in avail] or ["CPUExecutionProvider"]
+    if any(p in GPU_PROVIDERS for p in usable):
+        return None, note
+    return usable, note
+
+
 def generate_from_onnx(
     onnx_dir: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path, callback: StepCallback | None = None,
     on_note: Callable[[str], None] | None = None,
@@ -211,8 +240,11 @@ def generate_from_onnx(
     if problems:
         raise EdgecpError(f"export '{onnx_dir}' is not intact: {problems[0]}; export again with `edgecp export`")
     expanded = expand(prompt, meta["concepts"])
+    providers, note = onnx_providers(meta)
+    if note and on_note:
+        on_note(note)
     try:
-        runner = OnnxStableDiffusion(onnx_dir)
+        runner = OnnxStableDiffusion(onnx_dir, providers=providers)
         if runner.provider_note and on_note:
             on_note(runner.provider_note)
         images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,

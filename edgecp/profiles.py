@@ -40,6 +40,7 @@ class DeviceProfile:
     min_psnr: float = 30.0  # image gate: dB between the export's and PyTorch's image (same prompt, seed, steps)
     gate_steps: int = 4     # denoising steps of the image gate
     gate_size: int = 256    # the gate image's side in pixels, at most the base's resolution (SD1.5: 256, not 512)
+    optimize: bool = False  # onnxruntime.transformers' SD fusions (attention, GroupNorm, ...) before fp16/int8
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

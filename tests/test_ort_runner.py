@@ -460,3 +460,57 @@ def test_listed_but_unusable_cuda_provider_is_named(tiny: tuple[dict, Path], mon
     assert fallback.providers == ["CPUExecutionProvider"]
     assert fallback.unet.session.get_providers() == ["CPUExecutionProvider"]
     assert fallback.provider_note.endswith("; running on the CPU") and "could not start" in fallback.provider_note
+
+
+# --------------------------------------------------------------------------------------------- IO binding
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_step_graph_matches_diffusers_ddim(prediction_type: str, clip_sample: bool) -> None:
+    """The on-device guidance + DDIM step graph against diffusers' DDIMScheduler.step on the guided output."""
+    import onnxruntime as ort
+
+    from edgecp.export.np_scheduler import NumpyDDIMScheduler
+    from edgecp.export.step_graph import STEP_GRAPH
+
+    cfg = {**SCHEDULER, "prediction_type": prediction_type, "clip_sample": clip_sample}
+    ours, ref = NumpyDDIMScheduler(cfg), DDIMScheduler(**cfg)
+    ours.set_timesteps(7)
+    ref.set_timesteps(7)
+    sess = ort.InferenceSession(str(STEP_GRAPH), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    lat = rng.standard_normal((2, 4, 6, 5)).astype(np.float32) * 3  # x0 leaves [-1, 1]: the clip matters
+    for guided, g in ((True, 6.0), (False, 1.0)):
+        noise = rng.standard_normal((4 if guided else 2, 4, 6, 5)).astype(np.float32)
+        u, c = noise[:2], noise[-2:]
+        e = u + np.float32(g) * (c - u)
+        for t in ref.timesteps:
+            want = ref.step(torch.from_numpy(e), t, torch.from_numpy(lat)).prev_sample.numpy()
+            coef, clip = ours.step_coefficients(int(t))
+            got, model_in = sess.run(None, {"noise": noise, "latents": lat, "clip": clip,
+                                            "coef": np.append(coef, np.float32(g)).astype(np.float32)})
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert model_in.shape == noise.shape
+            for k in range(noise.shape[0] // 2):  # the next UNet input: the new latents once per half
+                np.testing.assert_array_equal(model_in[2 * k : 2 * k + 2], got)
+
+
+def test_shipped_step_graph_is_what_build_writes() -> None:
+    from edgecp.export.step_graph import STEP_GRAPH, build
+
+    assert STEP_GRAPH.read_bytes() == build().SerializeToString(), "run python -m edgecp.export.step_graph"
+
+
+def test_io_binding_loop_matches_host_loop(tiny: tuple[dict, Path], runner: OnnxStableDiffusion) -> None:
+    """The device-resident loop (IO binding + step graph; here on the CPU provider) draws the host loop's images."""
+    bound = OnnxStableDiffusion(tiny[1], providers=["CPUExecutionProvider"], io_binding=True)
+    assert not runner.io_binding and bound.io_binding  # default: only on a GPU provider
+    for kw in ({"guidance": 5.0, "negative_prompt": "painting"}, {"guidance": 1.0}):
+        calls: list[tuple[int, int]] = []
+        a = runner(["a photo of sks dog", "a blue cat"], steps=3, seed=5, height=16, width=24, **kw)
+        b = bound(["a photo of sks dog", "a blue cat"], steps=3, seed=5, height=16, width=24,
+                  callback=lambda i, n, calls=calls: calls.append((i, n)), **kw)
+        assert bound.io_binding_used and not runner.io_binding_used and calls == [(1, 3), (2, 3), (3, 3)]
+        for x, y in zip(a, b):
+            assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1  # float32 rounding

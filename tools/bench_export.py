@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Latency of one UNet call, PyTorch vs onnxruntime, on a store's export; and the export's parity (issue 2).
+"""Exports per device profile, measured: export time, peak RSS, size, parity, image quality; ONNX vs PyTorch speed.
 
-    python tools/bench_export.py --store edgecp-demo/store --onnx edgecp-demo/onnx-cpu-fp32
-    python tools/bench_export.py --store S --onnx DIR --batch 2 --runs 50
+    python tools/bench_export.py --store edgecp-demo/store --out /tmp/bx            # tiny base, every profile
+    python tools/bench_export.py --store S --out /tmp/bx --size 256 --steps 25 --profiles cpu-fp32,edge-int8
 
-Both run the merged model on the same inputs: batch 2 (classifier-free guidance) at the model's resolution.
-Also prints each concept's seconds per training step from the store's manifest.
+For each profile, `edgecp export` runs in a fresh process (its own peak RSS, `resource.getrusage`), then in this
+process, on the same machine and threads:
+- UNet call latency (batch 2: classifier-free guidance, at `--size`) of the export on onnxruntime's CPU provider and
+  of the merged PyTorch UNet, same inputs, mean of `--runs` after 2 warm-up calls; their ratio;
+- one whole image (`--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
+  and through diffusers (PyTorch fp32): seconds and ratio, PSNR against PyTorch's image and against the cpu-fp32
+  export's image.
+Writes OUT/bench_export.json and OUT/bench_export.md (the two tables); prints each row as it finishes. What else
+ran on the machine is not measured: run it alone.
 """
 
 from __future__ import annotations
@@ -13,16 +20,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+GUIDANCE = 7.5
 
 
-def timed(fn, runs: int, warmup: int = 3) -> float:
+def _child_export(store: str, profile: str, out: str) -> None:
+    """In a fresh process: one export; prints its report and this process's peak RSS as one JSON line."""
+    from edgecp.export.onnx_export import export_onnx
+
+    t0 = time.perf_counter()
+    report = export_onnx(store, profile, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"report": report, "seconds": time.perf_counter() - t0, "peak_rss": peak}))
+
+
+def timed(fn, runs: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -31,57 +51,153 @@ def timed(fn, runs: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / runs
 
 
+def _largest_fp32_model_bytes(comps) -> dict:
+    sizes = {n: sum(p.numel() * 4 for p in m.parameters())
+             for n, m in (("unet", comps.unet), ("text_encoder", comps.text_encoder), ("vae", comps.vae))}
+    return {"largest": max(sizes.values()), "whole": sum(sizes.values())}
+
+
 def main() -> None:
-    import onnxruntime as ort
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--out", required=True, type=Path, help="where the exports and the tables go")
+    ap.add_argument("--profiles", default="cpu-fp32,cuda-fp16,edge-int8")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the base's, at most 256)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--runs", type=int, default=5, help="UNet calls timed per backend")
+    ap.add_argument("--reuse", action="store_true", help="keep exports already in --out (no export figures then)")
+    ap.add_argument("--child-export", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child_export:
+        _child_export(*a.child_export)
+        return
+
+    import torch
 
     from edgecp.adapters import lora
+    from edgecp.export.onnx_export import gate_prompt, psnr
+    from edgecp.export.ort_runner import OnnxStableDiffusion
+    from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel
     from edgecp.store import Store
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--onnx", required=True, help="the export folder of the store's current version")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=50)
-    args = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    exports: dict[str, dict] = {}
+    for prof in a.profiles.split(","):
+        folder = a.out / prof
+        if a.reuse and (folder / "edgecp.json").is_file():
+            exports[prof] = {"report": json.loads((folder / "edgecp.json").read_text()), "seconds": None,
+                             "peak_rss": None}
+            continue
+        if folder.exists():
+            raise SystemExit(f"{folder} exists: remove it or pass --reuse")
+        proc = subprocess.run([sys.executable, __file__, "--store", a.store, "--out", str(a.out),
+                               "--child-export", a.store, prof, str(folder)], capture_output=True, text=True)
+        if proc.returncode:
+            exports[prof] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            print(f"{prof}: export failed: {exports[prof]['error']}", flush=True)
+            continue
+        exports[prof] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{prof}: exported in {exports[prof]['seconds']:.0f} s, peak RSS "
+              f"{exports[prof]['peak_rss'] / 1e9:.2f} GB", flush=True)
 
-    store = Store.open(args.store)
+    store = Store.open(a.store)
     model = PersonalModel.load(store, device=torch.device("cpu"))
-    unet = model.comps.unet
-    if lora.has_adapter(unet):
-        lora.merge(unet)  # what the export runs
-    unet.eval()
-    lat = unet.config.sample_size
+    comps = model.comps
+    if lora.has_adapter(comps.unet):
+        lora.merge(comps.unet)
+    for m in (comps.unet, comps.text_encoder, comps.vae):
+        m.eval().float()
+    sizes = _largest_fp32_model_bytes(comps)
+    size = a.size or min(comps.resolution, 256)
+    lat = size // comps.vae_scale
+    prompt = gate_prompt([{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, unet.config.in_channels, lat, lat, generator=g)
+    x = torch.randn(2, comps.unet.config.in_channels, lat, lat, generator=g)
+    c = torch.randn(2, comps.tokenizer.model_max_length, comps.text_encoder.config.hidden_size, generator=g)
     t = torch.tensor(500.0)
-    c = torch.randn(args.batch, 77, model.comps.text_encoder.config.hidden_size, generator=g)
     with torch.inference_mode():
-        t_torch = timed(lambda: unet(x, t, c), args.runs)
-        ref = unet(x, t, c).sample.numpy()
-    sess = ort.InferenceSession(str(Path(args.onnx) / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+        torch_unet = timed(lambda: comps.unet(x, t, c), a.runs)
+    cfg = GenerateConfig(n=1, seed=0, steps=a.steps, guidance=GUIDANCE, sampler="ddim", size=size)
+    t0 = time.perf_counter()
+    torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
+    torch_image_s = time.perf_counter() - t0
+    print(f"pytorch fp32: UNet call {torch_unet * 1e3:.1f} ms, image {torch_image_s:.2f} s "
+          f"({a.steps} steps, {size} px, {torch.get_num_threads()} threads)", flush=True)
+
+    fp32_img = None
     feeds = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), "encoder_hidden_states": c.numpy()}
-    t_ort = timed(lambda: sess.run(None, feeds), args.runs)
-    got = sess.run(None, feeds)[0]
-    meta = json.loads((Path(args.onnx) / "edgecp.json").read_text())
-    print(f"UNet call, batch {args.batch}, {lat}x{lat} latents, torch threads {torch.get_num_threads()}, mean of {args.runs}:")
-    print(f"  PyTorch      {t_torch * 1e3:8.2f} ms")
-    print(f"  onnxruntime  {t_ort * 1e3:8.2f} ms")
-    print(f"  ONNX / PyTorch latency ratio  {t_ort / t_torch:.3f}")
-    print(f"  max |onnx - torch| on these inputs  {np.abs(got - ref).max():.2e}")
-    print("export parity (edgecp.json):")
-    for name, r in meta["models"].items():
-        data = ", model.onnx_data" if r.get("external_data") else ""
-        print(f"  {name:<13} max abs diff {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.1e}), "
-              f"{r['bytes'] / 1e6:.1f} MB{data}, {r.get('seconds', 0):.1f} s")
-    gate = meta.get("image_gate")
-    if gate:  # exports since issue 11
-        sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
-        print(f"  image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (min {gate['min_psnr_db']:g}), "
-              f"{gate['steps']} steps at {gate['size'][0]} px{sim}")
-    print("training seconds per step (manifest):")
-    for cpt in store.concepts():
-        print(f"  <{cpt['name']}>  {cpt['seconds_per_iteration']['train']:.4f} s/step over {cpt['steps']} steps")
+    for prof in a.profiles.split(","):
+        ex = exports[prof]
+        row = {"profile": prof}
+        if "error" in ex:
+            rows.append({**row, "error": ex["error"]})
+            continue
+        rep = ex["report"]
+        folder = a.out / prof
+        row.update({
+            "export_s": ex["seconds"] and round(ex["seconds"], 1),
+            "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
+            "peak_over_largest_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["largest"], 2),
+            "peak_over_whole_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["whole"], 2),
+            "folder_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 1),
+            "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
+            "gate_psnr_db": rep["image_gate"]["psnr_db"],
+            "fused": {n: m.get("fused", {}) for n, m in rep["models"].items() if m.get("fused")},
+        })
+        pipe = OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])
+        ts = pipe.unet.inputs["timestep"]
+        f = {**feeds, "timestep": np.asarray(500.0, dtype=pipe.unet.dtype("timestep")).reshape(
+            [1] * len(ts.shape))}
+        sess = pipe.unet.session
+        row["unet_ms"] = round(timed(lambda s=sess, f=f: s.run(None, f), a.runs) * 1e3, 1)
+        row["torch_unet_ms"] = round(torch_unet * 1e3, 1)
+        row["unet_ratio"] = round(row["unet_ms"] / row["torch_unet_ms"], 3)
+        t0 = time.perf_counter()
+        img = np.asarray(pipe([prompt], steps=a.steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
+        row["image_s"] = round(time.perf_counter() - t0, 2)
+        row["torch_image_s"] = round(torch_image_s, 2)
+        row["image_ratio"] = round(row["image_s"] / torch_image_s, 3)
+        row["psnr_vs_torch_db"] = round(psnr(img, torch_img), 2)
+        if prof == "cpu-fp32":
+            fp32_img = img
+        row["psnr_vs_onnx_fp32_db"] = None if fp32_img is None else round(psnr(img, fp32_img), 2)
+        del pipe, sess
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    meta = {"store": a.store, "base": store.info["base"], "size": size, "steps": a.steps, "runs": a.runs,
+            "torch_threads": torch.get_num_threads(), "fp32_bytes": sizes, "cpu_count": os.cpu_count(),
+            "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "rows": rows}
+    (a.out / "bench_export.json").write_text(json.dumps(meta, indent=2))
+    (a.out / "bench_export.md").write_text(tables(meta))
+    print(tables(meta))
+
+
+def tables(meta: dict) -> str:
+    gb = lambda v: "-" if v is None else f"{v:.2f}"
+    lines = [f"Export ({meta['base'].get('kind', 'base')}, fp32 weights: largest model "
+             f"{meta['fp32_bytes']['largest'] / 1e9:.2f} GB, whole {meta['fp32_bytes']['whole'] / 1e9:.2f} GB)", "",
+             "| profile | export s | peak RSS GB | x largest | x whole | folder MB | worst parity (diff/tol) | gate PSNR dB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in meta["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['profile']} | failed: {r['error']} |||||||")
+            continue
+        lines.append(f"| {r['profile']} | {r['export_s'] or '-'} | {gb(r['peak_rss_gb'])} | "
+                     f"{gb(r['peak_over_largest_fp32'])} | {gb(r['peak_over_whole_fp32'])} | {r['folder_mb']} | "
+                     f"{r['worst_parity'][0]:.2f} ({r['worst_parity'][1]}) | {r['gate_psnr_db']} |")
+    lines += ["", f"Speed on onnxruntime's CPU provider vs PyTorch fp32 ({meta['size']} px, UNet batch 2, "
+              f"{meta['steps']} steps, {meta['cpu_count']} cores, torch threads {meta['torch_threads']})", "",
+              "| profile | UNet ms ONNX | UNet ms PyTorch | ratio | image s ONNX | image s PyTorch | ratio | "
+              "PSNR vs PyTorch dB | PSNR vs ONNX fp32 dB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in meta["rows"]:
+        if "error" not in r:
+            lines.append(f"| {r['profile']} | {r['unet_ms']} | {r['torch_unet_ms']} | {r['unet_ratio']} | "
+                         f"{r['image_s']} | {r['torch_image_s']} | {r['image_ratio']} | {r['psnr_vs_torch_db']} | "
+                         f"{'-' if r['psnr_vs_onnx_fp32_db'] is None else r['psnr_vs_onnx_fp32_db']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

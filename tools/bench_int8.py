@@ -29,7 +29,7 @@ from edgecp.export.ort_runner import OnnxStableDiffusion
 MODELS = ("text_encoder", "unet", "vae_decoder")
 
 
-def calibration(folder: Path, prompts: list[str], steps: int) -> dict[str, list[dict]]:
+def calibration(folder: Path, prompts: list[str], steps: int, size: int | None) -> dict[str, list[dict]]:
     """Per model, the feeds it sees when the fp32 export draws `prompts` (one image each, seeds 0..)."""
     pipe = OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])
     feeds: dict[str, list[dict]] = {m: [] for m in MODELS}
@@ -43,7 +43,7 @@ def calibration(folder: Path, prompts: list[str], steps: int) -> dict[str, list[
 
         sess.run = record
     for i, p in enumerate(prompts):
-        pipe([p], steps=steps, seed=i)
+        pipe([p], steps=steps, seed=i, height=size, width=size)
     return feeds
 
 
@@ -60,6 +60,7 @@ class Reader:
 
 
 def quantize(src: Path, dst: Path, kind: str, feeds: list[dict]) -> None:
+    """One model; a model with external data (past 2 GiB of protobuf: the SD1.5 UNet) stays external."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -70,19 +71,24 @@ def quantize(src: Path, dst: Path, kind: str, feeds: list[dict]) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     dst.parent.mkdir(parents=True, exist_ok=True)
+    ext = (src.parent / "model.onnx_data").is_file()
     if kind == "dynamic-matmul":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=ext)
     elif kind == "dynamic-conv":
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+                         op_types_to_quantize=["MatMul", "Gemm", "Conv"], use_external_data_format=ext)
     elif kind == "qdq":
         pre = dst.with_suffix(".pre.onnx")
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=ext,
+                          all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
         quantize_static(str(pre), str(dst), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                        use_external_data_format=ext)
         pre.unlink()
+        pre.with_name(pre.name + ".data").unlink(missing_ok=True)
     else:
         raise ValueError(kind)
 
@@ -91,9 +97,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for m in MODELS for f in (folder / m).glob("model.onnx*"))
 
 
-def unet_latency(folder: Path, feeds: dict, runs: int) -> float:
+def unet_latency(folder: Path, feeds: dict, runs: int, threads: int) -> float:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = threads
     s = ort.InferenceSession(str(folder / "unet" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     for _ in range(2):
         s.run(None, feeds)
@@ -111,14 +117,17 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=10)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--variants", default="dynamic-matmul,dynamic-conv,qdq")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of the UNet timing (0: all)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     a = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     meta = json.loads((a.fp32 / "edgecp.json").read_text())
     prompts = ["a photo of a dog"] + [f"a photo of {c['token']} {c['class_word']}".strip() for c in meta["concepts"]]
-    feeds = calibration(a.fp32, prompts, a.calib_steps)
+    feeds = calibration(a.fp32, prompts, a.calib_steps, a.size)
     test_prompt = prompts[-1]
     ref = np.asarray(OnnxStableDiffusion(a.fp32, providers=["CPUExecutionProvider"])([test_prompt], steps=a.steps,
-                                                                                      seed=123)[0])
+                                                                                      seed=123, height=a.size,
+                                                                                      width=a.size)[0])
     unet_feed = feeds["unet"][len(feeds["unet"]) // 2]
     rows = []
     for kind in ["fp32", *a.variants.split(",")]:
@@ -131,10 +140,10 @@ def main() -> None:
             (folder / "vae_encoder").exists() and shutil.rmtree(folder / "vae_encoder")
         pipe = OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])
         t0 = time.perf_counter()
-        img = np.asarray(pipe([test_prompt], steps=a.steps, seed=123)[0])
+        img = np.asarray(pipe([test_prompt], steps=a.steps, seed=123, height=a.size, width=a.size)[0])
         per_image = time.perf_counter() - t0
         rows.append({"variant": kind, "MB": round(folder_bytes(folder) / 1e6, 2),
-                     "unet_ms": round(1000 * unet_latency(folder, unet_feed, a.runs), 2),
+                     "unet_ms": round(1000 * unet_latency(folder, unet_feed, a.runs, a.threads), 2),
                      "s_per_image": round(per_image, 3), "psnr_vs_fp32_db": round(psnr(img, ref), 2)})
         print(json.dumps(rows[-1]), flush=True)
     (a.work / "int8.json").write_text(json.dumps(rows, indent=2))

@@ -126,6 +126,26 @@ class NumpyDDIMScheduler:
     def _alpha_prev(self, prev_t: int) -> np.float32:
         return self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
+    def step_coefficients(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """The DDIM step from ``t`` as coefficients, for the on-device step graph (``step_graph.py``).
+
+        Returns ((6,) float32 [p, q, r, s, sqrt(a_prev), sqrt(1 - a_prev)], (2,) float32 clip range of x0), where
+        x0 = p x + q e and eps = r x + s e for sample x and model output e (per prediction type); the step is then
+        sqrt(a_prev) clip(x0) + sqrt(1 - a_prev) eps. Equal to ``step`` up to float32 rounding.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("step_coefficients() called before set_timesteps(); call set_timesteps(steps) first")
+        t = int(t)
+        prev_t = t - int(self.config["num_train_timesteps"]) // self.num_inference_steps
+        a_t = np.float64(self.alphas_cumprod[t])
+        a_prev = np.float64(self._alpha_prev(prev_t))
+        sa, sb = a_t**0.5, (1.0 - a_t) ** 0.5
+        pq_rs = {"epsilon": (1 / sa, -sb / sa, 0.0, 1.0), "sample": (0.0, 1.0, 1 / sb, -sa / sb),
+                 "v_prediction": (sa, -sb, sb, sa)}[self.config["prediction_type"]]
+        coef = np.array([*pq_rs, a_prev**0.5, (1.0 - a_prev) ** 0.5], dtype=np.float32)
+        r = float(self.config["clip_sample_range"]) if self.config["clip_sample"] else float(np.finfo(np.float32).max)
+        return coef, np.array([-r, r], dtype=np.float32)
+
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
         """One DDIM step from timestep ``t``: the previous sample (shape and dtype of ``sample``)."""
         if self.num_inference_steps is None:

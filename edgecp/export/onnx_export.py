@@ -206,39 +206,133 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool) -> None:
     onnx.save_model(model, str(dst))
 
 
-def _to_fp16(src: Path, dst_dir: Path, external: bool) -> None:
-    """onnxruntime.transformers' fp16 converter (fp32 inputs/outputs kept): the whole model in memory, once in fp32
-    and once in fp16 (the converter works on a loaded proto)."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True,
-                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Resize"])
-    _restore_resize_scales(model)
-    half = src.parent / "fp16"
-    half.mkdir()
-    # onnx's saver streams the tensors out to one file (no loose files), then the usual layout is applied
-    onnx.save_model(model, str(half / "model.onnx"), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=_INLINE_MAX)
-    del model
-    write_one_data_file(half / "model.onnx", dst_dir, external)
+MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}  # optimizer's
+# Fusions whose operators (com.microsoft GroupNorm/SkipGroupNorm/NhwcConv/BiasSplitGelu/BiasAdd, MultiHeadAttention
+# with packed QKV/KV) only onnxruntime's CUDA provider runs: an export verified on the CPU leaves them out.
+GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                    "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+# Operators the CPU provider has no fp16 kernel for (kept fp32 with casts around them) when the export is verified on
+# the CPU; on CUDA nothing is blocked, as onnxruntime's own optimize_pipeline.py does for SD 1.x.
+CPU_FP16_BLOCK = ("Resize",)
 
 
-def _to_int8(src: Path, dst_dir: Path, external: bool) -> None:
+def cuda_usable() -> bool:
+    """onnxruntime's CUDA provider is installed and starts here (a GPU, its driver, CUDA and cuDNN)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    from edgecp.export.step_graph import STEP_GRAPH
+
+    ort.set_default_logger_severity(4)
+    try:
+        sess = ort.InferenceSession(str(STEP_GRAPH), providers=["CUDAExecutionProvider"])
+        return "CUDAExecutionProvider" in sess.get_providers()
+    except Exception:  # onnxruntime raises its own error types when the provider cannot load
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def _optimize(src: Path, name: str, external: bool, fp16: bool, gpu: bool) -> tuple[Path, dict]:
+    """One model through onnxruntime.transformers' Stable Diffusion optimizer, the steps of its
+    `models/stable_diffusion/optimize_pipeline.py` for one model: the model type's python fusions (UNet: attention
+    to MultiHeadAttention, GroupNorm, BiasSplitGelu, ...; CLIP: attention, LayerNorm, QuickGelu; VAE: attention,
+    GroupNorm), packed K/V and QKV only in fp16 as there, then fp16 with fp32 inputs and outputs
+    (`keep_io_types`). `gpu`: the export is verified on CUDA, so the CUDA-only fusions apply; else they are left
+    out (named in the report) and the ops without fp16 CPU kernels stay fp32. Writes `src`'s folder/optimized/
+    and returns its model.onnx and what was fused.
+
+    Memory: the optimizer works on a loaded proto, so the model's weights are in memory once (fp32, converted
+    to fp16 in place) plus the optimizer's shape-inference copy of the graph."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = MODEL_TYPES[name]
+    opts = FusionOptions(model_type)
+    if model_type == "unet":
+        opts.enable_packed_kv = fp16 and opts.enable_packed_kv
+        opts.enable_packed_qkv = fp16 and opts.enable_packed_qkv
+    skipped = []
+    if not gpu:
+        for flag in GPU_ONLY_FUSIONS:
+            if getattr(opts, flag, False):
+                setattr(opts, flag, False)
+                skipped.append(flag.removeprefix("enable_"))
+    out = src.parent / "optimized"
+    out.mkdir()
+    with _quiet_logging(), _ort_optimizer_fixes():
+        m = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=opts, use_gpu=gpu)
+        if fp16:
+            m.convert_float_to_float16(keep_io_types=True, op_block_list=[] if gpu else list(CPU_FP16_BLOCK))
+            _restore_resize_scales(m.model)
+        fused = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+        m.save_model_to_file(str(out / "model.onnx"), use_external_data_format=external)
+    del m
+    return out / "model.onnx", {"fused": fused, "fusions_left_out": skipped, "verified_for": "cuda" if gpu else "cpu"}
+
+
+class _ort_optimizer_fixes:
+    """Two fixes to onnxruntime.transformers' optimizer (1.32 included) while it runs:
+    - it reads a UNet attention's head count with `int()` of a (1,) array (`FusionAttentionUnet.get_num_heads`), a
+      TypeError since numpy 2.4 that aborts the fusion; the patched reader takes the same value by index;
+    - its UNet optimizer draws a tqdm bar on stderr when tqdm is installed; the library never prints (the export
+      reports its stages through `progress`), so it is told tqdm is absent.
+    Its modules import each other top-level (the package puts its folder on sys.path): the patched names are the
+    ones the UNet optimizer uses."""
+
+    def __enter__(self):
+        import fusion_attention_unet  # onnxruntime.transformers' own top-level module names
+        import onnx_model_unet
+
+        self.unet_module = onnx_model_unet
+        self.is_installed = onnx_model_unet.is_installed
+        onnx_model_unet.is_installed = lambda name, _real=self.is_installed: name != "tqdm" and _real(name)
+
+        self.cls = fusion_attention_unet.FusionAttentionUnet
+        self.original = self.cls.get_num_heads
+        original = self.original
+
+        def get_num_heads(fusion, reshape_q, is_torch2: bool = False) -> int:
+            if is_torch2:
+                parent = fusion.model.get_parent(reshape_q, 1)
+                if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                    value = fusion.model.get_constant_value(parent.input[2])
+                    if isinstance(value, np.ndarray) and value.size == 1:
+                        return max(int(value.reshape(-1)[0]), 0)
+                return 0
+            return original(fusion, reshape_q, is_torch2)
+
+        self.cls.get_num_heads = get_num_heads
+
+    def __exit__(self, *exc):
+        self.cls.get_num_heads = self.original
+        self.unet_module.is_installed = self.is_installed
+
+
+class _quiet_logging:
+    """onnxruntime's optimizer and quantizer log on the root logger; the library never prints."""
+
+    def __enter__(self):
+        self.root = logging.getLogger()
+        self.level = self.root.level
+        self.root.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.root.setLevel(self.level)
+
+
+def _to_int8(src: Path, external: bool) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    q = src.parent / "int8"
+    q = src.parent.parent / "int8"
     q.mkdir()
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger; the library never prints
-    try:
+    with _quiet_logging():
         # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
         quantize_dynamic(str(src), str(q / "model.onnx"), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
-    finally:
-        root.setLevel(level)
-    write_one_data_file(q / "model.onnx", dst_dir, external)
+    return q / "model.onnx"
 
 
 def _restore_resize_scales(model) -> None:
@@ -363,11 +457,14 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     # in memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB); with the UNet already dropped, those
     # copies never sit beside the UNet's weights
     names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
-    stages = ["export"] + {"fp16": ["optimize"], "int8": ["quantize"]}.get(profile.precision, []) + ["verify"]
+    optimizing = profile.optimize or profile.precision == "fp16"
+    stages = ["export"] + ["optimize"] * optimizing + ["quantize"] * (profile.precision == "int8") + ["verify"]
+    gpu = optimizing and "CUDAExecutionProvider" in profile.providers and cuda_usable()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     lock = lock_dir(tmp)  # recovery and gc leave a temporary export alone while its writer lives
-    report = {"profile": profile.name, "precision": profile.precision, "version": version, "models": {}}
+    report = {"profile": profile.name, "precision": profile.precision, "providers": list(profile.providers),
+              "version": version, "models": {}}
     try:
         specs = _specs(comps)
         # every PyTorch reference first: then each torch model can be dropped as soon as it is exported
@@ -394,22 +491,30 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
             external = _weight_bytes(graph, raw) >= threshold
             del graph
-            if profile.precision == "fp16":
+            model_src, info = raw / "model.onnx", {}
+            if profile.optimize or profile.precision == "fp16":
                 _stage(progress, "optimize", name, 0)
-                _to_fp16(raw / "model.onnx", tmp / name, external)
+                model_src, info = _optimize(model_src, name, external, profile.precision == "fp16", gpu)
                 _stage(progress, "optimize", name, 1)
-            elif profile.precision == "int8":
+            if profile.precision == "int8":
                 _stage(progress, "quantize", name, 0)
-                _to_int8(raw / "model.onnx", tmp / name, external)
+                model_src = _to_int8(model_src, external)
                 _stage(progress, "quantize", name, 1)
-            else:
-                write_one_data_file(raw / "model.onnx", tmp / name, external)
-            shutil.rmtree(scratch)  # no intermediate file outlives its model
+            write_one_data_file(model_src, tmp / name, external)
             _stage(progress, "verify", name, 0)
-            diff, tol = _parity(tmp / name / "model.onnx", args, refs.pop(name), inputs, profile)
+            diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile)
+            if profile.precision == "fp16" and name.startswith("vae_") and not diff <= tol:
+                # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
+                info["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
+                shutil.rmtree(tmp / name)
+                write_one_data_file(raw / "model.onnx", tmp / name, external)
+                diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile)
+            refs.pop(name)
             _stage(progress, "verify", name, 1)
+            shutil.rmtree(scratch)  # no intermediate file outlives its model
             report["models"][name] = {"max_abs_diff": diff, "tolerance": tol, "bytes": _dir_bytes(tmp / name),
-                                      "external_data": external, "seconds": round(time.perf_counter() - t0, 2)}
+                                      "external_data": external, "seconds": round(time.perf_counter() - t0, 2),
+                                      **info}
             if not diff <= tol:
                 raise EdgecpError(
                     f"export refused: {name} differs from PyTorch by {diff:.3g} > {tol:.3g} allowed by profile "

@@ -293,11 +293,17 @@ def check_size(height: int, width: int, factor: int) -> None:
 class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None):
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None):
         """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
         installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
         raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
-        CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after logging)."""
+        CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after logging).
+
+        ``io_binding``: keep the latents, the text states and the UNet's output on the provider's device for the
+        whole denoising loop (onnxruntime IO binding; guidance and the DDIM step run there as the small graph of
+        ``step_graph.py``), so no tensor crosses to the host per step but the timestep and seven coefficients.
+        Default: on when the UNet runs on CUDA. The loop falls back to the host path when the UNet's sample or
+        output is not float32 or its batch is fixed (``io_binding_used`` tells after a call)."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
@@ -340,6 +346,11 @@ class OnnxStableDiffusion:
         sample_shape = self.unet.shape("sample")
         self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
         self.default_size = self._default_size(sample_shape)
+        on_gpu = self.unet.session.get_providers()[0] in GPU_PROVIDERS
+        self.device = "cuda" if on_gpu else "cpu"
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        self.io_binding_used = False
+        self._step_session: ort.InferenceSession | None = None
 
     def _first_session(self, providers: list[str], explicit: bool) -> OnnxModel:
         """The text encoder's session, which also tells whether a GPU provider really started."""
@@ -433,6 +444,10 @@ class OnnxStableDiffusion:
         latents = initial_latents(seed, batch, self.latent_channels, height // f, width // f)
         latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w)
 
+        self.io_binding_used = self.io_binding and self._can_bind()
+        if self.io_binding_used:
+            latents = self._bound_loop(latents, text, scheduler, guidance if use_cfg else 1.0, use_cfg, callback)
+            return self.decode(latents)
         for i, t in enumerate(scheduler.timesteps):
             model_in = np.concatenate([latents, latents]) if use_cfg else latents
             noise = self.predict_noise(model_in, int(t), text)
@@ -443,3 +458,56 @@ class OnnxStableDiffusion:
             if callback is not None:
                 callback(i + 1, steps)
         return self.decode(latents)
+
+    # ------------------------------------------------------------------------------------------ IO binding
+
+    def _can_bind(self) -> bool:
+        """The bound loop feeds float32 tensors of any batch straight to the UNet and the step graph."""
+        float32 = all(self.unet.inputs[n].type == "tensor(float)" for n in ("sample", "encoder_hidden_states"))
+        out = self.unet.session.get_outputs()[self.unet.output_index("out_sample")]
+        return float32 and out.type == "tensor(float)" and self.unet.fixed_batch("sample") is None
+
+    def step_session(self) -> ort.InferenceSession:
+        """The guidance + DDIM step graph (shipped with edgecp) on the UNet's providers."""
+        if self._step_session is None:
+            from edgecp.export.step_graph import STEP_GRAPH
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._step_session = ort.InferenceSession(str(STEP_GRAPH), sess_options=options,
+                                                      providers=self.unet.session.get_providers())
+        return self._step_session
+
+    def _bound_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
+                    use_cfg: bool, callback: Callable[[int, int], None] | None) -> np.ndarray:
+        """The denoising loop with every large tensor on ``self.device``; returns the final latents (host)."""
+        dev = self.device
+        unet, step = self.unet.session, self.step_session()
+        out_name = self.unet.output_names[self.unet.output_index("out_sample")]
+        ts = self.unet.inputs["timestep"]
+        text_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(text, dtype=np.float32), dev, 0)
+        lat_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(latents), dev, 0)
+        model_in = np.concatenate([latents, latents]) if use_cfg else latents
+        in_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model_in), dev, 0)
+        steps = len(scheduler.timesteps)
+        for i, t in enumerate(scheduler.timesteps):
+            io = unet.io_binding()
+            io.bind_ortvalue_input("sample", in_v)
+            io.bind_cpu_input("timestep", timestep_array(int(t), ts.type, ts.shape))
+            io.bind_ortvalue_input("encoder_hidden_states", text_v)
+            io.bind_output(out_name, dev)
+            unet.run_with_iobinding(io)
+            noise_v = io.get_outputs()[0]
+            coef, clip = scheduler.step_coefficients(int(t))
+            sio = step.io_binding()
+            sio.bind_ortvalue_input("noise", noise_v)
+            sio.bind_ortvalue_input("latents", lat_v)
+            sio.bind_cpu_input("coef", np.append(coef, np.float32(guidance)).astype(np.float32))
+            sio.bind_cpu_input("clip", clip)
+            sio.bind_output("latents_out", dev)
+            sio.bind_output("model_in", dev)
+            step.run_with_iobinding(sio)
+            lat_v, in_v = sio.get_outputs()
+            if callback is not None:
+                callback(i + 1, steps)
+        return lat_v.numpy()
