@@ -61,7 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True)
     ap.add_argument("--out", required=True, type=Path, help="where the exports and the tables go")
-    ap.add_argument("--profiles", default="cpu-fp32,cuda-fp16,edge-int8")
+    ap.add_argument("--profiles", default="cpu-fp32,cuda-fp16,edge-int8",
+                    help="shipped profile names or .toml files, comma-separated; put cpu-fp32 first (the PSNR reference)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the base's, at most 256)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--runs", type=int, default=5, help="UNet calls timed per backend")
@@ -85,7 +86,7 @@ def main() -> None:
     rows: list[dict] = []
     exports: dict[str, dict] = {}
     for prof in a.profiles.split(","):
-        folder = a.out / prof
+        folder = a.out / Path(prof).stem  # a shipped profile's name, or a .toml file of your own
         if a.reuse and (folder / "edgecp.json").is_file():
             exports[prof] = {"report": json.loads((folder / "edgecp.json").read_text()), "seconds": None,
                              "peak_rss": None}
@@ -130,12 +131,12 @@ def main() -> None:
     feeds = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), "encoder_hidden_states": c.numpy()}
     for prof in a.profiles.split(","):
         ex = exports[prof]
-        row = {"profile": prof}
+        row = {"profile": Path(prof).stem}
         if "error" in ex:
             rows.append({**row, "error": ex["error"]})
             continue
         rep = ex["report"]
-        folder = a.out / prof
+        folder = a.out / Path(prof).stem
         row.update({
             "export_s": ex["seconds"] and round(ex["seconds"], 1),
             "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
@@ -160,7 +161,7 @@ def main() -> None:
         row["torch_image_s"] = round(torch_image_s, 2)
         row["image_ratio"] = round(row["image_s"] / torch_image_s, 3)
         row["psnr_vs_torch_db"] = round(psnr(img, torch_img), 2)
-        if prof == "cpu-fp32":
+        if row["profile"] == "cpu-fp32":
             fp32_img = img
         row["psnr_vs_onnx_fp32_db"] = None if fp32_img is None else round(psnr(img, fp32_img), 2)
         del pipe, sess

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -140,6 +141,71 @@ def _torch_onnx_export(module, args, path: Path, inputs, outputs, axes, opset: i
                               dynamic_shapes=dyn, opset_version=opset)
 
 
+def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp16: frozenset[str] = frozenset()) -> None:
+    """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
+    self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
+
+    Streams tensor by tensor (reads each external tensor from its file, writes it, drops it): onnx's own
+    `convert_model_to_external_data` + `save_model` would first load every weight into the proto, a second copy
+    of the model in memory. The offsets and locations are set with onnx's `set_external_data`, so any onnx
+    reader (onnx.load, onnxruntime, optimum) reads the result.
+
+    `model`: the graph to write in place of src's (its external tensors still read from src's folder), e.g. one
+    the optimizer rewrote without loading the weights. `fp16`: names of tensors the fp16 converter retyped to
+    float16 while their data was still fp32 in the external file; they are converted here, one at a time, with
+    onnxruntime's own value mapping (`float16.convert_np_to_float16`). A tensor whose data is in the proto
+    (`raw_data`) is taken from there: the converter already converted it.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False) if model is None else model
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / "model.onnx"
+
+    def data_of(t) -> bytes | None:
+        if t.HasField("raw_data") and len(t.raw_data):
+            return t.raw_data
+        if not uses_external_data(t):
+            return None
+        info = ExternalDataInfo(t)
+        with open(src.parent / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            raw = f.read(info.length) if info.length else f.read()
+        if t.name in fp16:
+            from onnxruntime.transformers.float16 import convert_np_to_float16
+
+            raw = convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).astype(np.float16).tobytes()
+        return raw
+
+    if not external:
+        for t in _all_tensors(model):
+            if uses_external_data(t):  # small enough to be one protobuf: every tensor inline
+                raw = data_of(t)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw
+        onnx.save_model(model, str(dst))
+        return
+    with open(dst_dir / DATA_FILE, "wb") as data:
+        for t in _all_tensors(model):
+            raw = data_of(t) if uses_external_data(t) or len(t.raw_data) >= _INLINE_MAX else None
+            if raw is None:
+                continue
+            offset = data.tell()
+            if offset % _ALIGN:
+                data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = data.tell()
+            data.write(raw)
+            del raw
+            del t.external_data[:]
+            t.raw_data = b""  # set_external_data insists on the field; the data now lives in the file
+            set_external_data(t, DATA_FILE, offset=offset, length=data.tell() - offset)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(dst))
+
+
 def _weight_bytes(model, folder: Path) -> int:
     """Bytes of all initializer data of a model loaded with load_external_data=False (inline or external)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -158,52 +224,6 @@ def _all_tensors(model):
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)  # initializers and tensor attributes, subgraphs included
-
-
-def write_one_data_file(src: Path, dst_dir: Path, external: bool) -> None:
-    """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
-    self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
-
-    Streams tensor by tensor (reads each external tensor from its file, writes it, drops it): onnx's own
-    `convert_model_to_external_data` + `save_model` would first load every weight into the proto, a second copy
-    of the model in memory. The offsets and locations are set with onnx's `set_external_data`, so any onnx
-    reader (onnx.load, onnxruntime, optimum) reads the result.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
-
-    model = onnx.load(str(src), load_external_data=False)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / "model.onnx"
-    has_external = any(uses_external_data(t) for t in _all_tensors(model))
-    if not external:
-        if has_external:  # small enough to be one protobuf: load it whole
-            model = onnx.load(str(src))
-        onnx.save_model(model, str(dst))
-        return
-    with open(dst_dir / DATA_FILE, "wb") as data:
-        for t in _all_tensors(model):
-            if uses_external_data(t):
-                info = ExternalDataInfo(t)
-                with open(src.parent / info.location, "rb") as f:
-                    f.seek(info.offset or 0)
-                    raw = f.read(info.length) if info.length else f.read()
-            elif t.HasField("raw_data") and len(t.raw_data) >= _INLINE_MAX:
-                raw = t.raw_data
-            else:
-                continue
-            offset = data.tell()
-            if offset % _ALIGN:
-                data.write(b"\0" * (_ALIGN - offset % _ALIGN))
-                offset = data.tell()
-            data.write(raw)
-            del raw
-            del t.external_data[:]
-            t.raw_data = b""  # set_external_data insists on the field; the data now lives in the file
-            set_external_data(t, DATA_FILE, offset=offset, length=data.tell() - offset)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-    onnx.save_model(model, str(dst))
 
 
 MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}  # optimizer's
@@ -243,8 +263,14 @@ def _optimize(src: Path, name: str, external: bool, fp16: bool, gpu: bool) -> tu
     out (named in the report) and the ops without fp16 CPU kernels stay fp32. Writes `src`'s folder/optimized/
     and returns its model.onnx and what was fused.
 
-    Memory: the optimizer works on a loaded proto, so the model's weights are in memory once (fp32, converted
-    to fp16 in place) plus the optimizer's shape-inference copy of the graph."""
+    Memory: the optimizer runs on the graph alone. The weights are first streamed into one external file and the
+    graph is loaded without them (`load_external_data=False`); a fusion that reads a weight (packing Q, K and V
+    into one matrix) reads that tensor from the file (the working directory is the file's folder meanwhile), and
+    the fp16 conversion of the rest happens tensor by tensor as the result is written. Loaded whole, the SD1.5
+    UNet took more than 20 GB here (the optimizer's and the converter's shape-inference copies of the proto).
+    """
+    import onnx
+    from onnx.external_data_helper import uses_external_data
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -259,17 +285,28 @@ def _optimize(src: Path, name: str, external: bool, fp16: bool, gpu: bool) -> tu
             if getattr(opts, flag, False):
                 setattr(opts, flag, False)
                 skipped.append(flag.removeprefix("enable_"))
+    weights = src.parent / "weights"
+    write_one_data_file(src, weights, external=True)  # every tensor >= 1 KiB in one file, streamed
+    graph = onnx.load(str(weights / "model.onnx"), load_external_data=False)
+    external_fp32 = {t.name for t in _all_tensors(graph) if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT}
+    cwd = Path.cwd()
+    os.chdir(weights)  # onnx resolves an external tensor's location against the working directory when a fusion reads it
+    try:
+        with _quiet_logging(), _ort_optimizer_fixes():
+            m = optimize_model(graph, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                               optimization_options=opts, use_gpu=gpu)
+            if fp16:
+                m.convert_float_to_float16(keep_io_types=True, op_block_list=[] if gpu else list(CPU_FP16_BLOCK))
+                _restore_resize_scales(m.model)
+            fused = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+    finally:
+        os.chdir(cwd)
+    model = m.model
+    del m, graph
+    retyped = frozenset(t.name for t in _all_tensors(model) if t.name in external_fp32
+                        and t.data_type == onnx.TensorProto.FLOAT16 and not len(t.raw_data))
     out = src.parent / "optimized"
-    out.mkdir()
-    with _quiet_logging(), _ort_optimizer_fixes():
-        m = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                           optimization_options=opts, use_gpu=gpu)
-        if fp16:
-            m.convert_float_to_float16(keep_io_types=True, op_block_list=[] if gpu else list(CPU_FP16_BLOCK))
-            _restore_resize_scales(m.model)
-        fused = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
-        m.save_model_to_file(str(out / "model.onnx"), use_external_data_format=external)
-    del m
+    write_one_data_file(weights / "model.onnx", out, external, model=model, fp16=retyped)
     return out / "model.onnx", {"fused": fused, "fusions_left_out": skipped, "verified_for": "cuda" if gpu else "cpu"}
 
 
@@ -278,7 +315,10 @@ class _ort_optimizer_fixes:
     - it reads a UNet attention's head count with `int()` of a (1,) array (`FusionAttentionUnet.get_num_heads`), a
       TypeError since numpy 2.4 that aborts the fusion; the patched reader takes the same value by index;
     - its UNet optimizer draws a tqdm bar on stderr when tqdm is installed; the library never prints (the export
-      reports its stages through `progress`), so it is told tqdm is absent.
+      reports its stages through `progress`), so it is told tqdm is absent;
+    - its fp16 converter takes a converted initializer's shape from `numpy_helper.to_array(tensor).shape`, which
+      loads an external tensor's data (and misreads it once retyped); the shape is the tensor's `dims`, read so
+      here, which keeps the weights on disk while the graph is converted (see `_optimize`).
     Its modules import each other top-level (the package puts its folder on sys.path): the patched names are the
     ones the UNet optimizer uses."""
 
@@ -289,6 +329,12 @@ class _ort_optimizer_fixes:
         self.unet_module = onnx_model_unet
         self.is_installed = onnx_model_unet.is_installed
         onnx_model_unet.is_installed = lambda name, _real=self.is_installed: name != "tqdm" and _real(name)
+        import float16  # the module onnx_model's converter calls
+        from onnx import helper
+
+        self.float16 = float16
+        self.value_info = float16.make_value_info_from_tensor
+        float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
 
         self.cls = fusion_attention_unet.FusionAttentionUnet
         self.original = self.cls.get_num_heads
@@ -309,6 +355,7 @@ class _ort_optimizer_fixes:
     def __exit__(self, *exc):
         self.cls.get_num_heads = self.original
         self.unet_module.is_installed = self.is_installed
+        self.float16.make_value_info_from_tensor = self.value_info
 
 
 class _quiet_logging:
@@ -324,15 +371,57 @@ class _quiet_logging:
 
 
 def _to_int8(src: Path, external: bool) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """onnxruntime's dynamic int8 quantization of MatMul/Gemm weights (`quantize_dynamic`'s steps: shape inference,
+    `update_opset_version`, `ONNXQuantizer` in IntegerOps mode with `MatMulConstBOnly`), run on the graph alone.
 
-    q = src.parent.parent / "int8"
-    q.mkdir()
-    with _quiet_logging():
-        # MatMul/Gemm only: ConvInteger has no kernel on many execution providers
-        quantize_dynamic(str(src), str(q / "model.onnx"), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
-    return q / "model.onnx"
+    `quantize_dynamic` itself loads every weight (`onnx.load` of the shape-inferred copy) and then saves through
+    onnx's converter: 11.9 GB peak for the SD1.5 UNet here (3.5x its 3.44 GB). Its steps are called here on the
+    weight-free graph (the working directory is the weights' folder, so the quantizer reads the MatMul weights it
+    quantizes and no other), and the result is written by the streaming writer. MatMul/Gemm only: ConvInteger has
+    no kernel on many execution providers and was slower than fp32 on onnxruntime's CPU (profiles/edge-int8.toml).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.quant_utils import (
+        QuantizationMode,
+        add_infer_metadata,
+        update_opset_version,
+    )
+
+    weights = src.parent / "int8-weights"
+    write_one_data_file(src, weights, external=True)  # every tensor >= 1 KiB in one file, streamed
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(weights / "model.onnx"), load_external_data=False))
+    add_infer_metadata(graph)
+    graph = update_opset_version(graph, QuantType.QInt8)
+    cwd = Path.cwd()
+    os.chdir(weights)  # onnx resolves an external tensor's location against the working directory
+    from onnxruntime.quantization import onnx_quantizer
+
+    reload = onnx_quantizer.save_and_reload_model_with_shape_infer
+    # the quantizer re-infers shapes after turning Gemm into MatMul by saving and reloading a deep copy with every
+    # weight; shape inference on the weight-free graph gives it the same value infos
+    onnx_quantizer.save_and_reload_model_with_shape_infer = lambda m: _with_infer_metadata(onnx.shape_inference.infer_shapes(m))
+    try:
+        with _quiet_logging():
+            quantizer = ONNXQuantizer(graph, False, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
+                                      QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
+            quantizer.quantize_model()
+    finally:
+        os.chdir(cwd)
+        onnx_quantizer.save_and_reload_model_with_shape_infer = reload
+    model = quantizer.model.model
+    del quantizer, graph
+    out = src.parent / "int8"
+    write_one_data_file(weights / "model.onnx", out, external, model=model)
+    return out / "model.onnx"
+
+
+def _with_infer_metadata(model):
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    add_infer_metadata(model)
+    return model
 
 
 def _restore_resize_scales(model) -> None:
@@ -353,17 +442,27 @@ def _restore_resize_scales(model) -> None:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
 
 
-def _session(path: Path, profile: DeviceProfile):
+def _verify_optimization(profile: DeviceProfile, gpu: bool) -> str:
+    """onnxruntime's optimization level of the gates' sessions: "basic" for an fp16 export verified on the CPU,
+    whose provider has no fp16 kernels for most ops and keeps fp32 copies of the weights (one fewer at "basic":
+    SD1.5's UNet 4.7 GB instead of 6.0); the outputs are the same computation."""
+    return "basic" if profile.precision == "fp16" and not gpu else "all"
+
+
+def _session(path: Path, profile: DeviceProfile, optimization: str = "all"):
     import onnxruntime as ort
+
+    from edgecp.export.ort_runner import session_options
 
     avail = set(ort.get_available_providers())
     providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), providers=providers)
+    return ort.InferenceSession(str(path), sess_options=session_options(optimization), providers=providers)
 
 
-def _parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile) -> tuple[float, float]:
+def _parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile, optimization: str = "all"
+            ) -> tuple[float, float]:
     """(max |onnx - torch| over all outputs, tolerance) on the export's example inputs; `ref` is PyTorch's output."""
-    sess = _session(path, profile)
+    sess = _session(path, profile, optimization)
     feeds = {}
     for spec, name, a in zip(sess.get_inputs(), inputs, args):
         arr = a.numpy()
@@ -399,7 +498,7 @@ def _torch_gate_image(comps, prompt: str, profile: DeviceProfile) -> np.ndarray:
 
 
 def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, ref: np.ndarray, is_tiny: bool,
-                progress: ExportProgress | None) -> dict:
+                progress: ExportProgress | None, optimization: str = "all") -> dict:
     """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch)."""
     import onnxruntime as ort
 
@@ -408,7 +507,7 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     avail = set(ort.get_available_providers())
     providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
     try:
-        pipe = OnnxStableDiffusion(folder, providers=providers)
+        pipe = OnnxStableDiffusion(folder, providers=providers, optimization=optimization)
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
@@ -460,6 +559,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     optimizing = profile.optimize or profile.precision == "fp16"
     stages = ["export"] + ["optimize"] * optimizing + ["quantize"] * (profile.precision == "int8") + ["verify"]
     gpu = optimizing and "CUDAExecutionProvider" in profile.providers and cuda_usable()
+    level = _verify_optimization(profile, gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     lock = lock_dir(tmp)  # recovery and gc leave a temporary export alone while its writer lives
@@ -502,13 +602,13 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
                 _stage(progress, "quantize", name, 1)
             write_one_data_file(model_src, tmp / name, external)
             _stage(progress, "verify", name, 0)
-            diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile)
+            diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
             if profile.precision == "fp16" and name.startswith("vae_") and not diff <= tol:
                 # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
                 info["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
                 shutil.rmtree(tmp / name)
                 write_one_data_file(raw / "model.onnx", tmp / name, external)
-                diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile)
+                diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
             refs.pop(name)
             _stage(progress, "verify", name, 1)
             shutil.rmtree(scratch)  # no intermediate file outlives its model
@@ -524,7 +624,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         _write_configs(tmp, comps, names)
         t0 = time.perf_counter()
         gate = _image_gate(tmp, profile, prompt, profile.gate_steps, ref_image, store.info["base"].get("kind") == "tiny",
-                           progress)
+                           progress, level)
         gate["seconds"] = round(time.perf_counter() - t0, 2)
         report["image_gate"] = gate
         if not gate["psnr_db"] >= profile.min_psnr:

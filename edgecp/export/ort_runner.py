@@ -222,18 +222,31 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
 # ---------------------------------------------------------------------------------------------- sessions
 
 
+GRAPH_OPTIMIZATION = ("all", "basic")  # onnxruntime's ORT_ENABLE_ALL (default) or ORT_ENABLE_BASIC
+
+
+def session_options(optimization: str = "all") -> ort.SessionOptions:
+    """Quiet session options. "basic": no layout or fusion passes; on the CPU an fp16 model then keeps one fp32
+    copy of its weights fewer (SD1.5's fp16 UNet: 4.7 GB instead of 6.0), for verifying a GPU export on a CPU."""
+    if optimization not in GRAPH_OPTIMIZATION:
+        raise ValueError(f"optimization={optimization!r}: use one of {GRAPH_OPTIMIZATION}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the library does not print
+    if optimization == "basic":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return options
+
+
 class OnnxModel:
     """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
-    def __init__(self, path: Path, providers: list[str], name: str):
+    def __init__(self, path: Path, providers: list[str], name: str, optimization: str = "all"):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: the library does not print
         self.name = name
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(optimization), providers=providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -293,7 +306,8 @@ def check_size(height: int, width: int, factor: int) -> None:
 class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None):
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
+                 optimization: str = "all"):
         """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
         installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
         raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
@@ -303,8 +317,12 @@ class OnnxStableDiffusion:
         whole denoising loop (onnxruntime IO binding; guidance and the DDIM step run there as the small graph of
         ``step_graph.py``), so no tensor crosses to the host per step but the timestep and seven coefficients.
         Default: on when the UNet runs on CUDA. The loop falls back to the host path when the UNet's sample or
-        output is not float32 or its batch is fixed (``io_binding_used`` tells after a call)."""
+        output is not float32 or its batch is fixed (``io_binding_used`` tells after a call).
+
+        ``optimization``: onnxruntime's graph optimization level, "all" (default) or "basic" (see
+        ``session_options``)."""
         self.folder = Path(folder)
+        self.optimization = optimization
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
         explicit = providers is not None
@@ -329,8 +347,8 @@ class OnnxStableDiffusion:
 
         self.text_encoder = self._first_session(providers, explicit)
         providers = self.providers
-        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet")
-        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder")
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization)
+        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder", optimization)
         self.text_encoder.require_inputs(["input_ids"])
         self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
@@ -359,7 +377,7 @@ class OnnxStableDiffusion:
         if wants_gpu:
             ort.set_default_logger_severity(4)  # its failed-provider errors: the library does not print
         try:
-            model = OnnxModel(path, providers, "text_encoder")
+            model = OnnxModel(path, providers, "text_encoder", self.optimization)
         finally:
             if wants_gpu:
                 ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
@@ -369,7 +387,7 @@ class OnnxStableDiffusion:
                 raise ValueError(cuda_unusable_message())
             self.provider_note = cuda_unusable_message() + "; running on the CPU"
             providers = [p for p in providers if p not in GPU_PROVIDERS] or ["CPUExecutionProvider"]
-            model = OnnxModel(path, providers, "text_encoder")
+            model = OnnxModel(path, providers, "text_encoder", self.optimization)
         self.providers = providers
         return model
 
@@ -472,9 +490,7 @@ class OnnxStableDiffusion:
         if self._step_session is None:
             from edgecp.export.step_graph import STEP_GRAPH
 
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self._step_session = ort.InferenceSession(str(STEP_GRAPH), sess_options=options,
+            self._step_session = ort.InferenceSession(str(STEP_GRAPH), sess_options=session_options(),
                                                       providers=self.unet.session.get_providers())
         return self._step_session
 
