@@ -199,7 +199,7 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
     runner then tries it and falls back to the CPU with its own note when it cannot start (no GPU, CUDA, cuDNN)."""
     import onnxruntime as ort
 
-    from edgecp.export.ort_runner import GPU_PROVIDERS
+    from edgecp.export.ort_runner import GPU_PROVIDERS, available_providers
 
     listed = meta.get("providers")
     if not listed:  # exports before the report recorded them: the shipped profile of that name
@@ -209,14 +209,13 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
             listed = list(load_profile(meta.get("profile", "cpu-fp32")).providers)
         except EdgecpError:
             listed = ["CPUExecutionProvider"]
-    avail = ort.get_available_providers()
-    missing = [p for p in listed if p in GPU_PROVIDERS and p not in avail]
+    missing = [p for p in listed if p in GPU_PROVIDERS and p not in ort.get_available_providers()]
     note = None
     if missing:
         note = (f"profile '{meta.get('profile')}' runs on {missing[0]}, which this onnxruntime {ort.__version__} "
                 f"does not have (a CPU build): pip uninstall onnxruntime && pip install 'edgecp[cuda]' "
                 "(onnxruntime-gpu); running on the CPU")
-    usable = [p for p in listed if p in avail] or ["CPUExecutionProvider"]
+    usable = available_providers(listed)
     if any(p in GPU_PROVIDERS for p in usable):
         return None, note
     return usable, note

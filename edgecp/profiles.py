@@ -55,6 +55,9 @@ class DeviceProfile:
             raise EdgecpError(f"profile '{self.name}': min_psnr {self.min_psnr} must be >= 0 dB (0 turns the image gate off)")
         if self.gate_size < 8:
             raise EdgecpError(f"profile '{self.name}': gate_size {self.gate_size} must be >= 8 pixels")
+        if self.optimize and self.precision == "int8":
+            raise EdgecpError(f"profile '{self.name}': optimize = true works with fp32 and fp16 only (the int8 quantizer "
+                              "cannot infer the shapes of onnxruntime's fused operators): remove optimize")
         if self.gate_steps < 1:
             raise EdgecpError(f"profile '{self.name}': gate_steps {self.gate_steps} must be >= 1")
         object.__setattr__(self, "providers", tuple(self.providers))

@@ -45,3 +45,9 @@ def test_image_gate_keys_are_checked():
                         ("gate_steps = 0", "gate_steps 0 must be >= 1")):
         with pytest.raises(EdgecpError, match=words):
             parse_profile(f'name = "x"\ndescription = "y"\n{text}\n', "x.toml")
+
+
+def test_optimize_is_refused_with_int8():
+    with pytest.raises(EdgecpError, match="optimize = true works with fp32 and fp16 only"):
+        parse_profile('name = "x"\ndescription = "y"\nprecision = "int8"\noptimize = true\n', "x.toml")
+    assert parse_profile('name = "x"\ndescription = "y"\nprecision = "fp32"\noptimize = true\n', "x.toml").optimize

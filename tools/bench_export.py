@@ -76,7 +76,7 @@ def main() -> None:
     import torch
 
     from edgecp.adapters import lora
-    from edgecp.export.onnx_export import gate_prompt, psnr
+    from edgecp.export.onnx_export import dir_bytes, gate_prompt, psnr
     from edgecp.export.ort_runner import OnnxStableDiffusion
     from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel
@@ -142,7 +142,7 @@ def main() -> None:
             "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
             "peak_over_largest_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["largest"], 2),
             "peak_over_whole_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["whole"], 2),
-            "folder_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 1),
+            "folder_mb": round(dir_bytes(folder) / 1e6, 1),
             "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
             "gate_psnr_db": rep["image_gate"]["psnr_db"],
             "fused": {n: m.get("fused", {}) for n, m in rep["models"].items() if m.get("fused")},

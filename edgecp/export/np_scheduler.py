@@ -123,8 +123,13 @@ class NumpyDDIMScheduler:
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = make_timesteps(self.config, self.num_inference_steps)
 
-    def _alpha_prev(self, prev_t: int) -> np.float32:
-        return self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+    def _alphas(self, t: int, caller: str) -> tuple[np.float32, np.float32]:
+        """(alpha_cumprod at t, at the previous timestep): as diffusers, the previous timestep is t - T // steps,
+        whatever the spacing."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{caller}() called before set_timesteps(); call set_timesteps(steps) first")
+        prev_t = int(t) - int(self.config["num_train_timesteps"]) // self.num_inference_steps
+        return self.alphas_cumprod[int(t)], (self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod)
 
     def step_coefficients(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """The DDIM step from ``t`` as coefficients, for the on-device step graph (``step_graph.py``).
@@ -133,12 +138,7 @@ class NumpyDDIMScheduler:
         x0 = p x + q e and eps = r x + s e for sample x and model output e (per prediction type); the step is then
         sqrt(a_prev) clip(x0) + sqrt(1 - a_prev) eps. Equal to ``step`` up to float32 rounding.
         """
-        if self.num_inference_steps is None:
-            raise ValueError("step_coefficients() called before set_timesteps(); call set_timesteps(steps) first")
-        t = int(t)
-        prev_t = t - int(self.config["num_train_timesteps"]) // self.num_inference_steps
-        a_t = np.float64(self.alphas_cumprod[t])
-        a_prev = np.float64(self._alpha_prev(prev_t))
+        a_t, a_prev = map(np.float64, self._alphas(t, "step_coefficients"))
         sa, sb = a_t**0.5, (1.0 - a_t) ** 0.5
         pq_rs = {"epsilon": (1 / sa, -sb / sa, 0.0, 1.0), "sample": (0.0, 1.0, 1 / sb, -sa / sb),
                  "v_prediction": (sa, -sb, sb, sa)}[self.config["prediction_type"]]
@@ -148,13 +148,7 @@ class NumpyDDIMScheduler:
 
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
         """One DDIM step from timestep ``t``: the previous sample (shape and dtype of ``sample``)."""
-        if self.num_inference_steps is None:
-            raise ValueError("step() called before set_timesteps(); call set_timesteps(steps) first")
-        t = int(t)
-        # as diffusers: the previous timestep is t - T // steps, whatever the spacing
-        prev_t = t - int(self.config["num_train_timesteps"]) // self.num_inference_steps
-        a_t = self.alphas_cumprod[t]
-        a_prev = self._alpha_prev(prev_t)
+        a_t, a_prev = self._alphas(t, "step")
         b_t = np.float32(1.0) - a_t
         pred = self.config["prediction_type"]
         if pred == "epsilon":

@@ -24,6 +24,7 @@ the graph without its weights (see `_optimize`, `_to_int8`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -255,20 +256,19 @@ def cuda_usable() -> bool:
         ort.set_default_logger_severity(2)
 
 
-def _optimize(src: Path, name: str, external: bool, fp16: bool, gpu: bool) -> tuple[Path, dict]:
+def _optimize(src: Path, dst_dir: Path, name: str, external: bool, fp16: bool, gpu: bool) -> dict:
     """One model through onnxruntime.transformers' Stable Diffusion optimizer, the steps of its
     `models/stable_diffusion/optimize_pipeline.py` for one model: the model type's python fusions (UNet: attention
     to MultiHeadAttention, GroupNorm, BiasSplitGelu, ...; CLIP: attention, LayerNorm, QuickGelu; VAE: attention,
     GroupNorm), packed K/V and QKV only in fp16 as there, then fp16 with fp32 inputs and outputs
     (`keep_io_types`). `gpu`: the export is verified on CUDA, so the CUDA-only fusions apply; else they are left
-    out (named in the report) and the ops without fp16 CPU kernels stay fp32. Writes `src`'s folder/optimized/
-    and returns its model.onnx and what was fused.
+    out (named in the report) and the ops without fp16 CPU kernels stay fp32. Writes dst_dir/model.onnx and
+    returns what was fused.
 
-    Memory: the optimizer runs on the graph alone. The weights are first streamed into one external file and the
-    graph is loaded without them (`load_external_data=False`); a fusion that reads a weight (packing Q, K and V
-    into one matrix) reads that tensor from the file (the working directory is the file's folder meanwhile), and
-    the fp16 conversion of the rest happens tensor by tensor as the result is written. Loaded whole, the SD1.5
-    UNet took more than 20 GB here (the optimizer's and the converter's shape-inference copies of the proto).
+    Memory: the optimizer runs on the graph alone (`_weight_free`); a fusion that reads a weight (packing Q, K
+    and V into one matrix) reads that tensor from the file, and the fp16 conversion of the rest happens tensor by
+    tensor as the result is written. Loaded whole, the SD1.5 UNet took more than 20 GB here (the optimizer's and
+    the converter's shape-inference copies of the proto).
     """
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -287,32 +287,52 @@ def _optimize(src: Path, name: str, external: bool, fp16: bool, gpu: bool) -> tu
                 setattr(opts, flag, False)
                 skipped.append(flag.removeprefix("enable_"))
     weights = src.parent / "weights"
-    write_one_data_file(src, weights, external=True)  # every tensor >= 1 KiB in one file, streamed
-    graph = onnx.load(str(weights / "model.onnx"), load_external_data=False)
-    external_fp32 = {t.name for t in _all_tensors(graph) if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT}
+    with _weight_free(src, weights) as graph, _quiet_logging(), _ort_optimizer_fixes():
+        external_fp32 = {t.name for t in _all_tensors(graph)
+                         if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT}
+        m = optimize_model(graph, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=opts, use_gpu=gpu)
+        if fp16:
+            m.convert_float_to_float16(keep_io_types=True, op_block_list=[] if gpu else list(CPU_FP16_BLOCK))
+            _restore_resize_scales(m.model)
+        fused = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+    retyped = frozenset(t.name for t in _all_tensors(m.model) if t.name in external_fp32
+                        and t.data_type == onnx.TensorProto.FLOAT16 and not len(t.raw_data))
+    write_one_data_file(weights / "model.onnx", dst_dir, external, model=m.model, fp16=retyped)
+    return {"fused": fused, "fusions_left_out": skipped, "verified_for": "cuda" if gpu else "cpu"}
+
+
+@contextlib.contextmanager
+def _weight_free(src: Path, folder: Path):
+    """`src`'s weights streamed into folder's one data file; yields the graph loaded without them, with the working
+    directory at `folder`, against which onnx resolves an external tensor's location when a library step reads
+    it. onnxruntime's optimizer and quantizer work on a loaded proto and copy it (shape inference, save and
+    reload); on the graph alone those copies are small and only the weights a step reads come into memory."""
+    import onnx
+
+    write_one_data_file(src, folder, external=True)  # every tensor >= 1 KiB in one file, streamed
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     cwd = Path.cwd()
-    os.chdir(weights)  # onnx resolves an external tensor's location against the working directory when a fusion reads it
+    os.chdir(folder)
     try:
-        with _quiet_logging(), _ort_optimizer_fixes():
-            m = optimize_model(graph, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                               optimization_options=opts, use_gpu=gpu)
-            if fp16:
-                m.convert_float_to_float16(keep_io_types=True, op_block_list=[] if gpu else list(CPU_FP16_BLOCK))
-                _restore_resize_scales(m.model)
-            fused = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+        yield graph
     finally:
         os.chdir(cwd)
-    model = m.model
-    del m, graph
-    retyped = frozenset(t.name for t in _all_tensors(model) if t.name in external_fp32
-                        and t.data_type == onnx.TensorProto.FLOAT16 and not len(t.raw_data))
-    out = src.parent / "optimized"
-    write_one_data_file(weights / "model.onnx", out, external, model=model, fp16=retyped)
-    return out / "model.onnx", {"fused": fused, "fusions_left_out": skipped, "verified_for": "cuda" if gpu else "cpu"}
 
 
-class _ort_optimizer_fixes:
-    """Two fixes to onnxruntime.transformers' optimizer (1.32 included) while it runs:
+@contextlib.contextmanager
+def _patched(owner, attr: str, value):
+    """`owner.attr` is `value` inside the block, restored after."""
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, old)
+
+
+def _ort_optimizer_fixes() -> contextlib.ExitStack:
+    """Three patches to onnxruntime.transformers' optimizer (1.32 included), undone when the returned stack exits:
     - it reads a UNet attention's head count with `int()` of a (1,) array (`FusionAttentionUnet.get_num_heads`), a
       TypeError since numpy 2.4 that aborts the fusion; the patched reader takes the same value by index;
     - its UNet optimizer draws a tqdm bar on stderr when tqdm is installed; the library never prints (the export
@@ -322,107 +342,77 @@ class _ort_optimizer_fixes:
       here, which keeps the weights on disk while the graph is converted (see `_optimize`).
     Its modules import each other top-level (the package puts its folder on sys.path): the patched names are the
     ones the UNet optimizer uses."""
+    import float16  # onnxruntime.transformers' own top-level module names
+    import fusion_attention_unet
+    import onnx_model_unet
+    from onnx import helper
 
-    def __enter__(self):
-        import fusion_attention_unet  # onnxruntime.transformers' own top-level module names
-        import onnx_model_unet
+    original = fusion_attention_unet.FusionAttentionUnet.get_num_heads
 
-        self.unet_module = onnx_model_unet
-        self.is_installed = onnx_model_unet.is_installed
-        onnx_model_unet.is_installed = lambda name, _real=self.is_installed: name != "tqdm" and _real(name)
-        import float16  # the module onnx_model's converter calls
-        from onnx import helper
+    def get_num_heads(fusion, reshape_q, is_torch2: bool = False) -> int:
+        if is_torch2:
+            parent = fusion.model.get_parent(reshape_q, 1)
+            if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = fusion.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and value.size == 1:
+                    return max(int(value.reshape(-1)[0]), 0)
+            return 0
+        return original(fusion, reshape_q, is_torch2)
 
-        self.float16 = float16
-        self.value_info = float16.make_value_info_from_tensor
-        float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-
-        self.cls = fusion_attention_unet.FusionAttentionUnet
-        self.original = self.cls.get_num_heads
-        original = self.original
-
-        def get_num_heads(fusion, reshape_q, is_torch2: bool = False) -> int:
-            if is_torch2:
-                parent = fusion.model.get_parent(reshape_q, 1)
-                if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
-                    value = fusion.model.get_constant_value(parent.input[2])
-                    if isinstance(value, np.ndarray) and value.size == 1:
-                        return max(int(value.reshape(-1)[0]), 0)
-                return 0
-            return original(fusion, reshape_q, is_torch2)
-
-        self.cls.get_num_heads = get_num_heads
-
-    def __exit__(self, *exc):
-        self.cls.get_num_heads = self.original
-        self.unet_module.is_installed = self.is_installed
-        self.float16.make_value_info_from_tensor = self.value_info
+    is_installed = onnx_model_unet.is_installed
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched(fusion_attention_unet.FusionAttentionUnet, "get_num_heads", get_num_heads))
+    stack.enter_context(_patched(onnx_model_unet, "is_installed", lambda name: name != "tqdm" and is_installed(name)))
+    stack.enter_context(_patched(float16, "make_value_info_from_tensor",
+                                 lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))))
+    return stack
 
 
-class _quiet_logging:
+@contextlib.contextmanager
+def _quiet_logging():
     """onnxruntime's optimizer and quantizer log on the root logger; the library never prints."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
-    def __enter__(self):
-        self.root = logging.getLogger()
-        self.level = self.root.level
-        self.root.setLevel(logging.ERROR)
 
-    def __exit__(self, *exc):
-        self.root.setLevel(self.level)
-
-
-def _to_int8(src: Path, external: bool) -> Path:
+def _to_int8(src: Path, dst_dir: Path, external: bool) -> None:
     """onnxruntime's dynamic int8 quantization of MatMul/Gemm weights (`quantize_dynamic`'s steps: shape inference,
     `update_opset_version`, `ONNXQuantizer` in IntegerOps mode with `MatMulConstBOnly`), run on the graph alone.
 
     `quantize_dynamic` itself loads every weight (`onnx.load` of the shape-inferred copy) and then saves through
     onnx's converter: 11.9 GB peak for the SD1.5 UNet here (3.5x its 3.44 GB). Its steps are called here on the
-    weight-free graph (the working directory is the weights' folder, so the quantizer reads the MatMul weights it
-    quantizes and no other), and the result is written by the streaming writer. MatMul/Gemm only: ConvInteger has
-    no kernel on many execution providers and was slower than fp32 on onnxruntime's CPU (profiles/edge-int8.toml).
+    weight-free graph (`_weight_free`: the quantizer reads the MatMul weights it quantizes and no other), and the
+    result is written by the streaming writer to dst_dir. MatMul/Gemm only: ConvInteger has no kernel on many
+    execution providers and was slower than fp32 on onnxruntime's CPU (profiles/edge-int8.toml).
     """
     import onnx
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization import QuantType, onnx_quantizer
     from onnxruntime.quantization.quant_utils import (
         QuantizationMode,
         add_infer_metadata,
         update_opset_version,
     )
 
-    weights = src.parent / "int8-weights"
-    write_one_data_file(src, weights, external=True)  # every tensor >= 1 KiB in one file, streamed
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(weights / "model.onnx"), load_external_data=False))
-    add_infer_metadata(graph)
-    graph = update_opset_version(graph, QuantType.QInt8)
-    cwd = Path.cwd()
-    os.chdir(weights)  # onnx resolves an external tensor's location against the working directory
-    from onnxruntime.quantization import onnx_quantizer
+    def infer(model):
+        model = onnx.shape_inference.infer_shapes(model)
+        add_infer_metadata(model)
+        return model
 
-    reload = onnx_quantizer.save_and_reload_model_with_shape_infer
+    weights = src.parent / "int8-weights"
     # the quantizer re-infers shapes after turning Gemm into MatMul by saving and reloading a deep copy with every
     # weight; shape inference on the weight-free graph gives it the same value infos
-    onnx_quantizer.save_and_reload_model_with_shape_infer = lambda m: _with_infer_metadata(onnx.shape_inference.infer_shapes(m))
-    try:
-        with _quiet_logging():
-            quantizer = ONNXQuantizer(graph, False, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
-                                      QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
-            quantizer.quantize_model()
-    finally:
-        os.chdir(cwd)
-        onnx_quantizer.save_and_reload_model_with_shape_infer = reload
-    model = quantizer.model.model
-    del quantizer, graph
-    out = src.parent / "int8"
-    write_one_data_file(weights / "model.onnx", out, external, model=model)
-    return out / "model.onnx"
-
-
-def _with_infer_metadata(model):
-    from onnxruntime.quantization.quant_utils import add_infer_metadata
-
-    add_infer_metadata(model)
-    return model
+    with (_weight_free(src, weights) as graph, _quiet_logging(),
+          _patched(onnx_quantizer, "save_and_reload_model_with_shape_infer", infer)):
+        quantizer = onnx_quantizer.ONNXQuantizer(
+            update_opset_version(infer(graph), QuantType.QInt8), False, False, QuantizationMode.IntegerOps, False,
+            QuantType.QInt8, QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
+        quantizer.quantize_model()
+    write_one_data_file(weights / "model.onnx", dst_dir, external, model=quantizer.model.model)
 
 
 def _restore_resize_scales(model) -> None:
@@ -453,11 +443,10 @@ def _verify_optimization(profile: DeviceProfile, gpu: bool) -> str:
 def _session(path: Path, profile: DeviceProfile, optimization: str = "all"):
     import onnxruntime as ort
 
-    from edgecp.export.ort_runner import session_options
+    from edgecp.export.ort_runner import available_providers, session_options
 
-    avail = set(ort.get_available_providers())
-    providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=session_options(optimization), providers=providers)
+    return ort.InferenceSession(str(path), sess_options=session_options(optimization),
+                                providers=available_providers(profile.providers))
 
 
 def _parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile, optimization: str = "all"
@@ -501,14 +490,10 @@ def _torch_gate_image(comps, prompt: str, profile: DeviceProfile) -> np.ndarray:
 def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, ref: np.ndarray, is_tiny: bool,
                 progress: ExportProgress | None, optimization: str = "all") -> dict:
     """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch)."""
-    import onnxruntime as ort
+    from edgecp.export.ort_runner import OnnxStableDiffusion, available_providers
 
-    from edgecp.export.ort_runner import OnnxStableDiffusion
-
-    avail = set(ort.get_available_providers())
-    providers = [p for p in profile.providers if p in avail] or ["CPUExecutionProvider"]
     try:
-        pipe = OnnxStableDiffusion(folder, providers=providers, optimization=optimization)
+        pipe = OnnxStableDiffusion(folder, providers=available_providers(profile.providers), optimization=optimization)
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
@@ -592,21 +577,22 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
             external = _weight_bytes(graph, raw) >= threshold
             del graph
-            model_src, info = raw / "model.onnx", {}
-            if profile.optimize or profile.precision == "fp16":
+            model_src, info, int8 = raw / "model.onnx", {}, profile.precision == "int8"
+            if optimizing:
                 _stage(progress, "optimize", name, 0)
-                model_src, info = _optimize(model_src, name, external, profile.precision == "fp16", gpu)
+                into = scratch / "optimized" if int8 else tmp / name
+                info = _optimize(model_src, into, name, external, profile.precision == "fp16", gpu)
+                model_src = into / "model.onnx"
                 _stage(progress, "optimize", name, 1)
-            if profile.precision == "int8":
+            if int8:
                 _stage(progress, "quantize", name, 0)
-                model_src = _to_int8(model_src, external)
+                _to_int8(model_src, tmp / name, external)
                 _stage(progress, "quantize", name, 1)
-            write_one_data_file(model_src, tmp / name, external)
+            elif not optimizing:
+                write_one_data_file(model_src, tmp / name, external)
             report["models"][name] = {"external_data": external, "seconds": round(time.perf_counter() - t0, 2), **info}
-            if profile.precision == "fp16" and name.startswith("vae_"):
-                shutil.rmtree(model_src.parent)  # the raw export stays until verified: the fp32 fallback
-            else:
-                shutil.rmtree(scratch)  # no intermediate file outlives its model
+            if not (profile.precision == "fp16" and name.startswith("vae_")):  # else the raw export stays until
+                shutil.rmtree(scratch)  # verified (the fp32 fallback); no intermediate file outlives its model
         # verified once every torch model is gone: an onnxruntime session never sits beside torch weights
         for name in names:
             _, args, inputs, _, _ = specs[name]
@@ -622,7 +608,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             shutil.rmtree(scratch, ignore_errors=True)
             refs.pop(name)
             _stage(progress, "verify", name, 1)
-            entry.update({"max_abs_diff": diff, "tolerance": tol, "bytes": _dir_bytes(tmp / name),
+            entry.update({"max_abs_diff": diff, "tolerance": tol, "bytes": dir_bytes(tmp / name),
                           "verify_seconds": round(time.perf_counter() - t0, 2)})
             if not diff <= tol:
                 raise EdgecpError(
@@ -718,5 +704,5 @@ def write_clip_vocab_files(folder: Path) -> None:
                                                   encoding="utf-8")
 
 
-def _dir_bytes(d: Path) -> int:
+def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

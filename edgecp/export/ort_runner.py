@@ -60,6 +60,12 @@ def default_providers() -> list[str]:
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
+def available_providers(wanted: Sequence[str]) -> list[str]:
+    """The providers of ``wanted`` (in its order) that this onnxruntime has; the CPU when it has none of them."""
+    have = set(ort.get_available_providers())
+    return [p for p in wanted if p in have] or ["CPUExecutionProvider"]
+
+
 def cuda_major() -> str | None:
     """The CUDA major version this onnxruntime-gpu was built for (its build info records it); None on CPU builds."""
     try:
