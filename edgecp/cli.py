@@ -250,6 +250,8 @@ def generate(
     onnx_dir: Annotated[Optional[Path], typer.Option(help="An ONNX export folder (default: the store's newest export).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch backend: cuda or cpu.")] = None,
     memory_budget: BudgetOpt = None,
+    reduce_memory: Annotated[bool, typer.Option("--reduce-memory", help="onnx backend: hold one model at a time "
+                                                "(peak: the UNet, not all three; seconds of loading per image).")] = False,
 ) -> None:
     """Generate images, with PyTorch or with onnxruntime on an export.
 
@@ -259,9 +261,11 @@ def generate(
     """
     from edgecp.generate import GenerateConfig
 
-    cfg = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, size=size)
+    cfg = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, size=size, reduce_memory=reduce_memory)
     if backend not in ("torch", "onnx"):
         raise EdgecpError(f"--backend '{backend}' is unknown: use torch or onnx")
+    if reduce_memory and backend != "onnx":
+        raise EdgecpError("--reduce-memory is for --backend onnx; the torch backend's memory is --memory-budget")
     if store is None and not (backend == "onnx" and onnx_dir):
         raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
     with progress_bars() as bar:

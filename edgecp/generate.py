@@ -29,6 +29,7 @@ class GenerateConfig:
     negative_prompt: str = ""
     batch_size: int = 4
     sampler: str | None = None  # None: the base's scheduler; "ddpm" or "ddim": that scheduler from its config
+    reduce_memory: bool = False  # onnx backend: one model's session at a time (OnnxStableDiffusion(reduce_memory=))
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -243,7 +244,7 @@ def generate_from_onnx(
     if note and on_note:
         on_note(note)
     try:
-        runner = OnnxStableDiffusion(onnx_dir, providers=providers)
+        runner = OnnxStableDiffusion(onnx_dir, providers=providers, reduce_memory=cfg.reduce_memory)
         if runner.provider_note and on_note:
             on_note(runner.provider_note)
         images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 _CHECKOUT = Path(__file__).resolve().parent.parent / "profiles"
 PROFILES_DIR = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parent / "shipped_profiles"
 PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZATIONS = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class DeviceProfile:
     gate_steps: int = 4     # denoising steps of the image gate
     gate_size: int = 256    # the gate image's side in pixels, at most the base's resolution (SD1.5: 256, not 512)
     optimize: bool = False  # onnxruntime.transformers' SD fusions (attention, GroupNorm, ...) before fp16/int8
+    # int8 only, tried in order until one passes both gates: "static" (QDQ: Conv, MatMul and Gemm with per-channel int8
+    # weights and uint8 activations whose ranges come from a calibration run) and/or "dynamic" (MatMul/Gemm weights;
+    # activations quantized at run time). A string is one variant.
+    quantization: tuple[str, ...] = ("dynamic",)
+    calibration_steps: int = 8  # static int8: denoising steps per calibration prompt (base and concept prompts)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -58,6 +64,17 @@ class DeviceProfile:
         if self.optimize and self.precision == "int8":
             raise EdgecpError(f"profile '{self.name}': optimize = true works with fp32 and fp16 only (the int8 quantizer "
                               "cannot infer the shapes of onnxruntime's fused operators): remove optimize")
+        quant = (self.quantization,) if isinstance(self.quantization, str) else tuple(self.quantization)
+        bad = [q for q in quant if q not in QUANTIZATIONS]
+        if bad or not quant or len(set(quant)) < len(quant):
+            raise EdgecpError(f"profile '{self.name}': quantization {list(quant)} must list some of "
+                              f"{', '.join(QUANTIZATIONS)}, each once (tried in order), e.g. [\"static\", \"dynamic\"]")
+        if quant != ("dynamic",) and self.precision != "int8":
+            raise EdgecpError(f"profile '{self.name}': quantization needs precision = \"int8\" (not "
+                              f"{self.precision}): set precision or remove quantization")
+        object.__setattr__(self, "quantization", quant)
+        if self.calibration_steps < 1:
+            raise EdgecpError(f"profile '{self.name}': calibration_steps {self.calibration_steps} must be >= 1")
         if self.gate_steps < 1:
             raise EdgecpError(f"profile '{self.name}': gate_steps {self.gate_steps} must be >= 1")
         object.__setattr__(self, "providers", tuple(self.providers))

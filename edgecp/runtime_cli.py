@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="Image side in pixels (default: the model's).")
     p.add_argument("--out", type=Path, default=Path("edgecp-out"), help="Output folder.")
     p.add_argument("--backend", default="onnx", help="onnx (torch needs the full install).")
+    p.add_argument("--reduce-memory", action="store_true",
+                   help="Hold one model at a time (peak: the UNet, not all three; seconds of loading per image).")
     return p
 
 
@@ -44,7 +46,8 @@ def generate(argv: list[str]) -> None:
         raise EdgecpError(f"--backend '{a.backend}' needs the full install ({FULL_INSTALL}); this install runs --backend onnx")
     if a.store is None and a.onnx_dir is None:
         raise EdgecpError("no model given: pass --onnx-dir DIR (an `edgecp export` folder) or --store STORE")
-    cfg = GenerateConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance, size=a.size)
+    cfg = GenerateConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance, size=a.size,
+                         reduce_memory=a.reduce_memory)
 
     def bar(i: int, total: int) -> None:
         sys.stderr.write(f"\rsample (onnx) {i}/{total}" + ("\n" if i == total else ""))
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv or argv[0] in ("-h", "--help"):
-            print("usage: edgecp generate PROMPT --onnx-dir DIR [-n N] [--steps S] [--seed S] [--size PX] [--out DIR]\n"
+            print("usage: edgecp generate PROMPT --onnx-dir DIR [-n N] [--steps S] [--seed S] [--size PX] [--out DIR] [--reduce-memory]\n"
                   f"This is edgecp's lean device install; the other commands need {FULL_INSTALL}.")
             return
         if argv[0] != "generate":

@@ -514,3 +514,26 @@ def test_io_binding_loop_matches_host_loop(tiny: tuple[dict, Path], runner: Onnx
         assert bound.io_binding_used and not runner.io_binding_used and calls == [(1, 3), (2, 3), (3, 3)]
         for x, y in zip(a, b):
             assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1  # float32 rounding
+
+
+def test_reduce_memory_holds_one_session_at_a_time_and_draws_the_same_images(
+    tiny: tuple[dict, Path], runner: OnnxStableDiffusion
+) -> None:
+    """``reduce_memory``: every session is dropped after construction and after its stage; while one stage runs, no
+    other model's session is open; the images equal the default runner's."""
+    lean = OnnxStableDiffusion(tiny[1], providers=["CPUExecutionProvider"], reduce_memory=True)
+    models = (lean.text_encoder, lean.unet, lean.vae_decoder)
+    assert all(m._session is None for m in models)
+    open_during: list[list[str]] = []
+    run_unet = lean.unet.run
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        open_during.append([m.name for m in models if m._session is not None])
+        return run_unet(*args, **kwargs)
+
+    lean.unet.run = spy  # type: ignore[method-assign]
+    a = runner(["a photo of sks dog"], steps=2, seed=3, height=16, width=16)
+    b = lean(["a photo of sks dog"], steps=2, seed=3, height=16, width=16)
+    assert open_during == [[], ["unet"]]  # the text encoder closed; the UNet opened at its first call, then kept
+    assert all(m._session is None for m in models)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))

@@ -51,3 +51,17 @@ def test_optimize_is_refused_with_int8():
     with pytest.raises(EdgecpError, match="optimize = true works with fp32 and fp16 only"):
         parse_profile('name = "x"\ndescription = "y"\nprecision = "int8"\noptimize = true\n', "x.toml")
     assert parse_profile('name = "x"\ndescription = "y"\nprecision = "fp32"\noptimize = true\n', "x.toml").optimize
+
+
+def test_quantization_variants_are_checked():
+    base = 'name = "x"\ndescription = "y"\n'
+    p = parse_profile(base + 'precision = "int8"\nquantization = ["static", "dynamic"]\n', "x.toml")
+    assert p.quantization == ("static", "dynamic")
+    assert parse_profile(base + 'precision = "int8"\nquantization = "static"\n', "x.toml").quantization == ("static",)
+    for text, words in (('precision = "int8"\nquantization = ["qat"]', r"quantization \['qat'\] must list some of"),
+                        ('precision = "int8"\nquantization = []', r"quantization \[\] must list"),
+                        ('precision = "int8"\nquantization = ["static", "static"]', "each once"),
+                        ('precision = "fp16"\nquantization = ["static"]', 'needs precision = "int8" \\(not fp16\\)'),
+                        ('precision = "int8"\ncalibration_steps = 0', "calibration_steps 0 must be >= 1")):
+        with pytest.raises(EdgecpError, match=words):
+            parse_profile(base + text + "\n", "x.toml")

@@ -34,12 +34,29 @@ GUIDANCE = 7.5
 
 def _child_export(store: str, profile: str, out: str) -> None:
     """In a fresh process: one export; prints its report and this process's peak RSS as one JSON line."""
+    import threading
+
     from edgecp.export.onnx_export import export_onnx
 
+    stage, stage_peaks, done = ["load"], {}, threading.Event()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def sample() -> None:  # RSS every 50 ms, kept per stage (the progress callback's phase, "export unet", ...)
+        while not done.wait(0.05):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            stage_peaks[stage[0]] = max(stage_peaks.get(stage[0], 0), rss)
+
+    def progress(phase: str, _i: int, _n: int) -> None:
+        stage[0] = phase
+
+    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    report = export_onnx(store, profile, out)
+    report = export_onnx(store, profile, out, progress=progress)
+    done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"report": report, "seconds": time.perf_counter() - t0, "peak_rss": peak}))
+    print(json.dumps({"report": report, "seconds": time.perf_counter() - t0, "peak_rss": peak,
+                      "stage_peak_rss": stage_peaks}))
 
 
 def timed(fn, runs: int, warmup: int = 2) -> float:
@@ -101,7 +118,8 @@ def main() -> None:
             continue
         exports[prof] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{prof}: exported in {exports[prof]['seconds']:.0f} s, peak RSS "
-              f"{exports[prof]['peak_rss'] / 1e9:.2f} GB", flush=True)
+              f"{exports[prof]['peak_rss'] / 1e9:.2f} GB; per stage GB: "
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in exports[prof]["stage_peak_rss"].items()), flush=True)
 
     store = Store.open(a.store)
     model = PersonalModel.load(store, device=torch.device("cpu"))
@@ -142,6 +160,7 @@ def main() -> None:
             "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
             "peak_over_largest_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["largest"], 2),
             "peak_over_whole_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["whole"], 2),
+            "stage_peak_rss_gb": {k: round(v / 1e9, 2) for k, v in ex.get("stage_peak_rss", {}).items()},
             "folder_mb": round(dir_bytes(folder) / 1e6, 1),
             "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
             "gate_psnr_db": rep["image_gate"]["psnr_db"],

@@ -194,6 +194,11 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp
             raw = data_of(t) if uses_external_data(t) or len(t.raw_data) >= _INLINE_MAX else None
             if raw is None:
                 continue
+            if len(raw) < _INLINE_MAX:  # a small tensor another writer put outside (a Reshape's shape): inline, as
+                del t.external_data[:]  # shape inference and onnxruntime's loader read it from the graph
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw
+                continue
             offset = data.tell()
             if offset % _ALIGN:
                 data.write(b"\0" * (_ALIGN - offset % _ALIGN))
@@ -380,7 +385,18 @@ def _quiet_logging():
         root.setLevel(level)
 
 
-def _to_int8(src: Path, dst_dir: Path, external: bool) -> None:
+def _shape_inferred(model):
+    """onnx shape inference and the quantizer's metadata mark, on a graph whose weights stay external (the tensors'
+    dims are in the proto): what onnxruntime's quantizers get from a saved-and-reloaded copy with every weight."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    model = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(model)
+    return model
+
+
+def _to_int8(src: Path, dst_dir: Path, external: bool) -> dict:
     """onnxruntime's dynamic int8 quantization of MatMul/Gemm weights (`quantize_dynamic`'s steps: shape inference,
     `update_opset_version`, `ONNXQuantizer` in IntegerOps mode with `MatMulConstBOnly`), run on the graph alone.
 
@@ -390,29 +406,192 @@ def _to_int8(src: Path, dst_dir: Path, external: bool) -> None:
     result is written by the streaming writer to dst_dir. MatMul/Gemm only: ConvInteger has no kernel on many
     execution providers and was slower than fp32 on onnxruntime's CPU (profiles/edge-int8.toml).
     """
-    import onnx
     from onnxruntime.quantization import QuantType, onnx_quantizer
-    from onnxruntime.quantization.quant_utils import (
-        QuantizationMode,
-        add_infer_metadata,
-        update_opset_version,
-    )
-
-    def infer(model):
-        model = onnx.shape_inference.infer_shapes(model)
-        add_infer_metadata(model)
-        return model
+    from onnxruntime.quantization.quant_utils import QuantizationMode, update_opset_version
 
     weights = src.parent / "int8-weights"
     # the quantizer re-infers shapes after turning Gemm into MatMul by saving and reloading a deep copy with every
     # weight; shape inference on the weight-free graph gives it the same value infos
     with (_weight_free(src, weights) as graph, _quiet_logging(),
-          _patched(onnx_quantizer, "save_and_reload_model_with_shape_infer", infer)):
+          _patched(onnx_quantizer, "save_and_reload_model_with_shape_infer", _shape_inferred)):
         quantizer = onnx_quantizer.ONNXQuantizer(
-            update_opset_version(infer(graph), QuantType.QInt8), False, False, QuantizationMode.IntegerOps, False,
+            update_opset_version(_shape_inferred(graph), QuantType.QInt8), False, False, QuantizationMode.IntegerOps, False,
             QuantType.QInt8, QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
         quantizer.quantize_model()
     write_one_data_file(weights / "model.onnx", dst_dir, external, model=quantizer.model.model)
+    return {"quantization": "dynamic"}
+
+
+STATIC_OPS = ("Conv", "MatMul", "Gemm")  # static QDQ: the convolutions too (most of a UNet's time on a CPU)
+# Static int8 is for the UNet, which runs twice per step (guidance); the text encoder and the VAE decoder run once per
+# image, where integer kernels save little and the VAE's quantization error lands straight in the pixels: they take
+# the dynamic variant (our choice, measured: the tiny base's VAE decoder failed its tensor gate statically, 0.28 > 0.26)
+STATIC_MODELS = ("unet",)
+BASE_CALIBRATION_PROMPTS = ("a photo of a dog", "a photo of a person", "a landscape painting")  # our choice
+CALIBRATION_SEED = 1000  # calibration images use other seeds than the image gate's (GATE_SEED): the gate is unseen
+
+
+def calibration_prompts(concepts: list[dict]) -> list[str]:
+    """Static int8's calibration prompts: three plain ones for the base (a subject, a person, a scene: our choice,
+    onnxruntime and the papers name none) and, per concept, its prompt in its
+    class (its token through every model) and its class alone (what the base drew before). Text only: the user's
+    photos are never read (they are purged once a concept is committed)."""
+    prompts = list(BASE_CALIBRATION_PROMPTS)
+    for c in concepts:
+        prompts.append(gate_prompt([c]))
+        if c.get("class_word"):
+            prompts.append(f"a photo of a {c['class_word']}")
+    return list(dict.fromkeys(prompts))
+
+
+@contextlib.contextmanager
+def _recording_inputs(comps, feeds: dict[str, list[dict]]):
+    """While the block runs diffusers' pipeline on `comps`, every call's inputs land in feeds[model] under the
+    export's input names (text_encoder, unet, vae_decoder; vae_encoder gets the decoded images). Forward pre-hooks
+    on the torch modules, and the VAE's `decode` wrapped on the instance (it is a method, not a module)."""
+    hooks = []
+    np_ = lambda t: t.detach().float().numpy().copy() if t.is_floating_point() else t.detach().numpy().copy()
+
+    def text(_m, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        feeds.setdefault("text_encoder", []).append({"input_ids": np_(ids)})
+
+    def unet(_m, args, kwargs):
+        names = ("sample", "timestep", "encoder_hidden_states")
+        vals = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+        feeds.setdefault("unet", []).append({k: np_(torch.as_tensor(vals[k])) for k in names})
+
+    decode = comps.vae.decode
+
+    def recording_decode(z, *args, **kwargs):
+        out = decode(z, *args, **kwargs)
+        feeds.setdefault("vae_decoder", []).append({"latent_sample": np_(z)})
+        image = out[0] if isinstance(out, tuple) else out.sample
+        feeds.setdefault("vae_encoder", []).append({"sample": np_(image.clamp(-1, 1))})
+        return out
+
+    hooks.append(comps.text_encoder.register_forward_pre_hook(text, with_kwargs=True))
+    hooks.append(comps.unet.register_forward_pre_hook(unet, with_kwargs=True))
+    comps.vae.decode = recording_decode
+    try:
+        yield feeds
+    finally:
+        for h in hooks:
+            h.remove()
+        del comps.vae.decode  # the class's method again
+
+
+def _gate_args(calls: list[dict], spec) -> tuple:
+    """The tensor gate's inputs of one model: what it was fed at the middle of PyTorch's gate image (a text encoder
+    and a VAE are called once, a UNet once per step), as the export's example inputs' dtypes. Inputs from the model's
+    own use, not random ones: a statically quantized model is calibrated for the ranges generation produces."""
+    _, example, names, _, _ = spec
+    call = calls[len(calls) // 2]
+    return tuple(torch.from_numpy(np.asarray(call[n])).to(e.dtype).reshape(e.shape if e.dim() == 0 else call[n].shape)
+                 for n, e in zip(names, example))
+
+
+def _calibration_feeds(comps, prompts: list[str], profile: DeviceProfile, progress: ExportProgress | None
+                       ) -> dict[str, list[dict]]:
+    """Per model, the inputs it sees while PyTorch draws one image per calibration prompt (DDIM,
+    `profile.calibration_steps` steps, the gate's size, guidance as generate's default: both halves of classifier-free
+    guidance are seen). Small: a few MB for SD1.5 at 256 px."""
+    from edgecp.generate import GenerateConfig, torch_generate
+
+    size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
+    feeds: dict[str, list[dict]] = {}
+    total = len(prompts) * profile.calibration_steps
+    with _recording_inputs(comps, feeds):
+        for i, prompt in enumerate(prompts):
+            cfg = GenerateConfig(n=1, seed=CALIBRATION_SEED + i, steps=profile.calibration_steps, sampler="ddim",
+                                 size=size)
+            cb = (lambda j, _n, _b=i * profile.calibration_steps: progress("calibrate", _b + j, total)) if progress else None
+            torch_generate(comps, prompt, cfg, torch.device("cpu"), callback=cb)
+    return feeds
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader over recorded inputs, cast to the graph's input types and ranks (the
+    pipeline's 0-d timestep for a (1,) input, or the reverse)."""
+
+    def __init__(self, feeds: list[dict], graph):
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        types = {i.name: (tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), len(i.type.tensor_type.shape.dim))
+                 for i in graph.graph.input}
+
+        def cast(v, dtype, rank):
+            a = np.asarray(v, dtype=dtype)
+            return a if a.ndim == rank else a.reshape([1] * rank)
+
+        self.it = iter([{k: cast(v, *types[k]) for k, v in f.items() if k in types} for f in feeds])
+
+    def get_next(self) -> dict | None:
+        return next(self.it, None)
+
+
+def _kept_float(model) -> list[str]:
+    """Nodes static int8 leaves in float (our choice; onnxruntime quantizes every listed op type by default):
+    - MatMuls of two activations (attention's Q K^T and its product with V): nothing to store as int8, and with both
+      sides quantized per call SD1.5's UNet was slower (828 against 720 ms per call, 256 px, this CPU) for the same
+      image (31.9 against 31.5 dB against fp32 at 25 steps);
+    - a model's first and last convolution: the first sees the raw input (latents, noise), the last writes the
+      model's output at full range; quantizing the tiny UNet's last one alone moved its output 0.68 (tolerance 0.75)
+      against 0.08 with both kept float."""
+    consts = {t.name for t in model.graph.initializer}
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & consts]
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    return exclude + (convs[:1] + convs[-1:] if len(convs) > 1 else [])
+
+
+def _to_int8_static(src: Path, dst_dir: Path, external: bool, feeds: list[dict]) -> dict:
+    """onnxruntime's static int8 quantization in QDQ format (`quantize_static`'s steps): MinMax ranges of every
+    Conv/MatMul/Gemm input and output from `feeds`, per-channel symmetric int8 weights, asymmetric uint8
+    activations, int32 biases. onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear into its integer
+    kernel (QLinearConv, QLinearMatMul) when the session is optimized.
+
+    `quantize_static` loads every weight twice over (shape-inferred copy, calibration model saved with its weights):
+    here its steps run on the weight-free graph (`_weight_free`). The calibration graph (the same graph plus
+    ReduceMin/ReduceMax outputs) is saved beside the one data file and references it, so onnxruntime's session is
+    the only copy of the fp32 weights; the quantizer then reads each weight it quantizes, one at a time.
+    Choices where onnxruntime leaves it to the caller: MinMax ranges (its default; no histogram of every
+    activation, which would not fit SD-scale memory); uint8 activations with int8 weights (U8S8, its recommended
+    CPU format); per-channel weights (as its CNN examples)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, calibrate
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import update_opset_version
+
+    from edgecp.export.ort_runner import session_options
+
+    weights = src.parent / "int8-weights"
+    with _weight_free(src, weights) as graph, _quiet_logging():
+        model = update_opset_version(_shape_inferred(graph), QuantType.QInt8, QuantType.QUInt8)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # the calibrator adds its ReduceMin/Max nodes to the graph it is given
+        with _patched(calibrate, "load_model_with_shape_infer", lambda _path, graph=copy: graph):
+            calibrator = calibrate.MinMaxCalibrater(weights / "model.onnx", list(STATIC_OPS),
+                                                    augmented_model_path=str(weights / "calibration.onnx"))
+        calibrator.augment_graph()
+        # the calibrator's own session (unoptimized, as here) runs in onnxruntime's default node order, where the
+        # added ReduceMin/Max nodes run late and keep activations alive: 7.6 GB for SD1.5's UNet against 3.6 GB
+        # for the plain graph; in priority order each runs beside its producer and the peak is the plain graph's
+        options = session_options("disabled")
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        calibrator.infer_session = ort.InferenceSession(str(weights / "calibration.onnx"), sess_options=options,
+                                                        providers=["CPUExecutionProvider"])
+        calibrator.collect_data(_Feeds(feeds, model))
+        ranges = calibrator.compute_data()
+        del calibrator, copy  # the session with the fp32 weights goes before the quantizer reads any
+        for i, node in enumerate(model.graph.node):  # the quantizer excludes nodes by name
+            node.name = node.name or f"{node.op_type}_{i}"
+        exclude = _kept_float(model)
+        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, [], exclude,
+                                 list(STATIC_OPS), {"ActivationSymmetric": False, "WeightSymmetric": True})
+        quantizer.quantize_model()
+    write_one_data_file(weights / "model.onnx", dst_dir, external, model=quantizer.model.model)
+    return {"quantization": "static", "calibration_samples": len(feeds)}
 
 
 def _restore_resize_scales(model) -> None:
@@ -493,7 +672,8 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     from edgecp.export.ort_runner import OnnxStableDiffusion, available_providers
 
     try:
-        pipe = OnnxStableDiffusion(folder, providers=available_providers(profile.providers), optimization=optimization)
+        pipe = OnnxStableDiffusion(folder, providers=available_providers(profile.providers), optimization=optimization,
+                                   reduce_memory=True)  # one session at a time: the export's peak stays one model's
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
@@ -508,6 +688,63 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
         e = EvaluatorFeatures(tiny_evaluator_path()).embed_images([img, ref])
         gate["evaluator_similarity"] = round(float(e[0] @ e[1]), 4)
     return gate
+
+
+class _Refused(EdgecpError):
+    """A gate refused the export: the profile's next variant may pass (int8 static -> dynamic)."""
+
+
+def _finish_models(tmp: Path, names: list[str], profile: DeviceProfile, variant: str | None, external: dict,
+                   seconds: dict, feeds: dict, gate_args: dict, refs: dict, specs: dict, gpu: bool, level: str,
+                   progress: ExportProgress | None, keep_raw: bool) -> dict:
+    """Each raw fp32 graph (tmp/.scratch-NAME/raw) through the profile's onnxruntime stages (optimize, quantize as
+    `variant`) into tmp/NAME, then the tensor gate on each. Returns the report's models; raises _Refused below the
+    gate. The raw graph is removed once its model passes unless `keep_raw` (a later variant may start from it)."""
+    models, optimizing, int8 = {}, profile.optimize or profile.precision == "fp16", profile.precision == "int8"
+    for name in names:
+        scratch, t0 = tmp / f".scratch-{name}", time.perf_counter()
+        model_src, info = scratch / "raw" / "model.onnx", {}
+        if optimizing:
+            _stage(progress, "optimize", name, 0)
+            into = scratch / "optimized" if int8 else tmp / name
+            info = _optimize(model_src, into, name, external[name], profile.precision == "fp16", gpu)
+            model_src = into / "model.onnx"
+            _stage(progress, "optimize", name, 1)
+        if int8:
+            _stage(progress, "quantize", name, 0)
+            info.update(_to_int8_static(model_src, tmp / name, external[name], feeds[name])
+                        if variant == "static" and name in STATIC_MODELS else _to_int8(model_src, tmp / name, external[name]))
+            _stage(progress, "quantize", name, 1)
+        elif not optimizing:
+            write_one_data_file(model_src, tmp / name, external[name])
+        models[name] = {"external_data": external[name],
+                        "seconds": round(seconds[name] + time.perf_counter() - t0, 2), **info}
+        for sub in scratch.iterdir():  # intermediates go now; the raw graph when no later step may need it
+            if sub.name != "raw" or not (keep_raw or profile.precision == "fp16" and name.startswith("vae_")):
+                shutil.rmtree(sub)
+    # verified once every torch model is gone: an onnxruntime session never sits beside torch weights
+    for name in names:
+        args, inputs = gate_args[name], specs[name][2]
+        entry, raw, t0 = models[name], tmp / f".scratch-{name}" / "raw", time.perf_counter()
+        _stage(progress, "verify", name, 0)
+        diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
+        if profile.precision == "fp16" and name.startswith("vae_") and not diff <= tol:
+            # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
+            entry["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
+            shutil.rmtree(tmp / name)
+            write_one_data_file(raw / "model.onnx", tmp / name, entry["external_data"])
+            diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
+        if not keep_raw:
+            shutil.rmtree(raw.parent, ignore_errors=True)
+        _stage(progress, "verify", name, 1)
+        entry.update({"max_abs_diff": diff, "tolerance": tol, "bytes": dir_bytes(tmp / name),
+                      "verify_seconds": round(time.perf_counter() - t0, 2)})
+        if not diff <= tol:
+            raise _Refused(
+                f"export refused: {name} differs from PyTorch by {diff:.3g} > {tol:.3g} allowed by profile "
+                f"'{profile.name}' ({profile.precision}{f' {variant}' if variant else ''}); try a higher-precision "
+                "profile such as cpu-fp32")
+    return models
 
 
 def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
@@ -543,7 +780,9 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     # copies never sit beside the UNet's weights
     names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
     optimizing = profile.optimize or profile.precision == "fp16"
-    stages = ["export"] + ["optimize"] * optimizing + ["quantize"] * (profile.precision == "int8") + ["verify"]
+    static = profile.precision == "int8" and "static" in profile.quantization
+    stages = (["calibrate"] * static + ["export"]
+              + ["optimize"] * optimizing + ["quantize"] * (profile.precision == "int8") + ["verify"])
     gpu = optimizing and "CUDAExecutionProvider" in profile.providers and cuda_usable()
     level = _verify_optimization(profile, gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -555,79 +794,74 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         specs = _specs(comps)
         # every PyTorch reference first: then each torch model can be dropped as soon as it is exported
         prompt = gate_prompt(concepts)
-        ref_image = _torch_gate_image(comps, prompt, profile)
+        with _recording_inputs(comps, {}) as seen:
+            ref_image = _torch_gate_image(comps, prompt, profile)
+        gate_args = {name: _gate_args(seen[name], specs[name]) for name in names}
         with torch.no_grad():
             refs = {}
             for name in names:
-                r = specs[name][0](*specs[name][1])
+                r = specs[name][0](*gate_args[name])
                 refs[name] = r if isinstance(r, tuple) else (r,)
+        feeds = _calibration_feeds(comps, calibration_prompts(concepts), profile, progress) if static else {}
         owners = {"text_encoder": comps.text_encoder, "unet": comps.unet, "vae_decoder": comps.vae,
                   "vae_encoder": comps.vae}
+        # every model out of torch first, each torch model dropped as soon as its graph is written; then the
+        # onnxruntime stages (optimizer, calibration session, quantizer), which never sit beside torch weights
+        seconds, external = {}, {}
+        others = [comps.text_encoder, comps.vae]
         for i, name in enumerate(names):
             module, args, inputs, outputs, axes = specs[name]
-            scratch = tmp / f".scratch-{name}"
-            raw = scratch / "raw"
+            raw = tmp / f".scratch-{name}" / "raw"
             raw.mkdir(parents=True)
             t0 = time.perf_counter()
             _stage(progress, "export", name, 0)
-            _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
+            if name == "unet":  # the small models wait on disk while the UNet is traced: its peak is its own
+                with _parked(others, tmp / ".parked"):
+                    _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
+                    comps.unet.to("meta")
+            else:
+                _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
             _stage(progress, "export", name, 1)
             if all(owners[n] is not owners[name] for n in names[i + 1:]):
                 owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
-            external = _weight_bytes(graph, raw) >= threshold
+            external[name] = _weight_bytes(graph, raw) >= threshold
             del graph
-            model_src, info, int8 = raw / "model.onnx", {}, profile.precision == "int8"
-            if optimizing:
-                _stage(progress, "optimize", name, 0)
-                into = scratch / "optimized" if int8 else tmp / name
-                info = _optimize(model_src, into, name, external, profile.precision == "fp16", gpu)
-                model_src = into / "model.onnx"
-                _stage(progress, "optimize", name, 1)
-            if int8:
-                _stage(progress, "quantize", name, 0)
-                _to_int8(model_src, tmp / name, external)
-                _stage(progress, "quantize", name, 1)
-            elif not optimizing:
-                write_one_data_file(model_src, tmp / name, external)
-            report["models"][name] = {"external_data": external, "seconds": round(time.perf_counter() - t0, 2), **info}
-            if not (profile.precision == "fp16" and name.startswith("vae_")):  # else the raw export stays until
-                shutil.rmtree(scratch)  # verified (the fp32 fallback); no intermediate file outlives its model
-        # verified once every torch model is gone: an onnxruntime session never sits beside torch weights
-        for name in names:
-            _, args, inputs, _, _ = specs[name]
-            entry, scratch, t0 = report["models"][name], tmp / f".scratch-{name}", time.perf_counter()
-            _stage(progress, "verify", name, 0)
-            diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
-            if scratch.exists() and not diff <= tol:
-                # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
-                entry["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
-                shutil.rmtree(tmp / name)
-                write_one_data_file(scratch / "raw" / "model.onnx", tmp / name, entry["external_data"])
-                diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
-            shutil.rmtree(scratch, ignore_errors=True)
-            refs.pop(name)
-            _stage(progress, "verify", name, 1)
-            entry.update({"max_abs_diff": diff, "tolerance": tol, "bytes": dir_bytes(tmp / name),
-                          "verify_seconds": round(time.perf_counter() - t0, 2)})
-            if not diff <= tol:
-                raise EdgecpError(
-                    f"export refused: {name} differs from PyTorch by {diff:.3g} > {tol:.3g} allowed by profile "
-                    f"'{profile.name}' ({profile.precision}); try a higher-precision profile such as cpu-fp32"
-                )
+            seconds[name] = time.perf_counter() - t0
+        # then onnxruntime's stages, per variant in the profile's order until one passes both gates (int8: static,
+        # else dynamic; any other profile: one); the raw fp32 graphs stay on disk while a later variant may need them
+        variants = list(profile.quantization) if profile.precision == "int8" else [None]
+        attempts = []
+        for k, variant in enumerate(variants):
+            try:
+                report["models"] = _finish_models(tmp, names, profile, variant, external, seconds, feeds, gate_args,
+                                                  refs, specs, gpu, level, progress, keep_raw=k + 1 < len(variants))
+                _write_configs(tmp, comps, names)
+                t0 = time.perf_counter()
+                gate = _image_gate(tmp, profile, prompt, profile.gate_steps, ref_image,
+                                   store.info["base"].get("kind") == "tiny", progress, level)
+                gate["seconds"] = round(time.perf_counter() - t0, 2)
+                report["image_gate"] = gate
+                if not gate["psnr_db"] >= profile.min_psnr:
+                    raise _Refused(
+                        f"export refused: its image is {gate['psnr_db']:.2f} dB PSNR from PyTorch's, "
+                        f"{profile.min_psnr - gate['psnr_db']:.2f} dB below the {profile.min_psnr:g} dB profile "
+                        f"'{profile.name}' requires; try a higher-precision profile such as cpu-fp32")
+            except _Refused as e:
+                attempts.append({"quantization": variant, "refused": str(e).removeprefix("export refused: ")})
+                if k + 1 == len(variants):
+                    tried = "; ".join(f"{a['quantization']}: {a['refused'].split(';')[0]}" for a in attempts[:-1])
+                    raise EdgecpError(str(e) + (f" (also refused: {tried})" if tried else "")) from None
+                for name in names:
+                    shutil.rmtree(tmp / name, ignore_errors=True)
+                continue
+            break
+        for scratch in tmp.glob(".scratch-*"):  # raw graphs kept for a variant that was not needed
+            shutil.rmtree(scratch)
+        if variant is not None:
+            report["quantization"] = variant
+            report["refused_variants"] = attempts
         report["stages"] = stages
-        _write_configs(tmp, comps, names)
-        t0 = time.perf_counter()
-        gate = _image_gate(tmp, profile, prompt, profile.gate_steps, ref_image, store.info["base"].get("kind") == "tiny",
-                           progress, level)
-        gate["seconds"] = round(time.perf_counter() - t0, 2)
-        report["image_gate"] = gate
-        if not gate["psnr_db"] >= profile.min_psnr:
-            raise EdgecpError(
-                f"export refused: its image is {gate['psnr_db']:.2f} dB PSNR from PyTorch's, "
-                f"{profile.min_psnr - gate['psnr_db']:.2f} dB below the {profile.min_psnr:g} dB profile "
-                f"'{profile.name}' requires; try a higher-precision profile such as cpu-fp32"
-            )
         meta = {**report, "concepts": concepts, "base": store.info["base"], "store": str(store.root),
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_export_meta(tmp, meta)  # edgecp.json with every file's sha256, last: only a complete export has it
@@ -639,6 +873,45 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         shutil.rmtree(tmp, ignore_errors=True)
     report["out"] = str(out)
     return report
+
+
+@contextlib.contextmanager
+def _parked(modules: list[torch.nn.Module], folder: Path):
+    """Inside the block the modules hold no memory: every parameter and buffer (non-persistent ones too, which a
+    state dict leaves out) is written to one safetensors file per module and the module moved to the meta device;
+    after it, the same module objects get their tensors back from those files, which are deleted, and parameters
+    shared inside a module are shared again. (Weights shared between two of the modules would not be: no text
+    encoder and VAE share any.)"""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files, ties = [], []
+    for i, m in enumerate(modules):
+        owner: dict[int, str] = {}  # moving to meta unties shared parameters: remember which name owns each
+        ties.append({})
+        for n, p in m.named_parameters(remove_duplicate=False):
+            if owner.setdefault(id(p), n) != n:
+                ties[-1][n] = owner[id(p)]
+        tensors = {f"p.{n}": p for n, p in m.named_parameters()} | {f"b.{n}": b for n, b in m.named_buffers()}
+        files.append(folder / f"{i}.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(files[-1]))
+        m.to("meta")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, f, tied in zip(modules, files, ties):
+                saved = load_file(str(f))
+                m.to_empty(device="cpu")
+                for n, first in tied.items():
+                    path, _, attr = n.rpartition(".")
+                    setattr(m.get_submodule(path), attr, m.get_parameter(first))
+                for n, p in m.named_parameters():
+                    p.copy_(saved.pop(f"p.{n}"))
+                for n, b in m.named_buffers():
+                    b.copy_(saved.pop(f"b.{n}"))
+                del saved
+        shutil.rmtree(folder)
 
 
 def _stage(progress: ExportProgress | None, stage: str, name: str, done: int) -> None:

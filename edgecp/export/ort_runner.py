@@ -15,8 +15,10 @@ onnxruntime, tokenizers, PIL and the stdlib: it is what runs on the device.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,7 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
 # ---------------------------------------------------------------------------------------------- sessions
 
 
-GRAPH_OPTIMIZATION = ("all", "basic")  # onnxruntime's ORT_ENABLE_ALL (default) or ORT_ENABLE_BASIC
+GRAPH_OPTIMIZATION = ("all", "basic", "disabled")  # onnxruntime's ORT_ENABLE_ALL (default), _BASIC, ORT_DISABLE_ALL
 
 
 def session_options(optimization: str = "all") -> ort.SessionOptions:
@@ -240,21 +242,73 @@ def session_options(optimization: str = "all") -> ort.SessionOptions:
     options.log_severity_level = 3  # errors only: the library does not print
     if optimization == "basic":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    elif optimization == "disabled":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
+
+
+def _probe_options() -> ort.SessionOptions:
+    options = session_options("disabled")
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim): a dropped session's weights then leave the RSS
+    before the next model's session grows it. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A graph input as onnxruntime describes it (name, "tensor(float)", shape with str/None for dynamic axes)."""
+
+    name: str
+    type: str
+    shape: list[Any]
 
 
 class OnnxModel:
     """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
-    def __init__(self, path: Path, providers: list[str], name: str, optimization: str = "all"):
+    def __init__(self, path: Path, providers: list[str], name: str, optimization: str = "all",
+                 open_now: bool = True):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
             )
         self.name = name
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(optimization), providers=providers)
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._open = lambda: ort.InferenceSession(str(path), sess_options=session_options(optimization),
+                                                  providers=providers)
+        # open=False: the graph's inputs and outputs from an unoptimized CPU session that leaves the weights unread
+        # (mapped, never touched); the real session opens at first use
+        self._session: ort.InferenceSession | None = self._open() if open_now else None
+        meta = self._session or ort.InferenceSession(str(path), sess_options=_probe_options(),
+                                                     providers=["CPUExecutionProvider"])
+        # plain copies: onnxruntime's NodeArg objects keep their session (and its weights) alive
+        self.inputs = {i.name: Arg(i.name, i.type, list(i.shape)) for i in meta.get_inputs()}
+        self.output_names = [o.name for o in meta.get_outputs()]
+        self.output_types = [o.type for o in meta.get_outputs()]
+        # the providers that started, in onnxruntime's order (those asked for, until a session opens)
+        self.providers = self._session.get_providers() if open_now else list(providers)
+        del meta
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The onnxruntime session, opened again if ``release`` dropped it."""
+        if self._session is None:
+            self._session = self._open()
+        return self._session
+
+    def release(self) -> None:
+        """Drop the session (its weights); the next use opens it again (``reduce_memory``)."""
+        if self._session is not None:
+            self._session = None
+            _trim_heap()
+
 
     def require_inputs(self, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in self.inputs]
@@ -313,7 +367,7 @@ class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
-                 optimization: str = "all"):
+                 optimization: str = "all", reduce_memory: bool = False):
         """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
         installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
         raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
@@ -325,8 +379,13 @@ class OnnxStableDiffusion:
         Default: on when the UNet runs on CUDA. The loop falls back to the host path when the UNet's sample or
         output is not float32 or its batch is fixed (``io_binding_used`` tells after a call).
 
-        ``optimization``: onnxruntime's graph optimization level, "all" (default) or "basic" (see
-        ``session_options``)."""
+        ``optimization``: onnxruntime's graph optimization level, "all" (default), "basic" or "disabled" (see
+        ``session_options``).
+
+        ``reduce_memory``: hold one model's session at a time, each opened when its stage starts and dropped when
+        it ends (text encoder, UNet, VAE decoder), as Apple's Core ML Stable Diffusion pipeline does with
+        ``reduceMemory``: the peak is the largest model instead of all three, for a few seconds of loading per
+        image."""
         self.folder = Path(folder)
         self.optimization = optimization
         if not self.folder.is_dir():
@@ -351,10 +410,14 @@ class OnnxStableDiffusion:
             len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
         )
 
+        self.reduce_memory = reduce_memory
         self.text_encoder = self._first_session(providers, explicit)
+        self._done_with(self.text_encoder)
         providers = self.providers
-        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization)
-        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder", optimization)
+        now = not reduce_memory  # reduce_memory: each opens at its stage
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, open_now=now)
+        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
+                                     optimization, open_now=now)
         self.text_encoder.require_inputs(["input_ids"])
         self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
@@ -370,11 +433,15 @@ class OnnxStableDiffusion:
         sample_shape = self.unet.shape("sample")
         self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
         self.default_size = self._default_size(sample_shape)
-        on_gpu = self.unet.session.get_providers()[0] in GPU_PROVIDERS
+        on_gpu = self.unet.providers[0] in GPU_PROVIDERS
         self.device = "cuda" if on_gpu else "cpu"
         self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         self.io_binding_used = False
         self._step_session: ort.InferenceSession | None = None
+
+    def _done_with(self, model: OnnxModel) -> None:
+        if self.reduce_memory:
+            model.release()
 
     def _first_session(self, providers: list[str], explicit: bool) -> OnnxModel:
         """The text encoder's session, which also tells whether a GPU provider really started."""
@@ -387,7 +454,7 @@ class OnnxStableDiffusion:
         finally:
             if wants_gpu:
                 ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
-        started = model.session.get_providers()
+        started = model.providers
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in started:
             if explicit:
                 raise ValueError(cuda_unusable_message())
@@ -464,6 +531,7 @@ class OnnxStableDiffusion:
         use_cfg = guidance > 1.0  # as diffusers: guidance <= 1 means no unconditional pass
         # (2B, L, D) unconditional first, as diffusers; (B, L, D) without guidance
         text = self.encode_text([negative_prompt] * batch + prompts if use_cfg else prompts)
+        self._done_with(self.text_encoder)
         f = self.vae_scale_factor
         latents = initial_latents(seed, batch, self.latent_channels, height // f, width // f)
         latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w)
@@ -471,7 +539,17 @@ class OnnxStableDiffusion:
         self.io_binding_used = self.io_binding and self._can_bind()
         if self.io_binding_used:
             latents = self._bound_loop(latents, text, scheduler, guidance if use_cfg else 1.0, use_cfg, callback)
-            return self.decode(latents)
+        else:
+            latents = self._host_loop(latents, text, scheduler, guidance, use_cfg, callback)
+        self._done_with(self.unet)
+        images = self.decode(latents)
+        self._done_with(self.vae_decoder)
+        return images
+
+    def _host_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
+                   use_cfg: bool, callback: Callable[[int, int], None] | None) -> np.ndarray:
+        """The denoising loop through host memory; returns the final latents."""
+        batch, steps = len(latents), len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
             model_in = np.concatenate([latents, latents]) if use_cfg else latents
             noise = self.predict_noise(model_in, int(t), text)
@@ -481,15 +559,15 @@ class OnnxStableDiffusion:
             latents = scheduler.step(noise, t, latents)
             if callback is not None:
                 callback(i + 1, steps)
-        return self.decode(latents)
+        return latents
 
     # ------------------------------------------------------------------------------------------ IO binding
 
     def _can_bind(self) -> bool:
         """The bound loop feeds float32 tensors of any batch straight to the UNet and the step graph."""
         float32 = all(self.unet.inputs[n].type == "tensor(float)" for n in ("sample", "encoder_hidden_states"))
-        out = self.unet.session.get_outputs()[self.unet.output_index("out_sample")]
-        return float32 and out.type == "tensor(float)" and self.unet.fixed_batch("sample") is None
+        out_type = self.unet.output_types[self.unet.output_index("out_sample")]
+        return float32 and out_type == "tensor(float)" and self.unet.fixed_batch("sample") is None
 
     def step_session(self) -> ort.InferenceSession:
         """The guidance + DDIM step graph (shipped with edgecp) on the UNet's providers."""
@@ -497,7 +575,7 @@ class OnnxStableDiffusion:
             from edgecp.export.step_graph import STEP_GRAPH
 
             self._step_session = ort.InferenceSession(str(STEP_GRAPH), sess_options=session_options(),
-                                                      providers=self.unet.session.get_providers())
+                                                      providers=self.unet.providers)
         return self._step_session
 
     def _bound_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
