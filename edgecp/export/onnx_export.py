@@ -728,6 +728,7 @@ def _finish_models(tmp: Path, names: list[str], profile: DeviceProfile, variant:
         entry, raw, t0 = models[name], tmp / f".scratch-{name}" / "raw", time.perf_counter()
         _stage(progress, "verify", name, 0)
         diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
+        trim_heap()  # the session's memory back to the OS before the next one
         if profile.precision == "fp16" and name.startswith("vae_") and not diff <= tol:
             # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
             entry["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
@@ -828,6 +829,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             external[name] = _weight_bytes(graph, raw) >= threshold
             del graph
             seconds[name] = time.perf_counter() - t0
+        del module, args
+        trim_heap()  # torch's freed blocks back to the OS before onnxruntime's sessions grow the process
         # then onnxruntime's stages, per variant in the profile's order until one passes both gates (int8: static,
         # else dynamic; any other profile: one); the raw fp32 graphs stay on disk while a later variant may need them
         variants = list(profile.quantization) if profile.precision == "int8" else [None]
@@ -912,6 +915,12 @@ def _parked(modules: list[torch.nn.Module], folder: Path):
                     b.copy_(saved.pop(f"b.{n}"))
                 del saved
         shutil.rmtree(folder)
+
+
+def trim_heap() -> None:
+    from edgecp.export.ort_runner import trim_heap as trim  # onnxruntime's module: imported when exporting
+
+    trim()
 
 
 def _stage(progress: ExportProgress | None, stage: str, name: str, done: int) -> None:
