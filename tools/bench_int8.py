@@ -3,8 +3,9 @@
 
     python tools/bench_int8.py --fp32 STORE/exports/cpu-fp32-v0002 --work /tmp/int8 [--steps 15] [--runs 10]
 
-For each variant (the fp32 reference; dynamic MatMul/Gemm, what edge-int8 shipped; dynamic with ConvInteger;
-static QDQ, per-channel int8 weights and uint8 activations, convolutions included) it writes a full export folder
+For each variant (the fp32 reference; dynamic MatMul/Gemm, edge-int8's fallback; dynamic with ConvInteger;
+static QDQ on every model with onnxruntime's defaults, per-channel int8 weights and uint8 activations, convolutions
+included: what edge-int8's static variant refines, see `_to_int8_static`) it writes a full export folder
 and prints: model bytes, UNet call latency (batch 2, CFG) and seconds per image on onnxruntime's CPU provider, and
 the PSNR of its image against the fp32 export's image (same prompt, seed, steps). Calibration inputs come from
 running the fp32 export on the base prompt and on each concept's prompt (tokens from edgecp.json): the user's
