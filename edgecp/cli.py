@@ -313,11 +313,16 @@ def export(
     with progress_bars() as bar:
         report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n))
     t = Table(title=f"parity vs PyTorch ({report['profile']})")
-    for col in ("model", "max abs diff", "tolerance", "MB"):
+    int8 = "quantization" in report
+    for col in ("model", "max abs diff", "tolerance", "MB") + (("int8",) if int8 else ()):
         t.add_column(col)
     for name, r in report["models"].items():
-        t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}")
+        t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}",
+                  *((r.get("quantization", ""),) if int8 else ()))
     out.print(t)
+    for refused in report.get("refused_variants", []):
+        out.print(f"{refused['quantization']} int8 refused ({esc(refused['refused'].split(';')[0])}): "
+                  f"shipped {report['quantization']}", highlight=False)
     gate = report["image_gate"]
     sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
     out.print(f"image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (profile needs {gate['min_psnr_db']:g}){sim}")

@@ -276,14 +276,17 @@ def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, prof
         assert notes == []
 
 
-def test_int8_variants_are_tried_in_order_and_the_refusals_reported(trained_store, tmp_path):
+def test_int8_variants_are_tried_in_order_and_the_refusals_reported(trained_store, tmp_path, capsys):
     """Static int8 below the image gate gives way to dynamic, and the report says why; when every variant is refused
     the one-line error names each, and nothing is left behind."""
     prof = tmp_path / "two.toml"
     text = ('name = "two"\ndescription = "static, then dynamic"\nprecision = "int8"\natol = 5e-2\nrtol = 1.5e-1\n'
             'vae_encoder = false\nquantization = ["static", "dynamic"]\ncalibration_steps = 2\ngate_steps = 4\n')
     prof.write_text(text + "min_psnr = 36.0\n")  # tiny base at 4 gate steps: static ~29 dB, dynamic ~41 dB
-    report = export_onnx(trained_store, str(prof), tmp_path / "out")
+    code, out, err = run_cli(capsys, "export", "--store", trained_store, "--profile", prof, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "static int8 refused (its image is" in " ".join(out.split()) and "shipped dynamic" in out
+    report = json.loads((tmp_path / "out" / "edgecp.json").read_text())
     assert report["quantization"] == "dynamic" and report["image_gate"]["psnr_db"] >= 36.0
     [refused] = report["refused_variants"]
     assert refused["quantization"] == "static" and refused["refused"].startswith("its image is ")
