@@ -34,29 +34,19 @@ GUIDANCE = 7.5
 
 def _child_export(store: str, profile: str, out: str) -> None:
     """In a fresh process: one export; prints its report and this process's peak RSS as one JSON line."""
-    import threading
+    import torch
 
     from edgecp.export.onnx_export import export_onnx
+    from edgecp.memory import PeakMeter
 
-    stage, stage_peaks, done = ["load"], {}, threading.Event()
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def sample() -> None:  # RSS every 50 ms, kept per stage (the progress callback's phase, "export unet", ...)
-        while not done.wait(0.05):
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * page
-            stage_peaks[stage[0]] = max(stage_peaks.get(stage[0], 0), rss)
-
-    def progress(phase: str, _i: int, _n: int) -> None:
-        stage[0] = phase
-
-    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    report = export_onnx(store, profile, out, progress=progress)
-    done.set()
+    # RSS sampled every 50 ms, its peak kept per stage (the progress callback's phase: "export unet", ...)
+    with PeakMeter(torch.device("cpu"), interval=0.05) as meter:
+        meter.enter("load")
+        report = export_onnx(store, profile, out, progress=lambda phase, _i, _n: meter.enter(phase))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     print(json.dumps({"report": report, "seconds": time.perf_counter() - t0, "peak_rss": peak,
-                      "stage_peak_rss": stage_peaks}))
+                      "stage_peak_rss": meter.phases}))
 
 
 def timed(fn, runs: int, warmup: int = 2) -> float:

@@ -41,6 +41,7 @@ import torch
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
 from edgecp.integrity import lock_dir, unlock_dir, write_export_meta
+from edgecp.memory import release_memory
 from edgecp.model.tokens import bake_tokens
 from edgecp.profiles import DeviceProfile, load_profile
 from edgecp.store import Store
@@ -180,13 +181,15 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp
             raw = convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).astype(np.float16).tobytes()
         return raw
 
+    def inline(t, raw: bytes) -> None:
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
+
     if not external:
         for t in _all_tensors(model):
             if uses_external_data(t):  # small enough to be one protobuf: every tensor inline
-                raw = data_of(t)
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = raw
+                inline(t, data_of(t))
         onnx.save_model(model, str(dst))
         return
     with open(dst_dir / DATA_FILE, "wb") as data:
@@ -195,9 +198,7 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp
             if raw is None:
                 continue
             if len(raw) < _INLINE_MAX:  # a small tensor another writer put outside (a Reshape's shape): inline, as
-                del t.external_data[:]  # shape inference and onnxruntime's loader read it from the graph
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = raw
+                inline(t, raw)  # shape inference and onnxruntime's loader read it from the graph
                 continue
             offset = data.tell()
             if offset % _ALIGN:
@@ -630,7 +631,8 @@ def _session(path: Path, profile: DeviceProfile, optimization: str = "all"):
 
 def _parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile, optimization: str = "all"
             ) -> tuple[float, float]:
-    """(max |onnx - torch| over all outputs, tolerance) on the export's example inputs; `ref` is PyTorch's output."""
+    """(max |onnx - torch| over all outputs, tolerance) on `args` (what the model saw while PyTorch drew the gate
+    image); `ref` is PyTorch's output."""
     sess = _session(path, profile, optimization)
     feeds = {}
     for spec, name, a in zip(sess.get_inputs(), inputs, args):
@@ -728,7 +730,7 @@ def _finish_models(tmp: Path, names: list[str], profile: DeviceProfile, variant:
         entry, raw, t0 = models[name], tmp / f".scratch-{name}" / "raw", time.perf_counter()
         _stage(progress, "verify", name, 0)
         diff, tol = _parity(tmp / name / "model.onnx", args, refs[name], inputs, profile, level)
-        trim_heap()  # the session's memory back to the OS before the next one
+        release_memory(torch.device("cpu"))  # the session's memory back to the OS before the next one
         if profile.precision == "fp16" and name.startswith("vae_") and not diff <= tol:
             # fp16 overflows in some VAEs (SDXL's; activations past 65504): this model stays fp32
             entry["kept_fp32"] = f"fp16 differed from PyTorch by {diff:.3g} > {tol:.3g}"
@@ -816,21 +818,19 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             raw.mkdir(parents=True)
             t0 = time.perf_counter()
             _stage(progress, "export", name, 0)
-            if name == "unet":  # the small models wait on disk while the UNet is traced: its peak is its own
-                with _parked(others, tmp / ".parked"):
-                    _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
-                    comps.unet.to("meta")
-            else:
+            # the small models wait on disk while the UNet is traced (its peak is its own) and come back once the
+            # UNet is dropped
+            with _parked(others, tmp / ".parked") if name == "unet" else contextlib.nullcontext():
                 _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
+                if all(owners[n] is not owners[name] for n in names[i + 1:]):
+                    owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
             _stage(progress, "export", name, 1)
-            if all(owners[n] is not owners[name] for n in names[i + 1:]):
-                owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
             external[name] = _weight_bytes(graph, raw) >= threshold
             del graph
             seconds[name] = time.perf_counter() - t0
         del module, args
-        trim_heap()  # torch's freed blocks back to the OS before onnxruntime's sessions grow the process
+        release_memory(torch.device("cpu"))  # torch's freed blocks back to the OS before onnxruntime's sessions
         # then onnxruntime's stages, per variant in the profile's order until one passes both gates (int8: static,
         # else dynamic; any other profile: one); the raw fp32 graphs stay on disk while a later variant may need them
         variants = list(profile.quantization) if profile.precision == "int8" else [None]
@@ -915,12 +915,6 @@ def _parked(modules: list[torch.nn.Module], folder: Path):
                     b.copy_(saved.pop(f"b.{n}"))
                 del saved
         shutil.rmtree(folder)
-
-
-def trim_heap() -> None:
-    from edgecp.export.ort_runner import trim_heap as trim  # onnxruntime's module: imported when exporting
-
-    trim()
 
 
 def _stage(progress: ExportProgress | None, stage: str, name: str, done: int) -> None:

@@ -259,7 +259,8 @@ def _probe_options() -> ort.SessionOptions:
 
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc's malloc_trim): a dropped session's weights then leave the RSS
-    before the next model's session grows it. A no-op where there is no glibc."""
+    before the next model's session grows it. A no-op where there is no glibc. (edgecp.memory.release_memory does
+    the same for the training side, but imports torch, which this module never does.)"""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -312,7 +313,6 @@ class OnnxModel:
         if self._session is not None:
             self._session = None
             trim_heap()
-
 
     def require_inputs(self, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in self.inputs]
