@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# optimum's own environment (optimum-onnx pins transformers < 4.58), for the test that loads an export with it
+OPTIMUM = .venv-optimum
 
 .PHONY: install demo test lint clean
 
@@ -17,11 +19,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/edgecp demo
 
-test: install
-	$(BIN)/python -m pytest
+$(OPTIMUM)/.installed: requirements-optimum.txt
+	$(PYTHON) -m venv $(OPTIMUM)
+	$(OPTIMUM)/bin/python -m pip install -q --upgrade pip
+	$(OPTIMUM)/bin/python -m pip install -q -r requirements-optimum.txt
+	touch $@
+
+test: install $(OPTIMUM)/.installed
+	EDGECP_OPTIMUM_PYTHON=$(CURDIR)/$(OPTIMUM)/bin/python $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check edgecp tests tools
 
 clean:
-	rm -rf $(VENV) edgecp-demo edgecp-out .pytest_cache
+	rm -rf $(VENV) $(OPTIMUM) edgecp-demo edgecp-out .pytest_cache

@@ -68,13 +68,13 @@ def test_tokenizer_files_load_in_transformers_with_the_runners_ids(fp32_export, 
 
 
 def _optimum_python() -> Path | None:
-    """optimum-onnx's environment (it pins transformers < 4.58): $EDGECP_OPTIMUM_PYTHON, or a `venv-optimum`
-    beside the checkout (see tools/check_optimum_reader.py for how to create it)."""
-    p = os.environ.get("EDGECP_OPTIMUM_PYTHON") or Path(__file__).resolve().parents[2] / "venv-optimum" / "bin" / "python"
+    """optimum-onnx's environment (it pins transformers < 4.58): $EDGECP_OPTIMUM_PYTHON (`make test` sets it to the
+    .venv-optimum it builds from requirements-optimum.txt), else .venv-optimum in the checkout."""
+    p = os.environ.get("EDGECP_OPTIMUM_PYTHON") or Path(__file__).resolve().parents[1] / ".venv-optimum" / "bin" / "python"
     return Path(p) if Path(p).is_file() else None
 
 
-@pytest.mark.skipif(_optimum_python() is None, reason="optimum's own venv is absent (set EDGECP_OPTIMUM_PYTHON)")
+@pytest.mark.skipif(_optimum_python() is None, reason="optimum's own venv is absent: run `make test`, which builds .venv-optimum, or set EDGECP_OPTIMUM_PYTHON")
 def test_optimum_ort_pipeline_loads_the_export_and_draws_the_runners_image(fp32_export, tmp_path):
     from edgecp.export.onnx_export import psnr
     from edgecp.export.ort_runner import OnnxStableDiffusion, initial_latents
@@ -223,6 +223,38 @@ def test_export_refused_below_the_image_gate_says_by_how_much(trained_store, tmp
     assert not out.exists() and not list(tmp_path.glob(".out-*"))
 
 
+def test_staged_references_draw_generates_image_with_one_model_at_a_time(trained_store):
+    """The export's PyTorch side (text encoder, then UNet, then VAE; edgecp.export.references) draws exactly the
+    image `torch_generate` draws with DDIM, records each model's inputs per call, and its UNet stage runs while the
+    other two models hold no memory (parked: on the meta device)."""
+    from edgecp.adapters import lora
+    from edgecp.export import references
+    from edgecp.export.onnx_export import _parked
+    from edgecp.generate import GenerateConfig, torch_generate
+    from edgecp.personal import PersonalModel
+    from edgecp.store import Store
+
+    comps = PersonalModel.load(Store.open(trained_store), device=torch.device("cpu")).comps
+    lora.merge(comps.unet)
+    prompt = "a photo of <beta> mug"
+    want = np.asarray(torch_generate(comps, prompt, GenerateConfig(n=1, seed=5, steps=3, sampler="ddim", size=32),
+                                     torch.device("cpu"))[0].convert("RGB"))
+    jobs = [references.Job(prompt, 5, 3, 32), references.Job("a dog", 6, 2, 32)]
+    references.encode(comps, jobs)
+    devices = []
+    with _parked([comps.text_encoder, comps.vae], Path(str(trained_store) + "-parked")):
+        references.denoise(comps, jobs, lambda job, i, n: devices.append(
+            (comps.text_encoder.device.type, comps.vae.device.type, comps.unet.device.type)))
+    references.decode(comps, jobs)
+    assert jobs[0].image.shape == (32, 32, 3) and np.array_equal(jobs[0].image, want)
+    assert not np.array_equal(jobs[1].image, want)
+    assert devices == [("meta", "meta", "cpu")] * 5
+    assert {k: len(v) for k, v in jobs[0].feeds.items()} == {"text_encoder": 2, "unet": 3, "vae_decoder": 1,
+                                                              "vae_encoder": 1}  # prompt and negative; 3 steps
+    lat = 32 // comps.vae_scale  # both halves of classifier-free guidance:
+    assert jobs[0].feeds["unet"][0]["sample"].shape == (2, comps.unet.config.in_channels, lat, lat)
+
+
 @pytest.mark.parametrize("profile", ["edge-int8", "cuda-fp16"])
 def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, profile):
     """Written with one model.onnx_data per model (forced on the tiny model: the layout of SD1.5-scale exports):
@@ -240,7 +272,7 @@ def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, prof
             "config.json", "model.onnx", "model.onnx_data"], name
         assert report["models"][name]["external_data"] is True
         assert [p for p in phases if p[0].endswith(" " + name)] == [
-            (f"{s} {name}", i, 1) for s in ("export", stage, "verify") for i in (0, 1)]
+            (f"{s} {name}", i, 1) for s in ("reference", "export", stage, "verify") for i in (0, 1)]
     steps = load_profile(profile).gate_steps
     assert phases[-1] == ("image gate", steps, steps)
     if profile == "edge-int8":  # static QDQ UNet passed both gates here (tiny base: 33 dB at 15 steps)

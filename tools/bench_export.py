@@ -10,7 +10,10 @@ process, on the same machine and threads:
   of the merged PyTorch UNet, same inputs, mean of `--runs` after 2 warm-up calls; their ratio;
 - one whole image (`--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
   and through diffusers (PyTorch fp32): seconds and ratio, PSNR against PyTorch's image and against the cpu-fp32
-  export's image.
+  export's image;
+- the UNet call's floating-point work (torch's FlopCounterMode, multiply-adds counted as 2) and the rate each backend
+  reaches, beside this machine's fp32 matrix-multiply rate (a 2048^3 GEMM on torch and on onnxruntime): a fp32
+  backend cannot beat the GEMM rate by much, which bounds what any fp32 export can gain over PyTorch here.
 Writes OUT/bench_export.json and OUT/bench_export.md (the two tables); prints each row as it finishes. What else
 ran on the machine is not measured: run it alone.
 """
@@ -56,6 +59,25 @@ def timed(fn, runs: int, warmup: int = 2) -> float:
     for _ in range(runs):
         fn()
     return (time.perf_counter() - t0) / runs
+
+
+def gemm_gflops(runs: int = 10, n: int = 2048) -> dict:
+    """This machine's fp32 GEMM rate (GFLOP/s) on torch and on onnxruntime's CPU provider, an n x n x n MatMul."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    rate = lambda seconds: round(2 * n**3 / seconds / 1e9, 1)
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])],
+                              [numpy_helper.from_array(b.numpy(), "B")])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    feed = {"A": a.numpy()}
+    return {"torch": rate(timed(lambda: a @ b, runs)), "onnxruntime": rate(timed(lambda: sess.run(None, feed), runs))}
 
 
 def _largest_fp32_model_bytes(comps) -> dict:
@@ -128,6 +150,14 @@ def main() -> None:
     t = torch.tensor(500.0)
     with torch.inference_mode():
         torch_unet = timed(lambda: comps.unet(x, t, c), a.runs)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            comps.unet(x, t, c)
+    unet_gflop = counter.get_total_flops() / 1e9
+    gemm = gemm_gflops()
+    print(f"UNet call: {unet_gflop:.1f} GFLOP; PyTorch {unet_gflop / torch_unet:.1f} GFLOP/s; fp32 GEMM on this machine: "
+          f"torch {gemm['torch']}, onnxruntime {gemm['onnxruntime']} GFLOP/s", flush=True)
     cfg = GenerateConfig(n=1, seed=0, steps=a.steps, guidance=GUIDANCE, sampler="ddim", size=size)
     t0 = time.perf_counter()
     torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
@@ -164,6 +194,7 @@ def main() -> None:
         row["unet_ms"] = round(timed(lambda s=sess, f=f: s.run(None, f), a.runs) * 1e3, 1)
         row["torch_unet_ms"] = round(torch_unet * 1e3, 1)
         row["unet_ratio"] = round(row["unet_ms"] / row["torch_unet_ms"], 3)
+        row["unet_gflops_per_s"] = round(unet_gflop / row["unet_ms"] * 1e3, 1)  # fp32-equivalent work per second
         t0 = time.perf_counter()
         img = np.asarray(pipe([prompt], steps=a.steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
         row["image_s"] = round(time.perf_counter() - t0, 2)
@@ -179,6 +210,8 @@ def main() -> None:
 
     meta = {"store": a.store, "base": store.info["base"], "size": size, "steps": a.steps, "runs": a.runs,
             "torch_threads": torch.get_num_threads(), "fp32_bytes": sizes, "cpu_count": os.cpu_count(),
+            "unet_gflop": round(unet_gflop, 1), "torch_unet_gflops_per_s": round(unet_gflop / torch_unet, 1),
+            "gemm_gflops_per_s": gemm,
             "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "rows": rows}
     (a.out / "bench_export.json").write_text(json.dumps(meta, indent=2))
     (a.out / "bench_export.md").write_text(tables(meta))
@@ -200,13 +233,19 @@ def tables(meta: dict) -> str:
                      f"{r['worst_parity'][0]:.2f} ({r['worst_parity'][1]}) | {r['gate_psnr_db']} |")
     lines += ["", f"Speed on onnxruntime's CPU provider vs PyTorch fp32 ({meta['size']} px, UNet batch 2, "
               f"{meta['steps']} steps, {meta['cpu_count']} cores, torch threads {meta['torch_threads']})", "",
-              "| profile | UNet ms ONNX | UNet ms PyTorch | ratio | image s ONNX | image s PyTorch | ratio | "
-              "PSNR vs PyTorch dB | PSNR vs ONNX fp32 dB |", "|---|---|---|---|---|---|---|---|---|"]
+              "| profile | UNet ms ONNX | UNet ms PyTorch | ratio | UNet GFLOP/s ONNX | image s ONNX | image s PyTorch "
+              "| ratio | PSNR vs PyTorch dB | PSNR vs ONNX fp32 dB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in meta["rows"]:
         if "error" not in r:
             lines.append(f"| {r['profile']} | {r['unet_ms']} | {r['torch_unet_ms']} | {r['unet_ratio']} | "
+                         f"{r.get('unet_gflops_per_s', '-')} | "
                          f"{r['image_s']} | {r['torch_image_s']} | {r['image_ratio']} | {r['psnr_vs_torch_db']} | "
                          f"{'-' if r['psnr_vs_onnx_fp32_db'] is None else r['psnr_vs_onnx_fp32_db']} |")
+    if "unet_gflop" in meta:
+        lines += ["", f"UNet call: {meta['unet_gflop']} GFLOP (multiply-adds as 2); PyTorch reaches "
+                  f"{meta['torch_unet_gflops_per_s']} GFLOP/s. This machine's fp32 GEMM (2048^3): torch "
+                  f"{meta['gemm_gflops_per_s']['torch']}, onnxruntime {meta['gemm_gflops_per_s']['onnxruntime']} GFLOP/s. "
+                  "int8 and fp16 rows count the same work at fp32 sizes."]
     return "\n".join(lines) + "\n"
 
 

@@ -15,11 +15,12 @@ Weights: a model whose fp32 weights reach `EXTERNAL_DATA_MIN_BYTES` (1 GiB; prot
 written as `model.onnx` (graph) + one `model.onnx_data` (every tensor of 1 KiB or more, 4 KiB aligned so
 onnxruntime can map it), never as the hundreds of loose per-tensor files torch's exporter writes past 2 GiB.
 Each model goes through a private scratch folder (export -> optimize/quantize -> one data file) that is deleted
-before the next model starts, so no intermediate file reaches the final folder. Memory: every PyTorch reference
-(tensor outputs and the gate image) is computed first, each torch model is dropped (moved to the meta device)
-as soon as it is exported, and the models are verified once all are exported, so no onnxruntime session sits
-beside torch weights; the data file is written tensor by tensor, and onnxruntime's optimizer and quantizer run on
-the graph without its weights (see `_optimize`, `_to_int8`).
+before the next model starts, so no intermediate file reaches the final folder. Memory: PyTorch's side runs in
+three stages with one model in memory at a time (`edgecp.export.references`: the text encoder's embeddings, then
+the UNet's DDIM loops and its export while the other two wait on disk, then the VAE's decode), each model is dropped
+(moved to the meta device) as soon as it is exported, and the models are verified once all are exported, so no
+onnxruntime session sits beside torch weights; the data file is written tensor by tensor, and onnxruntime's
+optimizer and quantizer run on the graph without its weights (see `_optimize`, `_to_int8`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
+from edgecp.export import references
 from edgecp.integrity import lock_dir, unlock_dir, write_export_meta
 from edgecp.memory import release_memory
 from edgecp.model.tokens import bake_tokens
@@ -92,15 +94,17 @@ class _VaeEncoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters  # (B, 2C, h, w): mean and logvar
 
 
-EXAMPLE_LATENT_MAX = 32  # example inputs at most 32x32 latents (256 px): all spatial axes are dynamic anyway
+EXAMPLE_LATENT_MAX = 8  # example inputs at most 8x8 latents (64 px), batch 1: every batch and spatial axis is dynamic
 
 
-def _specs(comps, batch: int = 2) -> dict:
+def _specs(comps) -> dict:
     """Per model: wrapper, example inputs (seeded), input/output names, dynamic axes.
 
-    The example latents are the base's size capped at EXAMPLE_LATENT_MAX: the traced graph is the same at any
-    size (height and width are dynamic axes), and an SD1.5 UNet traced at 64x64 latents holds ~1 GB per
-    self-attention map during the trace, on top of the weights."""
+    The example latents are the base's size capped at EXAMPLE_LATENT_MAX, batch 1 (the text encoder's: two
+    prompts). The traced graph is the same at any size and batch (they are dynamic axes; the tensor gate then checks
+    the export at the gate's size and classifier-free guidance's batch of 2), while the trace's own memory is not:
+    SD1.5's UNet exported from 32x32 latents at batch 2 peaked 1.35 GB above its weights, from 8x8 at batch 1
+    0.55 GB (16x16: 0.79 GB), measured on this 2-core machine."""
     g = torch.Generator().manual_seed(0)
     lat = min(comps.unet.config.sample_size, EXAMPLE_LATENT_MAX)
     res = lat * comps.vae_scale
@@ -113,8 +117,8 @@ def _specs(comps, batch: int = 2) -> dict:
                          {"input_ids": {0: "batch_size", 1: "sequence_length"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
                           "pooler_output": {0: "batch_size"}}),
         "unet": (_UNet(comps.unet),
-                 (torch.randn(batch, c_in, lat, lat, generator=g), torch.tensor(981.0),
-                  torch.randn(batch, comps.tokenizer.model_max_length, d, generator=g)),
+                 (torch.randn(1, c_in, lat, lat, generator=g), torch.tensor(981.0),
+                  torch.randn(1, comps.tokenizer.model_max_length, d, generator=g)),
                  ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                  {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {},
                   "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
@@ -445,43 +449,6 @@ def calibration_prompts(concepts: list[dict]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-@contextlib.contextmanager
-def _recording_inputs(comps, feeds: dict[str, list[dict]]):
-    """While the block runs diffusers' pipeline on `comps`, every call's inputs land in feeds[model] under the
-    export's input names (text_encoder, unet, vae_decoder; vae_encoder gets the decoded images). Forward pre-hooks
-    on the torch modules, and the VAE's `decode` wrapped on the instance (it is a method, not a module)."""
-    hooks = []
-    np_ = lambda t: t.detach().float().numpy().copy() if t.is_floating_point() else t.detach().numpy().copy()
-
-    def text(_m, args, kwargs):
-        ids = args[0] if args else kwargs["input_ids"]
-        feeds.setdefault("text_encoder", []).append({"input_ids": np_(ids)})
-
-    def unet(_m, args, kwargs):
-        names = ("sample", "timestep", "encoder_hidden_states")
-        vals = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
-        feeds.setdefault("unet", []).append({k: np_(torch.as_tensor(vals[k])) for k in names})
-
-    decode = comps.vae.decode
-
-    def recording_decode(z, *args, **kwargs):
-        out = decode(z, *args, **kwargs)
-        feeds.setdefault("vae_decoder", []).append({"latent_sample": np_(z)})
-        image = out[0] if isinstance(out, tuple) else out.sample
-        feeds.setdefault("vae_encoder", []).append({"sample": np_(image.clamp(-1, 1))})
-        return out
-
-    hooks.append(comps.text_encoder.register_forward_pre_hook(text, with_kwargs=True))
-    hooks.append(comps.unet.register_forward_pre_hook(unet, with_kwargs=True))
-    comps.vae.decode = recording_decode
-    try:
-        yield feeds
-    finally:
-        for h in hooks:
-            h.remove()
-        del comps.vae.decode  # the class's method again
-
-
 def _gate_args(calls: list[dict], spec) -> tuple:
     """The tensor gate's inputs of one model: what it was fed at the middle of PyTorch's gate image (a text encoder
     and a VAE are called once, a UNet once per step), as the export's example inputs' dtypes. Inputs from the model's
@@ -490,25 +457,6 @@ def _gate_args(calls: list[dict], spec) -> tuple:
     call = calls[len(calls) // 2]
     return tuple(torch.from_numpy(np.asarray(call[n])).to(e.dtype).reshape(e.shape if e.dim() == 0 else call[n].shape)
                  for n, e in zip(names, example))
-
-
-def _calibration_feeds(comps, prompts: list[str], profile: DeviceProfile, progress: ExportProgress | None
-                       ) -> dict[str, list[dict]]:
-    """Per model, the inputs it sees while PyTorch draws one image per calibration prompt (DDIM,
-    `profile.calibration_steps` steps, the gate's size, guidance as generate's default: both halves of classifier-free
-    guidance are seen). Small: a few MB for SD1.5 at 256 px."""
-    from edgecp.generate import GenerateConfig, torch_generate
-
-    size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
-    feeds: dict[str, list[dict]] = {}
-    total = len(prompts) * profile.calibration_steps
-    with _recording_inputs(comps, feeds):
-        for i, prompt in enumerate(prompts):
-            cfg = GenerateConfig(n=1, seed=CALIBRATION_SEED + i, steps=profile.calibration_steps, sampler="ddim",
-                                 size=size)
-            cb = (lambda j, _n, _b=i * profile.calibration_steps: progress("calibrate", _b + j, total)) if progress else None
-            torch_generate(comps, prompt, cfg, torch.device("cpu"), callback=cb)
-    return feeds
 
 
 class _Feeds:
@@ -659,15 +607,6 @@ def gate_prompt(concepts: list[dict]) -> str:
     return "a photo of a dog"
 
 
-def _torch_gate_image(comps, prompt: str, profile: DeviceProfile) -> np.ndarray:
-    from edgecp.generate import GenerateConfig, torch_generate
-
-    size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
-    # DDIM on both sides: the torch-free runner samples with DDIM whatever the base's scheduler
-    cfg = GenerateConfig(n=1, seed=GATE_SEED, steps=profile.gate_steps, sampler="ddim", size=size)
-    return np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
-
-
 def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, ref: np.ndarray, is_tiny: bool,
                 progress: ExportProgress | None, optimization: str = "all") -> dict:
     """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch)."""
@@ -771,20 +710,11 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         raise EdgecpError(f"export folder '{out}' exists and is not empty: remove it or pass another --out")
     model = PersonalModel.load(store, device=torch.device("cpu"))  # full precision, CPU: merge never touches int8
     comps = model.comps
-    if lora.has_adapter(comps.unet):
-        lora.merge(comps.unet)
-    bake_tokens(comps.text_encoder)
-    for m in (comps.text_encoder, comps.unet, comps.vae):
-        m.eval().float()
     concepts = [{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts]
-
-    # the UNet first: torch's exporter streams a model past 2 GiB to external files, but holds a smaller one whole
-    # in memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB); with the UNet already dropped, those
-    # copies never sit beside the UNet's weights
     names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
     optimizing = profile.optimize or profile.precision == "fp16"
     static = profile.precision == "int8" and "static" in profile.quantization
-    stages = (["calibrate"] * static + ["export"]
+    stages = (["reference"] + ["calibrate"] * static + ["export"]
               + ["optimize"] * optimizing + ["quantize"] * (profile.precision == "int8") + ["verify"])
     gpu = optimizing and "CUDAExecutionProvider" in profile.providers and cuda_usable()
     level = _verify_optimization(profile, gpu)
@@ -795,41 +725,76 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
               "version": version, "models": {}}
     try:
         specs = _specs(comps)
-        # every PyTorch reference first: then each torch model can be dropped as soon as it is exported
         prompt = gate_prompt(concepts)
-        with _recording_inputs(comps, {}) as seen:
-            ref_image = _torch_gate_image(comps, prompt, profile)
-        gate_args = {name: _gate_args(seen[name], specs[name]) for name in names}
-        with torch.no_grad():
-            refs = {}
-            for name in names:
+        size = min(comps.resolution, profile.gate_size) // comps.vae_scale * comps.vae_scale
+        gate = references.Job(prompt, GATE_SEED, profile.gate_steps, size)
+        # static int8's calibration images: text only (the purged photos are never read), seeds the gate never uses
+        calibration = [references.Job(p, CALIBRATION_SEED + i, profile.calibration_steps, size)
+                       for i, p in enumerate(calibration_prompts(concepts))] if static else []
+        gate_args, refs, seconds, external = {}, {}, {}, {}
+
+        def reference(name: str) -> None:  # the tensor gate's inputs and PyTorch's outputs on them
+            gate_args[name] = _gate_args(gate.feeds[name], specs[name])
+            with torch.no_grad():
                 r = specs[name][0](*gate_args[name])
-                refs[name] = r if isinstance(r, tuple) else (r,)
-        feeds = _calibration_feeds(comps, calibration_prompts(concepts), profile, progress) if static else {}
-        owners = {"text_encoder": comps.text_encoder, "unet": comps.unet, "vae_decoder": comps.vae,
-                  "vae_encoder": comps.vae}
-        # every model out of torch first, each torch model dropped as soon as its graph is written; then the
-        # onnxruntime stages (optimizer, calibration session, quantizer), which never sit beside torch weights
-        seconds, external = {}, {}
-        others = [comps.text_encoder, comps.vae]
-        for i, name in enumerate(names):
+            refs[name] = r if isinstance(r, tuple) else (r,)
+
+        def export(name: str, drop: bool) -> None:  # the raw fp32 graph, then (drop) the torch weights go
             module, args, inputs, outputs, axes = specs[name]
             raw = tmp / f".scratch-{name}" / "raw"
             raw.mkdir(parents=True)
             t0 = time.perf_counter()
             _stage(progress, "export", name, 0)
-            # the small models wait on disk while the UNet is traced (its peak is its own) and come back once the
-            # UNet is dropped
-            with _parked(others, tmp / ".parked") if name == "unet" else contextlib.nullcontext():
-                _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
-                if all(owners[n] is not owners[name] for n in names[i + 1:]):
-                    owners[name].to("meta")  # drop the torch weights: references are computed, the graph is written
+            _torch_onnx_export(module, args, raw / "model.onnx", inputs, outputs, axes, profile.opset)
+            if drop:
+                module.to("meta")  # its references are computed, its graph is written
             _stage(progress, "export", name, 1)
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
             external[name] = _weight_bytes(graph, raw) >= threshold
-            del graph
             seconds[name] = time.perf_counter() - t0
-        del module, args
+
+        # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references), each model
+        # full precision only in its own stage. 1: the text encoder, its concept tokens baked: every prompt's
+        # embeddings. Its export waits until the UNet is gone: torch's exporter holds a model under 2 GiB whole in
+        # memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB), and streams only larger ones to disk.
+        _stage(progress, "reference", "text_encoder", 0)
+        bake_tokens(comps.text_encoder)
+        comps.text_encoder.eval().float()
+        references.encode(comps, [gate, *calibration])
+        reference("text_encoder")
+        _stage(progress, "reference", "text_encoder", 1)
+        # 2: the UNet, the adapter merged into its full-precision weights, while the text encoder and the VAE wait
+        # on disk: the gate image's and the calibration images' DDIM loops, then its export; then it is dropped
+        with _parked([comps.text_encoder, comps.vae], tmp / ".parked"):
+            _stage(progress, "reference", "unet", 0)
+            comps.unet.eval().float()
+            if lora.has_adapter(comps.unet):
+                lora.merge(comps.unet)
+            total = len(calibration) * profile.calibration_steps
+            done = {id(j): k * profile.calibration_steps for k, j in enumerate(calibration)}
+            step = (lambda job, i, n: progress("calibrate", done[id(job)] + i, total) if job is not gate
+                    else progress("reference image", i, n)) if progress else None
+            references.denoise(comps, [gate, *calibration], step)
+            reference("unet")
+            _stage(progress, "reference", "unet", 1)
+            release_memory(torch.device("cpu"))  # the loops' activations back to the OS before the trace's
+            export("unet", drop=True)
+            release_memory(torch.device("cpu"))
+        # 3: the VAE: the gate image, then every small model's export
+        vae_names = [n for n in names if n.startswith("vae_")]
+        for name in vae_names:
+            _stage(progress, "reference", name, 0)
+        comps.vae.eval().float()
+        references.decode(comps, [gate])
+        for name in vae_names:
+            reference(name)
+            _stage(progress, "reference", name, 1)
+        # static int8's calibration inputs (STATIC_MODELS: the UNet; a static VAE would need the calibration
+        # images decoded too)
+        feeds = {n: [f for job in calibration for f in job.feeds.get(n, [])] for n in ("text_encoder", "unet")}
+        export("text_encoder", drop=True)
+        for name in vae_names:
+            export(name, drop=name == vae_names[-1])
         release_memory(torch.device("cpu"))  # torch's freed blocks back to the OS before onnxruntime's sessions
         # then onnxruntime's stages, per variant in the profile's order until one passes both gates (int8: static,
         # else dynamic; any other profile: one); the raw fp32 graphs stay on disk while a later variant may need them
@@ -841,14 +806,14 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
                                                   refs, specs, gpu, level, progress, keep_raw=k + 1 < len(variants))
                 _write_configs(tmp, comps, names)
                 t0 = time.perf_counter()
-                gate = _image_gate(tmp, profile, prompt, profile.gate_steps, ref_image,
-                                   store.info["base"].get("kind") == "tiny", progress, level)
-                gate["seconds"] = round(time.perf_counter() - t0, 2)
-                report["image_gate"] = gate
-                if not gate["psnr_db"] >= profile.min_psnr:
+                image_gate = _image_gate(tmp, profile, prompt, profile.gate_steps, gate.image,
+                                         store.info["base"].get("kind") == "tiny", progress, level)
+                image_gate["seconds"] = round(time.perf_counter() - t0, 2)
+                report["image_gate"] = image_gate
+                if not image_gate["psnr_db"] >= profile.min_psnr:
                     raise _Refused(
-                        f"export refused: its image is {gate['psnr_db']:.2f} dB PSNR from PyTorch's, "
-                        f"{profile.min_psnr - gate['psnr_db']:.2f} dB below the {profile.min_psnr:g} dB profile "
+                        f"export refused: its image is {image_gate['psnr_db']:.2f} dB PSNR from PyTorch's, "
+                        f"{profile.min_psnr - image_gate['psnr_db']:.2f} dB below the {profile.min_psnr:g} dB profile "
                         f"'{profile.name}' requires; try a higher-precision profile such as cpu-fp32")
             except _Refused as e:
                 attempts.append({"quantization": variant, "refused": str(e).removeprefix("export refused: ")})
@@ -885,20 +850,14 @@ def _parked(modules: list[torch.nn.Module], folder: Path):
     after it, the same module objects get their tensors back from those files, which are deleted, and parameters
     shared inside a module are shared again. (Weights shared between two of the modules would not be: no text
     encoder and VAE share any.)"""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    files, ties = [], []
-    for i, m in enumerate(modules):
-        owner: dict[int, str] = {}  # moving to meta unties shared parameters: remember which name owns each
-        ties.append({})
-        for n, p in m.named_parameters(remove_duplicate=False):
-            if owner.setdefault(id(p), n) != n:
-                ties[-1][n] = owner[id(p)]
-        tensors = {f"p.{n}": p for n, p in m.named_parameters()} | {f"b.{n}": b for n, b in m.named_buffers()}
-        files.append(folder / f"{i}.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(files[-1]))
-        m.to("meta")
+    files = [folder / f"{i}.safetensors" for i in range(len(modules))]
+    # in a function of its own: a loop variable left here would keep a weight alive through the block, and with it
+    # the whole safetensors file that diffusers mapped it from (one tensor holds the mapping)
+    ties = [_park(m, f) for m, f in zip(modules, files)]
+    release_memory(torch.device("cpu"))  # the writer's copies back to the OS: the block's peak is its own
     try:
         yield
     finally:
@@ -915,6 +874,21 @@ def _parked(modules: list[torch.nn.Module], folder: Path):
                     b.copy_(saved.pop(f"b.{n}"))
                 del saved
         shutil.rmtree(folder)
+
+
+def _park(m: torch.nn.Module, file: Path) -> dict[str, str]:
+    """m's parameters and buffers to `file`, m to the meta device; returns {tied parameter: the name owning it}."""
+    from safetensors.torch import save_file
+
+    owner: dict[int, str] = {}  # moving to meta unties shared parameters: remember which name owns each
+    ties = {}
+    for n, p in m.named_parameters(remove_duplicate=False):
+        if owner.setdefault(id(p), n) != n:
+            ties[n] = owner[id(p)]
+    tensors = {f"p.{n}": p for n, p in m.named_parameters()} | {f"b.{n}": b for n, b in m.named_buffers()}
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
+    m.to("meta")
+    return ties
 
 
 def _stage(progress: ExportProgress | None, stage: str, name: str, done: int) -> None:

@@ -1,0 +1,136 @@
+"""PyTorch's side of an export, one model in memory at a time.
+
+An export needs, from PyTorch: the image gate's reference image, each model's outputs on the inputs it saw while
+drawing that image (the tensor gate), and for static int8 the UNet's inputs while drawing the calibration images.
+Drawn with diffusers' whole pipeline, those need the text encoder, the UNet and the VAE resident together (SD1.5:
+4.3 GB fp32 beside 3.4 GB for the UNet alone). Here the same pipeline runs in three stages, each needing one model:
+
+1. `encode`: the text encoder gives every job's prompt embeddings (diffusers' `encode_prompt`);
+2. `denoise`: the UNet runs each job's DDIM loop from those embeddings (the pipeline with `output_type="latent"`);
+3. `decode`: the VAE turns the final latents into images (`vae.decode` and the pipeline's own post-processing).
+
+Same modules, same calls, same order as `edgecp.generate.torch_generate`: the images are the ones `edgecp generate`
+draws with DDIM (the tests compare them). Between stages the caller drops or parks the models it is done with.
+`recording` captures each model's inputs per call (forward pre-hooks; the VAE's `decode` wrapped on the instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+GUIDANCE = 7.5  # generate's default, as the ONNX runner's: both halves of classifier-free guidance are seen
+
+
+@dataclass
+class Job:
+    """One image to draw: its prompt, seed, DDIM steps and side in pixels; what each stage left."""
+
+    prompt: str
+    seed: int
+    steps: int
+    size: int
+    feeds: dict[str, list[dict]] = field(default_factory=dict)  # per model, the inputs of each call (export names)
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None      # (prompt, negative prompt) from the text encoder
+    latents: torch.Tensor | None = None                           # the UNet's final latents
+    image: np.ndarray | None = None                               # (H, W, 3) uint8, from the VAE
+
+
+@contextlib.contextmanager
+def recording(comps, feeds: dict[str, list[dict]]):
+    """While the block runs, every call's inputs land in feeds[model] under the export's input names
+    (text_encoder, unet, vae_decoder; vae_encoder gets the decoded images, clamped to the encoder's range)."""
+    hooks = []
+    np_ = lambda t: t.detach().float().numpy().copy() if t.is_floating_point() else t.detach().numpy().copy()
+
+    def text(_m, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        feeds.setdefault("text_encoder", []).append({"input_ids": np_(ids)})
+
+    def unet(_m, args, kwargs):
+        names = ("sample", "timestep", "encoder_hidden_states")
+        vals = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+        feeds.setdefault("unet", []).append({k: np_(torch.as_tensor(vals[k])) for k in names})
+
+    decode = comps.vae.decode
+
+    def recording_decode(z, *args, **kwargs):
+        out = decode(z, *args, **kwargs)
+        feeds.setdefault("vae_decoder", []).append({"latent_sample": np_(z)})
+        image = out[0] if isinstance(out, tuple) else out.sample
+        feeds.setdefault("vae_encoder", []).append({"sample": np_(image.clamp(-1, 1))})
+        return out
+
+    hooks.append(comps.text_encoder.register_forward_pre_hook(text, with_kwargs=True))
+    hooks.append(comps.unet.register_forward_pre_hook(unet, with_kwargs=True))
+    comps.vae.decode = recording_decode
+    try:
+        yield feeds
+    finally:
+        for h in hooks:
+            h.remove()
+        del comps.vae.decode  # the class's method again
+
+
+def _pipeline(comps, text_encoder=None, unet=None):
+    """diffusers' pipeline holding only the stage's model: the others may be on the meta device (parked), and the
+    pipeline takes its device from the first model it holds."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(comps.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.vae_scale_factor = comps.vae_scale  # diffusers assumes 8 without a VAE
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode(comps, jobs: list[Job], negative_prompt: str = "") -> None:
+    """Stage 1, the text encoder only: each job's (prompt, negative prompt) embeddings."""
+    pipe = _pipeline(comps, text_encoder=comps.text_encoder)
+    for job in jobs:
+        with recording(comps, job.feeds):
+            job.embeds = pipe.encode_prompt(job.prompt, torch.device("cpu"), 1, True, negative_prompt=negative_prompt)
+
+
+@torch.no_grad()
+def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | None = None) -> None:
+    """Stage 2, the UNet only: each job's DDIM loop from its embeddings and seed's latents, to its final latents.
+    ``callback(job, step, steps)`` after each step."""
+    from edgecp.export.ort_runner import initial_latents
+
+    pipe = _pipeline(comps, unet=comps.unet)
+    for job in jobs:
+        lat = job.size // comps.vae_scale
+        latents = torch.from_numpy(initial_latents(job.seed, 1, comps.unet.config.in_channels, lat, lat))
+        on_step = None
+        if callback is not None:
+            def on_step(_pipe, i, _t, kwargs, _job=job):
+                callback(_job, i + 1, _job.steps)
+                return kwargs
+        with recording(comps, job.feeds):
+            job.latents = pipe(
+                prompt_embeds=job.embeds[0], negative_prompt_embeds=job.embeds[1], height=job.size, width=job.size,
+                num_inference_steps=job.steps, guidance_scale=GUIDANCE,
+                latents=latents * pipe.scheduler.init_noise_sigma, output_type="latent", callback_on_step_end=on_step,
+            ).images
+
+
+@torch.no_grad()
+def decode(comps, jobs: list[Job]) -> None:
+    """Stage 3, the VAE only: each job's image, as the pipeline decodes and post-processes it."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=comps.vae_scale)
+    for job in jobs:
+        with recording(comps, job.feeds):
+            image = comps.vae.decode(job.latents / comps.vae.config.scaling_factor, return_dict=False)[0]
+        pil = processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])[0]
+        job.image = np.asarray(pil.convert("RGB"))
