@@ -8,7 +8,7 @@ For each profile, `edgecp export` runs in a fresh process (its own peak RSS, `re
 process, on the same machine and threads:
 - UNet call latency (batch 2: classifier-free guidance, at `--size`) of the export on onnxruntime's CPU provider and
   of the merged PyTorch UNet, same inputs, mean of `--runs` after 2 warm-up calls; their ratio;
-- one whole image (`--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
+- a whole image (mean of `--image-runs` after a 2-step warm-up image; `--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
   and through diffusers (PyTorch fp32): seconds and ratio, PSNR against PyTorch's image and against the cpu-fp32
   export's image;
 - the UNet call's floating-point work (torch's FlopCounterMode, multiply-adds counted as 2) and the rate each backend
@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the base's, at most 256)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--runs", type=int, default=5, help="UNet calls timed per backend")
+    ap.add_argument("--image-runs", type=int, default=1,
+                    help="whole images timed per backend (their mean), after one 2-step warm-up image each")
     ap.add_argument("--reuse", action="store_true", help="keep exports already in --out (no export figures then)")
     ap.add_argument("--child-export", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -159,9 +162,11 @@ def main() -> None:
     print(f"UNet call: {unet_gflop:.1f} GFLOP; PyTorch {unet_gflop / torch_unet:.1f} GFLOP/s; fp32 GEMM on this machine: "
           f"torch {gemm['torch']}, onnxruntime {gemm['onnxruntime']} GFLOP/s", flush=True)
     cfg = GenerateConfig(n=1, seed=0, steps=a.steps, guidance=GUIDANCE, sampler="ddim", size=size)
+    torch_generate(comps, prompt, replace(cfg, steps=2), torch.device("cpu"))  # warm-up
     t0 = time.perf_counter()
-    torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
-    torch_image_s = time.perf_counter() - t0
+    for _ in range(a.image_runs):
+        torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
+    torch_image_s = (time.perf_counter() - t0) / a.image_runs
     print(f"pytorch fp32: UNet call {torch_unet * 1e3:.1f} ms, image {torch_image_s:.2f} s "
           f"({a.steps} steps, {size} px, {torch.get_num_threads()} threads)", flush=True)
 
@@ -195,9 +200,13 @@ def main() -> None:
         row["torch_unet_ms"] = round(torch_unet * 1e3, 1)
         row["unet_ratio"] = round(row["unet_ms"] / row["torch_unet_ms"], 3)
         row["unet_gflops_per_s"] = round(unet_gflop / row["unet_ms"] * 1e3, 1)  # fp32-equivalent work per second
+        draw = lambda steps, p=pipe: np.asarray(p([prompt], steps=steps, seed=0, guidance=GUIDANCE, height=size,
+                                                     width=size)[0])
+        draw(2)  # warm-up: every session's first run
         t0 = time.perf_counter()
-        img = np.asarray(pipe([prompt], steps=a.steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
-        row["image_s"] = round(time.perf_counter() - t0, 2)
+        for _ in range(a.image_runs):
+            img = draw(a.steps)
+        row["image_s"] = round((time.perf_counter() - t0) / a.image_runs, 2)
         row["torch_image_s"] = round(torch_image_s, 2)
         row["image_ratio"] = round(row["image_s"] / torch_image_s, 3)
         row["psnr_vs_torch_db"] = round(psnr(img, torch_img), 2)
@@ -209,7 +218,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     meta = {"store": a.store, "base": store.info["base"], "size": size, "steps": a.steps, "runs": a.runs,
-            "torch_threads": torch.get_num_threads(), "fp32_bytes": sizes, "cpu_count": os.cpu_count(),
+            "image_runs": a.image_runs, "torch_threads": torch.get_num_threads(), "fp32_bytes": sizes, "cpu_count": os.cpu_count(),
             "unet_gflop": round(unet_gflop, 1), "torch_unet_gflops_per_s": round(unet_gflop / torch_unet, 1),
             "gemm_gflops_per_s": gemm,
             "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "rows": rows}

@@ -4,9 +4,8 @@
 optimum-onnx pins transformers < 4.58, which edgecp (transformers 5) cannot share a venv with, so this script
 imports nothing from edgecp: run it with the other environment's python.
 
-    python3.11 -m venv /work/venv-optimum
-    /work/venv-optimum/bin/pip install torch optimum-onnx "transformers<4.58" "diffusers<0.36" onnxruntime
-    /work/venv-optimum/bin/python tools/check_optimum_reader.py EXPORT_DIR --prompt "a photo of <alpha> dog" \
+    python3 -m venv .venv-optimum && .venv-optimum/bin/pip install -r requirements-optimum.txt   # or: make test
+    .venv-optimum/bin/python tools/check_optimum_reader.py EXPORT_DIR --prompt "a photo of <alpha> dog" \
         --steps 2 --latents latents.npy --out image.png
 
 Prints one JSON line: the versions, the prompt's input ids from transformers 4's slow CLIPTokenizer (which
