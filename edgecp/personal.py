@@ -63,19 +63,24 @@ class PersonalModel:
 
     @classmethod
     def load(cls, store: Store, version: str | None = None, device: torch.device | None = None,
-             plan=None) -> PersonalModel:
+             plan=None, stream: bool = False) -> PersonalModel:
         """The version's model. With a memory `plan` the frozen base is held as the plan says (16-bit or 8-bit,
-        the adapted layers fp32, the adapter unmerged and fp32); without one, in full precision (export, merges)."""
+        the adapted layers fp32, the adapter unmerged and fp32); without one, in full precision (export, merges).
+
+        `stream` (full precision): the UNet is read tensor by tensor (`edgecp.model.quant.stream_unet`) instead of
+        by diffusers, whose fp32 load of an fp16 file holds the mapped fp16 file beside the fp32 copy of everything
+        (SD1.5 stored fp16: 6.5 GB while loading for export)."""
         device = device or default_device()
         version = store.check_version(version)  # refuse files that fail the hashes the manifest recorded
         spec = open_base(store)
-        if plan is None:
+        if plan is None and not stream:
             comps = load_components(spec)
         else:
-            from edgecp.model.quant import load_planned
+            from edgecp.model.quant import Precision, load_planned
 
             keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
-            comps = load_planned(spec, replace(plan.precision, keep=keep), device.type)
+            precision = plan.precision if plan is not None else Precision("fp32")
+            comps = load_planned(spec, replace(precision, keep=keep), device.type)
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))

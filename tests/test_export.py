@@ -255,6 +255,35 @@ def test_staged_references_draw_generates_image_with_one_model_at_a_time(trained
     assert jobs[0].feeds["unet"][0]["sample"].shape == (2, comps.unet.config.in_channels, lat, lat)
 
 
+def test_a_16bit_base_is_read_tensor_by_tensor_for_export_to_the_same_weights(trained_store, tmp_path):
+    """The export tells the UNet file's stored dtype from its header, and loads a 16-bit base (the tiny one is) with
+    the UNet streamed (diffusers' fp32 load of an fp16 file holds both: 6.5 GB for SD1.5); streamed or not, the
+    personal model's weights are the same, adapter included."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edgecp.model.base import resolve_base, stored_unet_dtype
+    from edgecp.personal import PersonalModel, open_base
+    from edgecp.store import Store
+
+    store = Store.open(trained_store)
+    assert stored_unet_dtype(open_base(store)) == "F16"  # the shipped tiny base keeps its UNet in fp16
+    full = tmp_path / "base32"
+    shutil.copytree(open_base(store).path, full, ignore=shutil.ignore_patterns("evaluator*"))
+    for f in (full / "unet").glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(str(f)).items()}, str(f))
+    assert stored_unet_dtype(resolve_base(str(full))) == "F32"
+
+    plain = PersonalModel.load(store, device=torch.device("cpu")).comps
+    streamed = PersonalModel.load(store, device=torch.device("cpu"), stream=True).comps
+    for name in ("unet", "text_encoder", "vae"):
+        a, b = getattr(plain, name).state_dict(), getattr(streamed, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(b[k].dtype == a[k].dtype and torch.equal(a[k], b[k]) for k in a), name
+    assert any("lora" in k for k in streamed.unet.state_dict())  # the version's adapter is attached
+
+
 @pytest.mark.parametrize("profile", ["edge-int8", "cuda-fp16"])
 def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, profile):
     """Written with one model.onnx_data per model (forced on the tiny model: the layout of SD1.5-scale exports):

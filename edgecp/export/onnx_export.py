@@ -699,7 +699,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     """
     import onnx
 
-    from edgecp.personal import PersonalModel
+    from edgecp.model.base import stored_unet_dtype
+    from edgecp.personal import PersonalModel, open_base
 
     profile = load_profile(profile_name)
     threshold = EXTERNAL_DATA_MIN_BYTES if external_data_min_bytes is None else external_data_min_bytes
@@ -708,7 +709,10 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     out = Path(out) if out else store.root / "exports" / f"{profile.name}-{version}"
     if out.exists() and any(out.iterdir()):
         raise EdgecpError(f"export folder '{out}' exists and is not empty: remove it or pass another --out")
-    model = PersonalModel.load(store, device=torch.device("cpu"))  # full precision, CPU: merge never touches int8
+    # full precision, CPU (merge never touches int8). An fp32 file stays mapped and is read as each stage runs; a
+    # 16-bit one is converted on load, the UNet tensor by tensor (diffusers would hold the file beside all of it)
+    stream = stored_unet_dtype(open_base(store)) not in (None, "F32")
+    model = PersonalModel.load(store, device=torch.device("cpu"), stream=stream)
     comps = model.comps
     concepts = [{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts]
     names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
@@ -753,8 +757,9 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             external[name] = _weight_bytes(graph, raw) >= threshold
             seconds[name] = time.perf_counter() - t0
 
-        # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references), each model
-        # full precision only in its own stage. 1: the text encoder, its concept tokens baked: every prompt's
+        # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references). (The base loads
+        # as fp32, diffusers' way: an fp32 file stays mapped and is read as each model runs; an fp16 file is
+        # converted on load, all of it.) 1: the text encoder, its concept tokens baked: every prompt's
         # embeddings. Its export waits until the UNet is gone: torch's exporter holds a model under 2 GiB whole in
         # memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB), and streams only larger ones to disk.
         _stage(progress, "reference", "text_encoder", 0)

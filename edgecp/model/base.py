@@ -92,6 +92,23 @@ def weight_files(spec: BaseSpec) -> list[Path]:
     return files
 
 
+def stored_unet_dtype(spec: BaseSpec) -> str | None:
+    """The safetensors dtype ("F32", "F16", "BF16") of the first floating tensor of the base's UNet file, from its
+    header alone; None for a single-file base (diffusers converts the whole checkpoint there anyway)."""
+    assert spec.path is not None
+    if spec.path.is_file():
+        return None
+    for f in sorted((spec.path / "unet").glob("*.safetensors")):
+        if ".fp16." in f.name:
+            continue
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16", "F64"):
+                return entry["dtype"]
+    return None
+
+
 def base_sha256(spec: BaseSpec) -> str:
     """sha256 over the base's weight files (name + bytes), cached by (path, size, mtime) to avoid rehashing GBs."""
     cache_file = edgecp_home() / "hash-cache.json"
