@@ -757,9 +757,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             external[name] = _weight_bytes(graph, raw) >= threshold
             seconds[name] = time.perf_counter() - t0
 
-        # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references). (The base loads
-        # as fp32, diffusers' way: an fp32 file stays mapped and is read as each model runs; an fp16 file is
-        # converted on load, all of it.) 1: the text encoder, its concept tokens baked: every prompt's
+        # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references).
+        # 1: the text encoder, its concept tokens baked: every prompt's
         # embeddings. Its export waits until the UNet is gone: torch's exporter holds a model under 2 GiB whole in
         # memory, serialized, ~3x its size (SD1.5's text encoder: +1.4 GB), and streams only larger ones to disk.
         _stage(progress, "reference", "text_encoder", 0)

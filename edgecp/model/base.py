@@ -95,17 +95,17 @@ def weight_files(spec: BaseSpec) -> list[Path]:
 def stored_unet_dtype(spec: BaseSpec) -> str | None:
     """The safetensors dtype ("F32", "F16", "BF16") of the first floating tensor of the base's UNet file, from its
     header alone; None for a single-file base (diffusers converts the whole checkpoint there anyway)."""
+    from safetensors import safe_open
+
     assert spec.path is not None
     if spec.path.is_file():
         return None
-    for f in sorted((spec.path / "unet").glob("*.safetensors")):
-        if ".fp16." in f.name:
-            continue
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for key, entry in header.items():
-            if key != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16", "F64"):
-                return entry["dtype"]
+    for f in sorted(f for f in (spec.path / "unet").glob("*.safetensors") if ".fp16." not in f.name):
+        with safe_open(str(f), framework="numpy") as sf:
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
+                dtype = sf.get_slice(key).get_dtype()
+                if dtype in ("F32", "F16", "BF16", "F64"):
+                    return dtype
     return None
 
 
