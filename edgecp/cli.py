@@ -314,11 +314,11 @@ def export(
         report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n))
     t = Table(title=f"parity vs PyTorch ({report['profile']})")
     int8 = "quantization" in report
-    for col in ("model", "max abs diff", "tolerance", "MB") + (("int8",) if int8 else ()):
+    for col in ("model", "max abs diff", "tolerance", "MB", "x fp32") + (("int8",) if int8 else ()):
         t.add_column(col)
     for name, r in report["models"].items():
         t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}",
-                  *((r.get("quantization", ""),) if int8 else ()))
+                  f"{r['bytes'] / r['fp32_weight_bytes']:.2f}", *((r.get("quantization", ""),) if int8 else ()))
     out.print(t)
     for refused in report.get("refused_variants", []):
         out.print(f"{refused['quantization']} int8 refused ({esc(refused['refused'].split(';')[0])}): "
@@ -326,6 +326,12 @@ def export(
     gate = report["image_gate"]
     sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
     out.print(f"image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (profile needs {gate['min_psnr_db']:g}){sim}")
+    speed = gate.get("unet_step_ms")
+    if speed:
+        gpu_on_cpu = speed["provider"] == "CPUExecutionProvider" and "CUDAExecutionProvider" in report["providers"]
+        out.print(f"speed: a step {speed['onnx']:g} ms ({speed['provider'].removesuffix('ExecutionProvider')}) vs "
+                  f"{speed['pytorch']:g} ms PyTorch fp32: {speed['ratio']:.2f}x (median of {speed['steps_timed']} "
+                  "gate steps)" + (", a CUDA profile timed on the CPU" if gpu_on_cpu else ""), highlight=False)
     out.print(f"exported to [bold]{esc(report['out'])}[/]")
 
 

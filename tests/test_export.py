@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,20 @@ def test_onnx_layout_and_parity(fp32_export, trained_store):
     gate = meta["image_gate"]
     assert gate["prompt"] == "a photo of <alpha> dog" and gate["psnr_db"] >= gate["min_psnr_db"] == 40.0
     assert gate["evaluator_similarity"] > 0.99  # the tiny world's evaluator sees the same picture
+    speed = gate["unet_step_ms"]  # the gate's steps (both halves of guidance + DDIM) on each side, warm
+    assert speed["provider"] == "CPUExecutionProvider" and speed["steps_timed"] == gate["steps"] - 1
+    assert speed["onnx"] > 0 and speed["pytorch"] > 0
+    assert speed["ratio"] == pytest.approx(speed["onnx"] / speed["pytorch"], abs=1e-3)
+    for name, r in meta["models"].items():  # fp32: the size of the fp32 weights, plus the graph
+        assert r["fp32_weight_bytes"] < r["bytes"] < r["fp32_weight_bytes"] * 1.5 + 1e6, name
+
+
+def test_step_ms_is_the_median_step_after_the_first():
+    from edgecp.export.onnx_export import step_ms
+
+    assert step_ms([5.0, 0.001, 0.003, 0.002]) == 2.0  # the first (a session's first run) left out
+    assert step_ms([5.0, 0.004, 0.001]) == 2.5
+    assert step_ms([5.0]) is None and step_ms([]) is None
 
 
 def test_tokenizer_files_load_in_transformers_with_the_runners_ids(fp32_export, tmp_path):
@@ -249,6 +264,7 @@ def test_staged_references_draw_generates_image_with_one_model_at_a_time(trained
     assert jobs[0].image.shape == (32, 32, 3) and np.array_equal(jobs[0].image, want)
     assert not np.array_equal(jobs[1].image, want)
     assert devices == [("meta", "meta", "cpu")] * 5
+    assert [len(j.step_seconds) for j in jobs] == [3, 2] and all(t > 0 for j in jobs for t in j.step_seconds)
     assert {k: len(v) for k, v in jobs[0].feeds.items()} == {"text_encoder": 2, "unet": 3, "vae_decoder": 1,
                                                               "vae_encoder": 1}  # prompt and negative; 3 steps
     lat = 32 // comps.vae_scale  # both halves of classifier-free guidance:
@@ -318,6 +334,12 @@ def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, prof
         unet = onnx.load(str(tmp_path / profile / "unet" / "model.onnx"), load_external_data=False)
         ops = [n.op_type for n in unet.graph.node]
         assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > ops.count("Conv")
+    # size against the fp32 weights: int8 weights (static UNet; the tiny text encoder's are mostly its embeddings,
+    # which dynamic quantization leaves fp32), fp16 weights for every model
+    sizes = {n: m["bytes"] / m["fp32_weight_bytes"] for n, m in report["models"].items()}
+    assert sizes["unet"] < (0.6 if profile == "edge-int8" else 0.65), sizes
+    if profile == "cuda-fp16":
+        assert all(0.45 < r < 0.65 for r in sizes.values()), sizes
     assert report["image_gate"]["psnr_db"] >= report["image_gate"]["min_psnr_db"] >= 30.0
     assert not [f for f in (tmp_path / profile).rglob("*") if f.name.startswith(".")]
     if profile == "cuda-fp16":  # onnxruntime.transformers' SD optimizer ran; CUDA-only fusions left out on the CPU
@@ -347,6 +369,9 @@ def test_int8_variants_are_tried_in_order_and_the_refusals_reported(trained_stor
     code, out, err = run_cli(capsys, "export", "--store", trained_store, "--profile", prof, "--out", tmp_path / "out")
     assert code == 0, err
     assert "static int8 refused (its image is" in " ".join(out.split()) and "shipped dynamic" in out
+    assert re.search(r"speed: a step [\d.]+ ms \(CPU\) vs [\d.]+ ms PyTorch fp32: [\d.]+x \(median of 3 gate steps\)",
+                     " ".join(out.split())), out
+    assert "x fp32" in out
     report = json.loads((tmp_path / "out" / "edgecp.json").read_text())
     assert report["quantization"] == "dynamic" and report["image_gate"]["psnr_db"] >= 36.0
     [refused] = report["refused_variants"]

@@ -607,22 +607,45 @@ def gate_prompt(concepts: list[dict]) -> str:
     return "a photo of a dog"
 
 
+def step_ms(seconds: list[float]) -> float | None:
+    """A denoising step's time in ms from each step's wall time: the median of all but the first (which carries
+    a session's or a module's first run); None under two steps."""
+    return round(float(np.median(seconds[1:])) * 1e3, 1) if len(seconds) > 1 else None
+
+
 def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, ref: np.ndarray, is_tiny: bool,
-                progress: ExportProgress | None, optimization: str = "all") -> dict:
-    """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch)."""
+                progress: ExportProgress | None, optimization: str = "all", ref_step_seconds: list[float] = ()) -> dict:
+    """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch).
+
+    Speed beside it: the median step (UNet call with both halves of guidance, and the DDIM update) of this image
+    against PyTorch's steps drawing `ref` (``ref_step_seconds``), on this machine, in this process, one after the
+    other. A rough figure from few steps: ``tools/bench_export.py`` times whole images."""
     from edgecp.export.ort_runner import OnnxStableDiffusion, available_providers
 
     try:
+        # one session at a time: the export's peak stays one model's; the CPU memory arena kept but for fp16, whose
+        # casts grow it (SD1.5's fp16 UNet: +1.4 GB), since without it fp32 runs ~15% slower and the speed is reported
         pipe = OnnxStableDiffusion(folder, providers=available_providers(profile.providers), optimization=optimization,
-                                   reduce_memory=True)  # one session at a time: the export's peak stays one model's
+                                   reduce_memory=True, arena=profile.precision != "fp16")
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
-    cb = (lambda i, n: progress("image gate", i, n)) if progress else None
+    marks = [time.perf_counter()]
+
+    def cb(i: int, n: int) -> None:
+        marks.append(time.perf_counter())
+        if progress:
+            progress("image gate", i, n)
+
     img = np.asarray(pipe([prompt], steps=steps, seed=GATE_SEED, height=h, width=w, callback=cb)[0].convert("RGB"))
+    provider = pipe.unet.providers[0]
     del pipe
     gate = {"prompt": prompt, "seed": GATE_SEED, "steps": steps, "size": [h, w], "psnr_db": round(psnr(img, ref), 2),
             "min_psnr_db": profile.min_psnr}
+    onnx_ms, torch_ms = step_ms(np.diff(marks).tolist()), step_ms(ref_step_seconds)
+    if onnx_ms is not None and torch_ms is not None:
+        gate["unet_step_ms"] = {"onnx": onnx_ms, "pytorch": torch_ms, "ratio": round(onnx_ms / torch_ms, 3),
+                                "provider": provider, "steps_timed": steps - 1}
     if is_tiny:  # the tiny world's evaluator: does the export's image still read as the same picture?
         from edgecp.eval.features import EvaluatorFeatures, tiny_evaluator_path
 
@@ -735,7 +758,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
         # static int8's calibration images: text only (the purged photos are never read), seeds the gate never uses
         calibration = [references.Job(p, CALIBRATION_SEED + i, profile.calibration_steps, size)
                        for i, p in enumerate(calibration_prompts(concepts))] if static else []
-        gate_args, refs, seconds, external = {}, {}, {}, {}
+        gate_args, refs, seconds, external, fp32_bytes = {}, {}, {}, {}, {}
 
         def reference(name: str) -> None:  # the tensor gate's inputs and PyTorch's outputs on them
             gate_args[name] = _gate_args(gate.feeds[name], specs[name])
@@ -754,7 +777,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
                 module.to("meta")  # its references are computed, its graph is written
             _stage(progress, "export", name, 1)
             graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
-            external[name] = _weight_bytes(graph, raw) >= threshold
+            fp32_bytes[name] = _weight_bytes(graph, raw)
+            external[name] = fp32_bytes[name] >= threshold
             seconds[name] = time.perf_counter() - t0
 
         # PyTorch's side in three stages, one model in memory at a time (edgecp.export.references).
@@ -808,10 +832,12 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             try:
                 report["models"] = _finish_models(tmp, names, profile, variant, external, seconds, feeds, gate_args,
                                                   refs, specs, gpu, level, progress, keep_raw=k + 1 < len(variants))
+                for name in names:  # size against the fp32 reference: its weights as torch's exporter wrote them
+                    report["models"][name]["fp32_weight_bytes"] = fp32_bytes[name]
                 _write_configs(tmp, comps, names)
                 t0 = time.perf_counter()
                 image_gate = _image_gate(tmp, profile, prompt, profile.gate_steps, gate.image,
-                                         store.info["base"].get("kind") == "tiny", progress, level)
+                                         store.info["base"].get("kind") == "tiny", progress, level, gate.step_seconds)
                 image_gate["seconds"] = round(time.perf_counter() - t0, 2)
                 report["image_gate"] = image_gate
                 if not image_gate["psnr_db"] >= profile.min_psnr:

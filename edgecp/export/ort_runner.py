@@ -371,7 +371,7 @@ class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
-                 optimization: str = "all", reduce_memory: bool = False):
+                 optimization: str = "all", reduce_memory: bool = False, arena: bool | None = None):
         """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
         installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
         raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
@@ -389,7 +389,10 @@ class OnnxStableDiffusion:
         ``reduce_memory``: hold one model's session at a time, each opened when its stage starts and dropped when
         it ends (text encoder, UNet, VAE decoder), as Apple's Core ML Stable Diffusion pipeline does with
         ``reduceMemory``, and without onnxruntime's CPU memory arena (see ``session_options``): the peak is the
-        largest model instead of all three, for a few seconds of loading per image."""
+        largest model instead of all three, for a few seconds of loading per image.
+
+        ``arena``: onnxruntime's CPU memory arena on or off; default on, off with ``reduce_memory``. An fp32 or int8
+        graph peaks the same either way and runs faster with it; an fp16 graph on the CPU grows it run after run."""
         self.folder = Path(folder)
         self.optimization = optimization
         if not self.folder.is_dir():
@@ -415,13 +418,14 @@ class OnnxStableDiffusion:
         )
 
         self.reduce_memory = reduce_memory
+        self.arena = not reduce_memory if arena is None else bool(arena)
         self.text_encoder = self._first_session(providers, explicit)
         self._done_with(self.text_encoder)
         providers = self.providers
-        now = not reduce_memory  # reduce_memory: each opens at its stage, without the CPU memory arena
-        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, now, now)
+        now = not reduce_memory  # reduce_memory: each opens at its stage
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, now, self.arena)
         self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
-                                     optimization, now, now)
+                                     optimization, now, self.arena)
         self.text_encoder.require_inputs(["input_ids"])
         self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
@@ -454,7 +458,7 @@ class OnnxStableDiffusion:
         if wants_gpu:
             ort.set_default_logger_severity(4)  # its failed-provider errors: the library does not print
         try:
-            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=not self.reduce_memory)
+            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena)
         finally:
             if wants_gpu:
                 ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
@@ -464,7 +468,7 @@ class OnnxStableDiffusion:
                 raise ValueError(cuda_unusable_message())
             self.provider_note = cuda_unusable_message() + "; running on the CPU"
             providers = [p for p in providers if p not in GPU_PROVIDERS] or ["CPUExecutionProvider"]
-            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=not self.reduce_memory)
+            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena)
         self.providers = providers
         return model
 

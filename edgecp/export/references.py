@@ -17,6 +17,7 @@ draws with DDIM (the tests compare them). Between stages the caller drops or par
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class Job:
     embeds: tuple[torch.Tensor, torch.Tensor] | None = None      # (prompt, negative prompt) from the text encoder
     latents: torch.Tensor | None = None                           # the UNet's final latents
     image: np.ndarray | None = None                               # (H, W, 3) uint8, from the VAE
+    step_seconds: list[float] = field(default_factory=list)       # wall time of each denoising step (UNet + DDIM)
 
 
 @contextlib.contextmanager
@@ -102,19 +104,24 @@ def encode(comps, jobs: list[Job], negative_prompt: str = "") -> None:
 
 @torch.no_grad()
 def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | None = None) -> None:
-    """Stage 2, the UNet only: each job's DDIM loop from its embeddings and seed's latents, to its final latents.
-    ``callback(job, step, steps)`` after each step."""
+    """Stage 2, the UNet only: each job's DDIM loop from its embeddings and seed's latents, to its final latents,
+    and the wall time of each step (``Job.step_seconds``). ``callback(job, step, steps)`` after each step."""
     from edgecp.export.ort_runner import initial_latents
 
     pipe = _pipeline(comps, unet=comps.unet)
     for job in jobs:
         lat = job.size // comps.vae_scale
         latents = torch.from_numpy(initial_latents(job.seed, 1, comps.unet.config.in_channels, lat, lat))
-        on_step = None
-        if callback is not None:
-            def on_step(_pipe, i, _t, kwargs, _job=job):
+        mark = [time.perf_counter()]
+
+        def on_step(_pipe, i, _t, kwargs, _job=job):
+            now = time.perf_counter()
+            _job.step_seconds.append(now - mark[0])
+            if callback is not None:
                 callback(_job, i + 1, _job.steps)
-                return kwargs
+            mark[0] = time.perf_counter()  # the callback's own time is not the step's
+            return kwargs
+
         with recording(comps, job.feeds):
             job.latents = pipe(
                 prompt_embeds=job.embeds[0], negative_prompt_embeds=job.embeds[1], height=job.size, width=job.size,
