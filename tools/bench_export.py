@@ -189,6 +189,7 @@ def main() -> None:
             "folder_mb": round(dir_bytes(folder) / 1e6, 1),
             "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
             "gate_psnr_db": rep["image_gate"]["psnr_db"],
+            "gate_step_ratio": rep["image_gate"].get("unet_step_ms", {}).get("ratio"),  # the export's own figure
             "fused": {n: m.get("fused", {}) for n, m in rep["models"].items() if m.get("fused")},
         })
         pipe = OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])

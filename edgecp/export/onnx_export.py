@@ -630,19 +630,20 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
-    marks = [time.perf_counter()]
+    seconds, mark = [], [time.perf_counter()]
 
     def cb(i: int, n: int) -> None:
-        marks.append(time.perf_counter())
+        seconds.append(time.perf_counter() - mark[0])
         if progress:
             progress("image gate", i, n)
+        mark[0] = time.perf_counter()  # the progress bar's own time is not the step's
 
     img = np.asarray(pipe([prompt], steps=steps, seed=GATE_SEED, height=h, width=w, callback=cb)[0].convert("RGB"))
     provider = pipe.unet.providers[0]
     del pipe
     gate = {"prompt": prompt, "seed": GATE_SEED, "steps": steps, "size": [h, w], "psnr_db": round(psnr(img, ref), 2),
             "min_psnr_db": profile.min_psnr}
-    onnx_ms, torch_ms = step_ms(np.diff(marks).tolist()), step_ms(ref_step_seconds)
+    onnx_ms, torch_ms = step_ms(seconds), step_ms(ref_step_seconds)
     if onnx_ms is not None and torch_ms is not None:
         gate["unet_step_ms"] = {"onnx": onnx_ms, "pytorch": torch_ms, "ratio": round(onnx_ms / torch_ms, 3),
                                 "provider": provider, "steps_timed": steps - 1}
