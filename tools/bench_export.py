@@ -7,10 +7,13 @@
 For each profile, `edgecp export` runs in a fresh process (its own peak RSS, `resource.getrusage`), then in this
 process, on the same machine and threads:
 - UNet call latency (batch 2: classifier-free guidance, at `--size`) of the export on onnxruntime's CPU provider and
-  of the merged PyTorch UNet, same inputs, mean of `--runs` after 2 warm-up calls; their ratio;
-- a whole image (mean of `--image-runs` after a 2-step warm-up image; `--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
-  and through diffusers (PyTorch fp32): seconds and ratio, PSNR against PyTorch's image and against the cpu-fp32
-  export's image;
+  of the merged PyTorch UNet, same inputs, `--runs` calls of each in alternating blocks of about 5 (`paired`); their
+  means and ratio;
+- a whole image (`--steps` DDIM steps, guidance 7.5, the gate prompt, seed 0) through edgecp's onnxruntime runner
+  and through diffusers (PyTorch fp32), `--image-runs` of each in alternation after a 2-step warm-up image:
+  seconds and ratio, PSNR against PyTorch's image and against the cpu-fp32 export's image. Alternation: this
+  shared host's speed drifts by up to 30% over minutes (its GEMM rate, measured twice, 137 and 173 GFLOP/s), and a
+  ratio of two sides timed minutes apart carried that drift;
 - the UNet call's floating-point work (torch's FlopCounterMode, multiply-adds counted as 2) and the rate each backend
   reaches, beside this machine's fp32 matrix-multiply rate (a 2048^3 GEMM on torch and on onnxruntime): a fp32
   backend cannot beat the GEMM rate by much, which bounds what any fp32 export can gain over PyTorch here.
@@ -60,6 +63,28 @@ def timed(fn, runs: int, warmup: int = 2) -> float:
     for _ in range(runs):
         fn()
     return (time.perf_counter() - t0) / runs
+
+
+def paired(fa, fb, runs: int, rounds: int = 1, prime_a=None, prime_b=None) -> tuple[float, float]:
+    """Mean seconds of fa and of fb over `runs` calls each, timed in `rounds` alternating blocks (a..., b..., a...):
+    on a shared host whose speed drifts over minutes, both sides of a ratio see the same moments. Each block starts
+    with one untimed call (`prime_a` / `prime_b`, default the timed function itself): the other library's threads
+    still spin for a while after its call, and on 2 cores a call timed right after one of the other side's ran
+    2.5x slower (tiny UNet: torch 13 -> 33 ms, onnxruntime 2.9 -> 7.6 ms)."""
+    rounds = max(1, min(rounds, runs))
+    ta = tb = 0.0
+    for r in range(rounds):
+        k = runs // rounds + (r < runs % rounds)
+        for f, prime, side in ((fa, prime_a, 0), (fb, prime_b, 1)):
+            (prime or f)()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                f()
+            if side == 0:
+                ta += time.perf_counter() - t0
+            else:
+                tb += time.perf_counter() - t0
+    return ta / runs, tb / runs
 
 
 def gemm_gflops(runs: int = 10, n: int = 2048) -> dict:
@@ -163,12 +188,18 @@ def main() -> None:
           f"torch {gemm['torch']}, onnxruntime {gemm['onnxruntime']} GFLOP/s", flush=True)
     cfg = GenerateConfig(n=1, seed=0, steps=a.steps, guidance=GUIDANCE, sampler="ddim", size=size)
     torch_generate(comps, prompt, replace(cfg, steps=2), torch.device("cpu"))  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(a.image_runs):
+    torch_img = None
+
+    def torch_draw():
+        nonlocal torch_img
         torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
-    torch_image_s = (time.perf_counter() - t0) / a.image_runs
-    print(f"pytorch fp32: UNet call {torch_unet * 1e3:.1f} ms, image {torch_image_s:.2f} s "
-          f"({a.steps} steps, {size} px, {torch.get_num_threads()} threads)", flush=True)
+
+    def torch_call():
+        with torch.inference_mode():
+            comps.unet(x, t, c)
+
+    print(f"pytorch fp32: UNet call {torch_unet * 1e3:.1f} ms ({a.steps} steps, {size} px, "
+          f"{torch.get_num_threads()} threads)", flush=True)
 
     fp32_img = None
     feeds = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), "encoder_hidden_states": c.numpy()}
@@ -197,19 +228,22 @@ def main() -> None:
         f = {**feeds, "timestep": np.asarray(500.0, dtype=pipe.unet.dtype("timestep")).reshape(
             [1] * len(ts.shape))}
         sess = pipe.unet.session
-        row["unet_ms"] = round(timed(lambda s=sess, f=f: s.run(None, f), a.runs) * 1e3, 1)
-        row["torch_unet_ms"] = round(torch_unet * 1e3, 1)
-        row["unet_ratio"] = round(row["unet_ms"] / row["torch_unet_ms"], 3)
-        row["unet_gflops_per_s"] = round(unet_gflop / row["unet_ms"] * 1e3, 1)  # fp32-equivalent work per second
-        draw = lambda steps, p=pipe: np.asarray(p([prompt], steps=steps, seed=0, guidance=GUIDANCE, height=size,
-                                                     width=size)[0])
+        onnx_call = lambda s=sess, f=f: s.run(None, f)
+        onnx_s, torch_s = paired(onnx_call, torch_call, a.runs, rounds=max(1, a.runs // 5))
+        row["unet_ms"], row["torch_unet_ms"] = round(onnx_s * 1e3, 1), round(torch_s * 1e3, 1)
+        row["unet_ratio"] = round(onnx_s / torch_s, 3)
+        row["unet_gflops_per_s"] = round(unet_gflop / onnx_s, 1)  # fp32-equivalent work per second
+        out = {}
+
+        def draw(steps, p=pipe):
+            out["img"] = np.asarray(p([prompt], steps=steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
+
         draw(2)  # warm-up: every session's first run
-        t0 = time.perf_counter()
-        for _ in range(a.image_runs):
-            img = draw(a.steps)
-        row["image_s"] = round((time.perf_counter() - t0) / a.image_runs, 2)
-        row["torch_image_s"] = round(torch_image_s, 2)
-        row["image_ratio"] = round(row["image_s"] / torch_image_s, 3)
+        onnx_s, torch_s = paired(lambda: draw(a.steps), torch_draw, a.image_runs, rounds=a.image_runs,
+                                 prime_a=onnx_call, prime_b=torch_call)
+        img = out["img"]
+        row["image_s"], row["torch_image_s"] = round(onnx_s, 2), round(torch_s, 2)
+        row["image_ratio"] = round(onnx_s / torch_s, 3)
         row["psnr_vs_torch_db"] = round(psnr(img, torch_img), 2)
         if row["profile"] == "cpu-fp32":
             fp32_img = img
