@@ -331,7 +331,9 @@ def export(
         gpu_on_cpu = speed["provider"] == "CPUExecutionProvider" and "CUDAExecutionProvider" in report["providers"]
         out.print(f"speed: a step {speed['onnx']:g} ms ({speed['provider'].removesuffix('ExecutionProvider')}) vs "
                   f"{speed['pytorch']:g} ms PyTorch fp32: {speed['ratio']:.2f}x (median of {speed['steps_timed']} "
-                  "gate steps)" + (", a CUDA profile timed on the CPU" if gpu_on_cpu else ""), highlight=False)
+                  "gate steps)" + (", a CUDA profile timed on the CPU" if gpu_on_cpu else "")
+                  + ("; PyTorch's references run on the CPU" if speed["provider"] != "CPUExecutionProvider" else ""),
+                  highlight=False)
     out.print(f"exported to [bold]{esc(report['out'])}[/]")
 
 

@@ -618,8 +618,9 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     """The same prompt, seed and steps through the export (edgecp's onnxruntime runner) as `ref` (PyTorch).
 
     Speed beside it: the median step (UNet call with both halves of guidance, and the DDIM update) of this image
-    against PyTorch's steps drawing `ref` (``ref_step_seconds``), on this machine, in this process, one after the
-    other. A rough figure from few steps: ``tools/bench_export.py`` times whole images."""
+    against PyTorch's steps drawing `ref` (``ref_step_seconds``; PyTorch's side always runs fp32 on the CPU), on
+    this machine, in this process, one after the other. A rough figure from few steps: ``tools/bench_export.py``
+    times whole images."""
     from edgecp.export.ort_runner import OnnxStableDiffusion, available_providers
 
     try:
