@@ -72,19 +72,16 @@ def paired(fa, fb, runs: int, rounds: int = 1, prime_a=None, prime_b=None) -> tu
     still spin for a while after its call, and on 2 cores a call timed right after one of the other side's ran
     2.5x slower (tiny UNet: torch 13 -> 33 ms, onnxruntime 2.9 -> 7.6 ms)."""
     rounds = max(1, min(rounds, runs))
-    ta = tb = 0.0
+    total = [0.0, 0.0]
     for r in range(rounds):
         k = runs // rounds + (r < runs % rounds)
-        for f, prime, side in ((fa, prime_a, 0), (fb, prime_b, 1)):
+        for side, (f, prime) in enumerate(((fa, prime_a), (fb, prime_b))):
             (prime or f)()
             t0 = time.perf_counter()
             for _ in range(k):
                 f()
-            if side == 0:
-                ta += time.perf_counter() - t0
-            else:
-                tb += time.perf_counter() - t0
-    return ta / runs, tb / runs
+            total[side] += time.perf_counter() - t0
+    return total[0] / runs, total[1] / runs
 
 
 def gemm_gflops(runs: int = 10, n: int = 2048) -> dict:
@@ -176,8 +173,13 @@ def main() -> None:
     x = torch.randn(2, comps.unet.config.in_channels, lat, lat, generator=g)
     c = torch.randn(2, comps.tokenizer.model_max_length, comps.text_encoder.config.hidden_size, generator=g)
     t = torch.tensor(500.0)
+
+    def torch_call():
+        with torch.inference_mode():
+            comps.unet(x, t, c)
+
+    torch_unet = timed(torch_call, a.runs)
     with torch.inference_mode():
-        torch_unet = timed(lambda: comps.unet(x, t, c), a.runs)
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
@@ -188,15 +190,10 @@ def main() -> None:
           f"torch {gemm['torch']}, onnxruntime {gemm['onnxruntime']} GFLOP/s", flush=True)
     cfg = GenerateConfig(n=1, seed=0, steps=a.steps, guidance=GUIDANCE, sampler="ddim", size=size)
     torch_generate(comps, prompt, replace(cfg, steps=2), torch.device("cpu"))  # warm-up
-    torch_img = None
+    last = {}  # each backend's latest image
 
     def torch_draw():
-        nonlocal torch_img
-        torch_img = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
-
-    def torch_call():
-        with torch.inference_mode():
-            comps.unet(x, t, c)
+        last["torch"] = np.asarray(torch_generate(comps, prompt, cfg, torch.device("cpu"))[0].convert("RGB"))
 
     print(f"pytorch fp32: UNet call {torch_unet * 1e3:.1f} ms ({a.steps} steps, {size} px, "
           f"{torch.get_num_threads()} threads)", flush=True)
@@ -233,15 +230,13 @@ def main() -> None:
         row["unet_ms"], row["torch_unet_ms"] = round(onnx_s * 1e3, 1), round(torch_s * 1e3, 1)
         row["unet_ratio"] = round(onnx_s / torch_s, 3)
         row["unet_gflops_per_s"] = round(unet_gflop / onnx_s, 1)  # fp32-equivalent work per second
-        out = {}
-
         def draw(steps, p=pipe):
-            out["img"] = np.asarray(p([prompt], steps=steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
+            last["onnx"] = np.asarray(p([prompt], steps=steps, seed=0, guidance=GUIDANCE, height=size, width=size)[0])
 
         draw(2)  # warm-up: every session's first run
         onnx_s, torch_s = paired(lambda: draw(a.steps), torch_draw, a.image_runs, rounds=a.image_runs,
                                  prime_a=onnx_call, prime_b=torch_call)
-        img = out["img"]
+        img, torch_img = last["onnx"], last["torch"]
         row["image_s"], row["torch_image_s"] = round(onnx_s, 2), round(torch_s, 2)
         row["image_ratio"] = round(onnx_s / torch_s, 3)
         row["psnr_vs_torch_db"] = round(psnr(img, torch_img), 2)

@@ -631,14 +631,8 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.shape[:2]
-    seconds, mark = [], [time.perf_counter()]
-
-    def cb(i: int, n: int) -> None:
-        seconds.append(time.perf_counter() - mark[0])
-        if progress:
-            progress("image gate", i, n)
-        mark[0] = time.perf_counter()  # the progress bar's own time is not the step's
-
+    seconds: list[float] = []
+    cb = references.step_timer(seconds, (lambda i, n: progress("image gate", i, n)) if progress else None)
     img = np.asarray(pipe([prompt], steps=steps, seed=GATE_SEED, height=h, width=w, callback=cb)[0].convert("RGB"))
     provider = pipe.unet.providers[0]
     del pipe

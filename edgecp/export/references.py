@@ -78,6 +78,21 @@ def recording(comps, feeds: dict[str, list[dict]]):
         del comps.vae.decode  # the class's method again
 
 
+def step_timer(seconds: list[float], inner: Callable | None = None) -> Callable:
+    """A step callback: appends each step's wall time to `seconds` (since the previous call returned, or since it was
+    made), then calls `inner` with the same arguments and returns what it returns. `inner`'s own time (a progress
+    bar) is not the step's. The export's PyTorch side and its image gate time their steps alike with it."""
+    mark = [time.perf_counter()]
+
+    def on_step(*args):
+        seconds.append(time.perf_counter() - mark[0])
+        out = inner(*args) if inner is not None else None
+        mark[0] = time.perf_counter()
+        return out
+
+    return on_step
+
+
 def _pipeline(comps, text_encoder=None, unet=None):
     """diffusers' pipeline holding only the stage's model: the others may be on the meta device (parked), and the
     pipeline takes its device from the first model it holds."""
@@ -112,16 +127,12 @@ def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | 
     for job in jobs:
         lat = job.size // comps.vae_scale
         latents = torch.from_numpy(initial_latents(job.seed, 1, comps.unet.config.in_channels, lat, lat))
-        mark = [time.perf_counter()]
-
-        def on_step(_pipe, i, _t, kwargs, _job=job):
-            now = time.perf_counter()
-            _job.step_seconds.append(now - mark[0])
+        def report(_pipe, i, _t, kwargs, _job=job):
             if callback is not None:
                 callback(_job, i + 1, _job.steps)
-            mark[0] = time.perf_counter()  # the callback's own time is not the step's
-            return kwargs
+            return kwargs  # diffusers' callback_on_step_end hands the step's tensors back
 
+        on_step = step_timer(job.step_seconds, report)
         with recording(comps, job.feeds):
             job.latents = pipe(
                 prompt_embeds=job.embeds[0], negative_prompt_embeds=job.embeds[1], height=job.size, width=job.size,
