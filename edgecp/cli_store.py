@@ -164,6 +164,9 @@ def gc_cmd(
               f"export(s); {'would free' if dry_run else 'freed'} {_mb(r['bytes_total'])} "
               f"(versions {_mb(r['bytes_freed']['versions'])}, exports {_mb(r['bytes_freed']['exports'])}, "
               f"leftovers {_mb(r['bytes_freed']['leftovers'])}); kept {', '.join(r['kept'])}")
+    if r["left_alone"]:
+        out.print(f"left alone (not edgecp's, no edgecp.json): {esc(', '.join(r['left_alone']))}; move them out of "
+                  "the store", highlight=False)
 
 
 def render_purge(purged: dict | None, console: Console) -> None:

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from edgecp.errors import DamagedStoreError, EdgecpError
-from edgecp.integrity import read_export_meta, tree_bytes
-from edgecp.store import MANIFEST, VERSION_RE, Store, check_version_name
+from edgecp.integrity import EXPORT_META, WRITING_MARK, read_export_meta, tree_bytes
+from edgecp.store import MANIFEST, STORE_FILE, VERSION_RE, Store, check_version_name, link_problem
 
 REMOVE_MODES = ("exact", "token-only", "rollback")
 
@@ -216,9 +216,13 @@ def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
     position = [c["name"] for c in m["concepts"]].index(name)
     entry = m["concepts"][position]
     tensors, other = {}, {}
-    for f in sorted(vdir.iterdir()):
-        if f.name == MANIFEST or not f.is_file():
-            continue
+    # only the files the manifest records (their hashes were checked by writer()): anything else in the folder, a
+    # link or a file put there by hand, is never read or carried into the new version
+    recorded = m.get("files")
+    names = sorted(recorded) if recorded is not None else sorted(
+        f.name for f in vdir.iterdir() if f.is_file() and not f.is_symlink() and f.name != MANIFEST)
+    for fname in names:
+        f = vdir / fname
         if f.suffix == ".safetensors":
             tensors[f.name] = read_tensors(vdir, f.name)
         else:
@@ -256,44 +260,50 @@ def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
 
 # -- verify -------------------------------------------------------------------------------------------------
 def verify(root: str | Path) -> dict:
-    """Check store.json, HEAD, every version's files against their recorded sha256s, and every export.
-    Returns {ok, problems, notes, intact, suggestion}; never changes the store (beyond open's recovery)."""
+    """Check store.json, HEAD, every version's files and manifest against their recorded sha256s, and every export.
+    Returns {ok, problems, notes, intact, foreign, suggestion}; never changes the store (no recovery either).
+
+    Problems come in kinds, and the suggestion follows the kind, never trading a concept for a repair that does
+    not need it: a damaged store.json is restored (the versions are untouched by that); entries edgecp did not
+    write (`foreign`: files beside a version's recorded ones, links) are moved out, nothing else; damaged versions
+    off HEAD's line can go with `gc`; a damaged version on HEAD's line is restored from a backup, and only a
+    damaged HEAD suggests a rollback, naming the concepts it would take out of the model."""
     root = Path(root).expanduser()
-    problems, notes = [], []
+    problems, notes, foreign = [], [], []
+    info_problem = None
     try:
-        store = Store.open(root)
+        store = Store.open(root, recover=False)
     except DamagedStoreError as e:
-        problems.append(str(e))
+        info_problem = str(e)
+        problems.append(info_problem)
         store = Store(root, {})
+    link = link_problem(root)
+    if link:  # the store refuses to open: say what, touch nothing
+        return _verdict(store, problems, notes, [], foreign, info_problem, link=link)
     versions_dir = store.root / "versions"
     if not versions_dir.is_dir():
         problems.append("versions/ is missing")
-        return _verdict(store, problems, notes, [])
-    intact = []
+        return _verdict(store, problems, notes, [], foreign, info_problem)
+    leftovers = {p.name for p in store.leftovers()}
     for p in sorted(versions_dir.iterdir()):
-        if p.name.startswith("."):
+        if p.name in leftovers:
             notes.append(f"versions/{p.name} is left from an interrupted write; the next write removes it")
+        elif p.is_symlink():
+            foreign.append(f"versions/{p.name} is a symbolic link (edgecp never follows one)")
         elif not VERSION_RE.fullmatch(p.name) or not p.is_dir():
-            problems.append(f"versions/{p.name} is not a version folder: move it out of the store")
+            foreign.append(f"versions/{p.name} is not a version folder")
         elif not (p / MANIFEST).is_file():
-            problems.append(f"{p.name} has no {MANIFEST}: damaged; `edgecp gc` deletes it")
+            problems.append(f"{p.name} has no {MANIFEST}: damaged")
+    intact = []
     for v in store.versions():
-        try:
-            m = store.manifest(v)
-        except DamagedStoreError:
-            problems.append(f"{v}/{MANIFEST} cannot be read")
-            continue
-        files = m.get("files")
-        if files is None:
-            notes.append(f"{v}: no recorded hashes (written by an older edgecp); its files were not checked")
-            intact.append(v)
-            continue
-        bad = [f"{v}/{x}" for x in store.version_problems(v)]
-        extra = sorted(f.name for f in store.version_dir(v).iterdir() if f.name != MANIFEST and f.name not in files)
-        bad += [f"{v}/{x} was not written by edgecp (not in the manifest)" for x in extra]
+        bad = [f"{v}/{x}" if not x.startswith(f"{v}/") else x for x in store.version_problems(v)]
         problems += bad
-        if not bad:
-            intact.append(v)
+        foreign += [f"{v}/{x} was not written by edgecp (not in the manifest)" for x in store.foreign_files(v)]
+        if bad:
+            continue
+        if store.manifest(v).get("files") is None:
+            notes.append(f"{v}: no recorded hashes (written by an older edgecp); its files were not checked")
+        intact.append(v)
     head = store.head_or_none()
     if head is None:
         problems.append("HEAD is missing, empty or not a version name")
@@ -302,66 +312,130 @@ def verify(root: str | Path) -> dict:
     exports = store.root / "exports"
     for d in sorted(exports.iterdir()) if exports.is_dir() else []:
         if d.name.startswith("."):
-            notes.append(f"exports/{d.name} is an export in progress or interrupted; the next write removes it")
+            if d.name in leftovers:
+                notes.append(f"exports/{d.name} is an export in progress or interrupted; the next write removes it")
+            else:
+                foreign.append(f"exports/{d.name} was not written by edgecp")
             continue
         meta, bad = read_export_meta(d)
-        if meta is not None and "files" not in meta:
+        if meta is None and not d.is_symlink() and not (d / EXPORT_META).exists():
+            foreign.append(f"exports/{d.name} is not an edgecp export (no {EXPORT_META}); gc leaves it alone")
+        elif meta is not None and "files" not in meta:
             notes.append(f"exports/{d.name}: no recorded hashes (written by an older edgecp)")
         else:
             problems += [f"exports/{d.name}: {x}" for x in bad]
-    if (store.root / "staging").exists():
-        notes.append("staging/ holds photos of a write in progress (another edgecp holds the lock)")
-    return _verdict(store, problems, notes, intact)
+    staging = store.root / "staging"
+    if staging.is_dir():
+        for p in sorted(staging.iterdir()):
+            if p.name in leftovers:
+                notes.append(f"staging/{p.name} holds photos of a write in progress or interrupted (recovery "
+                             "purges them)")
+            else:
+                foreign.append(f"staging/{p.name} was not put there by edgecp")
+    return _verdict(store, problems, notes, intact, foreign, info_problem)
 
 
-def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[str]) -> dict:
+def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[str], foreign: list[str],
+             info_problem: str | None, link: str | None = None) -> dict:
     head = store.head_or_none()
     root = store.root
+    problems = problems + [f"{f}: move it out of the store" for f in foreign]
     suggestion = None
-    if problems:
-        if head in intact:
-            suggestion = (f"HEAD ({head}) is intact; restore the damaged files from a backup, or delete damaged old "
-                          f"versions and exports with `edgecp gc --store {root} --keep 1`")
-        elif intact:
-            suggestion = f"run `edgecp rollback --store {root} {intact[-1]}` (the newest intact version)"
-        else:
-            suggestion = "no intact version is left: restore the store from a backup"
+    if link:
+        problems.append(f"{link}: edgecp refuses the store until the real folder or file is in its place")
+        suggestion = f"replace the link with what it points to (mv), then run `edgecp verify --store {root}` again"
+    elif info_problem:
+        suggestion = (f"restore {STORE_FILE} from a backup (it is written once by `edgecp init` and never changes); "
+                      "the versions are not affected")
+    elif problems:
+        damaged = {p.split("/")[0] for p in problems if VERSION_RE.fullmatch(p.split("/")[0])}
+        try:
+            line = Store(root, store.info).chain(head) if head in intact else []
+        except DamagedStoreError:
+            line = []
+        steps = []
+        if foreign:
+            steps.append("move the entries edgecp did not write out of the store (nothing else is needed for them)")
+        if head is not None and head in intact:
+            on_line = sorted(damaged & set(line), key=lambda n: int(n[1:]))
+            off_line = sorted(damaged - set(line), key=lambda n: int(n[1:]))
+            if on_line:
+                steps.append(f"restore {', '.join(on_line)} from a backup (earlier versions on HEAD's line; HEAD "
+                             f"{head} is intact and in use)")
+            if off_line:
+                steps.append(f"{', '.join(off_line)} are not on HEAD's line: restore them from a backup, or delete "
+                             f"them with `edgecp gc --store {root}`")
+            if any(p.startswith("exports/") for p in problems) and not any(s.startswith("export") for s in steps):
+                steps.append(f"export again (`edgecp export --store {root}`) over damaged exports")
+        elif damaged or head not in intact:
+            good = [v for v in intact if v != head]
+            if head is not None and head in damaged:
+                lost = [n for n in _names(store, head) if n not in _names(store, good[-1])] if good else []
+                steps.append(f"restore HEAD {head}'s files from a backup"
+                             + (f", or run `edgecp rollback --store {root} {good[-1]}` (the newest intact version"
+                                + (f"; the model then lacks {', '.join(lost)}" if lost else "") + ")" if good else ""))
+            elif good:
+                steps.append(f"run `edgecp rollback --store {root} {good[-1]}` (the newest intact version)")
+            else:
+                steps.append("no intact version is left: restore the store from a backup")
+        suggestion = "; ".join(steps) or "see the problems above"
     return {"store": str(root), "ok": not problems, "problems": problems, "notes": notes, "head": head,
-            "intact": intact, "suggestion": suggestion}
+            "intact": intact, "foreign": foreign, "suggestion": suggestion}
 
 
 # -- gc -----------------------------------------------------------------------------------------------------
 def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict:
-    """Delete versions HEAD cannot reach (and with `keep`, all but HEAD's N-1 nearest parents), exports of deleted
-    versions and incomplete exports, and leftovers of interrupted writes. Returns what went and the bytes freed."""
+    """Delete versions HEAD cannot reach (and with `keep`, all but HEAD's N-1 nearest parents), edgecp's exports of
+    deleted versions, and leftovers of interrupted writes. Returns what went (or, with `dry_run`, what would) and
+    the bytes freed.
+
+    No deletion without proof: gc first proves that HEAD's whole parent chain reads (every manifest matches its
+    seal, every parent exists or was deleted by an earlier gc) and that HEAD's files match their hashes; otherwise
+    it refuses in one line and deletes nothing. An export is deleted only when its edgecp.json reads (it is
+    edgecp's) and names a version gc does not keep; a folder without one is reported, never deleted. `dry_run`
+    changes nothing at all: not even the recovery every other command runs."""
     if keep is not None and keep < 1:
         raise EdgecpError(f"--keep {keep} must be >= 1 (HEAD is always kept)")
     root = Path(root).expanduser()
-    leftovers = _leftover_bytes(root)  # Store.open recovers these when idle: count them first
-    store = Store.open(root)
-    with store.writer(check_head=False):
+    store = Store.open(root, recover=False)
+    leftovers = [p for p in store.leftovers()]
+    leftover_bytes = sum(tree_bytes(p) for p in leftovers)
+    with store.writer(check_head=False, recover=not dry_run):
         head = store.head
-        chain, v = [], head
-        while v is not None and v in store.versions() and (keep is None or len(chain) < keep):
-            chain.append(v)
-            v = _parent(store, v)
+        problems = store.version_problems(head)
+        if problems:
+            raise DamagedStoreError(
+                f"gc deleted nothing: HEAD {head} is damaged ({problems[0]}), so what it reaches cannot be proven; "
+                f"run `edgecp verify --store {store.root}`, then restore the file from a backup or "
+                f"`edgecp rollback --store {store.root} VERSION` to an intact version"
+            )
+        try:
+            chain = store.chain(head)
+        except DamagedStoreError as e:
+            raise DamagedStoreError(
+                f"gc deleted nothing: HEAD's history cannot be proven ({str(e).split(': ', 1)[-1]}); run `edgecp verify "
+                f"--store {store.root}` and restore the damaged version from a backup"
+            ) from None
+        chain = chain if keep is None else chain[:keep]
         kept = set(chain) | ({"v0000"} & set(store.versions()))
         versions_dir = store.root / "versions"
-        doomed = [p.name for p in versions_dir.iterdir()
-                  if VERSION_RE.fullmatch(p.name) and p.name not in kept]
-        doomed.sort(key=lambda n: int(n[1:]))
-        exports = []
+        doomed = sorted((p.name for p in versions_dir.iterdir() if VERSION_RE.fullmatch(p.name)
+                         and p.name not in kept and p.is_dir() and not p.is_symlink()), key=lambda n: int(n[1:]))
+        exports, left_alone = [], []
         for d in sorted((store.root / "exports").glob("*")):
-            if d.name.startswith(".") or not d.is_dir():
+            if d.name.startswith("."):
                 continue
             meta, _ = read_export_meta(d)
-            if meta is None or meta.get("version") not in kept:
+            if d.is_symlink() or not d.is_dir() or meta is None:
+                left_alone.append(f"exports/{d.name}")  # not provably edgecp's: never deleted
+            elif meta.get("version") not in kept:
                 exports.append(d)
         freed = {"versions": sum(tree_bytes(versions_dir / v) for v in doomed),
-                 "exports": sum(tree_bytes(d) for d in exports), "leftovers": leftovers}
+                 "exports": sum(tree_bytes(d) for d in exports), "leftovers": leftover_bytes}
         result = {"store": str(store.root), "head": head, "kept": sorted(kept, key=lambda n: int(n[1:])),
-                  "deleted": doomed, "exports_deleted": [d.name for d in exports], "bytes_freed": freed,
-                  "bytes_total": sum(freed.values()), "dry_run": dry_run}
+                  "deleted": doomed, "exports_deleted": [d.name for d in exports], "left_alone": left_alone,
+                  "leftovers": [p.relative_to(store.root).as_posix() for p in leftovers],
+                  "bytes_freed": freed, "bytes_total": sum(freed.values()), "dry_run": dry_run}
         if dry_run:
             return result
         if doomed or exports:
@@ -369,9 +443,10 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
         for v in doomed:
             store._trash(v)
         for d in exports:
+            (d / WRITING_MARK).write_text("gc")  # a crash mid-delete leaves it for recovery, provably edgecp's
             trash = d.parent / f".trash-{d.name}"
             d.rename(trash)
-            _rmtree(trash)
+            store._remove(trash)
     return result
 
 
@@ -382,12 +457,3 @@ def _parent(store: Store, v: str) -> str | None:
         return None
 
 
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def _leftover_bytes(root: Path) -> int:
-    paths = [root / "staging", *root.glob("versions/.*"), *root.glob("exports/.*"), *root.glob("priors/.*")]
-    return sum(tree_bytes(p) if p.is_dir() else (p.stat().st_size if p.exists() else 0) for p in paths)

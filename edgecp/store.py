@@ -37,14 +37,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgecp.errors import DamagedStoreError, EdgecpError, StoreLockedError
-from edgecp.integrity import check_files, remove_if_abandoned, sha256_file
+from edgecp.integrity import check_files, is_abandoned_export, remove_if_abandoned, sha256_file
 
 FORMAT = 1
 STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.json.sha256"  # the manifest's own sha256, written beside it: hand edits are detected
 PENDING = ".pending"
 REFLOG = "reflog.jsonl"
 VERSION_RE = re.compile(r"v[0-9]{4,}")
+# What a store holds at its top level; none of these may be a symbolic link (a store never reaches outside itself)
+TOP_LEVEL = (STORE_FILE, "HEAD", "versions", "exports", "priors", "staging", REFLOG, ".lock", PENDING)
+# The names edgecp's own temporary entries have; recovery removes nothing else (a user's folder is never matched)
+TMP_VERSION_RE = re.compile(r"\.(tmp|trash)-v[0-9]{4,}-[A-Za-z0-9_]+")
+TMP_HEAD_RE = re.compile(r"\.HEAD\.[0-9a-f]{32}")
+TMP_PRIOR_RE = re.compile(r"\.[0-9a-f]{16}-[A-Za-z0-9_]+")
+STAGING_RE = re.compile(r"[0-9a-f]{12}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,9 +71,110 @@ def _write_json_durable(path: Path, data: dict) -> None:
 
 
 def check_version_name(version: str) -> str:
-    if not VERSION_RE.fullmatch(version or ""):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise EdgecpError(f"'{version}' is not a version name such as v0003: see `edgecp history --store STORE`")
     return version
+
+
+def check_plain_name(name: object, what: str) -> str:
+    """A name read from a store file (a manifest's file key, a concept name, an export or version name) that is
+    about to become part of a path: one path component, no separator, no '..', not hidden, printable. Anything
+    else means the file was edited or damaged: DamagedStoreError, so no path built from it leaves its folder."""
+    ok = (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..") and not name.startswith(".")
+          and "/" not in name and "\\" not in name and name.isprintable())
+    if not ok:
+        raise DamagedStoreError(
+            f"{what} {name!r} is not a plain file name (a store file was edited or damaged): edgecp will not use it "
+            "as a path; run `edgecp verify --store STORE`"
+        )
+    return name
+
+
+def link_problem(root: Path) -> str | None:
+    """The first top-level entry of a store that is a symbolic link, described (None when there is none)."""
+    for name in TOP_LEVEL:
+        p = root / name
+        if p.is_symlink():
+            return f"{name} is a symbolic link (to '{os.readlink(p)}')"
+    return None
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _check_fields(cls, d: dict, key: str) -> None:
+    """Each value of `d` has the type of the dataclass field's default (JSON has no tuples: lists stand for them)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name not in d or f.default is dataclasses.MISSING or f.default is None:
+            continue
+        v, default = d[f.name], f.default
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(v, (tuple, list))
+        else:
+            ok = isinstance(v, type(default))
+        _expect(ok, f"{key}.{f.name} is {json.dumps(v)}, not a {type(default).__name__}")
+
+
+def validate_info(info: object) -> dict:
+    """store.json against its schema: the keys `edgecp init` writes, with their types, and the training, adapter and
+    prior settings as their config classes accept them. Raises ValueError naming the first bad key."""
+    from edgecp.config import AdapterConfig, PriorConfig, TrainConfig, from_dict
+
+    _expect(isinstance(info, dict), "it is not a JSON object")
+    for key in ("base", "method", "adapter", "train", "prior"):
+        _expect(isinstance(info.get(key), dict), f"'{key}' is missing or not an object")
+    base, method = info["base"], info["method"]
+    _expect(isinstance(base.get("locator"), str) and isinstance(base.get("sha256"), str),
+            "base.locator and base.sha256 must be strings")
+    _expect(isinstance(method.get("name"), str) and isinstance(method.get("params", {}), dict),
+            "method.name must be a string and method.params an object")
+    template = info.get("prompt_template", "{}")
+    _expect(isinstance(template, str) and "{}" in template, "prompt_template must be a string holding '{}'")
+    budget = info.get("memory_budget")
+    _expect(budget is None or isinstance(budget, int) and not isinstance(budget, bool) and budget > 0,
+            "memory_budget must be a positive number of bytes")
+    for key, cls in (("train", TrainConfig), ("adapter", AdapterConfig), ("prior", PriorConfig)):
+        _check_fields(cls, info[key], key)
+        try:
+            from_dict(cls, dict(info[key]), key)
+        except (EdgecpError, TypeError, ValueError) as e:
+            raise ValueError(f"{key}: {e}") from None
+    return info
+
+
+def validate_manifest(m: object) -> dict:
+    """A manifest's structure, and every name in it that edgecp turns into a path or a token (ValueError if not)."""
+    from edgecp.config import CONCEPT_NAME_RE
+
+    _expect(isinstance(m, dict) and isinstance(m.get("concepts"), list), "not an edgecp manifest")
+    for c in m["concepts"]:
+        _expect(isinstance(c, dict) and isinstance(c.get("name"), str) and CONCEPT_NAME_RE.fullmatch(c["name"])
+                and isinstance(c.get("token", ""), str), f"concept {json.dumps(c)[:60]} has no valid name")
+    parent = m.get("parent")
+    _expect(parent is None or isinstance(parent, str) and VERSION_RE.fullmatch(parent),
+            f"parent {json.dumps(parent)} is not a version name")
+    files = m.get("files")
+    if files is not None:
+        _expect(isinstance(files, dict), "files is not an object")
+        for name, rec in files.items():
+            try:
+                check_plain_name(name, "file")
+            except DamagedStoreError:
+                raise ValueError(f"file name {name!r} is not a plain name") from None
+            _expect(name not in (MANIFEST, MANIFEST_SUM), f"file name {name!r} is reserved")
+            _expect(isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("bytes"), int),
+                    f"file {name!r} has no sha256 and size")
+    return m
 
 
 class Store:
@@ -80,6 +189,13 @@ class Store:
     def create(cls, root: str | Path, info: dict) -> Store:
         """Create an empty store (version v0000 with no concepts). Refuses a non-empty folder."""
         root = Path(root).expanduser()
+        if root.is_symlink():  # a link to an empty folder: the store is made in that folder, the link keeps naming it
+            target = Path(os.path.realpath(root))
+            if not target.is_dir():
+                raise EdgecpError(f"'{root}' is a link to '{target}', which is not a folder: create that folder or "
+                                  "choose another path for the store")
+            cls.create(target, info)
+            return cls.open(root)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise EdgecpError(f"'{root}' already exists and is not empty: choose a new folder for the store")
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +216,17 @@ class Store:
         return cls(root, info)
 
     @classmethod
-    def open(cls, root: str | Path) -> Store:
+    def open(cls, root: str | Path, recover: bool = True) -> Store:
+        """Open a store: refuse one whose top-level entries are links, and a store.json that fails its schema; then,
+        when `recover` and no writer holds the lock, clean what an interrupted write left (`recover()`)."""
         root = Path(root).expanduser()
         f = root / STORE_FILE
+        link = link_problem(root) if root.is_dir() else None
+        if link:
+            raise DamagedStoreError(
+                f"store '{root}' is refused: {link}; edgecp never follows a link out of a store: put the real folder "
+                "or file in its place (mv), then retry"
+            )
         if not f.is_file():
             raise EdgecpError(f"no edgecp store at '{root}': create one with `edgecp init {root} --base tiny`")
         try:
@@ -116,8 +240,16 @@ class Store:
             ) from None
         if info.get("format") != FORMAT:
             raise EdgecpError(f"store '{root}' has format {info.get('format')}, this edgecp reads format {FORMAT}")
+        try:
+            validate_info(info)
+        except ValueError as e:
+            raise DamagedStoreError(
+                f"store '{root}' has a bad {STORE_FILE}: {e}; restore it from a backup (it is written once by "
+                f"`edgecp init`) or correct that value, then run `edgecp verify --store {root}`"
+            ) from None
         store = cls(root, info)
-        store._recover_if_idle()
+        if recover:
+            store._recover_if_idle()
         return store
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -154,32 +286,103 @@ class Store:
         return self.root / "versions" / (check_version_name(version) if version else self.head)
 
     def manifest(self, version: str | None = None) -> dict:
-        f = self.version_dir(version) / MANIFEST
-        try:
-            m = json.loads(f.read_text())
-            if not isinstance(m, dict) or not isinstance(m.get("concepts"), list):
-                raise ValueError("not an edgecp manifest")
-            return m
-        except (OSError, ValueError) as e:
-            name = version or self.head_or_none()
+        """A version's manifest, checked: its own sha256 (the `manifest.json.sha256` beside it, which every
+        manifest written since edgecp sealed them has: `sealed`), its structure, and every name in it that becomes
+        a path or a token. Anything else raises DamagedStoreError."""
+        vdir = self.version_dir(version)
+        m, problem = self._read_manifest(vdir)
+        if problem:
             raise DamagedStoreError(
-                f"store '{self.root}' is damaged: {name}/{MANIFEST} cannot be read ({type(e).__name__}); run "
-                f"`edgecp verify --store {self.root}`, then `edgecp rollback --store {self.root} VERSION` to an intact one"
-            ) from None
+                f"store '{self.root}' is damaged: {problem}; run `edgecp verify --store {self.root}`, then "
+                f"`edgecp rollback --store {self.root} VERSION` to an intact one"
+            )
+        return m
+
+    def manifest_problem(self, version: str) -> str | None:
+        """Why a version's manifest cannot be used (None when it can)."""
+        return self._read_manifest(self.version_dir(version))[1]
+
+    def _read_manifest(self, vdir: Path) -> tuple[dict | None, str | None]:
+        try:
+            if (vdir / MANIFEST).is_symlink():
+                raise ValueError("it is a symbolic link")
+            raw = (vdir / MANIFEST).read_bytes()
+            m = validate_manifest(json.loads(raw))
+            seal = self._seal_problem(vdir, raw, m)
+            if seal:
+                raise ValueError(seal)
+            return m, None
+        except (OSError, ValueError) as e:
+            why = str(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else type(e).__name__
+            return None, f"{vdir.name}/{MANIFEST} cannot be used ({why})"
+
+    @staticmethod
+    def _seal_problem(vdir: Path, raw: bytes, m: dict) -> str | None:
+        f = vdir / MANIFEST_SUM
+        if f.is_symlink():
+            return f"{MANIFEST_SUM} is a symbolic link"
+        try:
+            recorded = f.read_text().strip()
+        except FileNotFoundError:
+            return f"{MANIFEST_SUM} is missing" if m.get("sealed") else None  # unsealed: written by an older edgecp
+        except (OSError, UnicodeDecodeError):
+            return f"{MANIFEST_SUM} cannot be read"
+        import hashlib
+
+        if hashlib.sha256(raw).hexdigest() != recorded:
+            return f"it was changed after it was written: its sha256 does not match {MANIFEST_SUM}"
+        return None
 
     def versions(self) -> list[str]:
-        """Complete versions (a folder vNNNN holding manifest.json), oldest first."""
+        """Complete versions (a real folder vNNNN holding manifest.json; links are never versions), oldest first."""
         d = self.root / "versions"
         if not d.is_dir():
             return []
-        names = [p.name for p in d.iterdir() if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file()]
+        names = [p.name for p in d.iterdir() if VERSION_RE.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
+                 and (p / MANIFEST).is_file()]
         return sorted(names, key=lambda n: int(n[1:]))
 
     def version_problems(self, version: str, full: bool = True) -> list[str]:
-        """What is wrong with a version's files against the sha256s its manifest recorded (empty when intact).
-        Versions written before edgecp recorded hashes have no `files` and give no problems here."""
-        files = self.manifest(version).get("files")
+        """What is wrong with a version's files against the sha256s its manifest recorded (empty when intact), its
+        manifest's own seal included (a damaged manifest is one problem). Versions written before edgecp recorded
+        hashes have no `files` and give no problems here. Files the manifest does not list are `foreign_files`."""
+        m, problem = self._read_manifest(self.version_dir(version))
+        if problem:
+            return [problem]
+        files = m.get("files")
         return check_files(self.version_dir(version), files, full) if files else []
+
+    def foreign_files(self, version: str) -> list[str]:
+        """Entries of a version's folder that its manifest does not list (never read, never copied forward)."""
+        try:
+            files = self.manifest(version).get("files")
+        except DamagedStoreError:
+            return []
+        if files is None:
+            return []
+        return sorted(p.name for p in self.version_dir(version).iterdir()
+                      if p.name not in (MANIFEST, MANIFEST_SUM) and p.name not in files)
+
+    def chain(self, version: str | None = None) -> list[str]:
+        """`version` (HEAD by default) and its parents, newest first, proven readable: every manifest reads and
+        matches its seal, and every parent exists, is the empty store's root, or was deleted by `gc` (the reflog
+        says so). Anything else raises DamagedStoreError naming the version."""
+        v = version or self.head
+        existing = set(self.versions())
+        deleted = {d for e in self.reflog() if e.get("action") == "gc" for d in e.get("deleted", [])
+                   if isinstance(d, str)}
+        out: list[str] = []
+        while v is not None:
+            if v in out:
+                raise DamagedStoreError(f"store '{self.root}' is damaged: the parents of {out[0]} form a cycle at {v}")
+            if v not in existing:
+                if out and v in deleted:
+                    break  # history cut by gc --keep: proven by the reflog
+                what = f"{out[-1]}'s parent {v}" if out else v
+                raise DamagedStoreError(f"store '{self.root}' is damaged: {what} is missing or incomplete")
+            out.append(v)
+            v = self.manifest(v).get("parent")
+        return out
 
     def check_version(self, version: str | None = None) -> str:
         """Refuse a version whose files fail their recorded hashes (generate, export and add-concept call it)."""
@@ -202,11 +405,20 @@ class Store:
 
     # -- writing --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def writer(self, check_head: bool = True) -> Iterator[Store]:
+    def writer(self, check_head: bool = True, recover: bool = True) -> Iterator[Store]:
         """Hold the store's exclusive lock (released by the OS if the process dies), recover, then write.
-        `check_head`: refuse unless HEAD names an intact version (rollback and gc pass False: they repair)."""
+        `check_head`: refuse unless HEAD names an intact version (rollback and gc pass False: they repair).
+        `recover=False` (gc --dry-run) leaves every leftover where it is."""
         lock_path = self.root / ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise EdgecpError(
+                    f"store '{self.root}' cannot be written ({e.strerror}): a command that changes the store needs "
+                    "write access to it; fix its permissions or copy it to a writable disk"
+                ) from None
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,19 +432,30 @@ class Store:
                 raise
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            self.recover()
+            if recover:
+                self.recover()
             if check_head:
                 self.check_version(self.head)
             yield self
         finally:
             os.close(fd)  # closing releases the flock
 
-    def _leftovers(self) -> bool:
-        """Anything an interrupted write or a crash may have left (cheap: a few stats)."""
+    def leftovers(self) -> list[Path]:
+        """What an interrupted write or a crash left and recovery removes: only entries with the names edgecp gives
+        its own temporary files (cheap: a few directory reads). A pending commit is judged by `recover`."""
         r = self.root
-        return ((r / "staging").exists() or (r / PENDING).exists() or any(r.glob(".HEAD.*"))
-                or any(p.name.startswith(".") for p in (r / "versions").iterdir())
-                or any(p.name.startswith(".") for p in (r / "exports").glob(".*")))
+
+        def matching(folder: str, pattern: re.Pattern) -> list[Path]:
+            d = r / folder
+            return [p for p in d.iterdir() if pattern.fullmatch(p.name)] if d.is_dir() else []
+
+        out = [p for p in r.iterdir() if TMP_HEAD_RE.fullmatch(p.name)] if r.is_dir() else []
+        out += matching("versions", TMP_VERSION_RE) + matching("priors", TMP_PRIOR_RE) + matching("staging", STAGING_RE)
+        out += [p for p in (r / "exports").glob(".*") if p.is_symlink() or is_abandoned_export(p)]
+        return out
+
+    def _leftovers(self) -> bool:
+        return bool((self.root / PENDING).exists() or (self.root / "staging").is_dir() or self.leftovers())
 
     def _recover_if_idle(self) -> None:
         """When nobody holds the writer lock, run recovery now, so that e.g. the staged copies of the user's photos
@@ -256,43 +479,93 @@ class Store:
         commit (named by .pending, never named by HEAD), temporary and trashed folders, half-written exports
         whose writer is gone, and staged photos. Never removes a version HEAD has named."""
         removed = []
-        versions = self.root / "versions"
         head = self.head_or_none()
         pending_file = self.root / PENDING
-        if pending_file.exists():
-            try:
-                pending = json.loads(pending_file.read_text()).get("version", "")
-            except (OSError, ValueError, AttributeError):
-                pending = ""  # torn while written: the version was not renamed into place yet
-            if head is not None:
-                if VERSION_RE.fullmatch(pending or "") and pending != head and (versions / pending).exists():
-                    self._trash(pending)
-                    removed.append(pending)
-                pending_file.unlink(missing_ok=True)
-        for p in versions.iterdir() if versions.is_dir() else []:
-            if p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-        for p in self.root.glob(".HEAD.*"):
-            p.unlink(missing_ok=True)
-        for p in (self.root / "priors").glob(".*"):
-            shutil.rmtree(p, ignore_errors=True)  # a prior cache interrupted while written (not user data)
-        for p in (self.root / "exports").glob(".*"):
-            if p.is_dir() and remove_if_abandoned(p):
-                removed.append(f"exports/{p.name}")
+        if pending_file.exists() and head is not None:
+            pending = self._abandoned_pending(head)
+            if pending:
+                self._trash(pending)
+                removed.append(pending)
+            pending_file.unlink(missing_ok=True)
+        link_problem_now = link_problem(self.root)
+        if link_problem_now:  # the store changed under us: delete nothing
+            raise DamagedStoreError(f"store '{self.root}' is refused: {link_problem_now}; put the real folder in its "
+                                    "place, then retry")
+        for p in self.leftovers():
+            rel = p.relative_to(self.root).as_posix()
+            if p.parent.name == "exports" and not p.is_symlink():
+                if remove_if_abandoned(p):
+                    removed.append(rel)
+                continue
+            self._remove(p)
+            removed.append(rel)
         staging = self.root / "staging"
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.rmdir()  # only when empty: anything edgecp did not put there stays (verify names it)
             removed.append("staging")
         return removed
 
+    def _abandoned_pending(self, head: str) -> str | None:
+        """The version `.pending` names, when it is proven to be an interrupted commit: HEAD never named it (not
+        HEAD now, no reflog entry moved HEAD to it) and no version names it as its parent. None otherwise."""
+        try:
+            pending = json.loads((self.root / PENDING).read_text()).get("version", "")
+        except (OSError, ValueError, AttributeError):
+            return None  # torn while written: the version was not renamed into place yet
+        if not isinstance(pending, str) or not VERSION_RE.fullmatch(pending) or pending == head:
+            return None
+        if pending not in self.versions():
+            return None
+        if any(pending in (e.get("head"), e.get("to")) for e in self.reflog()):
+            return None
+        for v in self.versions():
+            if v != pending:
+                try:
+                    if self.manifest(v).get("parent") == pending:
+                        return None
+                except DamagedStoreError:
+                    return None  # an unreadable manifest might name it: no proof
+        return pending
+
+    def inside(self, path: Path) -> bool:
+        """`path` (built from self.root) lies inside the store with no symbolic link on the way."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return False
+        cur = self.root
+        for part in rel.parts:
+            if part in ("..", "."):
+                return False
+            cur = cur / part
+            if cur.is_symlink():
+                return False
+        return True
+
+    def _remove(self, path: Path) -> None:
+        """Delete an entry of the store: a link is unlinked (never followed), a folder removed only when no link
+        lies between the store and it (shutil.rmtree itself unlinks links inside and never follows them)."""
+        if path.is_symlink():
+            path.unlink()
+            return
+        if not self.inside(path):
+            raise DamagedStoreError(f"store '{self.root}': '{path}' is reached through a symbolic link; edgecp deletes "
+                                    "nothing outside the store")
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
     def _trash(self, version: str) -> Path:
         """Take a version out of the store atomically (rename), then delete it; recovery finishes a crashed delete."""
-        d = self.root / "versions" / version
+        d = self.root / "versions" / check_version_name(version)
+        if d.is_symlink() or not d.is_dir() or not self.inside(d):
+            raise DamagedStoreError(f"store '{self.root}': versions/{version} is not a folder of the store; edgecp "
+                                    "deletes nothing it did not write")
         trash = self.root / "versions" / f".trash-{version}-{uuid.uuid4().hex[:8]}"
         os.rename(d, trash)
         _fsync_dir(self.root / "versions")
-        shutil.rmtree(trash, ignore_errors=True)
+        self._remove(trash)
         return trash
 
     def next_version(self) -> str:
@@ -342,17 +615,24 @@ class Store:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=versions))
         recorded = {}
         for fname, content in files.items():
-            if fname == MANIFEST or "/" in fname:
+            if fname in (MANIFEST, MANIFEST_SUM) or fname != Path(fname).name or fname.startswith("."):
                 raise ValueError(f"a version cannot hold a file named '{fname}'")
             dst = tmp / fname
             if isinstance(content, Path):
+                if content.is_symlink() or not content.is_file():
+                    raise DamagedStoreError(f"'{content}' is not a regular file: edgecp copies no links into a version")
                 shutil.copyfile(content, dst)
             else:
                 dst.write_bytes(content)
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
             recorded[fname] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-        _write_json_durable(tmp / MANIFEST, {**manifest, "files": recorded})
+        _write_json_durable(tmp / MANIFEST, {**manifest, "files": recorded, "sealed": True})
+        digest = sha256_file(tmp / MANIFEST)
+        with open(tmp / MANIFEST_SUM, "w") as f:
+            f.write(digest + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         _fsync_dir(tmp)
         final = versions / name
         os.rename(tmp, final)
@@ -369,6 +649,7 @@ class Store:
         manifest = {**manifest, "version": name, "parent": parent,
                     "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         manifest.pop("files", None)
+        manifest.pop("sealed", None)
         if "removed" not in manifest:
             removed = self.manifest(parent).get("removed")
             if removed:
@@ -399,4 +680,4 @@ class Store:
         return self.root / "priors" / key
 
     def disk_bytes(self, version: str | None = None) -> int:
-        return sum(f.stat().st_size for f in self.version_dir(version).iterdir() if f.is_file())
+        return sum(f.lstat().st_size for f in self.version_dir(version).iterdir() if f.is_file() and not f.is_symlink())

@@ -24,7 +24,8 @@ def _flip_last_byte(f):
 # -- store-level rules (no model) ----------------------------------------------------------------------------
 def _store3(tmp_path):
     s = Store.create(tmp_path / "s", {"base": {"kind": "tiny", "locator": "tiny", "sha256": "x"},
-                                      "method": {"name": "lora-sequential", "params": {}}})
+                                      "method": {"name": "lora-sequential", "params": {}}, "adapter": {},
+                                      "train": {}, "prior": {}})
     with s.writer():
         for i in range(3):
             s.commit({"a.bin": bytes([i])}, {"concepts": [{"name": f"c{j}"} for j in range(i + 1)]})
@@ -72,7 +73,9 @@ def test_manifest_records_file_hashes_and_damage_is_refused(tmp_path):
         s.check_version()
     r = verify(s.root)
     assert not r["ok"] and r["problems"] == ["v0003/a.bin does not match its sha256 (the bytes changed)"]
-    assert r["suggestion"] == f"run `edgecp rollback --store {s.root} v0002` (the newest intact version)"
+    # the damaged HEAD's recovery names what a rollback would take out of the model
+    assert r["suggestion"] == (f"restore HEAD v0003's files from a backup, or run `edgecp rollback --store {s.root} "
+                               "v0002` (the newest intact version; the model then lacks c2)")
 
 
 def test_gc_finishes_an_interrupted_delete_and_exports_in_progress_survive_recovery(tmp_path):
@@ -83,13 +86,15 @@ def test_gc_finishes_an_interrupted_delete_and_exports_in_progress_survive_recov
     shutil.copytree(s.version_dir("v0001"), trash)  # a gc killed between rename and delete
     live = s.root / "exports" / ".cpu-fp32-v0003-live"
     dead = s.root / "exports" / ".cpu-fp32-v0003-dead"
-    for d in (live, dead):
+    mine = s.root / "exports" / ".holiday-photos"  # a person's folder: not edgecp's, never deleted
+    for d in (live, dead, mine):
         d.mkdir(parents=True)
         (d / "part.onnx").write_bytes(b"half")
+    unlock_dir(lock_dir(dead))  # an export whose writer was killed: marked as edgecp's, lock released
     fd = lock_dir(live)  # an export still running (its writer holds the folder's lock)
     try:
         Store.open(s.root)
-        assert not trash.exists() and not dead.exists() and live.exists()
+        assert not trash.exists() and not dead.exists() and live.exists() and mine.exists()
     finally:
         unlock_dir(fd)
     r = gc(s.root, keep=1)
@@ -206,11 +211,16 @@ def test_a_legacy_tensor_file_that_cannot_be_read_is_one_line(tmp_path):
 
 
 def test_reading_commands_purge_orphaned_staging(store_copy, capsys):
-    staged = store_copy / "staging" / "abc123"
+    staged = store_copy / "staging" / "0123456789ab"  # add-concept's staging folder names: 12 hex digits
     staged.mkdir(parents=True)
     (staged / "0000.png").write_bytes(b"a user's photo left by a crash")
     code, _, _ = run_cli(capsys, "concepts", "--store", store_copy)
     assert code == 0 and not (store_copy / "staging").exists()
+    other = store_copy / "staging" / "my-notes"  # not a name edgecp gives: left where it is, named by verify
+    other.mkdir(parents=True)
+    code, _, _ = run_cli(capsys, "concepts", "--store", store_copy)
+    assert code == 0 and other.is_dir()
+    assert any("staging/my-notes" in p for p in verify(store_copy)["problems"])
 
 
 # -- exact removal: the model equals one that never learned the concept -----------------------------------
@@ -303,6 +313,7 @@ def test_export_folders_are_found_only_when_complete_and_intact(store_copy, fp32
     half = exports / ".cpu-fp32-v0002-k1ll3d"  # what a killed export leaves
     shutil.copytree(fp32_export_dir, half)
     (half / "edgecp.json").unlink()
+    (half / ".edgecp-writing").write_text("1")  # lock_dir's mark: an export edgecp was writing
     with pytest.raises(EdgecpError, match="no ONNX export of version v0002 .* is complete and intact"):
         find_export(store_copy)
     assert not half.exists()  # recovered on open: no writer holds its lock
@@ -316,16 +327,18 @@ def test_export_folders_are_found_only_when_complete_and_intact(store_copy, fp32
         find_export(store_copy)
     assert any("exports/cpu-fp32-v0002" in p for p in verify(store_copy)["problems"])
     assert gc(store_copy)["exports_deleted"] == []  # a damaged export of a kept version is reported, not deleted
-    os.remove(good / "edgecp.json")
-    assert gc(store_copy)["exports_deleted"] == ["cpu-fp32-v0002"]
+    os.remove(good / "edgecp.json")  # no longer provably edgecp's: reported, never deleted
+    r = gc(store_copy)
+    assert r["exports_deleted"] == [] and r["left_alone"] == ["exports/cpu-fp32-v0002"] and good.is_dir()
 
 
 def test_versions_from_an_older_edgecp_verify_with_a_note(tmp_path):
     s = _store3(tmp_path)
     f = s.version_dir("v0002") / "manifest.json"
     m = json.loads(f.read_text())
-    del m["files"]  # what an edgecp before per-file hashes wrote
+    del m["files"], m["sealed"]  # what an edgecp before per-file hashes wrote (and no manifest seal)
     f.write_text(json.dumps(m))
+    (f.parent / "manifest.json.sha256").unlink()
     r = verify(s.root)
     assert r["ok"] and r["notes"] == ["v0002: no recorded hashes (written by an older edgecp); its files were not checked"]
     assert s.check_version("v0002") == "v0002"

@@ -7,7 +7,9 @@ from edgecp.store import Store
 
 
 def _store(tmp_path):
-    return Store.create(tmp_path / "s", {"base": {"kind": "tiny", "locator": "tiny", "sha256": "x"}})
+    return Store.create(tmp_path / "s", {"base": {"kind": "tiny", "locator": "tiny", "sha256": "x"},
+                                         "method": {"name": "lora-sequential", "params": {}}, "adapter": {},
+                                         "train": {}, "prior": {}})
 
 
 def test_commit_moves_head_and_keeps_parent(tmp_path):
