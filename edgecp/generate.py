@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from edgecp.errors import EdgecpError
 from edgecp.prompts import expand
 
 StepCallback = Callable[[int, int], None]
+MAX_IMAGES = 10_000  # images per call, as config.MAX_PRIOR_IMAGES (priors are drawn through GenerateConfig)
+MAX_STEPS = 1000
+MAX_SIZE = 4096
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -32,12 +38,28 @@ class GenerateConfig:
     reduce_memory: bool = False  # onnx backend: one model's session at a time (OnnxStableDiffusion(reduce_memory=))
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise EdgecpError(f"-n {self.n} must be >= 1")
-        if self.steps < 1:
-            raise EdgecpError(f"--steps {self.steps} must be >= 1")
-        if self.size is not None and (self.size < 8 or self.size % 8):
-            raise EdgecpError(f"--size {self.size} must be a positive multiple of 8 (e.g. 512)")
+        """Bounds (our choice, generous for real use): n and batch_size <= MAX_IMAGES (priors, up to
+        config.MAX_PRIOR_IMAGES, are drawn through this config); steps <= MAX_STEPS (DDIM over SD's 1000 training
+        timesteps has at most 1000 steps); size a multiple of 8 up to MAX_SIZE (5x SD 2.x's 768); guidance finite
+        within +-MAX_GUIDANCE (7.5 is usual); seed 0 to 2^63 - 1 (numpy draws the latents from it; the bench's
+        seeds reach seed * 1000 + concept)."""
+        for name, flag, value, low, high in (("n", "-n", self.n, 1, MAX_IMAGES),
+                                             ("steps", "--steps", self.steps, 1, MAX_STEPS),
+                                             ("batch_size", "batch_size", self.batch_size, 1, MAX_IMAGES),
+                                             ("seed", "--seed", self.seed, 0, MAX_SEED)):
+            if not _is_int(value) or not low <= value <= high:
+                raise EdgecpError(f"{flag} {value!r} is out of range: {name} must be a whole number from {low} to {high}")
+        if self.size is not None and (not _is_int(self.size) or not 8 <= self.size <= MAX_SIZE or self.size % 8):
+            raise EdgecpError(f"--size {self.size!r} is out of range: use a multiple of 8 from 8 to {MAX_SIZE} "
+                              "(e.g. 512), or leave it out for the model's own size")
+        if (isinstance(self.guidance, bool) or not isinstance(self.guidance, numbers.Real)
+                or not math.isfinite(self.guidance) or abs(self.guidance) > MAX_GUIDANCE):
+            raise EdgecpError(f"--guidance {self.guidance!r} is out of range: use a finite number from "
+                              f"-{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g} (7.5 is usual; 1 turns guidance off)")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers too
 
 
 def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: StepCallback | None = None,
@@ -59,7 +81,9 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     if cfg.sampler is not None:
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.sampler].from_config(comps.scheduler.config)
+        from edgecp.model.base import ddim_scheduler
+
+        scheduler = ddim_scheduler(comps.scheduler.config, {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.sampler])
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -112,7 +136,8 @@ def grid(images: list, cols: int | None = None):
 
 
 def save_images(images: list, out_dir: Path, stem: str) -> list[Path]:
-    """`stem-0.png ...` plus `stem-grid.png` (the grid last in the returned list)."""
+    """`stem-0.png ...` plus `stem-grid.png` (the grid last in the returned list); `edgecp.outputs.IMAGE_NAME_RE`
+    recognises these names when a later run writes into the same folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images):
@@ -140,26 +165,34 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
 def generate_from_store(
     store_root: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path,
     device: str | None = None, callback: StepCallback | None = None, memory_budget=None, on_plan=None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """PyTorch backend: the store's current version; files are named after prompt, version and seed.
 
-    The memory planner picks the precision and images per call within `memory_budget` (default: the store's, else
-    the device's memory); `on_plan` receives the plan.
+    HEAD is read once, first: the version it names is the one loaded and the one in the file names, even if a
+    `rollback` moves HEAD while the model loads. `out_dir` may not be inside the store, and a non-empty folder that
+    generate did not make needs `overwrite` (`edgecp.outputs.check_output_dir`). The memory planner picks the
+    precision and images per call within `memory_budget` (default: the store's, else the device's memory);
+    `on_plan` receives the plan.
     """
     import torch
 
+    from edgecp.outputs import absolute, check_output_dir
     from edgecp.personal import PersonalModel, default_device
     from edgecp.store import Store
 
+    store_root = absolute(store_root)
+    out_dir = check_output_dir(out_dir, store_root, overwrite=overwrite, kind="images")
     store = Store.open(store_root)
-    expanded = expand(prompt, store.concepts())
+    version = store.head  # read once: loaded, and named in the files, whatever HEAD says later
+    expanded = expand(prompt, store.manifest(version)["concepts"])
     dev = torch.device(device) if device else default_device()
     plan = plan_generate(store, cfg, dev, memory_budget)
     if on_plan:
         on_plan(plan)
-    model = PersonalModel.load(store, device=dev, plan=plan)
+    model = PersonalModel.load(store, version, device=dev, plan=plan)
     images = torch_generate(model.comps, expanded, cfg, model.device, callback, plan)
-    return save_images(images, Path(out_dir), f"{slug(prompt)}-{store.head}-s{cfg.seed}")
+    return save_images(images, out_dir, f"{slug(prompt)}-{version}-s{cfg.seed}")
 
 
 def find_export(store_root: str | Path) -> Path:
@@ -224,13 +257,16 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
 
 def generate_from_onnx(
     onnx_dir: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path, callback: StepCallback | None = None,
-    on_note: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None, overwrite: bool = False,
 ) -> list[Path]:
     """ONNX backend: onnxruntime on an exported folder; imports no torch. `on_note(line)` hears why a listed GPU
-    provider was not used (the runner then runs on the CPU)."""
+    provider was not used (the runner then runs on the CPU). The images are labelled with the version the export
+    holds (its edgecp.json). `out_dir` follows generate_from_store's rules, kept out of the store the export came
+    from (the store its edgecp.json names, and the one whose exports/ folder holds it)."""
     from edgecp.export.ort_runner import OnnxStableDiffusion
+    from edgecp.outputs import absolute, check_output_dir
 
-    onnx_dir = Path(onnx_dir)
+    onnx_dir = absolute(onnx_dir)  # a link is still refused as one below
     meta_file = onnx_dir / "edgecp.json"
     if not meta_file.is_file():
         raise EdgecpError(f"'{onnx_dir}' is not an edgecp ONNX export (no edgecp.json): run `edgecp export` first")
@@ -239,6 +275,14 @@ def generate_from_onnx(
     meta, problems = read_export_meta(onnx_dir)
     if problems:
         raise EdgecpError(f"export '{onnx_dir}' is not intact: {problems[0]}; export again with `edgecp export`")
+    version = meta.get("version")
+    if not isinstance(version, str) or not re.fullmatch(r"v[0-9]{4,}", version):
+        raise EdgecpError(f"export '{onnx_dir}' records version {version!r}, not a version name such as v0003 (its "
+                          "edgecp.json was edited): export again with `edgecp export`")
+    stores = [onnx_dir.parent.parent] if (onnx_dir.parent.parent / "store.json").is_file() else []
+    if isinstance(meta.get("store"), str) and (Path(meta["store"]) / "store.json").is_file():
+        stores.append(Path(meta["store"]))
+    out_dir = [check_output_dir(out_dir, s, overwrite=overwrite, kind="images") for s in stores or [None]][0]
     expanded = expand(prompt, meta["concepts"])
     providers, note = onnx_providers(meta)
     if note and on_note:
@@ -251,4 +295,4 @@ def generate_from_onnx(
                         width=cfg.size, negative_prompt=cfg.negative_prompt, callback=callback)
     except (ValueError, FileNotFoundError) as e:  # the runner's own errors already name the value and the fix
         raise EdgecpError(str(e).splitlines()[0]) from e
-    return save_images(images, Path(out_dir), f"{slug(prompt)}-{meta['version']}-s{cfg.seed}-onnx")
+    return save_images(images, out_dir, f"{slug(prompt)}-{version}-s{cfg.seed}-onnx")

@@ -7,32 +7,62 @@ textual-inversion file per concept token for `load_textual_inversion`.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
-from edgecp.errors import EdgecpError
+from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.store import Store
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights / load_lora_weights use
 
-def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
+
+def concept_file_names(concepts: list[dict], where: str) -> list[str]:
+    """The textual-inversion file name of each concept, `<name>.safetensors`, each name checked first: a name read
+    from a store file becomes a file name only when it is a plain name (one path component: no '/', '\\', '..',
+    NUL, not hidden; `edgecp.store.check_plain_name`), so a hand-edited manifest (`../escaped`, `/abs/victim`) can
+    never make the export write outside its folder. `where` names the manifest in the error (DamagedStoreError,
+    exit 4). Two concepts of one name are damage too; a concept whose file would replace the LoRA's is refused."""
+    from edgecp.store import check_plain_name
+
+    names = []
+    for c in concepts:
+        name = c.get("name") if isinstance(c, dict) else None
+        check_plain_name(name, f"{where}: concept name")
+        if name in names:
+            raise DamagedStoreError(f"{where}: concept name {name!r} appears twice (a store file was edited or "
+                                    "damaged); run `edgecp verify --store STORE`")
+        names.append(name)
+    files = [f"{n}.safetensors" for n in names]
+    if LORA_FILE in files:
+        raise EdgecpError(f"concept '{LORA_FILE.removesuffix('.safetensors')}' would overwrite the LoRA file "
+                          f"{LORA_FILE} of a diffusers export: remove the concept and learn it again under another name")
+    return files
+
+
+def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """The store's current version (HEAD read once) as the LoRA file and one textual-inversion file per concept in
+    `out`. `out` is made absolute first; it may not be inside the store, nor an existing file, nor a non-empty
+    folder unless `overwrite` (which replaces an earlier diffusers export: `edgecp.outputs.check_output_dir`). The
+    files are written to a temporary folder beside `out` and renamed into place: a refusal leaves nothing."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
     from edgecp.adapters.lora import peft_config
     from edgecp.config import AdapterConfig
+    from edgecp.outputs import absolute, check_output_dir, put_in_place
     from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
 
-    store = Store.open(store_root)
-    store.check_version()
-    adapter = effective_adapter(store)
+    store = Store.open(absolute(store_root))
+    version = store.check_version()
+    out = check_output_dir(out, store.root, overwrite=overwrite, kind="diffusers")
+    adapter = effective_adapter(store, version)
     if adapter.kind == "vera":
         raise EdgecpError("--format diffusers exports LoRA; this store uses VeRA, which diffusers cannot load: use --format onnx")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise EdgecpError(f"export folder '{out}' exists and is not empty: remove it or pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    vdir = store.version_dir()
-    written = []
+    concepts = store.manifest(version)["concepts"]
+    names = concept_file_names(concepts, f"store '{store.root}', {version}/manifest.json")
+    vdir = store.version_dir(version)
     state = read_tensors(vdir, ADAPTER_FILE)
     deltas = read_tensors(vdir, DELTA_FILE)
     if deltas:  # changed base tensors (merge & re-init, Custom Diffusion, CNS ...) as one exact LoRA
@@ -43,20 +73,26 @@ def export_diffusers(store_root: str | Path, out: str | Path) -> list[Path]:
         parts = ([state] if state else []) + [delta_to_lora(deltas, scaling=adapter.alpha / adapter.rank)]
         state = concat_loras(parts, [1.0] * len(parts))
         adapter = with_rank(adapter, next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")))
-    if state:
-        cfg = peft_config(adapter).to_dict()
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-        StableDiffusionPipeline.save_lora_weights(
-            out, unet_lora_layers=convert_state_dict_to_diffusers(state), safe_serialization=True,
-            unet_lora_adapter_metadata=cfg,
-        )
-        written.append(out / "pytorch_lora_weights.safetensors")
     tokens = read_tensors(vdir, TOKENS_FILE)
-    for c in store.concepts():
-        f = out / f"{c['name']}.safetensors"
-        save_file({c["token"]: tokens[c["token"]].contiguous()}, str(f))
-        written.append(f)
-    return written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    written = []
+    try:
+        if state:
+            cfg = peft_config(adapter).to_dict()
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), safe_serialization=True,
+                unet_lora_adapter_metadata=cfg,
+            )
+            written.append(LORA_FILE)
+        for c, fname in zip(concepts, names):
+            save_file({c["token"]: tokens[c["token"]].contiguous()}, str(tmp / fname))
+            written.append(fname)
+        put_in_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / f for f in written]
 
 
 def delta_to_lora(deltas: dict, scaling: float, rtol: float = 1e-6) -> dict:

@@ -28,7 +28,7 @@ from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from edgecp.export.np_scheduler import NumpyDDIMScheduler
+from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
@@ -408,7 +408,10 @@ class OnnxStableDiffusion:
             )
         self.providers = providers
         self.model_index = read_json(self.folder / "model_index.json")
-        self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json", required=True)
+        # as diffusers' StableDiffusionPipeline samples with it (no x0 clipping, steps_offset 1; see ddim_config):
+        # an optimum export of SD 2.x 768-v ships an Euler config without clip_sample, whose DDIM default is True
+        self.scheduler_config = ddim_config(
+            read_json(self.folder / "scheduler" / "scheduler_config.json", required=True))
         NumpyDDIMScheduler.from_config(self.scheduler_config)  # fail now, not mid-generation
         self.unet_config = read_json(self.folder / "unet" / "config.json")
         self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")

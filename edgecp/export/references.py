@@ -96,11 +96,14 @@ def step_timer(seconds: list[float], inner: Callable | None = None) -> Callable:
 def _pipeline(comps, text_encoder=None, unet=None):
     """diffusers' pipeline holding only the stage's model: the others may be on the meta device (parked), and the
     pipeline takes its device from the first model it holds."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
+    from edgecp.model.base import ddim_scheduler
+
+    # the config the export's scheduler/ file records and the runner reads (ddim_config): both sides sample alike
     pipe = StableDiffusionPipeline(
         vae=None, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(comps.scheduler.config), safety_checker=None, feature_extractor=None,
+        scheduler=ddim_scheduler(comps.scheduler.config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.vae_scale_factor = comps.vae_scale  # diffusers assumes 8 without a VAE

@@ -5,13 +5,16 @@ A base is identified by the sha256 of its weights; a store records it at init an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgecp.errors import EdgecpError
+from edgecp.export.np_scheduler import ddim_config  # one rule for PyTorch and the runner (re-exported here)
 from edgecp.paths import edgecp_home
 from edgecp.store import sha256_file
 
@@ -148,6 +151,27 @@ def quiet_hf() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def scheduler_notices_silenced():
+    """diffusers' FutureWarnings about a scheduler config's `clip_sample` / `steps_offset` (raised where a pipeline is
+    built around a scheduler, and where `from_pretrained` builds the base's own) are not shown: edgecp builds every
+    sampling scheduler through `ddim_config`, which sets both as the pipeline would. Local to the block; nothing
+    else is filtered and no global filter is installed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The configuration file of this scheduler", category=FutureWarning)
+        yield
+
+
+def ddim_scheduler(config, cls=None):
+    """The diffusers scheduler `cls` (default DDIMScheduler; DDPMScheduler for training and `--sampler ddpm`) built
+    from a base's scheduler config through `ddim_config`, without diffusers' notices about that config."""
+    from diffusers import DDIMScheduler
+
+    cls = cls or DDIMScheduler
+    with scheduler_notices_silenced():
+        return cls.from_config(ddim_config(config))
+
+
 @dataclass
 class Components:
     """The pieces of a Stable Diffusion pipeline that edgecp trains and exports."""
@@ -176,30 +200,34 @@ def load_error(spec: BaseSpec, e: Exception) -> EdgecpError:
 
 
 def load_components(spec: BaseSpec, dtype=None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler from a resolved base (weights via safetensors only)."""
+    """Load tokenizer, text encoder, VAE, UNet and scheduler from a resolved base (weights via safetensors only).
+    The scheduler is a DDIMScheduler from the base's config through `ddim_config`, whatever class the base names."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     quiet_hf()
     dtype = dtype or torch.float32
     try:
-        if spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
-            from edgecp.model.single_file import config_folder, detect_family
+        # the base's own scheduler (replaced below) may say clip_sample true or steps_offset 0: diffusers' notice
+        # about it is not the user's business
+        with scheduler_notices_silenced():
+            if spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
+                from edgecp.model.single_file import config_folder, detect_family
 
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
-                torch_dtype=dtype, safety_checker=None, use_safetensors=True,
-            )
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(spec.path), dtype=dtype, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, use_safetensors=True,
-            )
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
+                    torch_dtype=dtype, safety_checker=None, use_safetensors=True,
+                )
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(spec.path), dtype=dtype, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, use_safetensors=True,
+                )
     except EdgecpError:
         raise
     except Exception as e:
         raise load_error(spec, e) from e
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = ddim_scheduler(pipe.scheduler.config)
     for m in (pipe.text_encoder, pipe.vae, pipe.unet):
         m.requires_grad_(False)
         m.eval()

@@ -221,7 +221,7 @@ def weight_bytes(model: nn.Module) -> int:
 def load_planned(spec, precision: Precision, device: str = "cpu"):
     """The base's Components held in `precision` (see the module docstring); the VAE is always fp32."""
     from edgecp.memory import compact_allocator
-    from edgecp.model.base import Components, load_components, load_error, quiet_hf
+    from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_hf
 
     if precision.weights == "int8":
         check_backend(precision.backend)
@@ -243,7 +243,7 @@ def load_planned(spec, precision: Precision, device: str = "cpu"):
                                                          use_safetensors=True)
             vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32  # fp16 overflows in SD's VAE
             vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
-            scheduler = DDIMScheduler.from_pretrained(spec.path / "scheduler")
+            scheduler = ddim_scheduler(DDIMScheduler.load_config(spec.path / "scheduler"))  # as load_components
             unet = stream_unet(spec.path, precision, device)
             if unet is None:  # an older key layout: let diffusers rename, then convert
                 unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", use_safetensors=True)
