@@ -44,10 +44,13 @@ def init_store(
     prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
     budget = parse_bytes(memory_budget)
     spec = resolve_base(base)
+    unet_config = spec.path / "unet" if spec.path is not None and spec.path.is_dir() else None
     if spec.kind == "single_file":  # read the checkpoint's configuration now, refuse one we cannot load
         from edgecp.model.single_file import config_folder, detect_family
 
-        config_folder(detect_family(spec.path))
+        unet_config = config_folder(detect_family(spec.path)) / "unet"
+    if unet_config is not None:  # before any prior image is drawn or any file written
+        check_targets(unet_config, m.adapter, base)
     info = {
         "base": {**spec.to_json(), "sha256": base_sha256(spec)},
         "method": {"name": m.name, "params": to_dict(m.params)},
@@ -61,17 +64,70 @@ def init_store(
 
 
 def plan_store(root: str | Path, memory_budget: str | int | None = None, overrides: dict | None = None,
-               device: str | None = None, n_images: int = 4, force: dict | None = None):
-    """The plan `add-concept` would run on this store now (no model loaded, nothing written)."""
+               device: str | None = None, n_images: int = 4, force: dict | None = None,
+               gpu_memory: str | int | None = None, gpu_capability: str | float | None = None):
+    """The plan `add-concept` would run on this store now (no model loaded, nothing written).
+
+    `gpu_memory` ('8GB') and `gpu_capability` ('8.6') plan for a GPU that need not be here (`memory.given_device_info`:
+    bf16 from capability 8.0, fp16 below; default capability 7.5); `device` is then cuda. Asked for cuda without
+    them on a machine without CUDA, one line says to pass them.
+    """
     import torch
 
-    from edgecp.personal import default_device, open_base
+    from edgecp.images import MAX_IMAGES
+    from edgecp.memory import given_device_info, resolve_device
+    from edgecp.personal import open_base
     from edgecp.train import plan_add_concept
 
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or not 1 <= n_images <= MAX_IMAGES:
+        raise EdgecpError(f"--images {n_images} is out of range: a concept has 1 to {MAX_IMAGES} photos")
+    info = None
+    if gpu_memory is not None or gpu_capability is not None:
+        if device is not None and not str(device).strip().lower().startswith("cuda"):
+            raise EdgecpError(f"--gpu-memory and --gpu-capability describe a GPU: drop them, or pass --device cuda "
+                              f"instead of --device {device}")
+        if gpu_memory is None:
+            raise EdgecpError("--gpu-capability needs --gpu-memory too: e.g. --gpu-memory 8GB --gpu-capability 8.6")
+        info = given_device_info(gpu_memory, gpu_capability)
+        dev = torch.device("cuda")
+    elif device is not None and str(device).strip().lower().startswith("cuda") and not torch.cuda.is_available():
+        raise EdgecpError("CUDA is not available here: to plan for a GPU that is not present, pass its memory and "
+                          "compute capability, e.g. --device cuda --gpu-memory 8GB --gpu-capability 8.6")
+    else:
+        dev = resolve_device(device)
     store = Store.open(root)
     train_cfg = replace(from_dict(TrainConfig, store.info["train"], "train"), **(overrides or {}))
-    dev = torch.device(device) if device else default_device()
-    return plan_add_concept(store, open_base(store), train_cfg, dev, memory_budget, n_images, force)
+    return plan_add_concept(store, open_base(store), train_cfg, dev, memory_budget, n_images, force, info)
+
+
+def check_targets(unet_config: Path, adapter: AdapterConfig, base: str) -> None:
+    """Refuse adapter targets that name no layer of the base's UNet, or a layer the adapter cannot train.
+
+    The UNet is built from its config on the meta device (no weights read or allocated: about a second for SD),
+    so the names are diffusers' module names whatever the base's file layout. A target matches a module whose name
+    is it or ends with '.' + it (peft's rule). Every matched module must be an nn.Linear (LoRA also takes
+    nn.Conv2d): VeRA, Custom Diffusion and CNS train Linear weights only, and peft refuses other modules.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_config))
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if adapter.kind == "lora" else (torch.nn.Linear,)
+    modules = dict(unet.named_modules())
+    layers = [n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear) and n.endswith("attn2.to_k")]
+    example = layers[0] if layers else "attn2.to_k"
+    for t in adapter.targets:
+        hits = {n: mod for n, mod in modules.items() if n == t or n.endswith("." + t)}
+        if not hits:
+            raise EdgecpError(f"adapter target '{t}' names no layer of the UNet of base '{base}': pass module-name "
+                              f"suffixes such as attn2.to_k,attn2.to_v (full names look like {example})")
+        wrong = next((n for n, mod in hits.items() if not isinstance(mod, kinds)), None)
+        if wrong is not None:
+            what = "Linear or Conv2d" if adapter.kind == "lora" else "Linear"
+            inside = f"{t}.to_k" if hasattr(hits[wrong], "to_k") else "attn2.to_k"
+            raise EdgecpError(f"adapter target '{t}' matches {wrong} ({type(hits[wrong]).__name__}), which this "
+                              f"method cannot train (it trains {what} layers): name such layers, e.g. {inside}")
 
 
 def _build(method: str, params: dict | None, adapter: dict | None):

@@ -1,12 +1,18 @@
 """The `edgecp` command: parse -> build config -> call ONE library function -> render.
 
-Errors a user can fix print one line and exit non-zero; EDGECP_DEBUG=1 shows the traceback.
+Errors a user can fix print one line and exit non-zero; EDGECP_DEBUG=1 shows the traceback. `main()` also turns
+what the environment does to a command into one line (issue 21): Ctrl-C ("interrupted: ...", exit 130), a
+read-only store, a full disk and other OSErrors that name a path. For its own process only, it silences the
+notices libraries print on import (kernels' "Skipping publisher trust check" when the Hub is offline, diffusers'
+FutureWarnings); the library sets nothing of the kind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,6 +196,10 @@ def plan(
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: the store's).")] = None,
     images: Annotated[int, typer.Option(help="How many photos the concept will have.")] = 4,
     plan_pin: PlanOpt = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        help="Plan for a GPU that need not be here: its memory, e.g. 8GB (implies --device cuda).")] = None,
+    gpu_capability: Annotated[Optional[str], typer.Option(
+        help="With --gpu-memory: its CUDA compute capability, e.g. 8.6 (8.0+: bf16; below: fp16; default 7.5).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show what add-concept will do within a memory budget, and its predicted peak per phase (loads no model).
@@ -197,15 +207,27 @@ def plan(
     Examples:
       edgecp plan --store my-model --memory-budget 6GB
       edgecp plan --store my-model --memory-budget 3GB --resolution 512 --device cuda
+      edgecp plan --store my-model --gpu-memory 8GB --gpu-capability 7.5   # a GPU that is not here
     """
     from edgecp.api import plan_store
     from edgecp.planner import fmt_bytes
 
-    p = plan_store(store, memory_budget, {"resolution": resolution}, device, images, _parse_kv(plan_pin, "--plan") or None)
+    p = plan_store(store, memory_budget, {"resolution": resolution}, device, images, _parse_kv(plan_pin, "--plan") or None,
+                   gpu_memory=gpu_memory, gpu_capability=gpu_capability)
     if as_json:
         out.print_json(json.dumps(p.to_json()))
         return
     out.print(p.line(), markup=False, highlight=False, soft_wrap=True)
+    if gpu_memory is not None:
+        from edgecp.memory import parse_capability
+        from edgecp.planner import parse_bytes
+
+        major, minor = parse_capability(gpu_capability)
+        size = fmt_bytes(parse_bytes(gpu_memory, "GPU memory", "--gpu-memory"))
+        out.print(f"for a GPU with {size} (given, not this machine's), "
+                  f"compute capability {major}.{minor}{'' if gpu_capability else ' (assumed)'}: "
+                  f"{'bf16' if major >= 8 else 'fp16 (no native bf16 below 8.0)'}", markup=False, highlight=False,
+                  soft_wrap=True)
     t = Table(title="predicted peak per phase")
     t.add_column("phase")
     t.add_column("peak", justify="right")
@@ -252,6 +274,7 @@ def generate(
     memory_budget: BudgetOpt = None,
     reduce_memory: Annotated[bool, typer.Option("--reduce-memory", help="onnx backend: hold one model at a time "
                                                 "(peak: the UNet, not all three; seconds of loading per image).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
 ) -> None:
     """Generate images, with PyTorch or with onnxruntime on an export.
 
@@ -268,18 +291,23 @@ def generate(
         raise EdgecpError("--reduce-memory is for --backend onnx; the torch backend's memory is --memory-budget")
     if store is None and not (backend == "onnx" and onnx_dir):
         raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
+    if backend == "torch" and device is not None:
+        from edgecp.memory import resolve_device
+
+        resolve_device(device)  # tpu, or cuda on a machine without it: one line before anything loads
     with progress_bars() as bar:
         cb = lambda i, total: bar(f"sample ({backend})", i, total)  # noqa: E731
         if backend == "torch":
             from edgecp.generate import generate_from_store
 
             paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
-                                        memory_budget=memory_budget,
+                                        memory_budget=memory_budget, overwrite=overwrite,
                                         on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
         else:
             from edgecp.generate import find_export, generate_from_onnx
 
             paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
+                                       overwrite=overwrite,
                                        on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
                                                                    soft_wrap=True))
     out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
@@ -291,6 +319,7 @@ def export(
     profile: Annotated[str, typer.Option(help="Device profile name or .toml path; see `edgecp profiles`.")] = "cpu-fp32",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx or diffusers.")] = "onnx",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
 ) -> None:
     """Export the current version: ONNX per device profile, or LoRA + embeddings for diffusers.
 
@@ -303,7 +332,7 @@ def export(
 
         if out_dir is None:
             raise EdgecpError("--format diffusers needs --out DIR")
-        files = export_diffusers(store, out_dir)
+        files = export_diffusers(store, out_dir, overwrite=overwrite)
         out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
         return
     if fmt != "onnx":
@@ -311,7 +340,7 @@ def export(
     from edgecp.export.onnx_export import export_onnx
 
     with progress_bars() as bar:
-        report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n))
+        report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n), overwrite=overwrite)
     t = Table(title=f"parity vs PyTorch ({report['profile']})")
     int8 = "quantization" in report
     for col in ("model", "max abs diff", "tolerance", "MB", "x fp32") + (("int8",) if int8 else ()):
@@ -481,24 +510,113 @@ from edgecp.cli_store import register as _register_store_commands  # noqa: E402
 _register_store_commands(app)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised by `main()`'s SIGINT handler instead of KeyboardInterrupt: click turns a KeyboardInterrupt
+    into "Aborted!" and exit 1 before main() can see it. A BaseException, so that no `except Exception` in a library
+    swallows it; `finally` blocks (the staging purge, the lock) run as for KeyboardInterrupt."""
+
+
+def _on_sigint(signum, frame) -> None:
+    raise Interrupted()
+
+
+@contextmanager
+def _cli_process():
+    """What the CLI sets for its own process, undone when main() returns (tests call main() in-process):
+    - SIGINT raises `Interrupted` (main thread only; elsewhere Python's default stays);
+    - the `kernels` package's logger (imported by bitsandbytes) at ERROR: with HF_HUB_OFFLINE=1 it warns
+      "Skipping publisher trust check ..." on stderr at every import of bitsandbytes;
+    - FutureWarnings ignored: diffusers' deprecation notices concern its API, not the user's command.
+    """
+    import logging
+    import warnings
+
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread
+        previous = None
+    quiet = logging.getLogger("kernels")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        quiet.setLevel(level)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _store_of(path: Path) -> Path | None:
+    """The store folder holding `path` (the nearest parent with store.json), if any."""
+    for p in [path, *path.parents][:8]:
+        if (p / "store.json").is_file():
+            return p
+    return None
+
+
+def _free(path: Path) -> str:
+    import shutil
+
+    for p in [path, *path.parents]:
+        try:
+            return f"{shutil.disk_usage(p).free / 1e6:,.0f} MB free there now"
+        except OSError:
+            continue
+    return "free space unknown"
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for an OSError that names a path (None: leave the traceback). Generic, and honest about what is
+    known: the path from e.filename, the store that holds it, the free space left; a write is atomic in edgecp
+    (a version is renamed into place, an export too), so a failed command leaves the store at its last commit."""
+    name = e.filename if e.filename is not None else e.filename2
+    if name is None:
+        return None
+    path = Path(os.fsdecode(name))
+    why = e.strerror or type(e).__name__
+    store = _store_of(path)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "over its disk quota" if e.errno == errno.EDQUOT else "full"
+        return (f"the disk is {what} ({why}: '{path}'; {_free(path)}): nothing was committed and the store is at "
+                "its last committed version; free some space (a concept needs a few MB in the store, an export "
+                "about the size of the base) and retry")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if store is not None:
+            who = "" if e.errno == errno.EROFS else " for this user"
+            return (f"store '{store}' is read-only{who} ({why}: '{path}'): commands that change it (add-concept, "
+                    "export, rollback, gc, ...) need write access; make it writable, or copy it to a writable disk")
+        return f"'{path}' cannot be accessed ({why}): fix its permissions or choose another path"
+    return f"{why} (errno {e.errno}): '{path}'; run with EDGECP_DEBUG=1 for the traceback"
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    debug = os.environ.get("EDGECP_DEBUG") == "1"
     try:
-        app()
+        with _cli_process():
+            app()
     except EdgecpError as e:
-        if os.environ.get("EDGECP_DEBUG") == "1":
+        if debug:
             raise
         err.print(f"[red]error:[/] {esc(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except ModuleNotFoundError as e:  # the lean install (edgecp[runtime]) has no torch stack: say which install
-        if e.name is None or e.name.split(".")[0] not in FULL_ONLY or os.environ.get("EDGECP_DEBUG") == "1":
+        if e.name is None or e.name.split(".")[0] not in FULL_ONLY or debug:
             raise
         err.print(f"[red]error:[/] this command needs {e.name.split('.')[0]}, which the lean install lacks: "
                   "pip install 'edgecp[full]' (or 'edgecp[train,cuda]' on a CUDA machine)", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted: the store is at its last committed version")
+    except (KeyboardInterrupt, Interrupted):
+        err.print("interrupted: the store is at its last committed version", highlight=False, soft_wrap=True)
         sys.exit(130)
+    except OSError as e:
+        line = None if debug else os_error_line(e)
+        if line is None:
+            raise
+        err.print(f"[red]error:[/] {esc(line)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 FULL_ONLY = {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript",

@@ -6,12 +6,17 @@ Choices the issue left to us (also in docs/architecture.md):
 - Transparent images are composited on mid grey (128, 128, 128), which is 0 in the model's [-1, 1] pixel range:
   the neutral value, neither the white nor the black a photo editor might have hidden under the alpha.
 - 16- and 32-bit greyscale (PIL modes I;16*, I, F) are scaled to 8 bits by their bit depth, not clipped.
-- `--purge-source` on a symbolic link deletes the photo it points to and the link; the report names every path
-  deleted and every one not deleted, and a photo that survives through other hard links is named as such.
+- `--purge-source` deletes every file given (a folder: every image file in it, as listed before training), byte-
+  identical copies included: a copy is the trained photo. A symbolic link: the photo it points to and the link. The
+  report names every path deleted and every file kept, with why: a file whose bytes changed since it was read, one
+  that could not be deleted, and the other hard links of a deleted photo (found in the folders of the given files;
+  where they are elsewhere, their number).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -26,7 +31,15 @@ NEUTRAL_GREY = (128, 128, 128)
 
 
 def expand_image_args(args: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded to the image files they hold (sorted). Errors name the path."""
+    """Files as given; folders expanded to the image files they hold (sorted), each file once. Errors name the path."""
+    out = given_files(args)
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def given_files(args: list[str | Path]) -> list[Path]:
+    """Every file the arguments name: files as given, folders expanded to their image files (sorted); a file named
+    twice, or a link beside its target, stays in (what `--purge-source` deletes). Errors name the path."""
     out: list[Path] = []
     for a in args:
         p = Path(a).expanduser()
@@ -43,8 +56,7 @@ def expand_image_args(args: list[str | Path]) -> list[Path]:
             raise EdgecpError(f"image '{a}' does not exist: check the path")
     if not out:
         raise EdgecpError("no images given: pass at least one image file or folder")
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    return out
 
 
 def dedupe_by_content(paths: list[Path]) -> list[Path]:
@@ -119,26 +131,75 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def purge_sources(paths: list[Path]) -> dict:
-    """Delete the user's photos after the commit. A symbolic link: the photo it points to, then the link.
-    Returns {"deleted": [...], "not_deleted": [{"path", "reason"}]}; never claims a deletion that did not happen."""
-    deleted, kept = [], []
+def purge_sources(paths: list[Path], trained: set[str] | None = None) -> dict:
+    """Delete the user's photos after the commit: every path of `paths` (`given_files`: copies and links included).
+    A symbolic link: the photo it points to, then the link. With `trained` (the sha256s learned), a regular file
+    whose bytes are not among them (changed since it was read) is kept.
+
+    Returns {"deleted": [...], "not_deleted": [{"path", "reason"}]}: never claims a deletion that did not happen,
+    and names every file kept, the surviving hard links of a deleted photo included (looked for in the folders of
+    the given files; counted where they are elsewhere)."""
+    deleted: list[str] = []
+    kept: list[dict] = []
+    done: set[str] = set()
+    links: dict[tuple[int, int], dict] = {}  # inode of a deleted photo with other hard links -> its path, counts
+    folders: list[Path] = []
     for p in paths:
         targets = [p.resolve(), p] if p.is_symlink() else [p]
         for t in targets:
+            key = str(t)
+            if key in done:
+                continue
+            done.add(key)
+            folders += [t.parent] if t.parent not in folders else []
             try:
-                links = t.stat().st_nlink if not t.is_symlink() else 1
+                st = t.lstat()
+                if trained is not None and stat.S_ISREG(st.st_mode) and sha256_file(t) not in trained:
+                    kept.append({"path": key, "reason": "its bytes changed since edgecp read it, so it is not the "
+                                                        "photo that was learned: not deleted"})
+                    continue
                 t.unlink()
             except FileNotFoundError:
-                kept.append({"path": str(t), "reason": "not found (deleted meanwhile?)"})
+                kept.append({"path": key, "reason": "not found (deleted meanwhile?)"})
                 continue
             except OSError as e:
-                kept.append({"path": str(t), "reason": f"{type(e).__name__}: {e.strerror or e}"})
+                via = f"the photo {p} points to; " if t != p else ""
+                kept.append({"path": key, "reason": f"{via}{type(e).__name__}: {e.strerror or e}"})
                 continue
-            deleted.append(str(t))
-            if links > 1:
-                kept.append({"path": str(t), "reason": f"its bytes survive in {links - 1} other hard link(s)"})
+            deleted.append(key)
+            ident = (st.st_dev, st.st_ino)
+            if stat.S_ISREG(st.st_mode) and ident in links:  # another given name of the same photo
+                links[ident]["deleted"] += 1
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                links[ident] = {"path": key, "nlink": st.st_nlink, "deleted": 1}
+    for (dev, ino), entry in links.items():
+        left = entry["nlink"] - entry["deleted"]
+        if left <= 0:
+            continue
+        found = [f for d in folders for f in _entries(d) if _same_inode(f, dev, ino)]
+        for f in found:
+            kept.append({"path": str(f), "reason": f"a hard link to {entry['path']} that was not given: the photo's "
+                                                   "bytes survive here"})
+        if left > len(found):
+            where = ", ".join(str(d) for d in folders)
+            kept.append({"path": entry["path"], "reason": f"its bytes survive in {left - len(found)} other hard "
+                                                          f"link(s) outside the folders searched ({where})"})
     return {"deleted": deleted, "not_deleted": kept}
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder / e.name for e in os.scandir(folder))
+    except OSError:
+        return []
+
+
+def _same_inode(path: Path, dev: int, ino: int) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def load_square(path: Path, size: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import resource
 import threading
 import time
@@ -17,12 +18,67 @@ from pathlib import Path
 
 import torch
 
-from edgecp.planner import DeviceInfo, Workload
+from edgecp.errors import EdgecpError
+from edgecp.planner import DeviceInfo, Workload, fmt_bytes, parse_bytes
+
+DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
+# Planning for a GPU that is not here (`edgecp plan --device cuda --gpu-memory 8GB`): without --gpu-capability we
+# assume 7.5 (Turing: fp16, no native bf16). Our choice: fp16 runs on every GPU edgecp plans for, and the 16-bit
+# plans of both dtypes predict the same bytes; add-concept on the real GPU plans again from what it reports.
+DEFAULT_GPU_CAPABILITY = (7, 5)
+
+
+def _no_cuda() -> str:
+    why = (f"this torch {torch.__version__} is a CPU build" if torch.version.cuda is None
+           else "no NVIDIA GPU or driver was found")
+    return (f"CUDA is not available here ({why}): use --device cpu, or run on a machine with an NVIDIA GPU "
+            "and torch's CUDA build")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`--device`: None (cuda when present, else cpu), cpu, cuda or cuda:N; anything else, a CUDA device this
+    machine lacks included, is one line saying what is accepted."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device).strip().lower()
+    if not DEVICE_RE.fullmatch(text):
+        raise EdgecpError(f"--device '{device}' is not supported: use cpu, cuda or cuda:N (e.g. cuda:0)")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EdgecpError(_no_cuda())
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise EdgecpError(f"--device {text} does not exist: this machine has {n} CUDA device(s), "
+                              f"cuda:0 to cuda:{n - 1}")
+    return dev
+
+
+def parse_capability(text: str | float | None) -> tuple[int, int]:
+    """'8.6' -> (8, 6), '9' -> (9, 0); None -> DEFAULT_GPU_CAPABILITY. Majors 5 to 15 (CUDA 12 starts at 5.0)."""
+    if text is None or text == "":
+        return DEFAULT_GPU_CAPABILITY
+    m = re.fullmatch(r"\s*([0-9]{1,2})(?:\.([0-9]))?\s*", str(text))
+    if not m or not 5 <= int(m.group(1)) <= 15:
+        raise EdgecpError(f"--gpu-capability '{text}' is not a CUDA compute capability: write it like 7.5 or 8.6 "
+                          "(nvidia-smi --query-gpu=compute_cap --format=csv prints it)")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def given_device_info(memory: str | int, capability: str | float | None = None) -> DeviceInfo:
+    """A GPU described by its memory and compute capability, for planning where it is not present: bf16 from
+    capability 8.0 (Ampere) on, fp16 below. CUDA's peaks are `max_memory_allocated` (the context excluded)."""
+    total = parse_bytes(memory, what="GPU memory", flag="--gpu-memory")
+    major, minor = parse_capability(capability)
+    return DeviceInfo("cuda", int(total), major >= 8,
+                      f"a GPU with {fmt_bytes(total)}, compute capability {major}.{minor} (given)")
 
 
 def device_info(device: torch.device) -> DeviceInfo:
     """The memory the process may use on `device` and whether it computes bf16 natively."""
     if device.type == "cuda":
+        if not torch.cuda.is_available():  # get_device_properties would raise an AssertionError
+            raise EdgecpError(_no_cuda())
         props = torch.cuda.get_device_properties(device)
         return DeviceInfo("cuda", int(props.total_memory), torch.cuda.is_bf16_supported(), props.name)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -61,21 +61,40 @@ CHUNK_COST = 1.3  # the two-pass chunked DC/DSC backward adds a no-grad forward
 HEADROOM = 0.92
 
 
-def parse_bytes(text: str | float | int | None) -> int | None:
-    """'6GB', '6 GiB', '512MB', '6' (GB) -> bytes; None -> None."""
+MIN_BUDGET = 64 * 2**20  # 64 MiB = 67,108,864 bytes: below it not even the runtime fits
+MAX_BUDGET = 10**15  # 1,000 TB: a larger number is a typo (and "1e400" would overflow)
+
+
+def parse_bytes(text: str | float | int | None, what: str = "memory budget", flag: str = "--memory-budget") -> int | None:
+    """'6GB', '6 GiB', '512MB', '6' (GB) -> bytes; None -> None.
+
+    Decimal units are powers of 1000 (MB = 1e6, GB = 1e9), binary ones (MiB, GiB) of 1024. The minimum is
+    MIN_BUDGET, 64 MiB; the message states it in both units (64 MiB = 67.11 MB), so that "65MB", which is below
+    it, is not refused as "below 64 MB" (issue 21).
+    """
     if text is None or text == "":
         return None
+    shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+    if isinstance(text, bool):
+        raise EdgecpError(f"{what} {text!r} is not a size: write it like {flag} 6GB")
     if isinstance(text, (int, float)):
-        return int(text * GB) if text < 1e6 else int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
-    if not m:
-        raise EdgecpError(f"memory budget '{text}' is not a size: write it like 6GB, 6.5GiB or 3000MB")
-    value, unit = float(m.group(1)), (m.group(2) or "gb")
-    base = 1024 if "i" in unit else 1000
-    power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
-    n = int(value * base**power)
-    if n < 64 * 2**20:
-        raise EdgecpError(f"memory budget '{text}' is below 64 MB: write it like 6GB")
+        value = float(text)
+        if not math.isfinite(value) or value > MAX_BUDGET:
+            raise EdgecpError(f"{what} {text!r} is not a size this planner can use: write it like {flag} 6GB")
+        n = int(value * GB) if value < 1e6 else int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
+        if not m:
+            raise EdgecpError(f"{what} '{shown}' is not a size: write it like {flag} 6GB, 6.5GiB or 3000MB")
+        value, unit = float(m.group(1)), (m.group(2) or "gb")
+        base = 1024 if "i" in unit else 1000
+        power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+        if value * base**power > MAX_BUDGET:  # also catches "9999...9TB", which float() makes inf
+            raise EdgecpError(f"{what} '{shown}' is above {MAX_BUDGET / 1e12:,.0f} TB: write it like {flag} 6GB")
+        n = round(value * base**power)
+    if n < MIN_BUDGET:
+        raise EdgecpError(f"{what} '{shown}' is {n:,} bytes, below the minimum 64 MiB ({MIN_BUDGET / 1e6:.2f} MB, "
+                          f"{MIN_BUDGET:,} bytes): write it like {flag} 6GB")
     return n
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from edgecp.config import (
     to_dict,
 )
 from edgecp.errors import EdgecpError
-from edgecp.images import load_square, purge_sources, validate_images
-from edgecp.memory import PeakMeter, device_info, is_oom, release_memory, training_workload
+from edgecp.images import given_files, load_square, purge_sources, validate_images
+from edgecp.memory import PeakMeter, device_info, is_oom, release_memory, resolve_device, training_workload
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.methods.phases import autocast, checkpointing, concept_texts
@@ -34,8 +36,8 @@ from edgecp.model.tokens import (
     token_of,
     word_embedding,
 )
-from edgecp.personal import TOKENS_FILE, default_device, encode_text, open_base, read_tensors
-from edgecp.planner import GB, Plan, fmt_bytes, parse_bytes, plan_training
+from edgecp.personal import TOKENS_FILE, encode_text, open_base, read_tensors
+from edgecp.planner import GB, DeviceInfo, Plan, fmt_bytes, parse_bytes, plan_training
 from edgecp.priors import ensure_priors, prior_key
 from edgecp.prompts import concept_prompt
 from edgecp.store import Store, sha256_file
@@ -118,10 +120,16 @@ def add_concept(
     `class_word` goes into the concept's prompts; the token's embedding starts from `init_word` (default: the class
     word, else "object"), so a concept can start from its class without its prompts naming it (paper 000's
     evaluation prompts name the class for CD and TI only).
+
+    Training that diverges (a loss, or any tensor the method would store, NaN or infinite) commits nothing: one line
+    names the tensor and suggests a lower learning rate; the store is unchanged and the staged images are purged.
+    `purge_source` deletes every file given (folders as listed now, copies and links included) whose bytes were
+    learned, and reports each file kept and why (`images.purge_sources`).
     """
     name = check_concept_name(name)
     store = Store.open(store_root)
     paths = validate_images(images)
+    given = given_files(images) if purge_source else []  # listed now: a file added to a folder later stays
     if class_word is not None and not class_word.strip():
         raise EdgecpError("--class-word is empty: pass a word such as 'dog', or leave it out")
     train_cfg = replace(from_dict(TrainConfig, store.info["train"], "train"), **(overrides or {}))
@@ -131,11 +139,16 @@ def add_concept(
                 f"concept '{name}' already exists in '{store.root}': choose another name (see `edgecp concepts`)"
             )
         spec = open_base(store)
-        dev = torch.device(device) if device else default_device()
+        dev = resolve_device(device)
         plan = plan_add_concept(store, spec, train_cfg, dev, memory_budget, len(paths), plan_force)
         if on_plan:
             on_plan(plan)
-        staged = store.stage(paths)
+        try:
+            staged = store.stage(paths)
+        except BaseException:  # a disk that filled up or a Ctrl-C mid-copy: the partial copies go now
+            with contextlib.suppress(Exception):
+                store.recover()
+            raise
         try:
             manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, (class_word, init_word), train_cfg,
                               dev, progress, plan)
@@ -145,8 +158,8 @@ def add_concept(
             raise
         finally:
             store.purge_staging(staged)
-    if purge_source:
-        manifest["purged"] = purge_sources(paths)  # what was and was not deleted (links, hard links), for the CLI
+    if purge_source:  # what was and was not deleted (copies, links, hard links), for the CLI
+        manifest["purged"] = purge_sources(given, {i["sha256"] for i in manifest["concepts"][-1]["images"]})
     return manifest
 
 
@@ -156,8 +169,9 @@ def _store_method(store):
 
 
 def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, memory_budget=None,
-                     n_images: int = 4, force: dict | None = None) -> Plan:
-    """The memory plan add-concept will run (no model loaded): `edgecp plan` shows the same."""
+                     n_images: int = 4, force: dict | None = None, info: DeviceInfo | None = None) -> Plan:
+    """The memory plan add-concept will run (no model loaded): `edgecp plan` shows the same. `info` describes the
+    device instead of asking it (`edgecp plan --gpu-memory`: a GPU that is not here)."""
     method = _store_method(store)
     shape = base_shape(spec, method.keep_full_precision())
     resolution = train_cfg.resolution or shape.unet.sample_size * shape.vae_scale
@@ -168,7 +182,7 @@ def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, 
     if not train_cfg.gradient_checkpointing:
         force = {**(force or {}), "gradient_checkpointing": False}
     budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
-    return plan_training(shape, work, device_info(device), budget, force)
+    return plan_training(shape, work, info or device_info(device), budget, force)
 
 
 def _oom_message(e: BaseException, plan: Plan, device: torch.device) -> str:
@@ -246,6 +260,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
 
     emit("commit", 0, 1)
     tensors = method.files(ctx)
+    check_finite({**tensors, TOKENS_FILE: {token: token_row}}, cfg)
     n_store = sum(t.numel() for f in tensors.values() for t in f.values())
     files = {fname: _safetensors_bytes(t) for fname, t in tensors.items()}
     tokens = read_tensors(store.version_dir(), TOKENS_FILE)
@@ -340,12 +355,35 @@ class Trainer:
         comps.unet.disable_gradient_checkpointing()
 
 
+def _diverged(what: str, cfg: TrainConfig, token: bool | None) -> EdgecpError:
+    """`token`: the token's row diverged (True), the UNet's tensors (False), unknown (None: name both rates)."""
+    tok = (f"a token_lr below this store's {cfg.token_lr:g} (a store setting: "
+           f"`edgecp init --train token_lr={cfg.token_lr / 10:g}` for a new store)")
+    lower = tok if token else f"--lr {cfg.lr / 10:g}"
+    if token is None and cfg.token_lr > 0:
+        lower += f", or {tok}"
+    return EdgecpError(f"training diverged: {what}; nothing was committed (the store is unchanged, the staged "
+                       f"images were purged): retry with a lower learning rate, e.g. {lower}")
+
+
+def check_finite(files: dict[str, dict[str, torch.Tensor]], cfg: TrainConfig) -> None:
+    """Refuse to commit a NaN or infinite tensor (an lr far too high, fp16 overflow): names the first one."""
+    for fname, tensors in files.items():
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise _diverged(f"{fname} '{key}' has {bad:,} of {t.numel():,} values NaN or infinite", cfg,
+                                token=fname == TOKENS_FILE)
+
+
 def _train_loop(ctx: TaskContext, method, emit) -> list[float]:
     trainer = Trainer(ctx, method)
     losses = []
     t0 = time.perf_counter()
     for step in range(ctx.train.steps):
         loss = trainer.step()
+        if not math.isfinite(loss):  # the next steps would only spread it: stop now
+            raise _diverged(f"the loss is {loss} at iteration {step + 1} of {ctx.train.steps}", ctx.train, token=None)
         losses.append(round(loss, 6))
         emit("train", step + 1, ctx.train.steps, loss)
     ctx.extra["train_seconds"] = time.perf_counter() - t0

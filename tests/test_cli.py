@@ -71,7 +71,7 @@ def test_add_concept_commits_then_purges_staging_and_sources(store_copy, tmp_pat
     assert len(gamma["images"]) == 2 and all(len(i["sha256"]) == 64 for i in gamma["images"])
     assert "mine" not in json.dumps(manifest)  # no user paths
     suffixes = {p.suffix for p in (store_copy / "versions").rglob("*") if p.is_file()}
-    assert suffixes <= {".json", ".safetensors"}  # never pixels in a version
+    assert suffixes <= {".json", ".safetensors", ".sha256"}  # never pixels in a version (.sha256: the manifest seal)
 
 
 def test_generate_torch_names_files_after_version_and_seed(trained_store, tmp_path, capsys):

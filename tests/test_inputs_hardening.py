@@ -92,4 +92,12 @@ def test_purge_reports_a_hard_link_that_keeps_the_bytes(tmp_path):
     os.link(photo, tmp_path / "other.png")
     r = purge_sources([photo])
     assert r["deleted"] == [str(photo)]
-    assert r["not_deleted"] == [{"path": str(photo), "reason": "its bytes survive in 1 other hard link(s)"}]
+    assert r["not_deleted"] == [{"path": str(photo), "reason": "its bytes survive in 1 other hard link(s) outside the "
+                                                               f"folders searched ({photo.parent})"}]
+    second = make_photos(tmp_path / "q", n=1)[0]
+    os.link(second, second.parent / "beside.png")  # found beside it: named
+    os.link(second, second.parent / "given-too.png")  # given as well: deleted, so no survivor of the count
+    r = purge_sources([second, second.parent / "given-too.png"])
+    assert r["deleted"] == [str(second), str(second.parent / "given-too.png")]
+    assert r["not_deleted"] == [{"path": str(second.parent / "beside.png"),
+                                 "reason": f"a hard link to {second} that was not given: the photo's bytes survive here"}]
