@@ -234,8 +234,9 @@ class Store:
             if not isinstance(info, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
+            why = type(e).__name__ if isinstance(e, (OSError, json.JSONDecodeError)) else str(e)
             raise DamagedStoreError(
-                f"store '{root}' is damaged: {STORE_FILE} cannot be read ({type(e).__name__}); restore it from a backup "
+                f"store '{root}' is damaged: {STORE_FILE} cannot be read ({why}); restore it from a backup "
                 f"(it is written once by `edgecp init`), then run `edgecp verify --store {root}`"
             ) from None
         if info.get("format") != FORMAT:
@@ -415,7 +416,7 @@ class Store:
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise EdgecpError(
-                    f"store '{self.root}' cannot be written ({e.strerror}): a command that changes the store needs "
+                    f"store '{self.root}' is read-only ({e.strerror}): a command that changes the store needs "
                     "write access to it; fix its permissions or copy it to a writable disk"
                 ) from None
             raise

@@ -275,7 +275,7 @@ def test_a_read_only_store_is_one_line(store_copy, monkeypatch, capsys):
 
     monkeypatch.setattr(os, "open", ro_open)
     code, _, err = run_cli(capsys, "rollback", "v0001", "--store", store_copy)
-    assert_one_line_error(code, err, "cannot be written (Read-only file system)")
+    assert_one_line_error(code, err, "is read-only (Read-only file system)")
     code, out, _ = run_cli(capsys, "concepts", "--store", store_copy)  # reading needs no lock
     assert code == 0 and "alpha" in out
 
@@ -289,3 +289,18 @@ def test_relative_store_paths(store_copy, monkeypatch):
         from edgecp.lifecycle import rollback
 
         rollback(rel, "v0001")
+
+
+def test_the_probe_handles_every_short_scenario(trained_store, tmp_path):
+    """tools/probe_store.py --short, in CI: every case of issue 21's probe that needs no training run or export,
+    and variants of each principle, on a copy of the session's trained store."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "probe_store.py"
+    spec = importlib.util.spec_from_file_location("probe_store", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    lines = []
+    results = probe.run(trained_store, tmp_path, short=True, log=lines.append)
+    assert len(results) >= 70 and {r["principle"][0] for r in results} == set("1234567")
+    assert [r for r in results if not r["handled"]] == []

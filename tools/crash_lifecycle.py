@@ -11,6 +11,11 @@ then checks:
   - HEAD and its concepts are the old ones or the new ones;
   - every version the user held before still exists (gc: every version it keeps), byte-identical;
   - a following writer's recovery leaves the store verifying, and running the command again completes.
+
+Damaged chains (issue 21: gc used to delete every version below a damaged HEAD): the same kills on copies whose
+HEAD manifest is truncated, whose HEAD adapter has one flipped byte, or whose v0002 was removed by hand. There
+gc must refuse (exit 4) whether killed or not, and every file of the store must stay byte-identical: the
+summary counts the versions lost (target 0).
 Prints one line per trial and a summary; exits 1 if any trial fails.
 """
 
@@ -35,7 +40,35 @@ COMMANDS = {
     "remove-concept": ["remove-concept", "b"],
     "rollback": ["rollback", "v0001"],
     "gc": ["gc", "--keep", "1"],
+    "gc/truncated-head": ["gc"],
+    "gc/flipped-head": ["gc", "--keep", "1"],
+    "gc/missing-parent": ["gc"],
 }
+
+
+def damage(root: Path, cmd: str) -> None:
+    """The damage a `gc/...` scenario starts from (none for the others)."""
+    head = root / "versions" / "v0003"
+    if cmd == "gc/truncated-head":
+        f = head / "manifest.json"
+        f.write_bytes(f.read_bytes()[:40])
+    elif cmd == "gc/flipped-head":
+        f = head / "adapter.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 1
+        f.write_bytes(bytes(data))
+    elif cmd == "gc/missing-parent":
+        shutil.rmtree(root / "versions" / "v0002")
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def versions_lost(before: dict[str, bytes], now: dict[str, bytes]) -> list[str]:
+    """Versions of which any file is gone or changed."""
+    return sorted({k.split("/")[1] for k, v in before.items() if k.startswith("versions/") and now.get(k) != v})
 CHILD = (
     "import sys\n"
     "from edgecp.cli import main\n"
@@ -94,6 +127,15 @@ def run_child(store: Path, args: list[str], kill_after: float | None) -> tuple[f
         return time.perf_counter() - t0, None
 
 
+def check_damaged(store: Path, before: dict[str, bytes], rc: int | None) -> list[str]:
+    """A damaged chain: gc refuses (4) or was killed, and not one byte of the store changed."""
+    problems = [] if rc in (None, 4) else [f"exit {rc}, not the refusal (4)"]
+    lost = versions_lost(before, files_of(store))
+    if lost:
+        problems.append(f"versions lost or changed: {', '.join(lost)}")
+    return problems
+
+
 def check(store: Path, before: dict, after_ok: dict, cmd: str) -> list[str]:
     from edgecp.lifecycle import verify
     from edgecp.store import Store
@@ -132,9 +174,13 @@ def main() -> None:
     before = snapshot(template)
     durations, finals = {}, {}
     for cmd, cargs in COMMANDS.items():  # measure each command's duration and its completed state
-        d = work / f"measure-{cmd}"
+        d = work / f"measure-{cmd.replace('/', '-')}"
         shutil.copytree(template, d)
+        damage(d, cmd)
         durations[cmd], rc = run_child(d, cargs, None)
+        if cmd.startswith("gc/"):
+            assert rc == 4, f"{cmd} did not refuse the damaged chain (exit {rc})"
+            continue
         assert rc == 0, f"{cmd} failed on the template"
         finals[cmd] = snapshot(d)
     print("command work durations (import excluded): " + ", ".join(f"{c} {t:.3f}s" for c, t in durations.items()),
@@ -145,6 +191,21 @@ def main() -> None:
         d = work / f"trial-{i:02d}"
         shutil.copytree(template, d)
         delay = rng.uniform(0, 1.1 * durations[cmd])
+        if cmd.startswith("gc/"):
+            damage(d, cmd)
+            start = files_of(d)
+            _, rc = run_child(d, COMMANDS[cmd], delay)
+            problems = check_damaged(d, start, rc)
+            _, rc2 = run_child(d, COMMANDS[cmd], None)  # and once more, to the end
+            problems += check_damaged(d, start, rc2)
+            outcome = "killed" if rc is None else f"finished rc={rc}"
+            results.append({"trial": i, "command": cmd, "kill_at_s": round(delay, 3), "outcome": outcome,
+                            "head_after_kill": "v0003", "state": "old", "problems": problems,
+                            "versions_lost": len(versions_lost(start, files_of(d)))})
+            print(f"trial {i:2d} {cmd:<18} kill at {delay:6.3f}s {outcome:<14} damaged chain: "
+                  + ("OK, nothing deleted" if not problems else "FAIL " + "; ".join(problems)), flush=True)
+            shutil.rmtree(d, ignore_errors=True)
+            continue
         _, rc = run_child(d, COMMANDS[cmd], delay)
         state = snapshot(d)["head"]
         which = "old" if state == before["head"] else "new"
@@ -154,16 +215,19 @@ def main() -> None:
         if (end["head"], end["concepts"]) != (finals[cmd]["head"], finals[cmd]["concepts"]):
             problems.append(f"re-running {cmd} did not reach the new state (rc {rc2})")
         outcome = "killed" if rc is None else f"finished rc={rc}"
+        lost = [p for p in problems if "was lost" in p]
         results.append({"trial": i, "command": cmd, "kill_at_s": round(delay, 3), "outcome": outcome,
-                        "head_after_kill": state, "state": which, "problems": problems})
-        print(f"trial {i:2d} {cmd:<15} kill at {delay:6.3f}s {outcome:<14} HEAD {state} ({which} state): "
+                        "head_after_kill": state, "state": which, "problems": problems, "versions_lost": len(lost)})
+        print(f"trial {i:2d} {cmd:<18} kill at {delay:6.3f}s {outcome:<14} HEAD {state} ({which} state): "
               + ("OK" if not problems else "FAIL " + "; ".join(problems)), flush=True)
         shutil.rmtree(d, ignore_errors=True)
     failed = [r for r in results if r["problems"]]
     killed = sum(r["outcome"] == "killed" for r in results)
     old = sum(r["state"] == "old" for r in results)
     print(f"{len(results)} trials, {killed} killed before exit, {old} left the old state, "
-          f"{len(results) - old} the new, {len(failed)} failed")
+          f"{len(results) - old} the new, {len(failed)} failed, "
+          f"{sum(r['versions_lost'] for r in results)} versions lost "
+          f"({sum(r['command'].startswith('gc/') for r in results)} trials on damaged chains)")
     (work / "crash-results.json").write_text(json.dumps(results, indent=2))
     sys.exit(1 if failed else 0)
 
