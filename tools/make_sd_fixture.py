@@ -9,6 +9,8 @@ model (UNet 859.5 M, text encoder 123.1 M, VAE 83.7 M); the images it makes are 
     edgecp init /tmp/s --base /tmp/sd15 --train resolution=256
 
 `--preset sd15-mini` writes the same architecture family at a fraction of the width, for quicker smoke tests.
+`--preset sd2-v` / `sd2-v-mini` write SD 2.x 768-v's layout (linear projections, per-block heads, OpenCLIP-H's
+text tower, the hub's Euler v-prediction scheduler file without `clip_sample`), full size or at a fifth of the width.
 """
 
 from __future__ import annotations
@@ -42,8 +44,32 @@ SD15_TEXT = dict(
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
+# SD 2.x 768-v (edgecp/model/assets/sd-configs/sd2-v): linear projections, per-block head counts, OpenCLIP ViT-H's
+# text tower, and the hub's scheduler file: an EulerDiscreteScheduler config with v-prediction and no `clip_sample`
+# key (issue 21's refused export)
+SD2V_UNET = {**SD15_UNET, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+             "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
+SD2V_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, projection_dim=512, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SD2V_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.10.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "use_karras_sigmas": False,
+}
 PRESETS = {
     "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
+    "sd2-v": (SD2V_UNET, SD15_VAE, SD2V_TEXT),
+    # SD 2.x's layout at a fifth of the width: per-block head counts kept distinct (2, 4, 8, 8 heads of 32)
+    "sd2-v-mini": (
+        {**SD2V_UNET, "block_out_channels": (64, 128, 256, 256), "attention_head_dim": (2, 4, 8, 8),
+         "cross_attention_dim": 256, "sample_size": 32},
+        {**SD15_VAE, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
+        {**SD2V_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "projection_dim": 256},
+    ),
     # a quarter of the width, same block structure: for smoke tests of the tools themselves
     "sd15-mini": (
         {**SD15_UNET, "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 192, "sample_size": 32},
@@ -82,7 +108,12 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
         del model
         log(f"{name}: {counts[name] / 1e6:.1f} M parameters, {time.perf_counter() - t0:.1f} s")
     write_clip_tokenizer(partial / "tokenizer")
-    DDIMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(partial / "scheduler")
+    sd2 = preset.startswith("sd2")
+    if sd2:
+        (partial / "scheduler").mkdir()
+        (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2V_SCHEDULER, indent=2))
+    else:
+        DDIMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(partial / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
@@ -90,6 +121,8 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
+    if sd2:
+        index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (partial / "model_index.json").write_text(json.dumps(index, indent=2))
     (partial / "fixture.json").write_text(json.dumps({"preset": preset, "seed": seed, "parameters": counts}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
