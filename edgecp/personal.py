@@ -37,6 +37,23 @@ def open_base(store: Store) -> BaseSpec:
     return spec
 
 
+def host(t: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous copy of `t` in CPU memory (never a view of a live parameter)."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def to_host(tensors):  # (dict[str, Tensor]) -> dict[str, Tensor], or (Tensor) -> Tensor
+    """The CPU-at-the-boundary rule (issue 22): a version's tensors live on the CPU. `read_tensors` gives CPU tensors;
+    every live tensor (on the training device, e.g. `cuda:1`) passes through here before it is combined with stored
+    ones (`torch.cat`, `+`, `torch.where`) or written, so `files()`, `consolidate()` and `remove_concept()` combine
+    CPU tensors only, whatever the device, and the files hold no device. Stored tensors go the other way, with
+    `.to(live)`, only where they meet the live model (penalties, teachers, folds). One function, so that tests can
+    stand the meta device in for CUDA (tests/test_cuda_paths.py)."""
+    if isinstance(tensors, torch.Tensor):
+        return host(tensors)
+    return {k: host(v) for k, v in tensors.items()}
+
+
 def read_tensors(version_dir: Path, fname: str) -> dict[str, torch.Tensor]:
     """A version's tensor file ({} when the version has none); a damaged file raises one line saying what to run."""
     f = version_dir / fname
@@ -57,7 +74,7 @@ class PersonalModel:
     comps: Components
     concepts: list[dict]
     adapter: AdapterConfig
-    device: torch.device
+    device: torch.device  # with its index (`cuda:1`): the model and every 8-bit conversion go there
 
     plan: object = None  # the memory plan it was loaded under (None: full precision)
 
@@ -70,7 +87,7 @@ class PersonalModel:
         `stream` (full precision): the UNet is read tensor by tensor (`edgecp.model.quant.stream_unet`) instead of
         by diffusers, whose fp32 load of an fp16 file holds the mapped fp16 file beside the fp32 copy of everything
         (SD1.5 stored fp16: 6.5 GB while loading for export)."""
-        device = device or default_device()
+        device = torch.device(device) if device is not None else default_device()
         version = store.check_version(version)  # refuse files that fail the hashes the manifest recorded
         spec = open_base(store)
         if plan is None and not stream:
@@ -80,7 +97,7 @@ class PersonalModel:
 
             keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
             precision = plan.precision if plan is not None else Precision("fp32")
-            comps = load_planned(spec, replace(precision, keep=keep), device.type)
+            comps = load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))

@@ -537,3 +537,171 @@ def test_reduce_memory_holds_one_session_at_a_time_and_draws_the_same_images(
     assert open_during == [[], ["unet"]]  # the text encoder closed; the UNet opened at its first call, then kept
     assert all(m._session is None for m in models)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+# --------------------------------------------------------------------------------------------- CUDA-only graphs
+
+
+def _msft_model(path: Path, node: onnx.NodeProto, inputs: list, initializers: tuple = ()) -> Path:
+    """A one-node com.microsoft model (opset 17 + com.microsoft 1), saved to `path`."""
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=list(initializers))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              str(path))
+    return path
+
+
+def _group_norm(path: Path) -> Path:
+    node = helper.make_node("GroupNorm", ["x", "gamma", "beta"], ["y"], domain="com.microsoft", activation=1,
+                            epsilon=1e-5, groups=2, channels_last=1)
+    return _msft_model(path, node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+                       (helper.make_tensor("gamma", TensorProto.FLOAT, [4], [1.0] * 4),
+                        helper.make_tensor("beta", TensorProto.FLOAT, [4], [0.0] * 4)))
+
+
+def _packed_qkv(path: Path) -> Path:
+    node = helper.make_node("MultiHeadAttention", ["qkv", "", ""], ["y"], domain="com.microsoft", num_heads=2)
+    return _msft_model(path, node, [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 4, 2, 3, 8])])
+
+
+def test_graph_reader_matches_onnx(tiny: tuple[dict, Path], tmp_path: Path) -> None:
+    """The runtime's protobuf reader (no onnx package on a device) lists the nodes onnx.load lists, subgraphs and
+    model-local functions included."""
+    from edgecp.export.ort_runner import graph_nodes, local_functions
+
+    def reference(graph: onnx.GraphProto) -> list:
+        out = []
+        for n in graph.node:
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    out += reference(g)
+            out.append((n.op_type, n.domain, tuple(n.input)))
+        return out
+
+    for part in ("unet", "text_encoder", "vae_decoder"):
+        path = tiny[1] / part / "model.onnx"
+        got = [(n.op_type, n.domain, n.inputs) for n in graph_nodes(path)]
+        assert sorted(got) == sorted(reference(onnx.load(str(path)).graph)) and len(got) > 20
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("BiasSplitGelu", ["x", "b"], ["e"], domain="com.microsoft")], "else",
+                              [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    fn = helper.make_function("edgecp.test", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                              [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+             helper.make_node("Twice", ["x"], ["z"], domain="edgecp.test")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("edgecp.test", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    got = {(n.op_type, n.domain) for n in graph_nodes(tmp_path / "m.onnx")}
+    assert got == {("If", ""), ("Neg", ""), ("BiasSplitGelu", "com.microsoft"), ("Twice", "edgecp.test"), ("Add", "")}
+    assert local_functions(tmp_path / "m.onnx") == {("Twice", "edgecp.test")}
+
+
+def test_cuda_only_operators_are_refused_on_the_cpu_in_one_line(tiny: tuple[dict, Path], tmp_path: Path) -> None:
+    """A cuda-fp16 export made where CUDA starts keeps GroupNorm (and friends) and packed QKV; onnxruntime's CPU
+    provider cannot open the first (NOT_IMPLEMENTED, a traceback through generate) and fails the second at its first
+    run. The runner refuses both before opening, naming the profile to export instead."""
+    import onnxruntime as ort
+
+    from edgecp.errors import EdgecpError
+    from edgecp.export.ort_runner import check_cpu_kernels, cpu_kernels, cpu_unsupported
+
+    gn, qkv = _group_norm(tmp_path / "gn" / "model.onnx"), _packed_qkv(tmp_path / "qkv" / "model.onnx")
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED.*GroupNorm") as e:  # the reference: onnxruntime itself
+        ort.InferenceSession(str(gn), providers=["CPUExecutionProvider"])
+    assert type(e.value).__name__ == "NotImplemented"
+    packed = ort.InferenceSession(str(qkv), providers=["CPUExecutionProvider"])  # opens, then fails when run
+    with pytest.raises(Exception, match="Packed QKV .* not implemented for CPU"):
+        packed.run(None, {"qkv": np.zeros((1, 4, 2, 3, 8), np.float32)})
+    fused = {"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
+    assert not {(op, "com.microsoft") for op in fused} & cpu_kernels()
+    assert {("MultiHeadAttention", "com.microsoft"), ("Conv", "")} <= cpu_kernels()
+    assert cpu_unsupported(gn) == ["GroupNorm (com.microsoft)"]
+    assert cpu_unsupported(qkv) == ["MultiHeadAttention with packed QKV/KV (com.microsoft)"]
+    assert cpu_unsupported(tiny[1] / "unet" / "model.onnx") == []
+    check_cpu_kernels(gn, ["CUDAExecutionProvider", "CPUExecutionProvider"], "unet")  # CUDA runs it: no refusal
+
+    for make in (_group_norm, _packed_qkv):
+        folder = tmp_path / make.__name__ / "export"
+        shutil.copytree(tiny[1], folder)
+        make(folder / "unet" / "model.onnx")
+        (folder / "edgecp.json").write_text(json.dumps({"profile": "cuda-fp16", "store": "/home/me/my-model"}))
+        for reduce_memory in (False, True):
+            with pytest.raises(EdgecpError) as err:
+                OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"], reduce_memory=reduce_memory)
+            line = str(err.value)
+            assert "\n" not in line and "(profile cuda-fp16)" in line and "unet/model.onnx" in line
+            assert "edgecp export --store /home/me/my-model --profile cpu-fp32" in line
+
+
+class _Binding:
+    """An IO binding that records the device of every output and binds it on the CPU (no GPU here)."""
+
+    def __init__(self, real: object, seen: list) -> None:
+        self.real, self.seen = real, seen
+
+    def bind_output(self, name: str, device_type: str = "cpu", device_id: int = 0) -> None:
+        self.seen.append(("bind_output", device_type, device_id))
+        self.real.bind_output(name, "cpu", 0)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_the_gpu_index_reaches_every_session_and_the_bound_loop(tiny: tuple[dict, Path], runner: OnnxStableDiffusion,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """device_id=1: every session (the step graph's too) gets CUDA's device_id 1, and the IO-bound loop allocates
+    its tensors and outputs on cuda:1 (it hard-coded device 0). CUDA is faked: sessions run on the CPU and report
+    CUDA as started with the options they were given, as onnxruntime-gpu's do."""
+    import onnxruntime as ort
+
+    real_session, real_value = ort.InferenceSession, ort.OrtValue.ortvalue_from_numpy
+    made: list[tuple[str, dict]] = []
+    seen: list[tuple[str, str, int]] = []
+
+    class FakeCudaSession:
+        def __init__(self, path: str, sess_options: object = None, providers: list | None = None,
+                     provider_options: list | None = None) -> None:
+            self.options = dict(zip(providers or [], provider_options or [{} for _ in providers or []]))
+            made.append((Path(path).parent.name if Path(path).name == "model.onnx" else "step", self.options))
+            self.real = real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self) -> list[str]:
+            return list(self.options)
+
+        def get_provider_options(self) -> dict:
+            return {p: {k: str(v) for k, v in o.items()} for p, o in self.options.items()}
+
+        def io_binding(self) -> _Binding:
+            return _Binding(self.real.io_binding(), seen)
+
+        def run_with_iobinding(self, binding: _Binding, *args: object) -> None:
+            self.real.run_with_iobinding(binding.real, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    def ortvalue_from_numpy(array: np.ndarray, device_type: str = "cpu", device_id: int = 0) -> object:
+        seen.append(("ortvalue", device_type, device_id))
+        return real_value(array, "cpu", 0)
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
+    monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(ortvalue_from_numpy))
+    pipe = OnnxStableDiffusion(tiny[1], providers=providers, device_id=1)
+    assert (pipe.device, pipe.device_id, pipe.io_binding) == ("cuda", 1, True)
+    images = pipe(["a photo of sks dog"], steps=2, seed=3, height=16, width=16)
+    assert {name for name, _ in made} == {"text_encoder", "unet", "vae_decoder", "step"}
+    assert all(opts["CUDAExecutionProvider"] == {"device_id": 1} for _, opts in made)
+    assert pipe.io_binding_used and len(seen) == 3 + 2 * 3 and set(seen) == {("ortvalue", "cuda", 1),
+                                                                             ("bind_output", "cuda", 1)}
+    want = runner(["a photo of sks dog"], steps=2, seed=3, height=16, width=16)
+    assert np.abs(np.asarray(images[0], dtype=int) - np.asarray(want[0], dtype=int)).max() <= 1
+    with pytest.raises(ValueError, match="device_id=1 but the CUDAExecutionProvider options say device_id=0"):
+        OnnxStableDiffusion(tiny[1], providers=[("CUDAExecutionProvider", {"device_id": 0})], device_id=1)

@@ -51,7 +51,11 @@ def has_adapter(unet) -> bool:
 
 
 def adapter_state(unet) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by state-dict key, as CPU copies wherever the UNet lives (`personal.to_host`: the
+    rule that lets methods combine them with a version's stored tensors, which are CPU tensors)."""
     from peft import get_peft_model_state_dict
+
+    from edgecp.personal import to_host
 
     pm = unet.__dict__.get(_PEFT_KEY)
     if pm is not None:
@@ -59,7 +63,7 @@ def adapter_state(unet) -> dict[str, torch.Tensor]:
         sd = {k.removeprefix(_VERA_PREFIX): v for k, v in sd.items()}
     else:
         sd = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    return to_host(sd)
 
 
 def load_adapter_state(unet, state: dict[str, torch.Tensor]) -> None:

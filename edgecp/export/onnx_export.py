@@ -248,6 +248,38 @@ GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_
 CPU_FP16_BLOCK = ("Resize",)
 
 
+# What a CPU-verified fp16 export cannot see (issue 22): onnxruntime's CPU provider runs fp16 nodes through fp32
+# kernels and drops Cast pairs, so an activation past fp16's range (65504: SDXL's VAE) passes the CPU gates and
+# overflows on the GPU. Our choice where no GPU verified the export: the VAE stays fp32 (onnxruntime's own SD script
+# keeps SDXL's VAE fp32 by name; measuring every activation of the fp32 graph would mean an output per node of the
+# UNet). The UNet and text encoder stay fp16 (SD 1.x/2.x's run in fp16 in onnxruntime's and diffusers' pipelines);
+# edgecp.json's `verified_on` says the export was not checked for overflow.
+CPU_VERIFIED_VAE = ("no GPU verified this export: the CPU provider computes fp16 nodes in fp32 and cannot see fp16 "
+                    "overflow, so the VAE stays fp32")
+CPU_ONLY_NOTE = "cpu-only: fp16 overflow not checked"
+
+
+def cpu_kept_fp32(name: str, gpu: bool) -> bool:
+    """Whether model `name` of an fp16 export stays fp32 because no GPU verifies the export (see CPU_VERIFIED_VAE)."""
+    return not gpu and name.startswith("vae_")
+
+
+def verified_on(profile: DeviceProfile, gpu: bool, provider: str | None) -> dict:
+    """What the export's gates ran on, for edgecp.json: the provider the image gate's UNet ran on, the GPU's name
+    (CUDA device 0, where onnxruntime's sessions run by default) when one verified it, and for fp16 exports whether
+    fp16 overflow could be seen (only a GPU computes fp16 nodes in fp16)."""
+    device = None
+    if gpu:
+        try:
+            device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # a CPU build of torch beside onnxruntime-gpu: the provider still names the GPU path
+            device = None
+    out = {"provider": provider or ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider"), "device": device}
+    if profile.precision == "fp16":
+        out["fp16_overflow"] = f"checked on {device or 'CUDA'}" if gpu else CPU_ONLY_NOTE
+    return out
+
+
 def cuda_usable() -> bool:
     """onnxruntime's CUDA provider is installed and starts here (a GPU, its driver, CUDA and cuDNN)."""
     import onnxruntime as ort
@@ -637,7 +669,7 @@ def _image_gate(folder: Path, profile: DeviceProfile, prompt: str, steps: int, r
     provider = pipe.unet.providers[0]
     del pipe
     gate = {"prompt": prompt, "seed": GATE_SEED, "steps": steps, "size": [h, w], "psnr_db": round(psnr(img, ref), 2),
-            "min_psnr_db": profile.min_psnr}
+            "min_psnr_db": profile.min_psnr, "provider": provider}
     onnx_ms, torch_ms = step_ms(seconds), step_ms(ref_step_seconds)
     if onnx_ms is not None and torch_ms is not None:
         gate["unet_step_ms"] = {"onnx": onnx_ms, "pytorch": torch_ms, "ratio": round(onnx_ms / torch_ms, 3),
@@ -688,7 +720,10 @@ def _finish_models(tmp: Path, names: list[str], profile: DeviceProfile, variant:
         if optimizing:
             _stage(progress, "optimize", name, 0)
             into = scratch / "optimized" if int8 else tmp / name
-            info = _optimize(model_src, into, name, external[name], profile.precision == "fp16", gpu)
+            fp16 = profile.precision == "fp16" and not cpu_kept_fp32(name, gpu)
+            info = _optimize(model_src, into, name, external[name], fp16, gpu)
+            if profile.precision == "fp16" and not fp16:
+                info["kept_fp32"] = CPU_VERIFIED_VAE
             model_src = into / "model.onnx"
             _stage(progress, "optimize", name, 1)
         if int8:
@@ -887,6 +922,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
             report["quantization"] = variant
             report["refused_variants"] = attempts
         report["stages"] = stages
+        report["verified_on"] = verified_on(profile, gpu, report["image_gate"].get("provider"))
         meta = {**report, "concepts": concepts, "base": store.info["base"], "store": str(store.root),
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_export_meta(tmp, meta)  # edgecp.json with every file's sha256, last: only a complete export has it

@@ -16,7 +16,10 @@ onnxruntime, tokenizers, PIL and the stdlib: it is what runs on the device.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+import mmap
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
@@ -60,6 +64,25 @@ def default_providers() -> list[str]:
 
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def split_providers(providers: Sequence[str | tuple[str, dict]], device_id: int | None = None
+                    ) -> tuple[list[str], dict[str, dict]]:
+    """(names, name -> options) of a provider list of names or (name, options) pairs; ``device_id`` goes into the
+    options of every GPU provider (a different ``device_id`` already there is refused)."""
+    names: list[str] = []
+    options: dict[str, dict] = {}
+    for p in providers:
+        name, opts = (p[0], dict(p[1])) if isinstance(p, (tuple, list)) else (p, {})
+        if name in GPU_PROVIDERS and device_id is not None:
+            if "device_id" in opts and int(opts["device_id"]) != int(device_id):
+                raise ValueError(f"device_id={device_id} but the {name} options say device_id={opts['device_id']}; "
+                                 "give the GPU once")
+            opts["device_id"] = int(device_id)
+        names.append(name)
+        if opts:
+            options[name] = opts
+    return names, options
 
 
 def available_providers(wanted: Sequence[str]) -> list[str]:
@@ -227,6 +250,156 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
     return tok, max_length
 
 
+# ---------------------------------------------------------------------------------------------- CPU kernels
+# An export made where CUDA starts (cuda-fp16) keeps onnxruntime.transformers' CUDA-only fusions: com.microsoft
+# GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd, and MultiHeadAttention with packed QKV/KV. onnxruntime's
+# CPU provider has no kernel for the first five (the session does not open: NOT_IMPLEMENTED) and its
+# MultiHeadAttention refuses packed inputs at the first run. The runner reads the graph's operators before it opens a
+# CPU-only session and refuses in one line naming the profile to export instead. The graph is read with a small
+# protobuf reader (the runtime install has no `onnx` package), from a memory map, skipping weights.
+
+MSFT = "com.microsoft"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernels() -> frozenset[tuple[str, str]]:
+    """(op_type, domain) of every operator onnxruntime's CPU provider has a kernel for ("" is the ONNX domain)."""
+    from onnxruntime.capi import _pybind_state
+
+    return frozenset((k.op_name, k.domain) for k in _pybind_state.get_all_opkernel_def()
+                     if k.provider == "CPUExecutionProvider")
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, value) of the length-delimited fields of one protobuf message in buf[start:end] (the value is
+    the (start, end) of the field's bytes); other wire types are skipped."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield key >> 3, (i, i + n)
+            i += n
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}: the file is not an ONNX model; export it again")
+
+
+@dataclass(frozen=True)
+class Node:
+    op_type: str
+    domain: str  # "" for the ONNX domain (also when the file says "ai.onnx")
+    inputs: tuple[str, ...]
+
+
+def graph_nodes(path: Path) -> list[Node]:
+    """Every node of an ONNX model file, subgraphs (If/Loop bodies) and model-local functions included, read without
+    the onnx package. Field numbers: onnx.proto's ModelProto.graph 7, .functions 25; GraphProto.node 1;
+    FunctionProto.node 7; NodeProto.input 1, .op_type 4, .attribute 5, .domain 7; AttributeProto.g 6, .graphs 11."""
+    nodes: list[Node] = []
+
+    def text(buf, span) -> str:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8")
+
+    def node(buf, span) -> None:
+        op, domain, inputs = "", "", []
+        for field, v in _fields(buf, *span):
+            if field == 4:
+                op = text(buf, v)
+            elif field == 7:
+                domain = text(buf, v)
+            elif field == 1:
+                inputs.append(text(buf, v))
+            elif field == 5:
+                for af, av in _fields(buf, *v):
+                    if af in (6, 11):
+                        graph(buf, av)
+        nodes.append(Node(op, "" if domain == "ai.onnx" else domain, tuple(inputs)))
+
+    def graph(buf, span, node_field: int = 1) -> None:
+        for field, v in _fields(buf, *span):
+            if field == node_field:
+                node(buf, v)
+
+    if path.stat().st_size == 0:
+        return nodes
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, v in _fields(buf, 0, len(buf)):
+            if field == 7:
+                graph(buf, v)
+            elif field == 25:
+                graph(buf, v, node_field=7)
+    return nodes
+
+
+def local_functions(path: Path) -> set[tuple[str, str]]:
+    """(name, domain) of the model-local functions (nodes that call them need no kernel)."""
+    found: set[tuple[str, str]] = set()
+    if path.stat().st_size == 0:
+        return found
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, v in _fields(buf, 0, len(buf)):
+            if field == 25:
+                parts = {pf: bytes(buf[pv[0]:pv[1]]).decode("utf-8") for pf, pv in _fields(buf, *v) if pf in (1, 10)}
+                found.add((parts.get(1, ""), parts.get(10, "")))
+    return found
+
+
+def cpu_unsupported(path: Path) -> list[str]:
+    """The operators of `path` that onnxruntime's CPU provider cannot run, by name, in graph order: a custom-domain
+    operator without a CPU kernel, and MultiHeadAttention with packed QKV or KV (its value input absent, onnxruntime's
+    contract for both packings), which the CPU kernel refuses. Operators of the ONNX domain are not checked:
+    onnxruntime runs one without a kernel through its ONNX function body (LayerNormalization, GroupNormalization)."""
+    kernels, functions = cpu_kernels(), local_functions(path)
+    found: dict[str, None] = {}
+    for n in graph_nodes(path):
+        if n.domain in ("", "ai.onnx.ml") or (n.op_type, n.domain) in functions:
+            continue
+        if (n.op_type, n.domain) not in kernels:
+            found[f"{n.op_type} ({n.domain})"] = None
+        elif n.op_type == "MultiHeadAttention" and n.domain == MSFT and len([x for x in n.inputs[:3] if x]) < 3:
+            found[f"MultiHeadAttention with packed QKV/KV ({MSFT})"] = None
+    return list(found)
+
+
+def check_cpu_kernels(path: Path, providers: Sequence[str], name: str) -> None:
+    """Refuse, in one line, a model that a CPU-only session cannot run (see `cpu_unsupported`); other provider lists
+    pass (CUDA runs those operators; onnxruntime hands the rest to the CPU)."""
+    if set(providers) != {"CPUExecutionProvider"}:
+        return
+    missing = cpu_unsupported(path)
+    if missing:
+        raise EdgecpError(cpu_refusal(path, name, missing))
+
+
+def cpu_refusal(path: Path, name: str, missing: Sequence[str]) -> str:
+    meta = read_json(path.parent.parent / "edgecp.json") if path.parent.parent.is_dir() else {}
+    profile = meta.get("profile")
+    made = f"export '{path.parent.parent}' (profile {profile})" if profile else f"'{path.parent.parent}'"
+    store = meta.get("store") if isinstance(meta.get("store"), str) else "STORE"
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (f"{made}: {name}/model.onnx uses {shown}, which onnxruntime's CPU provider cannot run (CUDA-only "
+            f"fusions): run it where CUDA starts (onnxruntime-gpu, an NVIDIA GPU), or export for the CPU with "
+            f"`edgecp export --store {store} --profile cpu-fp32` (or edge-int8)")
+
+
 # ---------------------------------------------------------------------------------------------- sessions
 
 
@@ -280,19 +453,35 @@ class OnnxModel:
     """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
     def __init__(self, path: Path, providers: list[str], name: str, optimization: str = "all",
-                 open_now: bool = True, arena: bool = True):
+                 open_now: bool = True, arena: bool = True, provider_options: dict[str, dict] | None = None):
+        """``provider_options``: provider name -> its options (e.g. CUDA's ``device_id``), for every session."""
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
             )
         self.name = name
-        self._open = lambda: ort.InferenceSession(str(path), sess_options=session_options(optimization, arena),
-                                                  providers=providers)
+        check_cpu_kernels(path, providers, name)  # a CUDA-only export on the CPU: one line, not NOT_IMPLEMENTED
+        options = [dict((provider_options or {}).get(p, {})) for p in providers]
+
+        def open_session() -> ort.InferenceSession:
+            try:
+                return ort.InferenceSession(str(path), sess_options=session_options(optimization, arena),
+                                            providers=providers, provider_options=options)
+            except Exception as e:  # onnxruntime's NotImplemented: an operator the check above does not know
+                if type(e).__name__ != "NotImplemented" or set(providers) != {"CPUExecutionProvider"}:
+                    raise
+                op = re.search(r"implementation for (\S+)", str(e))
+                raise EdgecpError(cpu_refusal(path, name, [op.group(1) if op else "an operator"])) from None
+
+        self._open = open_session
         # open=False: the graph's inputs and outputs from an unoptimized CPU session that leaves the weights unread
         # (mapped, never touched); the real session opens at first use
         self._session: ort.InferenceSession | None = self._open() if open_now else None
-        meta = self._session or ort.InferenceSession(str(path), sess_options=_probe_options(),
-                                                     providers=["CPUExecutionProvider"])
+        # (a graph with CUDA-only operators cannot open on the CPU: its probe runs on the providers asked for)
+        probe = ["CPUExecutionProvider"] if open_now or not cpu_unsupported(path) else providers
+        meta = self._session or ort.InferenceSession(str(path), sess_options=_probe_options(), providers=probe,
+                                                     provider_options=[dict((provider_options or {}).get(p, {}))
+                                                                       for p in probe])
         # plain copies: onnxruntime's NodeArg objects keep their session (and its weights) alive
         self.inputs = {i.name: Arg(i.name, i.type, list(i.shape)) for i in meta.get_inputs()}
         self.output_names = [o.name for o in meta.get_outputs()]
@@ -371,9 +560,10 @@ class OnnxStableDiffusion:
     """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
-                 optimization: str = "all", reduce_memory: bool = False, arena: bool | None = None):
-        """``providers``: onnxruntime's names in order of preference; default CUDA (when onnxruntime-gpu is
-        installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
+                 optimization: str = "all", reduce_memory: bool = False, arena: bool | None = None,
+                 device_id: int | None = None):
+        """``providers``: onnxruntime's names in order of preference, or (name, options) pairs as onnxruntime takes
+        them; default CUDA (when onnxruntime-gpu is installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
         raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
         CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after logging).
 
@@ -392,13 +582,21 @@ class OnnxStableDiffusion:
         largest model instead of all three, for a few seconds of loading per image.
 
         ``arena``: onnxruntime's CPU memory arena on or off; default on, off with ``reduce_memory``. An fp32 or int8
-        graph peaks the same either way and runs faster with it; an fp16 graph on the CPU grows it run after run."""
+        graph peaks the same either way and runs faster with it; an fp16 graph on the CPU grows it run after run.
+
+        ``device_id``: the GPU (CUDA's ``device_id`` provider option, given to every session, the step graph's
+        included); default: the providers' own options, else onnxruntime's (0). The IO-bound loop allocates its
+        tensors on the GPU the UNet's session reports (``self.device_id``).
+
+        A model with operators that onnxruntime's CPU provider has no kernel for (the CUDA-only fusions of a
+        ``cuda-fp16`` export made where CUDA starts) is refused with an EdgecpError naming the profile to export
+        instead when the sessions run on the CPU alone (``check_cpu_kernels``)."""
         self.folder = Path(folder)
         self.optimization = optimization
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
         explicit = providers is not None
-        providers = list(providers) if explicit else default_providers()
+        providers, self.provider_options = split_providers(providers if explicit else default_providers(), device_id)
         self.provider_note: str | None = None
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
@@ -426,9 +624,10 @@ class OnnxStableDiffusion:
         self._done_with(self.text_encoder)
         providers = self.providers
         now = not reduce_memory  # reduce_memory: each opens at its stage
-        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, now, self.arena)
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, now, self.arena,
+                              self.provider_options)
         self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
-                                     optimization, now, self.arena)
+                                     optimization, now, self.arena, self.provider_options)
         self.text_encoder.require_inputs(["input_ids"])
         self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
@@ -446,6 +645,7 @@ class OnnxStableDiffusion:
         self.default_size = self._default_size(sample_shape)
         on_gpu = self.unet.providers[0] in GPU_PROVIDERS
         self.device = "cuda" if on_gpu else "cpu"
+        self.device_id = self._started_device_id() if on_gpu else 0
         self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         self.io_binding_used = False
         self._step_session: ort.InferenceSession | None = None
@@ -461,7 +661,8 @@ class OnnxStableDiffusion:
         if wants_gpu:
             ort.set_default_logger_severity(4)  # its failed-provider errors: the library does not print
         try:
-            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena)
+            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena,
+                              provider_options=self.provider_options)
         finally:
             if wants_gpu:
                 ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
@@ -471,9 +672,18 @@ class OnnxStableDiffusion:
                 raise ValueError(cuda_unusable_message())
             self.provider_note = cuda_unusable_message() + "; running on the CPU"
             providers = [p for p in providers if p not in GPU_PROVIDERS] or ["CPUExecutionProvider"]
-            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena)
+            model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena,
+                              provider_options=self.provider_options)
         self.providers = providers
         return model
+
+    def _started_device_id(self) -> int:
+        """The GPU the UNet's session runs on: its provider's ``device_id`` as onnxruntime reports it (the option
+        asked for until the session opens)."""
+        provider = self.unet.providers[0]
+        session = self.unet._session or self.text_encoder._session
+        reported = session.get_provider_options().get(provider, {}) if session is not None else {}
+        return int(reported.get("device_id", self.provider_options.get(provider, {}).get("device_id", 0)))
 
     def _default_size(self, sample_shape: list[Any]) -> tuple[int, int] | None:
         """(height, width): unet/config.json ``sample_size`` (or a static export) times the VAE factor."""
@@ -585,28 +795,30 @@ class OnnxStableDiffusion:
         if self._step_session is None:
             from edgecp.export.step_graph import STEP_GRAPH
 
-            self._step_session = ort.InferenceSession(str(STEP_GRAPH), sess_options=session_options(),
-                                                      providers=self.unet.providers)
+            providers = self.unet.providers  # and the GPU it runs on: the bound tensors live there
+            self._step_session = ort.InferenceSession(
+                str(STEP_GRAPH), sess_options=session_options(), providers=providers,
+                provider_options=[dict(self.provider_options.get(p, {})) for p in providers])
         return self._step_session
 
     def _bound_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
                     use_cfg: bool, callback: Callable[[int, int], None] | None) -> np.ndarray:
         """The denoising loop with every large tensor on ``self.device``; returns the final latents (host)."""
-        dev = self.device
+        dev, dev_id = self.device, self.device_id  # the UNet's GPU (its session's device_id), never a fixed 0
         unet, step = self.unet.session, self.step_session()
         out_name = self.unet.output_names[self.unet.output_index("out_sample")]
         ts = self.unet.inputs["timestep"]
-        text_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(text, dtype=np.float32), dev, 0)
-        lat_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(latents), dev, 0)
+        text_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(text, dtype=np.float32), dev, dev_id)
+        lat_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(latents), dev, dev_id)
         model_in = np.concatenate([latents, latents]) if use_cfg else latents
-        in_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model_in), dev, 0)
+        in_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model_in), dev, dev_id)
         steps = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
             io = unet.io_binding()
             io.bind_ortvalue_input("sample", in_v)
             io.bind_cpu_input("timestep", timestep_array(int(t), ts.type, ts.shape))
             io.bind_ortvalue_input("encoder_hidden_states", text_v)
-            io.bind_output(out_name, dev)
+            io.bind_output(out_name, dev, dev_id)
             unet.run_with_iobinding(io)
             noise_v = io.get_outputs()[0]
             coef, clip = scheduler.step_coefficients(int(t))
@@ -615,8 +827,8 @@ class OnnxStableDiffusion:
             sio.bind_ortvalue_input("latents", lat_v)
             sio.bind_cpu_input("coef", np.append(coef, np.float32(guidance)).astype(np.float32))
             sio.bind_cpu_input("clip", clip)
-            sio.bind_output("latents_out", dev)
-            sio.bind_output("model_in", dev)
+            sio.bind_output("latents_out", dev, dev_id)
+            sio.bind_output("model_in", dev, dev_id)
             step.run_with_iobinding(sio)
             lat_v, in_v = sio.get_outputs()
             if callback is not None:

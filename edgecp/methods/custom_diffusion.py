@@ -24,7 +24,15 @@ from edgecp.consolidation.merge import constrained_merge, merge_targets, regular
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcMixin, EwcParams
-from edgecp.personal import DELTA_FILE, encode_text, fold_base_delta, join_tasks, read_tensors, split_tasks
+from edgecp.personal import (
+    DELTA_FILE,
+    encode_text,
+    fold_base_delta,
+    join_tasks,
+    read_tensors,
+    split_tasks,
+    to_host,
+)
 
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
 CD_FILE = "cd_merge.safetensors"  # per concept: T_i of every K/V layer and C_i; the regulariser covariance
@@ -83,7 +91,7 @@ class CustomDiffusionSequential(Method):
         return {k: (base[k].to(p) if k in base else 0) + (p.detach() - start[k]) for k, p in self.tensors(ctx).items()}
 
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
-        return {DELTA_FILE: {k: v.cpu() for k, v in self.weight_deltas(ctx).items()}}
+        return {DELTA_FILE: to_host(self.weight_deltas(ctx))}
 
 
 def _split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
@@ -123,7 +131,7 @@ class CustomDiffusion(CustomDiffusionSequential):
         prompts = GENERAL_PROMPTS + [ctx.prior_prompt]
         rows = prompt_rows(ctx.comps.tokenizer, prompts)
         with autocast(ctx):
-            emb = encode_text(ctx.comps, prompts, ctx.device).float().cpu()
+            emb = to_host(encode_text(ctx.comps, prompts, ctx.device).float())
         return regulariser_covariance(torch.cat([e[:n] for e, n in zip(emb, rows)])).float()
 
     def consolidate(self, ctx: TaskContext, progress=None) -> None:
@@ -131,13 +139,15 @@ class CustomDiffusion(CustomDiffusionSequential):
 
         texts = concept_texts(ctx)  # (n+1, T, D), the current concept last (its trained token)
         n = prompt_rows(ctx.comps.tokenizer, [ctx.prompt])[0]
-        feats = texts[-1, :n].cpu()
+        feats = to_host(texts[-1, :n])
         start = ctx.extra["start"]
-        task = {k: merge_targets(p.detach().cpu() - start[k].cpu(), feats).float() for k, p in self.tensors(ctx).items()}
+        trained = {k: p.detach() - start[k] for k, p in self.tensors(ctx).items()}  # W_i - W0 on the live device
+        changes = to_host(trained)  # CPU from here on: the merge file and the merge itself hold no device
+        task = {k: merge_targets(d, feats).float() for k, d in changes.items()}
         task["features"] = feats
         ctx.extra["cd_tasks"] = ctx.extra["cd_tasks"] + [task]
         if len(ctx.extra["cd_tasks"]) == 1:  # one concept: its fine-tuned K/V as trained (nothing to merge yet)
-            ctx.extra["merged"] = {k: (p.detach() - start[k]).cpu() for k, p in self.tensors(ctx).items()}
+            ctx.extra["merged"] = changes
             return
         merged = merge_all(ctx.extra["cd_tasks"], ctx.extra["reg_cov"])
         with torch.no_grad():  # the in-memory model becomes the merged one, as the version will be

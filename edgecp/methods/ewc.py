@@ -26,7 +26,7 @@ from edgecp.consolidation.ewc import ewc_penalty, online_fisher
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.phases import effective_batch, fisher_phase, latent_elements, phase_iterations
-from edgecp.personal import ADAPTER_FILE, read_tensors
+from edgecp.personal import ADAPTER_FILE, read_tensors, to_host
 
 FISHER_FILE = "fisher.safetensors"
 EWC_STRENGTH = 10.0  # the scale-free default, chosen on the procedural sequence (docs/architecture.md, "EWC strength")
@@ -117,7 +117,7 @@ class EwcMixin:
         f_n = fisher_phase(ctx, self.tensors(ctx), iters, self.use_dc, progress=progress, **dc)
         loss = max(ctx.extra["fisher_loss"], 1e-12)
         scale = 1.0 if p.ewc_weight is not None else effective_batch(ctx) * latent_elements(ctx) / loss
-        f_n = {k: v.cpu() * scale for k, v in f_n.items()}
+        f_n = {k: v * scale for k, v in to_host(f_n).items()}  # CPU: combined with the stored Fisher
         ctx.extra["fisher"] = online_fisher(ctx.extra.get("fisher_prev"), f_n, p.fisher_decay, p.fisher_update,
                                             ctx.extra.get("fisher_tasks", 0))
         ctx.extra["ewc_info"] = {"tasks": ctx.extra.get("fisher_tasks", 0) + 1, "update": p.fisher_update,

@@ -26,7 +26,7 @@ def add_deltas(base: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> d
 
 def lora_weight_deltas(unet, scaling: float) -> dict[str, torch.Tensor]:
     """module.weight -> scaling * B A of the live LoRA (the keys of the base weights it would merge into)."""
-    return {f"{m}.weight": d.detach().cpu() for m, d in lora.lora_delta(lora.adapter_state(unet), scaling).items()}
+    return {f"{m}.weight": d for m, d in lora.lora_delta(lora.adapter_state(unet), scaling).items()}  # CPU tensors
 
 
 class MergeReinit(Method):

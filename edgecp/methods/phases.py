@@ -12,7 +12,7 @@ Text embeddings of the (frozen) concept tokens are computed once per task (`conc
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -43,9 +43,10 @@ def checkpointing(ctx: TaskContext) -> bool:
 
 def autocast_for(plan, device_type: str):
     """Autocast to the plan's 16-bit dtype (a no-op without a plan or for fp32 plans)."""
-    enabled = plan is not None and plan.compute != "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute if plan else "", torch.bfloat16)
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+    if plan is None or plan.compute == "fp32":
+        return nullcontext()  # no autocast object at all: any device type, the meta stand-in for CUDA included
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[plan.compute]
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def autocast(ctx: TaskContext):

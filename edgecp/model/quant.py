@@ -45,8 +45,10 @@ def _keep(name: str, keep: Iterable[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keep)
 
 
-def quantize_linear(layer: nn.Linear, backend: str, device: str = "cpu") -> nn.Module:
-    """An 8-bit weight-only copy of `layer` (frozen). torchao converts in place; bitsandbytes returns a new module."""
+def quantize_linear(layer: nn.Linear, backend: str, device: str | torch.device = "cpu") -> nn.Module:
+    """An 8-bit weight-only copy of `layer` (frozen). torchao converts in place; bitsandbytes returns a new module,
+    quantized on `device` itself: give the full device (`cuda:1`, not `device.type`), since Int8Params quantize on
+    their first move and a bare `cuda` is the current GPU (cuda:0), where CB/SCB were made and stayed (issue 22)."""
     if backend == "torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -62,7 +64,7 @@ def quantize_linear(layer: nn.Linear, backend: str, device: str = "cpu") -> nn.M
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # the library never prints
-        return q.to(device)  # Int8Params quantize on their first move to a device (bitsandbytes' documented way)
+        return q.to(torch.device(device))  # Int8Params quantize on their first move to a device (bitsandbytes' way)
     raise EdgecpError(f"8-bit backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
 
 
@@ -105,7 +107,7 @@ class Precision:
         return self.compute != "fp32"
 
 
-def convert_(model: nn.Module, precision: Precision, device: str = "cpu") -> nn.Module:
+def convert_(model: nn.Module, precision: Precision, device: str | torch.device = "cpu") -> nn.Module:
     """In place: hold `model` in `precision`, except the modules it keeps in full precision."""
     if precision.weights == "fp32":
         return model
@@ -127,7 +129,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def stream_unet(folder: Path, precision: Precision, device: str = "cpu"):
+def stream_unet(folder: Path, precision: Precision, device: str | torch.device = "cpu"):
     """UNet2DConditionModel of a diffusers folder, converted tensor by tensor (see the module docstring).
 
     Returns None when the folder's keys do not match the model exactly (an old layout diffusers renames on load):
@@ -218,8 +220,9 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def load_planned(spec, precision: Precision, device: str = "cpu"):
-    """The base's Components held in `precision` (see the module docstring); the VAE is always fp32."""
+def load_planned(spec, precision: Precision, device: str | torch.device = "cpu"):
+    """The base's Components held in `precision` (see the module docstring); the VAE is always fp32. `device`: where
+    the model will run, with its index (`cuda:1`): 8-bit layers are made there (`quantize_linear`)."""
     from edgecp.memory import compact_allocator
     from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_hf
 
