@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from edgecp.errors import EdgecpError
 
@@ -164,12 +164,6 @@ def stored_prior(info: dict) -> PriorConfig:
     """A store's prior settings; stores made before the sampler setting existed sampled with the base's own."""
     return from_dict(PriorConfig, {"sampler": "base", **info}, "prior")
 DEFAULT_METHOD = "dsc-ewc-dc"  # paper 000's full method (Algo 4)
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str = DEFAULT_METHOD
-    params: dict = field(default_factory=dict)
 
 
 def to_dict(cfg) -> dict:

@@ -202,14 +202,27 @@ def _same_inode(path: Path, dev: int, ino: int) -> bool:
     return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
 
 
+def open_rgb(path: Path):
+    """The image at `path`, upright (EXIF) and RGB (alpha composited, 16-bit scaled: `to_rgb`)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def fit_square(im, size: int, resample=None):
+    """The one square crop: centre-cropped to a square and resized to size x size (PIL's `ImageOps.fit`). Bicubic
+    unless the caller names its resampler (the bench's views keep Lanczos, so its numbers stay bit-identical)."""
+    from PIL import Image, ImageOps
+
+    return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC if resample is None else resample)
+
+
 def load_square(path: Path, size: int):
     """RGB image, shorter side resized to `size`, centre-cropped: a float tensor (3, size, size) in [-1, 1]."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im = to_rgb(ImageOps.exif_transpose(im))
-        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
+    im = fit_square(open_rgb(path), size)
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -10,9 +10,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
+
+from edgecp.atomic import write_json_atomic
 
 
 def sha256_file(path: Path) -> str:
@@ -157,28 +160,15 @@ EXPORT_META = "edgecp.json"
 def write_export_meta(folder: Path, meta: dict) -> dict:
     """Record the sha256 of every file of an export folder in edgecp.json, written last and fsynced: a folder
     whose edgecp.json is present and whose files match it is a complete export."""
-    import json
 
     (folder / WRITING_MARK).unlink(missing_ok=True)  # complete from here on: edgecp.json proves it is edgecp's
     meta = {**meta, "files": hash_tree(folder, exclude=(EXPORT_META,))}
-    tmp = folder / f".{EXPORT_META}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / EXPORT_META)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_json_atomic(folder / EXPORT_META, meta)
     return meta
 
 
 def read_export_meta(folder: Path) -> tuple[dict | None, list[str]]:
     """(edgecp.json, problems) of an export folder: problems is empty when every recorded file matches."""
-    import json
-
     if folder.is_symlink() or (folder / EXPORT_META).is_symlink():
         return None, ["it is a symbolic link: edgecp follows none"]
     try:

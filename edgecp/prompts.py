@@ -37,5 +37,3 @@ def expand(prompt: str, concepts: list[dict]) -> str:
     return PLACEHOLDER.sub(sub, prompt)
 
 
-def names_in(prompt: str) -> list[str]:
-    return PLACEHOLDER.findall(prompt)

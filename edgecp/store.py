@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgecp.atomic import fsync_dir
 from edgecp.errors import DamagedStoreError, EdgecpError, StoreLockedError
 from edgecp.integrity import check_files, is_abandoned_export, remove_if_abandoned, sha256_file
 
@@ -53,14 +54,6 @@ TMP_VERSION_RE = re.compile(r"\.(tmp|trash)-v[0-9]{4,}-[A-Za-z0-9_]+")
 TMP_HEAD_RE = re.compile(r"\.HEAD\.[0-9a-f]{32}")
 TMP_PRIOR_RE = re.compile(r"\.[0-9a-f]{16}-[A-Za-z0-9_]+")
 STAGING_RE = re.compile(r"[0-9a-f]{12}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_durable(path: Path, data: dict) -> None:
@@ -565,7 +558,7 @@ class Store:
                                     "deletes nothing it did not write")
         trash = self.root / "versions" / f".trash-{version}-{uuid.uuid4().hex[:8]}"
         os.rename(d, trash)
-        _fsync_dir(self.root / "versions")
+        fsync_dir(self.root / "versions")
         self._remove(trash)
         return trash
 
@@ -584,7 +577,7 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_head, self.root / "HEAD")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if event is not None:
             self.log({**event, "head": version})
 
@@ -634,10 +627,10 @@ class Store:
             f.write(digest + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = versions / name
         os.rename(tmp, final)
-        _fsync_dir(versions)
+        fsync_dir(versions)
         return final
 
     def commit(self, files: dict[str, bytes | Path], manifest: dict) -> str:
@@ -656,7 +649,7 @@ class Store:
             if removed:
                 manifest["removed"] = removed
         _write_json_durable(self.root / PENDING, {"version": name, "parent": parent})
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._write_version(name, files, manifest)
         self.set_head(name)
         (self.root / PENDING).unlink(missing_ok=True)

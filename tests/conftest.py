@@ -103,7 +103,8 @@ SMALL_BENCH = {"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2,
 @pytest.fixture(scope="session")
 def small_bench(tmp_path_factory):
     """(result, folder) of one uninterrupted serial bench with SMALL_BENCH; tests must not modify it."""
-    from edgecp.eval.bench import BenchConfig, run_bench
+    from edgecp.eval.bench import BenchConfig
+    from edgecp.eval.executor import run_bench
 
     out = tmp_path_factory.mktemp("bench") / "b"
     return run_bench(BenchConfig(**SMALL_BENCH), out), out

@@ -5,7 +5,8 @@ import math
 import pytest
 from cli_util import assert_one_line_error, run_cli
 
-from edgecp.eval.bench import BenchConfig, parse_methods, run_bench
+from edgecp.eval.bench import BenchConfig, parse_methods
+from edgecp.eval.executor import run_bench
 
 
 def _cfg(**kw):  # features: BenchConfig's default, "tiny" (the shipped evaluator)

@@ -17,7 +17,8 @@ from conftest import SMALL_BENCH
 
 from edgecp.errors import EdgecpError
 from edgecp.eval.bench import BenchConfig
-from edgecp.eval.executor import RayExecutor, run_bench, run_dir
+from edgecp.eval.executor import RayExecutor, run_bench
+from edgecp.eval.layout import run_dir
 
 CFG = SMALL_BENCH  # test_bench.py's smallest bench
 

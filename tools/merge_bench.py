@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def merge(folders: list[Path], methods: list[str] | None = None) -> dict:
-    from edgecp.eval.bench import _summarize
+    from edgecp.eval.bench import summarize
 
     runs, order, seqs = [], [], set()
     for f in folders:
@@ -29,7 +29,7 @@ def merge(folders: list[Path], methods: list[str] | None = None) -> dict:
     missing = [m for m in keep if m not in order]
     if missing:
         raise SystemExit(f"no run of '{missing[0]}' in {', '.join(map(str, folders))}")
-    return {"sequence": list(seqs.pop()), "summary": _summarize(keep, runs),
+    return {"sequence": list(seqs.pop()), "summary": summarize(keep, runs),
             "runs": [{"method": r["method"], "seed": r["seed"], "metrics": r["metrics"],
                       "train_seconds": r.get("train_seconds")} for r in runs if r["method"] in keep]}
 

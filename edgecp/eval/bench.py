@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from edgecp.errors import EdgecpError
 from edgecp.eval import metrics
+from edgecp.eval.layout import SAMPLES_FILE, eval_file, run_dir, save_npz_atomic, store_dir
 
 QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
 CLASS_WORD_MODES = ("paper", "always", "never")
@@ -117,29 +117,15 @@ def load_sequence(cfg: BenchConfig):
     return seq[: cfg.tasks] if cfg.tasks else seq
 
 
-Progress = Callable[[str, int, int], None]
-
-
-def run_bench(cfg: BenchConfig, out: str | Path, progress: Progress | None = None,
-              log: Callable[[str], None] | None = None, executor=None) -> dict:
-    """Run every method x seed over the sequence; write results.json, results.csv, table.md and the PNGs.
-
-    The loop over runs, the resumable folder layout and the executors (serial, Ray) are in `eval/executor.py`."""
-    from edgecp.eval.executor import run_bench as execute_bench
-
-    return execute_bench(cfg, out, progress, log, executor)
-
-
-def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, features, out: Path, tick) -> dict:
+def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, features, out: Path, tick) -> dict:
     from edgecp.api import init_store
-    from edgecp.eval.executor import eval_file
     from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel
     from edgecp.prompts import expand
     from edgecp.store import Store
     from edgecp.train import add_concept
 
-    root = out / "runs" / f"{method}-s{seed}" / "store"
+    root = store_dir(out, method, seed)
     if not (root / "store.json").is_file():  # resume: a store exists (Store.create is atomic) with its tasks
         init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
                    train={"steps": cfg.steps, "seed": seed}, prior=cfg.prior)
@@ -192,8 +178,8 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
             s[i, j] = metrics.clip_i2i(gen[i][j], real[j])
     kid = float(np.mean([metrics.kid(gen[n - 1][j], real[j], subsets=50, seed=seed)[0] for j in range(n)]))
     n_param = store.manifest()["n_param"]
-    run_dir = root.parent
-    _save_grid(last_images, [c.name for c in seq], run_dir / "samples.png")
+    samples = run_dir(out, method, seed) / SAMPLES_FILE
+    _save_grid(last_images, [c.name for c in seq], samples)
     return {
         "method": method, "seed": seed, "train_seconds": round(t_train, 1),
         "metrics": {
@@ -204,7 +190,7 @@ def _run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real,
             "DC_accuracy": acc,
         },
         "matrices": {"M": _nan_list(m), "D": _nan_list(d), "S": _nan_list(s)},
-        "samples": str(run_dir / "samples.png"),
+        "samples": str(samples),
     }
 
 
@@ -219,7 +205,6 @@ def _version_with(store, n_concepts: int) -> str:
 
 def _save_eval(path: Path, row: list[np.ndarray], images: list, seconds: float) -> None:
     """One task's evaluation (embeddings of each seen concept's images; the images themselves after the last task)."""
-    from edgecp.eval.executor import save_npz_atomic
 
     arrays = {f"emb{j}": e for j, e in enumerate(row)}
     arrays.update({f"img{j}": np.stack([np.asarray(im) for im in ims]) for j, ims in enumerate(images)})
@@ -275,7 +260,7 @@ TABLE_COLUMNS = ["N_param_Train", "N_param_Store", "KID", "A_MMD", "BwT_MMD", "C
                  "avg_score", "avg_forgetting", "DC_accuracy"]
 
 
-def _summarize(methods, runs: list[dict]) -> dict:
+def summarize(methods, runs: list[dict]) -> dict:
     """Mean and std over seeds of every table column, per method in `methods`."""
     out = {}
     for method in methods:
@@ -311,7 +296,7 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(out: Path, result: dict) -> None:
+def write_outputs(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     with open(out / "results.csv", "w", newline="") as f:

@@ -1,7 +1,7 @@
 """Where `edgecp bench` runs execute, and the resumable output folder they write (issue 13).
 
 A bench is a set of independent runs, one per (method, seed): each trains the method over the sequence in its own
-store and evaluates after every task (`bench._run_method`). Executors:
+store and evaluates after every task (`bench.run_method`). Executors:
 
 - `serial` (the default): the runs one after another in this process. Nothing on this path imports Ray.
 - `ray`: each run is one `ray.remote` task asking for `num_cpus` CPUs and `num_gpus` GPUs (a fraction shares a
@@ -45,54 +45,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
-
+from edgecp.atomic import write_json_atomic
 from edgecp.errors import EdgecpError
+from edgecp.eval.bench import BenchConfig, load_sequence, run_method, summarize, write_outputs
+from edgecp.eval.features import load_features
+from edgecp.eval.layout import CONFIG_FILE, RESULT_FILE, WORKER_FILE, eval_file, run_dir
 
-CONFIG_FILE = "config.json"
-RESULT_FILE = "result.json"
-WORKER_FILE = "worker.json"  # host and pid of the process running (or that last ran) the run
 RAY_FIX = "pip install 'edgecp[distributed]'"
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total); phase "runs" counts runs, any other tasks
 Log = Callable[[str], None]
 
 
-# -- the output folder ------------------------------------------------------------------------------------------
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return Path(out) / "runs" / f"{method}-s{seed}"
-
-
-def eval_file(out: Path, method: str, seed: int, task: int) -> Path:
-    return run_dir(out, method, seed) / f"eval-task-{task}.npz"
-
-
-def _write_atomic(path: Path, write, suffix: str = "") -> None:
-    """`write(binary file)` into a temporary file in the same folder, fsync, rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def save_npz_atomic(path: Path, **arrays) -> None:
-    _write_atomic(path, lambda f: np.savez(f, **arrays), suffix=".npz")
-
-
 def config_from_dict(d: dict):
     """A BenchConfig from its asdict(): lists back to tuples; keys this edgecp does not know are refused."""
-    from edgecp.eval.bench import BenchConfig
 
     known = {f.name for f in fields(BenchConfig)}
     unknown = sorted(set(d) - known)
@@ -184,8 +150,6 @@ class SeedInputs:
 
 
 def seed_inputs(cfg, out: Path, seed: int, seq=None, features=None) -> SeedInputs:
-    from edgecp.eval.bench import load_sequence
-    from edgecp.eval.features import load_features
 
     seq = seq if seq is not None else load_sequence(cfg)
     features = features if features is not None else load_features(cfg.features)
@@ -197,7 +161,6 @@ def seed_inputs(cfg, out: Path, seed: int, seq=None, features=None) -> SeedInput
 def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | None = None, tick=None) -> dict:
     """One (method, seed) run, resumed from whatever it left: the unit of work of every executor (and one Ray task).
     Writes runs/<method>-s<seed>/result.json atomically and returns the run."""
-    from edgecp.eval.bench import _run_method
 
     out = Path(out)
     done = finished(out, method, seed)
@@ -206,7 +169,7 @@ def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | N
     worker = {"host": socket.gethostname(), "pid": os.getpid()}  # where it runs (a Ray node, or this process)
     write_json_atomic(run_dir(out, method, seed) / WORKER_FILE, {**worker, "started": time.time()})
     inputs = inputs or seed_inputs(cfg, out, seed)
-    run = _run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
+    run = run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
                       tick or (lambda phase, task: None))
     run["features"] = inputs.features.name
     run["worker"] = worker
@@ -346,8 +309,6 @@ def make_executor(name: str = "serial", **options):
 # -- the bench over an executor -----------------------------------------------------------------------------------
 def _inputs(cfg):
     """The sequence and the features, loaded before anything is written: a bad --sequence or --features fails here."""
-    from edgecp.eval.bench import load_sequence
-    from edgecp.eval.features import load_features
 
     check_required(cfg)
     return load_sequence(cfg), load_features(cfg.features)
@@ -411,7 +372,6 @@ def resume_bench(out: str | Path, progress: Progress | None = None, log: Log | N
 def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list[str] | None = None) -> dict:
     """results.json, results.csv, table.md and the plots from the runs finished so far (callable at any time, also
     while a bench runs; a torn file, from a crash while writing them, is rewritten by the next rebuild)."""
-    from edgecp.eval.bench import _summarize, _write_outputs, load_sequence
 
     out = Path(out)
     cfg = cfg or load_config(out)
@@ -421,7 +381,7 @@ def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list
     result = {"config": asdict(cfg), "sequence": names,
               "features": runs[0].get("features") if runs else None, "seconds": seconds,
               "runs_finished": len(runs), "runs_total": len(all_runs(cfg)),
-              "summary": _summarize(methods, runs) if runs else {}, "runs": runs}
+              "summary": summarize(methods, runs) if runs else {}, "runs": runs}
     if runs:
-        _write_outputs(out, result)
+        write_outputs(out, result)
     return result

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from edgecp.errors import EdgecpError
+from edgecp.images import fit_square
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -49,10 +50,8 @@ class ClipFeatures:
         self.size = self.model.config.vision_config.image_size
 
     def embed_images(self, images) -> np.ndarray:
-        from PIL import Image, ImageOps
-
         arr = np.stack([
-            (np.asarray(ImageOps.fit(im.convert("RGB"), (self.size, self.size), Image.Resampling.BICUBIC),
+            (np.asarray(fit_square(im.convert("RGB"), self.size),
                         dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
             for im in images
         ]).transpose(0, 3, 1, 2)

@@ -33,7 +33,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from edgecp.images import IMAGE_SUFFIXES
+from edgecp.images import IMAGE_SUFFIXES, fit_square, open_rgb
+from edgecp.world.data import RESERVED_PHOTOS
 
 __all__ = [
     "RESERVED_PHOTOS",
@@ -174,7 +175,6 @@ def _count(split: str, n: int | None) -> int:
 # The six scikit-image photos
 # ----------------------------------------------------------------------------------------------------------
 
-RESERVED_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "rocket", "astronaut", "horse", "stereo_motorcycle")
 """scikit-image ``data`` photos used as benchmark concepts; other generators (prior/pretraining images) must
 not use them."""
 
@@ -444,9 +444,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _load_square(path: Path, size: int) -> Image.Image:
     """The image, upright (EXIF), RGB, centre-cropped to a square and resized to size x size."""
-    with Image.open(path) as im:
-        img = ImageOps.exif_transpose(im).convert("RGB")
-    return ImageOps.fit(img, (size, size), _RESAMPLE)
+    return fit_square(open_rgb(path), size, _RESAMPLE)
 
 
 @dataclass(frozen=True)

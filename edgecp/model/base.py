@@ -18,7 +18,6 @@ from edgecp.export.np_scheduler import ddim_config  # one rule for PyTorch and t
 from edgecp.paths import edgecp_home
 from edgecp.store import sha256_file
 
-WEIGHT_SUFFIXES = (".safetensors",)
 COMPONENT_DIRS = ("unet", "vae", "text_encoder")
 
 

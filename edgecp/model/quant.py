@@ -102,10 +102,6 @@ class Precision:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute]
 
-    @property
-    def autocast(self) -> bool:
-        return self.compute != "fp32"
-
 
 def convert_(model: nn.Module, precision: Precision, device: str | torch.device = "cpu") -> nn.Module:
     """In place: hold `model` in `precision`, except the modules it keeps in full precision."""

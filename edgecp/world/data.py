@@ -56,7 +56,9 @@ __all__ = [
 
 SIZE = 64  # pixels
 
-RESERVED = {"chelsea", "coffee", "rocket", "astronaut", "horse", "stereo_motorcycle"}
+# the six photos the benchmark personalizes (eval/sequences.py reads this list): never in the tiny world
+RESERVED_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "rocket", "astronaut", "horse", "stereo_motorcycle")
+RESERVED = frozenset(RESERVED_PHOTOS)
 """scikit-image photos reserved as personalization concepts: never part of the pretraining world."""
 EXCLUDED_PHOTOS = RESERVED | {"cat"}  # skimage.data.cat() is chelsea under another name
 
