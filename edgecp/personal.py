@@ -12,6 +12,7 @@ from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, from_dict, replace
 from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.model.base import BaseSpec, Components, base_sha256, load_components, resolve_base
+from edgecp.model.host import host, to_host  # noqa: F401 (the boundary, re-exported)
 from edgecp.model.tokens import load_concept_tokens
 from edgecp.store import Store
 
@@ -35,23 +36,6 @@ def open_base(store: Store) -> BaseSpec:
             f"{base['sha256'][:12]}): restore the original weights, or create a new store for this base"
         )
     return spec
-
-
-def host(t: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous copy of `t` in CPU memory (never a view of a live parameter)."""
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
-def to_host(tensors):  # (dict[str, Tensor]) -> dict[str, Tensor], or (Tensor) -> Tensor
-    """The CPU-at-the-boundary rule (issue 22): a version's tensors live on the CPU. `read_tensors` gives CPU tensors;
-    every live tensor (on the training device, e.g. `cuda:1`) passes through here before it is combined with stored
-    ones (`torch.cat`, `+`, `torch.where`) or written, so `files()`, `consolidate()` and `remove_concept()` combine
-    CPU tensors only, whatever the device, and the files hold no device. Stored tensors go the other way, with
-    `.to(live)`, only where they meet the live model (penalties, teachers, folds). One function, so that tests can
-    stand the meta device in for CUDA (tests/test_cuda_paths.py)."""
-    if isinstance(tensors, torch.Tensor):
-        return host(tensors)
-    return {k: host(v) for k, v in tensors.items()}
 
 
 def read_tensors(version_dir: Path, fname: str) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ device meta is not on the expected device cpu"), and a model on meta runs forwar
 method runs its task 2 with the whole model on meta (the live device) and task 1's version read from disk (CPU
 tensors, as `personal.read_tensors` gives them): prepare, a penalty with its backward, the consolidation phases,
 files() and remove_concept(). Meta holds no data, so three things are stood in for: the copy to the host
-(`personal.host`, the one function every live tensor crosses to the CPU through) returns CPU numbers of the same
+(`edgecp.model.host.host`, the one function every live tensor crosses to the CPU through) returns CPU numbers of the same
 shape and dtype, and `.item()` / `float()` of a meta tensor return a number. Any other path from the device to the
 CPU (a stray `.cpu()`) raises NotImplementedError here, so the rule is checked to be the only boundary.
 
@@ -26,6 +26,7 @@ from edgecp import personal
 from edgecp.config import AdapterConfig, TrainConfig
 from edgecp.methods import build_method, method_class, method_names
 from edgecp.methods.base import LatentSet, TaskContext
+from edgecp.model import host as host_module
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -99,7 +100,7 @@ def _write_version(folder: Path, files: dict, manifest: dict) -> Path:
 def _meta_stand_ins(monkeypatch) -> list[tuple[str, tuple]]:
     """What meta cannot do, done as CUDA would: copies to the host (recorded), and numbers of scalars."""
     copies = []
-    real_host, real_item, real_float = personal.host, torch.Tensor.item, torch.Tensor.__float__
+    real_host, real_item, real_float = host_module.host, torch.Tensor.item, torch.Tensor.__float__
 
     def host(t):
         if t.is_meta:
@@ -108,7 +109,7 @@ def _meta_stand_ins(monkeypatch) -> list[tuple[str, tuple]]:
             return (torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5).to(t.dtype)
         return real_host(t)
 
-    monkeypatch.setattr(personal, "host", host)
+    monkeypatch.setattr(host_module, "host", host)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: 0.5 if self.is_meta else real_item(self))
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 0.5 if self.is_meta else real_float(self))
     return copies
@@ -144,7 +145,7 @@ def test_second_task_on_a_gpu_combines_stored_and_live_state_on_the_cpu(tiny_com
     assert {t.device for f in on_gpu.values() for t in f.values()} <= {CPU}
     assert _layout(on_gpu) == _layout(reference)
     if method.adapter.kind != "none" or name in ("custom-diffusion", "custom-diffusion-sequential", "cd-ewc", "cns"):
-        assert copies, "the live state reached the files without crossing personal.host"
+        assert copies, "the live state reached the files without crossing edgecp.model.host.host"
 
     if method.removal == "exact":  # removing concept 1 from what task 2 wrote: CPU in, CPU out
         files = {f: dict(t) for f, t in on_gpu.items()}

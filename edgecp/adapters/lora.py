@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from edgecp.config import AdapterConfig
+from edgecp.model.host import to_host
 
 ADAPTER_NAME = "default"
 _PEFT_KEY = "_edgecp_peft_model"  # a plain attribute, not a submodule (the PeftModel contains the UNet)
@@ -55,7 +56,6 @@ def adapter_state(unet) -> dict[str, torch.Tensor]:
     rule that lets methods combine them with a version's stored tensors, which are CPU tensors)."""
     from peft import get_peft_model_state_dict
 
-    from edgecp.personal import to_host
 
     pm = unet.__dict__.get(_PEFT_KEY)
     if pm is not None:
