@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgecp.config import DEFAULT_METHOD, AdapterConfig, PriorConfig, TrainConfig, from_dict, replace, to_dict
 from edgecp.errors import EdgecpError
+from edgecp.scoped import quiet_libraries
 from edgecp.store import Store
 
 # The embedded tiny model learns in seconds; paper-scale defaults (1000 x 8 iterations) would only waste time.
@@ -14,6 +15,7 @@ TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10, sampler="base")
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
+@quiet_libraries()  # imports the model stack (diffusers, peft: torchao and bitsandbytes log notices)
 def init_store(
     root: str | Path,
     base: str,
@@ -63,6 +65,7 @@ def init_store(
     return Store.create(root, info)
 
 
+@quiet_libraries()  # planning on the CPU imports the model stack (memory.runtime_rss): its notices stay quiet
 def plan_store(root: str | Path, memory_budget: str | int | None = None, overrides: dict | None = None,
                device: str | None = None, n_images: int = 4, force: dict | None = None,
                gpu_memory: str | int | None = None, gpu_capability: str | float | None = None):
@@ -70,7 +73,9 @@ def plan_store(root: str | Path, memory_budget: str | int | None = None, overrid
 
     `gpu_memory` ('8GB') and `gpu_capability` ('8.6') plan for a GPU that need not be here (`memory.given_device_info`:
     bf16 from capability 8.0, fp16 below; default capability 7.5); `device` is then cuda. Asked for cuda without
-    them on a machine without CUDA, one line says to pass them.
+    them on a machine without CUDA, one line says to pass them. A CUDA plan's `cuda_terms` name, per phase, what
+    its peak adds to the allocator's bytes: the context reserve, the fragmentation margin and bitsandbytes'
+    retained inputs (edgecp/planner.py).
     """
     import torch
 
@@ -143,6 +148,7 @@ def _build(method: str, params: dict | None, adapter: dict | None):
     return build_method(method, params or {}, from_dict(AdapterConfig, a, "adapter"))
 
 
+@quiet_libraries()  # imports the model stack (diffusers, peft: torchao and bitsandbytes log notices)
 def set_method(root: str | Path, method: str, params: dict | None = None, adapter: dict | None = None) -> Store:
     """Change the store's method; refused once the store holds concepts (their state belongs to the old one)."""
     import json

@@ -218,6 +218,9 @@ def plan(
         out.print_json(json.dumps(p.to_json()))
         return
     out.print(p.line(), markup=False, highlight=False, soft_wrap=True)
+    if p.loss_scaling:
+        out.print("fp16 trains with loss scaling (GradScaler; fp16 would flush the small gradients to zero)",
+                  markup=False, highlight=False, soft_wrap=True)
     if gpu_memory is not None:
         from edgecp.memory import parse_capability
         from edgecp.planner import parse_bytes
@@ -231,9 +234,25 @@ def plan(
     t = Table(title="predicted peak per phase")
     t.add_column("phase")
     t.add_column("peak", justify="right")
+    terms = p.cuda_terms  # CUDA: what the peak adds to the allocator's bytes, each term on its own
+    if terms:
+        for name in ("weights + activations", "context reserve", "fragmentation margin",
+                     "bitsandbytes retained inputs"):
+            t.add_column(name, justify="right")
     for phase, peak in p.predicted.items():
-        t.add_row(phase, fmt_bytes(peak))
+        row = [phase, fmt_bytes(peak)]
+        if terms:
+            tp = terms[phase]
+            row += [fmt_bytes(peak - sum(tp.values())), fmt_bytes(tp["context_reserve"]),
+                    fmt_bytes(tp["fragmentation_margin"]), fmt_bytes(tp["bitsandbytes_retained_inputs"])]
+        t.add_row(*row)
     out.print(t)
+    if terms:
+        out.print("CUDA terms (not measured here; edgecp/planner.py says where the numbers come from), added to "
+                  "the weights, trainable state and activations: context "
+                  "reserve for the CUDA context outside the allocator, fragmentation margin for what the caching "
+                  "allocator reserves beyond what it allocates, bitsandbytes retained inputs for the 8-bit layers' "
+                  "inputs that checkpointing cannot free", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -525,25 +544,24 @@ def _cli_process():
     """What the CLI sets for its own process, undone when main() returns (tests call main() in-process):
     - SIGINT raises `Interrupted` (main thread only; elsewhere Python's default stays);
     - the `kernels` package's logger (imported by bitsandbytes) at ERROR: with HF_HUB_OFFLINE=1 it warns
-      "Skipping publisher trust check ..." on stderr at every import of bitsandbytes;
+      "Skipping publisher trust check ..." on stderr at every import of bitsandbytes; and the loggers of
+      `edgecp.scoped.QUIET_LOGGERS` (torchao's and bitsandbytes' import notices), which the library quiets only
+      while it trains, generates or plans;
     - FutureWarnings ignored: diffusers' deprecation notices concern its API, not the user's command.
     """
-    import logging
     import warnings
+
+    from edgecp.scoped import quiet_libraries  # QUIET_LOGGERS includes `kernels`
 
     try:
         previous = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread
         previous = None
-    quiet = logging.getLogger("kernels")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_libraries():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        quiet.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 

@@ -67,6 +67,10 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline.
 
     Under a memory `plan` (see edgecp/planner.py): its autocast, `plan.micro_batch` images per call, VAE slicing.
+    The plan's autocast covers the text encoder and the UNet only: the pipeline returns latents and the VAE decodes
+    them outside autocast, in its own dtype (`decode_latents`), fp32, or bf16 in bf16 plans as `model/quant.py`
+    loads it: SD's VAE overflows in fp16, and an fp16 autocast would run its convolutions in fp16 whatever its
+    weights are (issue 22).
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -111,11 +115,24 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
                 [prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk), height=size, width=size,
                 num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                 latents=chunk.to(device, comps.unet.dtype if plan is None else torch.float32),
-                callback_on_step_end=on_step,
+                callback_on_step_end=on_step, output_type="latent",
             )
-        images += out.images
+        images += decode_latents(pipe, out.images)
         done += cfg.steps
     return images
+
+
+def decode_latents(pipe, latents) -> list:
+    """PIL images of the pipeline's final latents, decoded as StableDiffusionPipeline decodes them (the same
+    operations: scale, `vae.decode`, `image_processor.postprocess`, so an fp32 plan gives the same images as the
+    pipeline's own decode) but with autocast off, whatever the caller has on, and the latents in the VAE's dtype."""
+    import torch
+
+    vae = pipe.vae
+    device_type = latents.device.type if latents.device.type in ("cpu", "cuda") else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
 def slug(prompt: str, limit: int = 48) -> str:
@@ -155,11 +172,13 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
     from edgecp.model.shape import base_shape
     from edgecp.personal import open_base
     from edgecp.planner import parse_bytes, plan_generation
+    from edgecp.scoped import quiet_libraries
 
     shape = base_shape(open_base(store))
     size = cfg.size or shape.unet.sample_size * shape.vae_scale
     budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
-    return plan_generation(shape, size, cfg.n, device_info(device), budget)
+    with quiet_libraries():  # device_info imports the model stack
+        return plan_generation(shape, size, cfg.n, device_info(device), budget)
 
 
 def generate_from_store(
@@ -173,8 +192,18 @@ def generate_from_store(
     `rollback` moves HEAD while the model loads. `out_dir` may not be inside the store, and a non-empty folder that
     generate did not make needs `overwrite` (`edgecp.outputs.check_output_dir`). The memory planner picks the
     precision and images per call within `memory_budget` (default: the store's, else the device's memory);
-    `on_plan` receives the plan.
+    `on_plan` receives the plan. bitsandbytes' and torchao's notices are quiet for the duration of the call
+    (`edgecp.scoped.quiet_libraries`, levels restored after).
     """
+    from edgecp.scoped import quiet_libraries
+
+    with quiet_libraries():
+        return _generate_from_store(store_root, prompt, cfg, out_dir, device, callback, memory_budget, on_plan,
+                                    overwrite)
+
+
+def _generate_from_store(store_root, prompt, cfg, out_dir, device, callback, memory_budget, on_plan,
+                         overwrite) -> list[Path]:
     import torch
 
     from edgecp.outputs import absolute, check_output_dir

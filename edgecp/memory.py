@@ -2,17 +2,25 @@
 
 The planner itself (edgecp/planner.py) is pure; this module measures and bridges. CPU peaks are the process's
 resident set (`ru_maxrss`, and a sampling thread for per-phase peaks); CUDA peaks are
-`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (and `max_memory_reserved` beside them, to check
+the planner's fragmentation margin on a GPU).
+
+CUDA (issue 22): native bf16 is compute capability 8.0 and above (`cuda_bf16`); the usable memory of a present GPU
+starts from what is free now (`device_info`); out-of-memory errors include cuBLAS/cuDNN allocation failures
+(`is_oom`), and `forget_failure` lets the failed run's model, optimizer and activations go before anything else
+runs in the process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import re
 import resource
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +28,7 @@ import torch
 
 from edgecp.errors import EdgecpError
 from edgecp.planner import DeviceInfo, Workload, fmt_bytes, parse_bytes
+from edgecp.scoped import quiet_libraries
 
 DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 # Planning for a GPU that is not here (`edgecp plan --device cuda --gpu-memory 8GB`): without --gpu-capability we
@@ -67,20 +76,40 @@ def parse_capability(text: str | float | None) -> tuple[int, int]:
 
 def given_device_info(memory: str | int, capability: str | float | None = None) -> DeviceInfo:
     """A GPU described by its memory and compute capability, for planning where it is not present: bf16 from
-    capability 8.0 (Ampere) on, fp16 below. CUDA's peaks are `max_memory_allocated` (the context excluded)."""
+    capability 8.0 (Ampere) on, fp16 below. All of `memory` is the plan's (no other process is assumed); the
+    planner's CUDA peaks count the context reserve and the fragmentation margin against it (edgecp/planner.py)."""
     total = parse_bytes(memory, what="GPU memory", flag="--gpu-memory")
     major, minor = parse_capability(capability)
     return DeviceInfo("cuda", int(total), major >= 8,
-                      f"a GPU with {fmt_bytes(total)}, compute capability {major}.{minor} (given)")
+                      f"a GPU with {fmt_bytes(total)}, compute capability {major}.{minor} (given)", card=int(total))
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Native bf16 on a CUDA device: compute capability 8.0 (Ampere) and above.
+
+    Not `torch.cuda.is_bf16_supported()`: its default `including_emulation=True` answers True on 7.x cards (T4,
+    V100, RTX 20xx), which emulate bf16 without tensor cores; there the planner must pick fp16 (with loss scaling).
+    `device` keeps its index: cuda:1 asks about GPU 1."""
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def device_info(device: torch.device) -> DeviceInfo:
-    """The memory the process may use on `device` and whether it computes bf16 natively."""
+    """The memory the process may use on `device` and whether it computes bf16 natively.
+
+    A present GPU (`device` with its index, e.g. cuda:1): usable = free now (`torch.cuda.mem_get_info`: other
+    processes and this process's context already subtracted) + what this process's allocator holds and can reuse
+    (`memory_reserved`). Not the card's total: other programs' memory is not ours to plan with."""
     if device.type == "cuda":
         if not torch.cuda.is_available():  # get_device_properties would raise an AssertionError
             raise EdgecpError(_no_cuda())
         props = torch.cuda.get_device_properties(device)
-        return DeviceInfo("cuda", int(props.total_memory), torch.cuda.is_bf16_supported(), props.name)
+        free, card = torch.cuda.mem_get_info(device)
+        usable = int(free) + int(torch.cuda.memory_reserved(device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DeviceInfo("cuda", usable, cuda_bf16(device),
+                          f"{props.name} (cuda:{index}), {fmt_bytes(usable)} usable of {fmt_bytes(card)}",
+                          card=int(card))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:  # a container's limit, where there is one
         limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
@@ -94,17 +123,19 @@ def device_info(device: torch.device) -> DeviceInfo:
 
 def runtime_rss() -> int:
     """Resident bytes of this process once the model stack is imported (the planner's runtime term on the CPU):
-    measured rather than assumed, since it differs between environments by 0.1 GB and more."""
-    import diffusers  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel  # noqa: F401
+    measured rather than assumed, since it differs between environments by 0.1 GB and more. The imports log
+    notices (torchao, bitsandbytes through peft): kept quiet for their duration only."""
+    with quiet_libraries():
+        import diffusers  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
 
-    try:  # diffusers imports it when installed, and 16/8-bit plans use it
-        import torchao  # noqa: F401
-    except ImportError:
-        pass
+        try:  # diffusers imports it when installed, and 16/8-bit plans use it
+            import torchao  # noqa: F401
+        except ImportError:
+            pass
     return current_rss()
 
 
@@ -133,6 +164,7 @@ class PeakMeter:
         self.device = device
         self.interval = interval
         self.phases: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}  # CUDA: max_memory_reserved per phase (allocated + the cache's slack)
         self.phase = "start"
         self._stop = threading.Event()
         self._thread = None
@@ -158,6 +190,8 @@ class PeakMeter:
             return
         if self.cuda:
             self.phases[self.phase] = max(self.phases.get(self.phase, 0), torch.cuda.max_memory_allocated(self.device))
+            self.reserved[self.phase] = max(self.reserved.get(self.phase, 0),
+                                            torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
         self.phase = phase
 
@@ -203,11 +237,9 @@ def compact_allocator():
 
 
 def release_memory(device: torch.device) -> None:
-    """Give freed memory back (after the VAE or text encoder is dropped)."""
-    import gc
-
+    """Give freed memory back (after the VAE or text encoder is dropped, after a failed run)."""
     gc.collect()
-    if device.type == "cuda":
+    if device.type == "cuda" or torch.cuda.is_initialized():  # CUDA in use in this process
         torch.cuda.empty_cache()
     else:
         libc = _libc()
@@ -215,13 +247,34 @@ def release_memory(device: torch.device) -> None:
             libc.malloc_trim(0)
 
 
+# cuBLAS and cuDNN report a failed allocation of their own workspace or handle as a RuntimeError naming their status
+# ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", cuDNN 8's CUDNN_STATUS_ALLOC_FAILED,
+# cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED / ..._DEVICE_ALLOCATION_FAILED); not a
+# torch.OutOfMemoryError, yet the same cause and the same remedy.
+LIBRARY_OOM = re.compile(r"(CUBLAS|CUDNN)_STATUS_\w*(ALLOC_FAILED|ALLOCATION_FAILED|NOT_ALLOCATED)")
+
+
 def is_oom(e: BaseException) -> bool:
-    """An out-of-memory error from CUDA or from the CPU allocator."""
+    """An out-of-memory error from CUDA (the caching allocator, cuBLAS, cuDNN) or from the CPU allocator."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                             or "DefaultCPUAllocator" in text)
+                                             or "DefaultCPUAllocator" in text or LIBRARY_OOM.search(text) is not None)
+
+
+def forget_failure(e: BaseException) -> None:
+    """Let go of everything a failed run still holds through its exception: the locals of every frame of its
+    traceback (the model, the optimizer, the activations of the step that failed), also those of the exceptions it
+    was raised from or during. Call it inside the `except` block, then raise the user's error after the block
+    (an error raised inside it would keep `e` as its __context__) and call `release_memory`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+            e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 def training_workload(method, shape, train_cfg, resolution: int, n_previous: int, n_images: int,

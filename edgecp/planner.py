@@ -22,6 +22,36 @@ times latent area at that level). Without checkpointing a row keeps ACT_FULL * U
 checkpointing it keeps ACT_SAVED * U plus one block's recomputation, ACT_BLOCK * max_l(C_l h_l^2). The coefficients
 were fitted on measured peaks (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory.md) and are checked
 against the tiny base by tests/test_planner.py.
+
+On CUDA (issue 22) the peak is what the process holds on the GPU, not only `torch.cuda.max_memory_allocated`:
+    peak(phase) = allocated(phase) + bitsandbytes retained inputs(phase) + fragmentation margin + context reserve
+named terms that `Plan.cuda_terms` keeps per phase and `edgecp plan` prints (`cuda_term_names`):
+- **context reserve** `CUDA_CONTEXT` = 0.5 GB: the CUDA context with cuBLAS/cuDNN handles and the kernels loaded
+  lazily, outside the allocator's counters. Our number, not measured here (no GPU was lent): 0.3-0.5 GB with
+  CUDA's lazy module loading (the default since CUDA 11.7/12), 0.7-0.8 GB without it (PyTorch forum answers,
+  "What is the reason for pytorch's GPU memory floor", "High gpu memory overhead"); we take the top of the lazy range.
+- **fragmentation margin** `CUDA_FRAGMENTATION` = 10% of the allocator's peak (allocated + retained): what the
+  caching allocator reserves beyond what is allocated (memory_reserved - memory_allocated). It rounds large blocks
+  up to 2 MiB and serves requests under 10 MiB from 20 MiB segments (c10/cuda/CUDACachingAllocator.cpp:
+  kRoundLarge, kLargeBuffer, kMinLargeAlloc), and freed blocks of other sizes cannot always be reused ("When does
+  fragmentation occur in the CUDA caching allocator?", PyTorch devlog). 10% is our choice, not measured here;
+  `PeakMeter` records max_memory_reserved beside max_memory_allocated so that the first GPU run can check it.
+- **bitsandbytes retained inputs** (int8 plans with the bitsandbytes backend): `MatMul8bitLt.forward` keeps
+  `ctx.tensors = (CAt, subA, A)` as plain attributes of the autograd context whenever its input needs a gradient
+  (bitsandbytes 0.50.2, `bitsandbytes/autograd/_functions.py` lines 186-187, read in `backward` at line 208);
+  `ctx.save_for_backward` is not used for them, so gradient checkpointing (whose saved-tensor hooks free and
+  recompute what `save_for_backward` saved) cannot free them: every 8-bit Linear whose input needs a gradient keeps
+  that input alive until backward. CAt is None for a frozen weight (line 135: only when the weight needs a gradient)
+  and subA holds the outlier columns only, so the term is A, the inputs themselves (`_bnb_retained`). Observed on
+  the CPU with `MatMul8bitLt` (tests/test_gpu_plumbing.py): its input outlives a checkpointed forward, an
+  nn.Linear's does not.
+- host-side loading transients (the 64 MB streaming batch, a single file's fp32 pipeline) are in host memory and
+  are not counted against the GPU; bitsandbytes quantizes each Linear from an fp16 copy on the GPU (one at a time).
+- the device's memory is the card's total for a GPU given by `--gpu-memory`, and what is free now
+  (`torch.cuda.mem_get_info`) plus what this process's allocator already holds on a present GPU: other processes
+  count. mem_get_info makes this process's context first, so on a present GPU the context reserve is counted twice
+  (our choice, on the safe side: lazily loaded kernels grow the context during the run).
+The activation coefficients are the CPU's (fitted on the CPU's resident set); they were not measured on a GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +71,10 @@ ACT_INFER = 6.0  # no grad: live values per C*h^2 of the largest level (sampling
 VAE_DECODE = 24.0  # VAE decoder, per pixel-channel of its first (widest, full-resolution) level, fp32
 VAE_ENCODE = 12.0
 RUNTIME_CPU = 0.50 * GB  # python + torch + diffusers + transformers + peft resident (measured)
-RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context
+RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context: a named term instead
+CUDA_CONTEXT = 0.5 * GB  # context reserve (module docstring: our number, not measured here)
+CUDA_FRAGMENTATION = 0.10  # fragmentation margin, share of the allocator's peak (module docstring)
+CUDA_TERMS = ("context_reserve", "fragmentation_margin", "bitsandbytes_retained_inputs")
 CPU_SLACK = 1.0  # allocator fragmentation on glibc: within the fitted coefficients (measured)
 STREAM_TRANSIENT = 64 * 2**20  # model/quant.STREAM_BATCH_BYTES
 
@@ -116,16 +149,22 @@ class UNetShape:
     attention_levels: tuple[bool, ...]  # does level l have transformer blocks
     in_channels: int = 4
     sample_size: int = 64
+    linear_projection: bool = False  # Transformer2DModel's proj_in/proj_out are Linear (SD 2.x), not 1x1 convs
+    transformer_layers: int = 1  # BasicTransformerBlocks per Transformer2DModel (the largest, where it varies)
 
     @classmethod
     def from_config(cls, cfg: dict) -> UNetShape:
         lpb = cfg.get("layers_per_block", 2)
+        tl = cfg.get("transformer_layers_per_block", 1) or 1
+        tl = tl if isinstance(tl, int) else max(x if isinstance(x, int) else max(x) for x in tl)
         return cls(
             block_out_channels=tuple(cfg["block_out_channels"]),
             layers_per_block=lpb if isinstance(lpb, int) else max(lpb),
             attention_levels=tuple("CrossAttn" in t for t in cfg["down_block_types"]),
             in_channels=cfg.get("in_channels", 4),
             sample_size=cfg.get("sample_size") or 64,
+            linear_projection=bool(cfg.get("use_linear_projection", False)),
+            transformer_layers=int(tl),
         )
 
     def units(self, latent: int) -> tuple[float, float, float]:
@@ -145,6 +184,19 @@ class UNetShape:
                 u_attn += area
                 biggest = max(biggest, area)
         return u_res, u_attn, biggest or max(c * max(1, latent // 2**i) ** 2 for i, c in enumerate(self.block_out_channels))
+
+    def transformer_blocks(self, latent: int) -> list[tuple[int, int, int]]:
+        """(channels C, tokens h^2, BasicTransformerBlocks) per UNet level with attention, as `units` counts them:
+        layers_per_block down and layers_per_block + 1 up per attention level, the mid block at the last level."""
+        out = []
+        last = len(self.block_out_channels) - 1
+        for level, c in enumerate(self.block_out_channels):
+            h = max(1, latent // 2**level)
+            n = (2 * self.layers_per_block + 1) if self.attention_levels[level] else 0
+            n += 1 if level == last else 0
+            if n:
+                out.append((c, h * h, n * self.transformer_layers))
+        return out
 
 
 @dataclass(frozen=True)
@@ -174,9 +226,10 @@ class BaseShape:
 class DeviceInfo:
     kind: str  # cpu | cuda
     total: int  # bytes the process may use (CPU: physical RAM; CUDA: the card)
-    bf16: bool  # native bf16 (CPU: AVX512-BF16/AMX; CUDA: compute capability >= 8)
+    bf16: bool  # native bf16 (CPU: AVX512-BF16/AMX; CUDA: compute capability >= 8, not emulated)
     name: str = ""
     runtime: int = 0  # CPU: resident bytes of the process with its libraries imported (0: RUNTIME_CPU)
+    card: int = 0  # CUDA: the card's total memory (`total` is what is usable: free + held, or the given size)
 
 
 @dataclass(frozen=True)
@@ -211,15 +264,23 @@ class Plan:
     budget: int | None = None
     predicted: dict = field(default_factory=dict)  # phase -> bytes
     purpose: str = "train"  # train | generate (micro_batch is then the images per UNet call)
+    cuda_terms: dict = field(default_factory=dict)  # CUDA: phase -> {term: bytes} within `predicted` (CUDA_TERMS)
 
     @property
     def peak(self) -> int:
         return max(self.predicted.values()) if self.predicted else 0
 
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 compute trains with loss scaling (edgecp/scaling.py); bf16 and fp32 need none."""
+        return self.compute == "fp16"
+
     def line(self) -> str:
         w = {"fp32": "fp32 base", "bf16": "bf16 base", "fp16": "fp16 base"}.get(self.weights)
         w = w or f"8-bit base ({self.backend}; convs/norms {self.compute}, adapted layers fp32)"
         parts = [w, f"{self.compute} autocast" if self.compute != "fp32" else "no autocast"]
+        if self.loss_scaling and self.purpose != "generate":
+            parts.append("loss scaling")
         if self.purpose == "generate":
             parts += [f"{self.micro_batch} image(s) per call", "VAE slicing" if self.vae_slicing else "", "SDPA"]
         else:
@@ -233,6 +294,7 @@ class Plan:
     def to_json(self) -> dict:
         d = asdict(self)
         d["peak"] = self.peak
+        d["loss_scaling"] = self.loss_scaling
         return d
 
     @property
@@ -270,22 +332,76 @@ def _runtime(device: DeviceInfo) -> float:
     return RUNTIME_CUDA
 
 
+def _bnb_retained(shape: BaseShape, latent: int, rows: int, compute: str, ckpt: bool) -> float:
+    """Bytes of the inputs that bitsandbytes' `MatMul8bitLt` keeps until backward (module docstring): the inputs of
+    the 8-bit Linears of every BasicTransformerBlock, per token of a row, in the dtype they arrive in under CUDA
+    autocast:
+    - attn1.to_q/k/v (one tensor, the three share it), attn2.to_q and ff.net.0.proj take LayerNorm outputs: fp32
+      (layer_norm is on autocast's fp32 list), 3 x 4 C bytes;
+    - attn1.to_out and attn2.to_out take the attention outputs, in the compute dtype (scaled_dot_product_attention
+      is on autocast's 16-bit list), 2 x 2 C bytes. Without checkpointing SDPA saves its output for its own
+      backward anyway, so they are counted with checkpointing only;
+    - ff.net.2 takes GEGLU's output, 4 C values in fp32 (bitsandbytes returns its input's dtype, here fp32), 16 C;
+    - with linear projections (SD 2.x) proj_in and proj_out take fp32 inputs (GroupNorm's output, the residual
+      sum): 2 x 4 C bytes per Transformer2DModel.
+    Our choice: every block counts, the first one's attn1/attn2.to_q inputs included although they need no gradient
+    with the default targets (cross-attention K/V): an upper bound by at most 3 x 4 C bytes per token of one block.
+    attn2.to_k/to_v are adapter targets and stay full precision (no 8-bit layer)."""
+    b = _bytes(compute)
+    total = 0.0
+    for c, tokens, blocks in shape.unet.transformer_blocks(latent):
+        per_token = 3 * 4 * c + (2 * b * c if ckpt else 0) + 4 * 4 * c
+        total += blocks * tokens * per_token
+        if shape.unet.linear_projection:
+            total += (blocks // shape.unet.transformer_layers) * tokens * 2 * 4 * c
+    return rows * total
+
+
+def _with_cuda_terms(device: DeviceInfo, allocated: dict[str, float], retained: dict[str, float]):
+    """(predicted, cuda_terms): on CUDA each phase's allocator bytes plus the named terms (module docstring)."""
+    if device.kind != "cuda":
+        return {k: int(v * CPU_SLACK) for k, v in allocated.items()}, {}
+    predicted, terms = {}, {}
+    for phase, alloc in allocated.items():
+        kept = retained.get(phase, 0.0)
+        t = {"context_reserve": int(CUDA_CONTEXT), "fragmentation_margin": int(CUDA_FRAGMENTATION * (alloc + kept)),
+             "bitsandbytes_retained_inputs": int(kept)}
+        terms[phase] = t
+        predicted[phase] = int(alloc) + sum(t.values())
+    return predicted, terms
+
+
 def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan: Plan) -> dict[str, int]:
-    """Predicted peak bytes of each add-concept phase under `plan` (CPU: resident set; CUDA: allocated)."""
+    """Predicted peak bytes of each add-concept phase under `plan` (CPU: resident set; CUDA: the process's GPU
+    memory, the named terms of `predict_training_terms` included)."""
+    return predict_training_terms(shape, work, device, plan)[0]
+
+
+def _load_transient(shape: BaseShape, device: DeviceInfo, plan: Plan) -> float:
+    """Bytes in flight while the base loads, counted on the device whose memory is planned."""
+    if device.kind == "cuda":  # the streaming batch and a single file's fp32 pipeline stay in host memory
+        return 2.0 * shape.largest_tensor if plan.weights == "int8" else 0.0  # bitsandbytes' fp16 copy, one layer
+    transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
+    if shape.single_file:  # from_single_file materialises the fp32 pipeline before it is converted
+        transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
+    return transient
+
+
+def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
+                           plan: Plan) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(predicted peak per phase, CUDA terms per phase ({} on the CPU)) of add-concept under `plan`."""
     latent = work.resolution // shape.vae_scale
     cbytes = _bytes(plan.compute)
     unet = unet_weight_bytes(shape, plan.weights, plan.compute)
     text = (4 if plan.weights == "fp32" else cbytes) * shape.text
     vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
     runtime = _runtime(device)
-    slack = CPU_SLACK if device.kind == "cpu" else 1.0
     # trainable state: fp32 master + grad + two AdamW moments
     state = 16.0 * (work.adapter_params + work.base_params_trained)
     out: dict[str, float] = {}
-    transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
-    if shape.single_file:  # from_single_file materialises the fp32 pipeline before it is converted
-        transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
-    out["load"] = runtime + unet + text + vae + transient
+    retained: dict[str, float] = {}
+    bnb = device.kind == "cuda" and plan.weights == "int8" and plan.backend == "bitsandbytes"
+    out["load"] = runtime + unet + text + vae + _load_transient(shape, device, plan)
     vae_px = shape.vae_channels[0] * work.resolution**2
     if work.priors_to_generate:
         sample_rows = 2 * min(plan.micro_batch, work.priors_to_generate)  # guidance doubles the rows
@@ -297,6 +413,8 @@ def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan:
     train_rows = work.phase_rows.get("train", 2) * plan.micro_batch
     out["train"] = runtime + resident + state + _activation_bytes(shape, latent, train_rows, plan.gradient_checkpointing,
                                                                   plan.compute)
+    if bnb:
+        retained["train"] = _bnb_retained(shape, latent, train_rows, plan.compute, plan.gradient_checkpointing)
     consolidate_resident = unet + (0 if plan.offload else text + vae)
     for phase in ("fisher", "dsc"):
         per_image = work.phase_rows.get(phase)
@@ -306,26 +424,29 @@ def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan:
         extra = 4.0 * 2 * work.adapter_params if phase == "fisher" else state  # accumulator + grads / optimizer
         out[phase] = runtime + consolidate_resident + extra + _activation_bytes(
             shape, latent, rows, plan.gradient_checkpointing, plan.compute)
-    return {k: int(v * slack) for k, v in out.items()}
+        if bnb:
+            retained[phase] = _bnb_retained(shape, latent, rows, plan.compute, plan.gradient_checkpointing)
+    return _with_cuda_terms(device, out, retained)
 
 
 def predict_generation(shape: BaseShape, resolution: int, batch: int, device: DeviceInfo, plan: Plan) -> dict[str, int]:
+    return predict_generation_terms(shape, resolution, batch, device, plan)[0]
+
+
+def predict_generation_terms(shape: BaseShape, resolution: int, batch: int, device: DeviceInfo, plan: Plan):
+    """(predicted peak per phase, CUDA terms per phase) of generation under `plan` (no gradient: nothing retained)."""
     latent = resolution // shape.vae_scale
     unet = unet_weight_bytes(shape, plan.weights, plan.compute)
     text = (4 if plan.weights == "fp32" else _bytes(plan.compute)) * shape.text
     vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
     runtime = _runtime(device)
-    slack = CPU_SLACK if device.kind == "cpu" else 1.0
-    transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
-    if shape.single_file:
-        transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
     vae_px = shape.vae_channels[0] * resolution**2
     out = {
-        "load": runtime + unet + text + vae + transient,
+        "load": runtime + unet + text + vae + _load_transient(shape, device, plan),
         "sample": runtime + unet + text + vae + _activation_bytes(shape, latent, 2 * batch, False, plan.compute, grad=False),
         "decode": runtime + unet + text + vae + VAE_DECODE * vae_px * (1 if plan.vae_slicing else batch),
     }
-    return {k: int(v * slack) for k, v in out.items()}
+    return _with_cuda_terms(device, out, {})
 
 
 # -- enumeration ---------------------------------------------------------------------------------------------------
@@ -372,7 +493,7 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
     `force` pins plan fields (e.g. {"weights": "int8"}) for measurements. Raises EdgecpError naming the smallest
     budget that would work when none fits.
     """
-    limit = HEADROOM * (budget or device.total)
+    limit = HEADROOM * _capacity(device, budget)
     valid = {f for f in Plan.__dataclass_fields__}
     for key in force or {}:
         if key not in valid:
@@ -382,7 +503,8 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
     for speed, plan in _candidates(shape, work, device, force or {}):
         if force and any(getattr(plan, k) != v for k, v in force.items()):
             continue
-        plan = replace(plan, budget=budget, predicted=predict_training(shape, work, device, plan))
+        predicted, terms = predict_training_terms(shape, work, device, plan)
+        plan = replace(plan, budget=budget, predicted=predicted, cuda_terms=terms)
         if smallest is None or plan.peak < smallest.peak:
             smallest = plan
         if plan.peak <= limit and (best is None or speed < best[0]):
@@ -391,7 +513,7 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
         if smallest is None:
             raise EdgecpError(f"no plan matches --plan {force}: micro_batch must divide the batch size "
                               f"{work.batch_size}, backend needs weights=int8; drop or change the setting")
-        what = f"--memory-budget {fmt_bytes(budget)}" if budget else f"this {device.kind}'s {fmt_bytes(device.total)}"
+        what = _limit_name(device, budget)
         raise EdgecpError(
             f"{what} is below the smallest plan for {work.resolution} px ({fmt_bytes(smallest.peak)} with "
             f"{smallest.weights} weights, micro-batch {smallest.micro_batch}, DC chunk {smallest.dc_chunk}): "
@@ -401,14 +523,30 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
     return best[1]
 
 
+def _capacity(device: DeviceInfo, budget: int | None) -> float:
+    """The bytes a plan may use: the budget, else the device's memory; on CUDA never more than the GPU has
+    (usable: free + held on a present GPU, the given size otherwise), whatever the budget says."""
+    if budget is None:
+        return device.total
+    return min(budget, device.total) if device.kind == "cuda" else budget
+
+
+def _limit_name(device: DeviceInfo, budget: int | None) -> str:
+    if budget and (device.kind != "cuda" or budget <= device.total):
+        return f"--memory-budget {fmt_bytes(budget)}"
+    usable = " usable" if device.kind == "cuda" else ""
+    return f"this {device.kind}'s {fmt_bytes(device.total)}{usable}"
+
+
 def plan_generation(shape: BaseShape, resolution: int, n: int, device: DeviceInfo, budget: int | None = None) -> Plan:
     """The sampling plan: the fastest precision and the largest images-per-call (`micro_batch`) that fit."""
-    limit = HEADROOM * (budget or device.total)
+    limit = HEADROOM * _capacity(device, budget)
     best, smallest = None, None
     for weights, backend, compute in _precisions(shape, device):
         for batch in sorted({min(n, 4), *[b for b in (2, 1) if b < min(n, 4)]}, reverse=True):
             plan = Plan(device.kind, weights, backend, compute, False, batch, 1, 1, budget=budget, purpose="generate")
-            plan = replace(plan, predicted=predict_generation(shape, resolution, batch, device, plan))
+            predicted, terms = predict_generation_terms(shape, resolution, batch, device, plan)
+            plan = replace(plan, predicted=predicted, cuda_terms=terms)
             speed = _speed(device, shape, weights) * (1 + 0.05 * (4 // batch))
             if smallest is None or plan.peak < smallest[1].peak:
                 smallest = (batch, plan)

@@ -1,4 +1,20 @@
-"""The one training loop: `add_concept(store, name, images, ...)` learns a concept and commits a version."""
+"""The one training loop: `add_concept(store, name, images, ...)` learns a concept and commits a version.
+
+The GPU path (issue 22), each part proven on the CPU by tests/test_gpu_plumbing.py:
+- the device keeps its index everywhere it selects one (`cuda:1` loads, quantizes and trains on GPU 1; autocast
+  takes only the device's type, as it should);
+- fp16 plans train with loss scaling (`scaling.grad_scaler`: torch.amp.GradScaler; a step whose gradients are not
+  finite is skipped and the scale halved, as GradScaler does; the manifest records the skipped steps);
+- an out-of-memory error lets go of the failed run's model, optimizer and activations before the one-line error is
+  raised (outside the `except` block, so that it does not carry the failure as its context), and CUDA's cache is
+  emptied: a retry in the same process starts from a clean GPU;
+- bitsandbytes' and torchao's notices are quiet for the duration of `add_concept` only (`scoped.quiet_libraries`).
+- Determinism, our choice: nothing is set. The same seed gives the same result on the CPU (the tests and the
+  bench's resume and executor equality rely on it); on CUDA runs agree closely, not bit for bit (cuDNN picks its
+  convolution algorithms, TF32 convolutions in fp32 plans, atomic adds in backward kernels such as nearest
+  upsampling's). `torch.use_deterministic_algorithms(True)` would make those kernels raise or warn, and a
+  process-wide CUBLAS_WORKSPACE_CONFIG is not the library's to set; unverified without a GPU, so not claimed.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +39,15 @@ from edgecp.config import (
 )
 from edgecp.errors import EdgecpError
 from edgecp.images import given_files, load_square, purge_sources, validate_images
-from edgecp.memory import PeakMeter, device_info, is_oom, release_memory, resolve_device, training_workload
+from edgecp.memory import (
+    PeakMeter,
+    device_info,
+    forget_failure,
+    is_oom,
+    release_memory,
+    resolve_device,
+    training_workload,
+)
 from edgecp.methods import build_method
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.methods.phases import autocast, checkpointing, concept_texts
@@ -40,6 +64,8 @@ from edgecp.personal import TOKENS_FILE, encode_text, open_base, read_tensors
 from edgecp.planner import GB, DeviceInfo, Plan, fmt_bytes, parse_bytes, plan_training
 from edgecp.priors import ensure_priors, prior_key
 from edgecp.prompts import concept_prompt
+from edgecp.scaling import grad_scaler
+from edgecp.scoped import quiet_libraries
 from edgecp.store import Store, sha256_file
 
 
@@ -96,6 +122,7 @@ def denoise_loss(unet, scheduler, latents, text, generator, noise_t=None) -> tor
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
+@quiet_libraries()
 def add_concept(
     store_root: str | Path,
     name: str,
@@ -125,6 +152,10 @@ def add_concept(
     names the tensor and suggests a lower learning rate; the store is unchanged and the staged images are purged.
     `purge_source` deletes every file given (folders as listed now, copies and links included) whose bytes were
     learned, and reports each file kept and why (`images.purge_sources`).
+
+    After an out-of-memory error (CUDA's, cuBLAS's or cuDNN's allocation failures, the CPU allocator's) nothing of
+    the failed run stays alive in this process and CUDA's cache is emptied, so a retry with a smaller budget can run
+    at once; the error raised is an EdgecpError without the failure attached (its type is named in the message).
     """
     name = check_concept_name(name)
     store = Store.open(store_root)
@@ -149,15 +180,20 @@ def add_concept(
             with contextlib.suppress(Exception):
                 store.recover()
             raise
+        failed = None
         try:
             manifest = _learn(store, spec, name, sorted(staged.iterdir()), paths, (class_word, init_word), train_cfg,
                               dev, progress, plan)
         except Exception as e:
-            if is_oom(e):
-                raise EdgecpError(_oom_message(e, plan, dev)) from e
-            raise
+            if not is_oom(e):
+                raise
+            failed = type(e).__name__
+            forget_failure(e)  # the frames' locals: model, optimizer, activations
         finally:
             store.purge_staging(staged)
+        if failed is not None:  # raised here, not in the except block: no reference back to the failure
+            release_memory(dev)
+            raise EdgecpError(_oom_message(failed, plan, dev))
     if purge_source:  # what was and was not deleted (copies, links, hard links), for the CLI
         manifest["purged"] = purge_sources(given, {i["sha256"] for i in manifest["concepts"][-1]["images"]})
     return manifest
@@ -185,12 +221,13 @@ def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, 
     return plan_training(shape, work, info or device_info(device), budget, force)
 
 
-def _oom_message(e: BaseException, plan: Plan, device: torch.device) -> str:
+def _oom_message(error_type: str, plan: Plan, device: torch.device) -> str:
+    """The one line after an out-of-memory error (computed after the failed run's memory was released)."""
     free = device_info(device).total
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
     suggest = min(0.8 * plan.peak, 0.9 * free) / GB
-    return (f"ran out of {device.type} memory while learning ({type(e).__name__}; the plan predicted "
+    return (f"ran out of {device.type} memory while learning ({error_type}; the plan predicted "
             f"{fmt_bytes(plan.peak)}): the store is unchanged and the staged images were purged; "
             f"retry with --memory-budget {suggest:.1f}GB, or free memory held by other programs")
 
@@ -206,7 +243,7 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
 
         emit("load", 0, 1)
         precision = replace(plan.precision, keep=method.keep_full_precision())
-        comps = load_planned(spec, precision, device.type)
+        comps = load_planned(spec, precision, device)  # the full device: cuda:1 quantizes on GPU 1
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)
         emit("load", 1, 1)
@@ -279,8 +316,11 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
                                         ("dsc", ctx.extra.get("dsc_seconds_per_iter"))) if v is not None},
         "memory": {"plan": plan.to_json(), "predicted_peak": plan.peak, "measured_peak": meter.peak,
                    "measured_phases": dict(meter.phases), "device": device.type,
-                   "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS"},
+                   "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
+                   **({"measured_reserved_phases": dict(meter.reserved)} if meter.reserved else {})},
     }
+    if "loss_scale" in ctx.extra:  # fp16 plans: GradScaler's final scale and the steps it skipped
+        entry["loss_scaling"] = ctx.extra["loss_scale"]
     unet_params = sum(p.numel() for n, p in comps.unet.named_parameters() if "lora_" not in n and "vera_" not in n)
     manifest = {
         "concepts": previous + [entry], "method": method_info,
@@ -315,6 +355,8 @@ class Trainer:
         comps.unet.train()
         comps.text_encoder.train(ctx.token_row is not None)
         self.opt = torch.optim.AdamW(method.param_groups(ctx), weight_decay=1e-2)
+        self.scaler = grad_scaler(ctx.plan, ctx.device)  # fp16 plans only (edgecp/scaling.py)
+        self.skipped = 0  # optimizer steps GradScaler skipped (inf/NaN gradients)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.index)
         with torch.no_grad(), autocast(ctx):
             self.prior_text = encode_text(comps, [ctx.prior_prompt], ctx.device)
@@ -342,9 +384,16 @@ class Trainer:
                     pen = self.method.penalty(ctx)
                     if pen is not None:
                         loss = loss + pen
-                (loss / cfg.grad_accum).backward()
+                part = loss / cfg.grad_accum
+                (part if self.scaler is None else self.scaler.scale(part)).backward()
                 total += loss.item() / cfg.grad_accum
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:  # unscale in fp32, skip the step when a gradient is inf/NaN, then adapt the scale
+            before = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.skipped += self.scaler.get_scale() < before  # the scale shrinks exactly when the step was skipped
         self.opt.zero_grad(set_to_none=True)
         return total
 
@@ -387,6 +436,8 @@ def _train_loop(ctx: TaskContext, method, emit) -> list[float]:
         losses.append(round(loss, 6))
         emit("train", step + 1, ctx.train.steps, loss)
     ctx.extra["train_seconds"] = time.perf_counter() - t0
+    if trainer.scaler is not None:
+        ctx.extra["loss_scale"] = {"final_scale": trainer.scaler.get_scale(), "skipped_steps": trainer.skipped}
     trainer.close()
     return losses
 

@@ -80,12 +80,14 @@ def test_weight_bytes_by_precision():
     (CPU_BF16, None, lora_work(), {"weights": "bf16", "gradient_checkpointing": False}),
     (CPU_OLD, None, lora_work(), {"weights": "fp32"}),
     (T4, None, lora_work(512), {"weights": "fp16", "compute": "fp16"}),
-    # tight budgets: 8-bit weights, checkpointing, small DC chunks
-    (RTX_8GB, 3.5 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True}),
-    (RTX_8GB, 3.3 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
+    # tight budgets: 8-bit weights, checkpointing, small DC chunks. On CUDA (issue 22) the peak counts the context
+    # reserve, the fragmentation margin and bitsandbytes' retained inputs: at 512 px the retained inputs (0.37 GB a
+    # row) outweigh what 8-bit weights save, so a tight 512 px budget takes 16-bit weights; 8-bit wins at 256 px
+    (RTX_8GB, 4.6 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"gradient_checkpointing": True, "weights": "bf16"}),
+    (RTX_8GB, 3.3 * GB, lora_work(256, phase_rows=DSC_EWC_DC), {"weights": "int8", "backend": "bitsandbytes",
                                                                 "gradient_checkpointing": True}),
     (CPU_BF16, 3 * GB, lora_work(256), {"weights": "int8", "backend": "torchao"}),
-    (T4, 4 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"compute": "fp16"}),
+    (T4, 4.6 * GB, lora_work(512, phase_rows=DSC_EWC_DC), {"compute": "fp16"}),
 ])
 def test_plan_table(device, budget, work, expect):
     plan = plan_training(SD15, work, device, budget)
@@ -103,7 +105,7 @@ def test_small_unet_stays_fp32_on_cpu():
 def test_tighter_budget_never_predicts_more_and_is_never_faster():
     work = lora_work(512, batch=2, accum=4, phase_rows=DSC_EWC_DC)
     peaks = []
-    for gb in (12, 8, 6, 4, 3, 2.5):
+    for gb in (12, 8, 6, 5, 4.5, 4):
         try:
             peaks.append(plan_training(SD15, work, RTX_8GB if gb <= 8 else DeviceInfo("cuda", 24 * GB, True), gb * GB).peak)
         except EdgecpError:
@@ -114,7 +116,7 @@ def test_tighter_budget_never_predicts_more_and_is_never_faster():
 
 def test_chunk_and_micro_batch_shrink_the_consolidation_peak():
     work = lora_work(512, batch=2, phase_rows=DSC_EWC_DC)
-    plan = plan_training(SD15, work, RTX_8GB, 3.3 * GB)
+    plan = plan_training(SD15, work, RTX_8GB, 4.6 * GB)
     assert plan.dc_chunk < 5 * 2  # the 10 Fisher rows do not run at once
     full = dataclasses.replace(plan, dc_chunk=10, micro_batch=2, grad_accum=8)
     assert predict_training(SD15, work, RTX_8GB, full)["fisher"] > plan.predicted["fisher"]
