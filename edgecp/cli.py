@@ -586,20 +586,22 @@ def _free(path: Path) -> str:
 
 
 def os_error_line(e: OSError) -> str | None:
-    """One line for an OSError that names a path (None: leave the traceback). Generic, and honest about what is
+    """One line for an OSError that names a path, or a full disk (None: leave the traceback). Generic, and honest about what is
     known: the path from e.filename, the store that holds it, the free space left; a write is atomic in edgecp
     (a version is renamed into place, an export too), so a failed command leaves the store at its last commit."""
     name = e.filename if e.filename is not None else e.filename2
+    why = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write() that fails names no file: the line still holds
+        what = "over its disk quota" if e.errno == errno.EDQUOT else "full"
+        where = f"'{Path(os.fsdecode(name))}'; {_free(Path(os.fsdecode(name)))}" if name is not None else \
+            "while writing"
+        return (f"the disk is {what} ({why}: {where}): nothing was committed and the store is at "
+                "its last committed version; free some space (a concept needs a few MB in the store, an export "
+                "about the size of the base) and retry")
     if name is None:
         return None
     path = Path(os.fsdecode(name))
-    why = e.strerror or type(e).__name__
     store = _store_of(path)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        what = "over its disk quota" if e.errno == errno.EDQUOT else "full"
-        return (f"the disk is {what} ({why}: '{path}'; {_free(path)}): nothing was committed and the store is at "
-                "its last committed version; free some space (a concept needs a few MB in the store, an export "
-                "about the size of the base) and retry")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         if store is not None:
             who = "" if e.errno == errno.EROFS else " for this user"

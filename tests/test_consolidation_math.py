@@ -115,8 +115,8 @@ def test_fisher_is_the_mean_squared_gradient_and_keeps_no_graph():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     acc = FisherAccumulator({"w": w})
     xs = [torch.tensor([1.0, 3.0]), torch.tensor([2.0, -1.0])]
-    for x in xs:
-        acc.add((w * x).sum() ** 2)  # grad = 2 (w.x) x
+    for x in xs:  # the phases hand in each iteration's gradients (dc_scores.dc_grad); grad = 2 (w.x) x
+        acc.add_grads(torch.autograd.grad((w * x).sum() ** 2, [w]))
     expected = sum((2 * (w.detach() @ x) * x) ** 2 for x in xs) / 2
     torch.testing.assert_close(acc.mean()["w"], expected)
     assert w.grad is None  # autograd.grad: nothing accumulated on the parameter

@@ -277,6 +277,41 @@ def test_scaled_grad_for_fisher_and_dsc_recovers_the_fp32_gradient():
     assert all(_rel(g, r) < 0.01 for g, r in zip(got2, ref))
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_dc_grad_of_the_fisher_and_dsc_phases_is_loss_scaled(chunk):
+    """dc_scores.dc_grad, which the Fisher and DSC phases call, in one call (chunk None) and in chunks (the two-pass
+    gradient): with the fp16 plan's scale its gradients match fp32; without, fp16 flushes the first layer to zero."""
+    from diffusers import DDPMScheduler
+
+    from edgecp.consolidation.dc_scores import dc_grad
+    from edgecp.model.tiny import SD_SCHEDULER_CONFIG
+
+    net = _conv_stack()
+    sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(1, 4, 64, 64, generator=gen)
+    text = torch.zeros(2, 1, 1)  # two "concepts"; the stand-in ignores the text
+    t = torch.tensor([10])
+    noise = torch.randn(1, 4, 64, 64, generator=gen)
+    params = list(net.parameters())
+
+    def predict(fp16):
+        def f(x, _t, _c):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                return net(x)
+        return f
+
+    def loss_fn(err, _eps):  # the untrained stand-in's error is ~100x a trained model's: scaled to that size
+        return err[:, 0].mean() / ACCUM / 100
+
+    _, ref = dc_grad(predict(False), sched, x0, text, t, noise, loss_fn, params, chunk=chunk)
+    _, plain = dc_grad(predict(True), sched, x0, text, t, noise, loss_fn, params, chunk=chunk)
+    _, got = dc_grad(predict(True), sched, x0, text, t, noise, loss_fn, params, chunk=chunk,
+                     scale=loss_scale(FP16_PLAN))
+    assert float((plain[0] == 0).float().mean()) > 0.99 and bool((got[0] != 0).all())
+    assert all(_rel(g, r) < 0.02 for g, r in zip(got, ref))
+
+
 def test_scaled_grad_retries_with_a_smaller_scale_on_overflow_and_is_exact_when_off():
     net = _conv_stack()
     x, target = _latent_case(net)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from edgecp.scaling import scaled_grad
+
 # (x_t, t, text) -> eps_hat, e.g. lambda x, t, c: unet(x, t, c).sample
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,8 +79,9 @@ LossOfScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (err (B, 
 
 def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: LossOfScores,
             params: list[torch.Tensor], chunk: int | None = None,
-            reduction: str = "mean") -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            reduction: str = "mean", scale=None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """(loss, d loss / d params) of `loss_fn` over the B*k rows, the UNet called `chunk` rows at a time.
+    `scale` (`scaling.LossScale`, fp16 plans) scales what flows back through the UNet and unscales it in fp32.
 
     With `chunk` >= B*k (or None) this is one call and `torch.autograd.grad`; otherwise the exact two-pass
     gradient of the module docstring.
@@ -88,7 +91,7 @@ def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: Los
     if not chunk or chunk >= n:
         err, eps_hat = dc_forward(predict, scheduler, x0, text, t, noise, reduction)
         loss = loss_fn(err, eps_hat)
-        return loss.detach(), list(torch.autograd.grad(loss, params, allow_unused=True))
+        return loss.detach(), list(scaled_grad(loss, params, scale, allow_unused=True))
     rows_x, rows_t, rows_c, target = _rows(scheduler, x0, text, t, noise)
     with torch.no_grad():  # pass 1: every row's prediction
         eps = torch.cat([predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
@@ -100,7 +103,7 @@ def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: Los
     grads: list[torch.Tensor | None] = [None] * len(params)
     for i in range(0, n, chunk):  # pass 2: each chunk with gradients, back-propagated with its slice
         out = predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
-        part = torch.autograd.grad(out, params, grad_outputs=g_rows[i:i + chunk], allow_unused=True)
+        part = scaled_grad(out, params, scale, grad_outputs=g_rows[i:i + chunk], allow_unused=True)
         grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, part)]
     return loss.detach(), grads
 

@@ -58,9 +58,6 @@ class FisherAccumulator:
         self.sum = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
         self.count = 0
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.add_grads(torch.autograd.grad(loss, list(self.params.values()), allow_unused=True))
-
     def add_grads(self, grads) -> None:
         """One iteration's gradients (in the order of `params`), e.g. from `dc_scores.dc_grad`."""
         for (k, _), g in zip(self.params.items(), grads):

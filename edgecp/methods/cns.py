@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from edgecp.consolidation.clora import occupied_norm, relative_penalty
+from edgecp.diffusion import denoise_loss
 from edgecp.methods.base import TaskContext
 from edgecp.methods.custom_diffusion import GENERAL_PROMPTS, CustomDiffusionSequential
 from edgecp.personal import encode_text
+from edgecp.scaling import loss_scale, scaled_grad
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,9 @@ def taylor_importance(ctx: TaskContext, params: dict[str, torch.nn.Parameter], l
                       batches: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """sum over batches of |W * dL/dW| for the denoising loss of `latents` under random prompts from `prompts`."""
     from edgecp.methods.phases import autocast
-    from edgecp.train import denoise_loss
 
     score = {k: torch.zeros_like(p) for k, p in params.items()}
+    scale = loss_scale(ctx.plan)  # fp16 plans: scaled, then unscaled in fp32 (scaling.scaled_grad)
     with torch.no_grad(), autocast(ctx):
         texts = encode_text(ctx.comps, prompts, ctx.device).float()
     for _ in range(batches):
@@ -65,7 +67,7 @@ def taylor_importance(ctx: TaskContext, params: dict[str, torch.nn.Parameter], l
         text = texts[torch.randint(len(prompts), (b,), generator=gen)]
         with autocast(ctx):  # the memory plan's precision (a no-op at fp32)
             loss = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, x0, text, gen).mean()
-        grads = torch.autograd.grad(loss, list(params.values()))
+        grads = scaled_grad(loss, list(params.values()), scale)
         for (k, p), g in zip(params.items(), grads):
             score[k] += (p.detach() * g).abs()
     return score
