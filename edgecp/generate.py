@@ -76,7 +76,7 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     from diffusers import StableDiffusionPipeline
 
     from edgecp.export.ort_runner import initial_latents
-    from edgecp.methods.phases import autocast_for
+    from edgecp.model.quant import autocast_for
 
     size = cfg.size or comps.resolution
     if size % comps.vae_scale:

@@ -13,7 +13,6 @@ runs in the process.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from edgecp.errors import EdgecpError
+from edgecp.heap import set_mmap_threshold, trim_heap
 from edgecp.planner import DeviceInfo, Workload, fmt_bytes, parse_bytes
 from edgecp.scoped import quiet_libraries
 
@@ -209,13 +209,6 @@ class PeakMeter:
         return measured if self.cuda else max(measured, max_rss())
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 @contextmanager
 def compact_allocator():
     """Large frees go back to the OS at once while the base is being converted (glibc only; else a no-op).
@@ -224,16 +217,12 @@ def compact_allocator():
     the heap and count in the peak (measured: 2.63 GB -> 2.23 GB peak for SD 1.5 at int8). We set the threshold to
     1 MiB for the load, then to glibc's own ceiling (32 MiB) so that training allocations stay fast.
     """
-    libc = _libc()
-    m_mmap_threshold = -3
-    if libc is not None:
-        libc.mallopt(m_mmap_threshold, 1 << 20)
+    set_mmap_threshold(1 << 20)
     try:
         yield
     finally:
-        if libc is not None:
-            libc.mallopt(m_mmap_threshold, 32 << 20)
-            libc.malloc_trim(0)
+        set_mmap_threshold(32 << 20)
+        trim_heap()
 
 
 def release_memory(device: torch.device) -> None:
@@ -242,9 +231,7 @@ def release_memory(device: torch.device) -> None:
     if device.type == "cuda" or torch.cuda.is_initialized():  # CUDA in use in this process
         torch.cuda.empty_cache()
     else:
-        libc = _libc()
-        if libc is not None:
-            libc.malloc_trim(0)
+        trim_heap()
 
 
 # cuBLAS and cuDNN report a failed allocation of their own workspace or handle as a RuntimeError naming their status

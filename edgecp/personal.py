@@ -77,10 +77,10 @@ class PersonalModel:
         if plan is None and not stream:
             comps = load_components(spec)
         else:
-            from edgecp.model.quant import Precision, load_planned
+            from edgecp.model.quant import Precision, load_planned, precision_of
 
             keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
-            precision = plan.precision if plan is not None else Precision("fp32")
+            precision = precision_of(plan) if plan is not None else Precision("fp32")
             comps = load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]

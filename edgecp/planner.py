@@ -297,11 +297,6 @@ class Plan:
         d["loss_scaling"] = self.loss_scaling
         return d
 
-    @property
-    def precision(self):
-        from edgecp.model.quant import Precision
-
-        return Precision(self.weights, self.backend, self.compute)
 
 
 # -- the peak model ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from edgecp.config import (
     AdapterConfig,
@@ -37,8 +36,9 @@ from edgecp.config import (
     stored_prior,
     to_dict,
 )
+from edgecp.diffusion import LatentSet, denoise_loss, draw_noise, encode_images  # noqa: F401 (public here too)
 from edgecp.errors import EdgecpError
-from edgecp.images import given_files, load_square, purge_sources, validate_images
+from edgecp.images import given_files, purge_sources, validate_images
 from edgecp.memory import (
     PeakMeter,
     device_info,
@@ -49,9 +49,9 @@ from edgecp.memory import (
     training_workload,
 )
 from edgecp.methods import build_method
-from edgecp.methods.base import LatentSet, TaskContext
+from edgecp.methods.base import TaskContext
 from edgecp.methods.phases import autocast, checkpointing, concept_texts
-from edgecp.model.quant import load_planned
+from edgecp.model.quant import load_planned, precision_of
 from edgecp.model.shape import base_shape
 from edgecp.model.tokens import (
     add_concept_token,
@@ -83,43 +83,6 @@ Progress = Callable[[ProgressEvent], None]
 def _emit(progress: Progress | None, phase: str, step: int, total: int, loss: float | None = None) -> None:
     if progress:
         progress(ProgressEvent(phase, step, total, loss))
-
-
-ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows; SD's encoder at 512 px
-# holds about 0.5 GB of activations per row, and encoding is once per task, so one at a time costs nothing that counts)
-
-
-@torch.no_grad()
-def encode_images(comps, paths: list[Path], size: int, device, flip: bool, chunk: int = ENCODE_CHUNK) -> LatentSet:
-    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`), `chunk` images per call."""
-    means, stds = [], []
-    for i in range(0, len(paths), chunk):
-        px = torch.stack([load_square(p, size) for p in paths[i:i + chunk]])
-        if flip:
-            px = torch.cat([px, px.flip(-1)])
-        dist = comps.vae.encode(px.to(device, comps.vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    if flip:  # the order of one call: every image, then every mirror image
-        means = [m[: len(m) // 2] for m in means] + [m[len(m) // 2:] for m in means]
-        stds = [s[: len(s) // 2] for s in stds] + [s[len(s) // 2:] for s in stds]
-    return LatentSet(torch.cat(means), torch.cat(stds), float(comps.vae.config.scaling_factor))
-
-
-def draw_noise(latents: torch.Tensor, scheduler, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, t) for every row: eps ~ N(0, I), t ~ U{0..T-1}, in this order from `generator`."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    return noise, t.to(latents.device)
-
-
-def denoise_loss(unet, scheduler, latents, text, generator, noise_t=None) -> torch.Tensor:
-    """Per-row epsilon-prediction MSE (B,) at a random timestep per row (the standard LDM objective)."""
-    noise, t = noise_t if noise_t is not None else draw_noise(latents, scheduler, generator)
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, text).sample
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 @quiet_libraries()
@@ -242,7 +205,7 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
             _emit(progress, phase, i, n, loss)
 
         emit("load", 0, 1)
-        precision = replace(plan.precision, keep=method.keep_full_precision())
+        precision = replace(precision_of(plan), keep=method.keep_full_precision())
         comps = load_planned(spec, precision, device)  # the full device: cuda:1 quantizes on GPU 1
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)

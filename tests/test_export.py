@@ -244,7 +244,7 @@ def test_staged_references_draw_generates_image_with_one_model_at_a_time(trained
     other two models hold no memory (parked: on the meta device)."""
     from edgecp.adapters import lora
     from edgecp.export import references
-    from edgecp.export.onnx_export import _parked
+    from edgecp.export.parking import parked
     from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel
     from edgecp.store import Store
@@ -257,7 +257,7 @@ def test_staged_references_draw_generates_image_with_one_model_at_a_time(trained
     jobs = [references.Job(prompt, 5, 3, 32), references.Job("a dog", 6, 2, 32)]
     references.encode(comps, jobs)
     devices = []
-    with _parked([comps.text_encoder, comps.vae], Path(str(trained_store) + "-parked")):
+    with parked([comps.text_encoder, comps.vae], Path(str(trained_store) + "-parked")):
         references.denoise(comps, jobs, lambda job, i, n: devices.append(
             (comps.text_encoder.device.type, comps.vae.device.type, comps.unet.device.type)))
     references.decode(comps, jobs)
@@ -434,7 +434,8 @@ def test_static_int8_qdq_parameters_match_a_hand_computation(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgecp.export.onnx_export import _to_int8_static, write_one_data_file
+    from edgecp.export.onnx_export import write_one_data_file
+    from edgecp.export.quantize import to_int8_static
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 0.1, 3, 0.5], np.float32)[:, None, None, None]
@@ -451,7 +452,7 @@ def test_static_int8_qdq_parameters_match_a_hand_computation(tmp_path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(raw / "model.onnx"),
                     save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
     feeds = [{"x": (rng.standard_normal((1, 3, 8, 8)) * s + 0.5).astype(np.float32)} for s in (0.5, 2.0, 1.0)]
-    info = _to_int8_static(raw / "model.onnx", tmp_path / "int8", True, feeds)
+    info = to_int8_static(raw / "model.onnx", tmp_path / "int8", True, feeds)
     assert info == {"quantization": "static", "calibration_samples": 3}
     assert sorted(f.name for f in (tmp_path / "int8").iterdir()) == ["model.onnx", "model.onnx_data"]
     q = onnx.load(str(tmp_path / "int8" / "model.onnx"))  # with its data
@@ -480,7 +481,7 @@ def test_parked_modules_hold_nothing_inside_and_everything_after(tmp_path):
     """The UNet's export runs with the other models parked on disk: inside, no tensor is in memory; after, each
     parameter and buffer (a non-persistent one too, which a state dict would drop) is back, and tied weights stay
     one tensor."""
-    from edgecp.export.onnx_export import _parked
+    from edgecp.export.parking import parked
 
     torch.manual_seed(0)
     a, b = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Linear(4, 6, bias=False)), torch.nn.Linear(3, 2)
@@ -488,7 +489,7 @@ def test_parked_modules_hold_nothing_inside_and_everything_after(tmp_path):
     a.register_buffer("scale", torch.randn(4), persistent=False)
     state = lambda: {n: t for m in (a, b) for n, t in [*m.named_parameters(remove_duplicate=False), *m.named_buffers()]}
     before = {n: t.clone() for n, t in state().items()}
-    with _parked([a, b], tmp_path / "parked"):
+    with parked([a, b], tmp_path / "parked"):
         assert all(t.is_meta for t in state().values())
     assert all(torch.equal(before[n], t) and not t.is_meta for n, t in state().items())
     assert a[1].weight is a[0].weight and len(list(a.parameters())) == 1

@@ -130,7 +130,8 @@ def main() -> None:
     import torch
 
     from edgecp.adapters import lora
-    from edgecp.export.onnx_export import dir_bytes, gate_prompt, psnr
+    from edgecp.export.external_data import dir_bytes
+    from edgecp.export.gates import gate_prompt, psnr
     from edgecp.export.ort_runner import OnnxStableDiffusion
     from edgecp.generate import GenerateConfig, torch_generate
     from edgecp.personal import PersonalModel

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgecp.export.onnx_export import psnr
+from edgecp.export.gates import psnr
 from edgecp.export.ort_runner import OnnxStableDiffusion
 
 MODELS = ("text_encoder", "unet", "vae_decoder")

@@ -57,11 +57,11 @@ def measure_run(run: Path, data: Path, trials: int, taus: list[float]) -> dict:
     from diffusers import DDPMScheduler
 
     from edgecp.adapters import lora
+    from edgecp.diffusion import encode_images
     from edgecp.methods.dsc import read_pool
     from edgecp.methods.phases import predictor
     from edgecp.personal import PersonalModel, encode_text
     from edgecp.store import Store
-    from edgecp.train import encode_images
 
     store = Store.open(run / "store")
     model = PersonalModel.load(store, device=torch.device("cpu"))

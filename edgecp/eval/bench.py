@@ -227,9 +227,9 @@ def dc_accuracy(model, store, seq, data: Path, trials: int, seed: int) -> float:
     from diffusers import DDPMScheduler
 
     from edgecp.consolidation.dc_scores import dc_forward, trial
+    from edgecp.diffusion import encode_images
     from edgecp.personal import encode_text
     from edgecp.prompts import expand
-    from edgecp.train import encode_images
 
     comps = model.comps
     sched = DDPMScheduler.from_config(comps.scheduler.config)

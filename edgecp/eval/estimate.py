@@ -61,7 +61,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     from edgecp.memory import device_info, training_workload
     from edgecp.methods.base import LatentSet, TaskContext
     from edgecp.model.base import resolve_base
-    from edgecp.model.quant import load_planned
+    from edgecp.model.quant import load_planned, precision_of
     from edgecp.model.shape import base_shape
     from edgecp.model.tokens import add_concept_token, concept_embedding, token_of, word_embedding
     from edgecp.personal import default_device
@@ -86,7 +86,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
 
     tick("load", 0, 1)
     t = time.perf_counter()
-    comps = load_planned(spec, replace(plan.precision, keep=method.keep_full_precision()), dev.type)
+    comps = load_planned(spec, replace(precision_of(plan), keep=method.keep_full_precision()), dev)
     for m in (comps.text_encoder, comps.vae, comps.unet):
         m.to(dev)
     t_load = time.perf_counter() - t
@@ -123,7 +123,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
         torch_generate(comps, "a photo", GenerateConfig(n=1, seed=0, steps=steps), dev, plan=plan)
         s_step = (time.perf_counter() - t) / steps
     return {"seconds_per_iteration": s_iter, "seconds_per_image_step": s_step, "seconds_per_load": t_load,
-            "device": str(dev), "base": base, "precision": plan.precision.weights, "batch_size": train.batch_size,
+            "device": str(dev), "base": base, "precision": plan.weights, "batch_size": train.batch_size,
             "grad_accum": accum, "iterations_timed": iterations, "resolution": resolution,
             "shape": shape}
 

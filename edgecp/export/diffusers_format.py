@@ -11,8 +11,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from safetensors.torch import save_file
+
+from edgecp import outputs
+from edgecp.adapters.lora import concat_loras, peft_config, with_rank
+from edgecp.config import AdapterConfig
 from edgecp.errors import DamagedStoreError, EdgecpError
-from edgecp.store import Store
+from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
+from edgecp.store import Store, check_plain_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights / load_lora_weights use
 
@@ -23,8 +32,6 @@ def concept_file_names(concepts: list[dict], where: str) -> list[str]:
     NUL, not hidden; `edgecp.store.check_plain_name`), so a hand-edited manifest (`../escaped`, `/abs/victim`) can
     never make the export write outside its folder. `where` names the manifest in the error (DamagedStoreError,
     exit 4). Two concepts of one name are damage too; a concept whose file would replace the LoRA's is refused."""
-    from edgecp.store import check_plain_name
-
     names = []
     for c in concepts:
         name = c.get("name") if isinstance(c, dict) else None
@@ -45,18 +52,9 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
     `out`. `out` is made absolute first; it may not be inside the store, nor an existing file, nor a non-empty
     folder unless `overwrite` (which replaces an earlier diffusers export: `edgecp.outputs.check_output_dir`). The
     files are written to a temporary folder beside `out` and renamed into place: a refusal leaves nothing."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import save_file
-
-    from edgecp.adapters.lora import peft_config
-    from edgecp.config import AdapterConfig
-    from edgecp.outputs import absolute, check_output_dir, put_in_place
-    from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
-
-    store = Store.open(absolute(store_root))
+    store = Store.open(outputs.absolute(store_root))
     version = store.check_version()
-    out = check_output_dir(out, store.root, overwrite=overwrite, kind="diffusers")
+    out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind="diffusers")
     adapter = effective_adapter(store, version)
     if adapter.kind == "vera":
         raise EdgecpError("--format diffusers exports LoRA; this store uses VeRA, which diffusers cannot load: use --format onnx")
@@ -66,8 +64,6 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
     state = read_tensors(vdir, ADAPTER_FILE)
     deltas = read_tensors(vdir, DELTA_FILE)
     if deltas:  # changed base tensors (merge & re-init, Custom Diffusion, CNS ...) as one exact LoRA
-        from edgecp.adapters.lora import concat_loras, with_rank
-
         if adapter.kind != "lora":
             adapter = AdapterConfig(kind="lora", rank=1, alpha=1.0, targets=adapter.targets)
         parts = ([state] if state else []) + [delta_to_lora(deltas, scaling=adapter.alpha / adapter.rank)]
@@ -89,7 +85,7 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
         for c, fname in zip(concepts, names):
             save_file({c["token"]: tokens[c["token"]].contiguous()}, str(tmp / fname))
             written.append(fname)
-        put_in_place(tmp, out)
+        outputs.put_in_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / f for f in written]
@@ -98,8 +94,6 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
 def delta_to_lora(deltas: dict, scaling: float, rtol: float = 1e-6) -> dict:
     """module.weight deltas (out, in) -> LoRA factors with scaling * B A == delta, all at one rank (the largest
     numerical rank among the modules; smaller ones are zero-padded). Exact up to `rtol` of the top singular value."""
-    import torch
-
     factors, rank = {}, 1
     for key, d in deltas.items():
         u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)

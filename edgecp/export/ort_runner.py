@@ -15,7 +15,7 @@ onnxruntime, tokenizers, PIL and the stdlib: it is what runs on the device.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import functools
 import json
 import mmap
@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import _pybind_state
 from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
+from edgecp.export.step_graph import STEP_GRAPH
+from edgecp.heap import trim_heap
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
@@ -89,6 +92,38 @@ def available_providers(wanted: Sequence[str]) -> list[str]:
     """The providers of ``wanted`` (in its order) that this onnxruntime has; the CPU when it has none of them."""
     have = set(ort.get_available_providers())
     return [p for p in wanted if p in have] or ["CPUExecutionProvider"]
+
+
+ONNXRUNTIME_DEFAULT_SEVERITY = 2  # warnings: onnxruntime's default logger severity
+_severity = [ONNXRUNTIME_DEFAULT_SEVERITY]  # the level the last `log_severity` set, where onnxruntime has no getter
+
+
+@contextlib.contextmanager
+def log_severity(level: int):
+    """onnxruntime's default logger at `level` (4: fatal only) inside the block, then the level it found. onnxruntime
+    has a setter but (up to 1.32 at least) no getter: where `get_default_logger_severity` is missing, the level found
+    is the one the enclosing `log_severity` block set, else onnxruntime's default."""
+    getter = getattr(ort, "get_default_logger_severity", None)
+    found = getter() if getter is not None else _severity[0]
+    ort.set_default_logger_severity(level)
+    _severity[0] = level
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(found)
+        _severity[0] = found
+
+
+def cuda_usable() -> bool:
+    """onnxruntime's CUDA provider is installed and starts here (a GPU, its driver, CUDA and cuDNN)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    with log_severity(4):  # a provider that cannot load logs errors: the library does not print
+        try:
+            sess = ort.InferenceSession(str(STEP_GRAPH), providers=["CUDAExecutionProvider"])
+            return "CUDAExecutionProvider" in sess.get_providers()
+        except Exception:  # onnxruntime raises its own error types when the provider cannot load
+            return False
 
 
 def cuda_major() -> str | None:
@@ -264,8 +299,6 @@ MSFT = "com.microsoft"
 @functools.lru_cache(maxsize=1)
 def cpu_kernels() -> frozenset[tuple[str, str]]:
     """(op_type, domain) of every operator onnxruntime's CPU provider has a kernel for ("" is the ONNX domain)."""
-    from onnxruntime.capi import _pybind_state
-
     return frozenset((k.op_name, k.domain) for k in _pybind_state.get_all_opkernel_def()
                      if k.provider == "CPUExecutionProvider")
 
@@ -410,8 +443,8 @@ def session_options(optimization: str = "all", arena: bool = True) -> ort.Sessio
     """Quiet session options. "basic": no layout or fusion passes; on the CPU an fp16 model then keeps one fp32
     copy of its weights fewer, for verifying a GPU export on a CPU; "disabled": none (onnxruntime's calibrator).
     ``arena=False``: no CPU memory arena, whose blocks otherwise grow run after run where a model's tensors change
-    shape or are cast per run (SD1.5's fp16 UNet on the CPU, 4 calls: 4.7 GB peak with it, 3.3 GB without; the fp32
-    UNet: the same 3.8 GB either way, 15% slower without)."""
+    shape or are cast per run (an fp16 UNet on the CPU); an fp32 UNet peaks the same either way and runs faster with
+    it (docs/export/README.md)."""
     if optimization not in GRAPH_OPTIMIZATION:
         raise ValueError(f"optimization={optimization!r}: use one of {GRAPH_OPTIMIZATION}")
     options = ort.SessionOptions()
@@ -428,16 +461,6 @@ def _probe_options() -> ort.SessionOptions:
     options = session_options("disabled")
     options.add_session_config_entry("session.disable_prepacking", "1")
     return options
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim): a dropped session's weights then leave the RSS
-    before the next model's session grows it. A no-op where there is no glibc. (edgecp.memory.release_memory does
-    the same for the training side, but imports torch, which this module never does.)"""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass(frozen=True)
@@ -501,7 +524,7 @@ class OnnxModel:
         """Drop the session (its weights); the next use opens it again (``reduce_memory``)."""
         if self._session is not None:
             self._session = None
-            trim_heap()
+            trim_heap()  # the weights leave the RSS before the next model's session grows it
 
     def require_inputs(self, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in self.inputs]
@@ -557,40 +580,43 @@ def check_size(height: int, width: int, factor: int) -> None:
 
 
 class OnnxStableDiffusion:
-    """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch."""
+    """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch.
+
+    ``providers``: onnxruntime's names in order of preference, or (name, options) pairs as onnxruntime takes them;
+    default CUDA (when onnxruntime-gpu is installed) then CPU. A GPU provider that onnxruntime lists but cannot
+    start (no driver, CUDA or cuDNN) raises ValueError with what is missing when asked for explicitly; by default the
+    runner falls back to the CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after
+    logging).
+
+    ``io_binding``: keep the latents, the text states and the UNet's output on the provider's device for the whole
+    denoising loop (onnxruntime IO binding; guidance and the DDIM step run there as the small graph of
+    ``step_graph.py``), so no tensor crosses to the host per step but the timestep and seven coefficients. Default:
+    on when the UNet runs on CUDA. The loop falls back to the host path when the UNet's sample or output is not
+    float32 or its batch is fixed (``io_binding_used`` tells after a call).
+
+    ``optimization``: onnxruntime's graph optimization level, "all" (default), "basic" or "disabled" (see
+    ``session_options``).
+
+    ``reduce_memory``: hold one model's session at a time, each opened when its stage starts and dropped when it
+    ends (text encoder, UNet, VAE decoder), as Apple's Core ML Stable Diffusion pipeline does with ``reduceMemory``,
+    and without onnxruntime's CPU memory arena (see ``session_options``): the peak is the largest model instead of
+    all three, for a few seconds of loading per image.
+
+    ``arena``: onnxruntime's CPU memory arena on or off; default on, off with ``reduce_memory``. An fp32 or int8
+    graph peaks the same either way and runs faster with it; an fp16 graph on the CPU grows it run after run.
+
+    ``device_id``: the GPU (CUDA's ``device_id`` provider option, given to every session, the step graph's
+    included); default: the providers' own options, else onnxruntime's (0). The IO-bound loop allocates its tensors
+    on the GPU the UNet's session reports (``self.device_id``).
+
+    A model with operators that onnxruntime's CPU provider has no kernel for (the CUDA-only fusions of a
+    ``cuda-fp16`` export made where CUDA starts) is refused with an EdgecpError naming the profile to export instead
+    when the sessions run on the CPU alone (``check_cpu_kernels``).
+    """
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
                  optimization: str = "all", reduce_memory: bool = False, arena: bool | None = None,
                  device_id: int | None = None):
-        """``providers``: onnxruntime's names in order of preference, or (name, options) pairs as onnxruntime takes
-        them; default CUDA (when onnxruntime-gpu is installed) then CPU. A GPU provider that onnxruntime lists but cannot start (no driver, CUDA or cuDNN)
-        raises ValueError with what is missing when asked for explicitly; by default the runner falls back to the
-        CPU and says why in ``provider_note`` (onnxruntime itself would fall back silently after logging).
-
-        ``io_binding``: keep the latents, the text states and the UNet's output on the provider's device for the
-        whole denoising loop (onnxruntime IO binding; guidance and the DDIM step run there as the small graph of
-        ``step_graph.py``), so no tensor crosses to the host per step but the timestep and seven coefficients.
-        Default: on when the UNet runs on CUDA. The loop falls back to the host path when the UNet's sample or
-        output is not float32 or its batch is fixed (``io_binding_used`` tells after a call).
-
-        ``optimization``: onnxruntime's graph optimization level, "all" (default), "basic" or "disabled" (see
-        ``session_options``).
-
-        ``reduce_memory``: hold one model's session at a time, each opened when its stage starts and dropped when
-        it ends (text encoder, UNet, VAE decoder), as Apple's Core ML Stable Diffusion pipeline does with
-        ``reduceMemory``, and without onnxruntime's CPU memory arena (see ``session_options``): the peak is the
-        largest model instead of all three, for a few seconds of loading per image.
-
-        ``arena``: onnxruntime's CPU memory arena on or off; default on, off with ``reduce_memory``. An fp32 or int8
-        graph peaks the same either way and runs faster with it; an fp16 graph on the CPU grows it run after run.
-
-        ``device_id``: the GPU (CUDA's ``device_id`` provider option, given to every session, the step graph's
-        included); default: the providers' own options, else onnxruntime's (0). The IO-bound loop allocates its
-        tensors on the GPU the UNet's session reports (``self.device_id``).
-
-        A model with operators that onnxruntime's CPU provider has no kernel for (the CUDA-only fusions of a
-        ``cuda-fp16`` export made where CUDA starts) is refused with an EdgecpError naming the profile to export
-        instead when the sessions run on the CPU alone (``check_cpu_kernels``)."""
         self.folder = Path(folder)
         self.optimization = optimization
         if not self.folder.is_dir():
@@ -605,38 +631,10 @@ class OnnxStableDiffusion:
                 f"use some of {ort.get_available_providers()}"
             )
         self.providers = providers
-        self.model_index = read_json(self.folder / "model_index.json")
-        # as diffusers' StableDiffusionPipeline samples with it (no x0 clipping, steps_offset 1; see ddim_config):
-        # an optimum export of SD 2.x 768-v ships an Euler config without clip_sample, whose DDIM default is True
-        self.scheduler_config = ddim_config(
-            read_json(self.folder / "scheduler" / "scheduler_config.json", required=True))
-        NumpyDDIMScheduler.from_config(self.scheduler_config)  # fail now, not mid-generation
-        self.unet_config = read_json(self.folder / "unet" / "config.json")
-        self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")
-        self.scaling_factor = float(self.vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
-        self.vae_scale_factor = 2 ** (
-            len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
-        )
-
+        self._read_configs()
         self.reduce_memory = reduce_memory
         self.arena = not reduce_memory if arena is None else bool(arena)
-        self.text_encoder = self._first_session(providers, explicit)
-        self._done_with(self.text_encoder)
-        providers = self.providers
-        now = not reduce_memory  # reduce_memory: each opens at its stage
-        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", optimization, now, self.arena,
-                              self.provider_options)
-        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
-                                     optimization, now, self.arena, self.provider_options)
-        self.text_encoder.require_inputs(["input_ids"])
-        self.unet.require_inputs(UNET_INPUTS)
-        self.vae_decoder.require_inputs(["latent_sample"])
-        extra = [n for n in self.unet.inputs if n not in UNET_INPUTS]
-        if extra:
-            raise ValueError(
-                f"unet/model.onnx also needs inputs {extra} (SDXL / LCM style); this runner supports "
-                f"Stable Diffusion 1.x / 2.x UNets with inputs {list(UNET_INPUTS)}"
-            )
+        self._open_models(providers, explicit)
         self.tokenizer, self.max_length = load_tokenizer(
             self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1)
         )
@@ -650,6 +648,42 @@ class OnnxStableDiffusion:
         self.io_binding_used = False
         self._step_session: ort.InferenceSession | None = None
 
+    def _read_configs(self) -> None:
+        """model_index.json, the scheduler's config (checked now, not mid-generation) and the models' configs."""
+        self.model_index = read_json(self.folder / "model_index.json")
+        # as diffusers' StableDiffusionPipeline samples with it (no x0 clipping, steps_offset 1; see ddim_config):
+        # an optimum export of SD 2.x 768-v ships an Euler config without clip_sample, whose DDIM default is True
+        self.scheduler_config = ddim_config(
+            read_json(self.folder / "scheduler" / "scheduler_config.json", required=True))
+        NumpyDDIMScheduler.from_config(self.scheduler_config)  # fail now, not mid-generation
+        self.unet_config = read_json(self.folder / "unet" / "config.json")
+        self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")
+        self.scaling_factor = float(self.vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
+        self.vae_scale_factor = 2 ** (
+            len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
+        )
+
+    def _open_models(self, providers: list[str], explicit: bool) -> None:
+        """The three models' sessions (with ``reduce_memory``, their inputs only: each opens at its stage), their
+        inputs checked against what this runner feeds."""
+        self.text_encoder = self._first_session(providers, explicit)
+        self._done_with(self.text_encoder)
+        providers = self.providers
+        now = not self.reduce_memory
+        self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", self.optimization, now,
+                              self.arena, self.provider_options)
+        self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
+                                     self.optimization, now, self.arena, self.provider_options)
+        self.text_encoder.require_inputs(["input_ids"])
+        self.unet.require_inputs(UNET_INPUTS)
+        self.vae_decoder.require_inputs(["latent_sample"])
+        extra = [n for n in self.unet.inputs if n not in UNET_INPUTS]
+        if extra:
+            raise ValueError(
+                f"unet/model.onnx also needs inputs {extra} (SDXL / LCM style); this runner supports "
+                f"Stable Diffusion 1.x / 2.x UNets with inputs {list(UNET_INPUTS)}"
+            )
+
     def _done_with(self, model: OnnxModel) -> None:
         if self.reduce_memory:
             model.release()
@@ -658,14 +692,10 @@ class OnnxStableDiffusion:
         """The text encoder's session, which also tells whether a GPU provider really started."""
         path = self.folder / "text_encoder" / "model.onnx"
         wants_gpu = any(p in GPU_PROVIDERS for p in providers)
-        if wants_gpu:
-            ort.set_default_logger_severity(4)  # its failed-provider errors: the library does not print
-        try:
+        # a GPU provider that cannot start logs errors: the library does not print
+        with log_severity(4) if wants_gpu else contextlib.nullcontext():
             model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena,
                               provider_options=self.provider_options)
-        finally:
-            if wants_gpu:
-                ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
         started = model.providers
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in started:
             if explicit:
@@ -793,8 +823,6 @@ class OnnxStableDiffusion:
     def step_session(self) -> ort.InferenceSession:
         """The guidance + DDIM step graph (shipped with edgecp) on the UNet's providers."""
         if self._step_session is None:
-            from edgecp.export.step_graph import STEP_GRAPH
-
             providers = self.unet.providers  # and the GPU it runs on: the bound tensors live there
             self._step_session = ort.InferenceSession(
                 str(STEP_GRAPH), sess_options=session_options(), providers=providers,

@@ -2,8 +2,8 @@
 
 An export needs, from PyTorch: the image gate's reference image, each model's outputs on the inputs it saw while
 drawing that image (the tensor gate), and for static int8 the UNet's inputs while drawing the calibration images.
-Drawn with diffusers' whole pipeline, those need the text encoder, the UNet and the VAE resident together (SD1.5:
-4.3 GB fp32 beside 3.4 GB for the UNet alone). Here the same pipeline runs in three stages, each needing one model:
+Drawn with diffusers' whole pipeline, those need the text encoder, the UNet and the VAE resident together. Here the
+same pipeline runs in three stages, each needing one model (docs/export/README.md has the measurements):
 
 1. `encode`: the text encoder gives every job's prompt embeddings (diffusers' `encode_prompt`);
 2. `denoise`: the UNet runs each job's DDIM loop from those embeddings (the pipeline with `output_type="latent"`);
@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+
+from edgecp.export.ort_runner import initial_latents
+from edgecp.model.base import ddim_scheduler
 
 GUIDANCE = 7.5  # generate's default, as the ONNX runner's: both halves of classifier-free guidance are seen
 
@@ -96,10 +101,6 @@ def step_timer(seconds: list[float], inner: Callable | None = None) -> Callable:
 def _pipeline(comps, text_encoder=None, unet=None):
     """diffusers' pipeline holding only the stage's model: the others may be on the meta device (parked), and the
     pipeline takes its device from the first model it holds."""
-    from diffusers import StableDiffusionPipeline
-
-    from edgecp.model.base import ddim_scheduler
-
     # the config the export's scheduler/ file records and the runner reads (ddim_config): both sides sample alike
     pipe = StableDiffusionPipeline(
         vae=None, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
@@ -124,8 +125,6 @@ def encode(comps, jobs: list[Job], negative_prompt: str = "") -> None:
 def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | None = None) -> None:
     """Stage 2, the UNet only: each job's DDIM loop from its embeddings and seed's latents, to its final latents,
     and the wall time of each step (``Job.step_seconds``). ``callback(job, step, steps)`` after each step."""
-    from edgecp.export.ort_runner import initial_latents
-
     pipe = _pipeline(comps, unet=comps.unet)
     for job in jobs:
         lat = job.size // comps.vae_scale
@@ -147,8 +146,6 @@ def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | 
 @torch.no_grad()
 def decode(comps, jobs: list[Job]) -> None:
     """Stage 3, the VAE only: each job's image, as the pipeline decodes and post-processes it."""
-    from diffusers.image_processor import VaeImageProcessor
-
     processor = VaeImageProcessor(vae_scale_factor=comps.vae_scale)
     for job in jobs:
         with recording(comps, job.feeds):

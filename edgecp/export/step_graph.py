@@ -23,13 +23,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 STEP_GRAPH = Path(__file__).with_name("cfg_ddim_step.onnx")
 OPSET = 17
 
 
 def build():
     """The step graph as an onnx ModelProto (needs the `onnx` package: the export side)."""
-    import numpy as np
+    # lazy: the device runtime imports this module for STEP_GRAPH and has no `onnx`
     from onnx import TensorProto, helper, numpy_helper
 
     f32 = TensorProto.FLOAT
@@ -83,7 +85,7 @@ def build():
 
 def write(path: Path = STEP_GRAPH) -> None:
     """Write the shipped graph (what `python -m edgecp.export.step_graph` does after a change here)."""
-    import onnx
+    import onnx  # lazy: see build
 
     model = build()
     onnx.checker.check_model(model)

@@ -18,24 +18,9 @@ import torch
 
 from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, TrainConfig
+from edgecp.diffusion import LatentSet
 from edgecp.model.base import Components
 from edgecp.personal import ADAPTER_FILE, fold_base_delta, read_tensors
-
-
-@dataclass
-class LatentSet:
-    """Cached VAE posteriors of a set of images: sample with `draw`. Dropped after the commit."""
-
-    mean: torch.Tensor  # (N, C, h, w)
-    std: torch.Tensor  # (N, C, h, w)
-    scale: float
-
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
-    def draw(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(self.mean[idx].shape, generator=generator).to(self.mean)
-        return (self.mean[idx] + self.std[idx] * noise) * self.scale
 
 
 @dataclass

@@ -12,7 +12,7 @@ Text embeddings of the (frozen) concept tokens are computed once per task (`conc
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -28,8 +28,11 @@ from edgecp.consolidation.dc_scores import (
 )
 from edgecp.consolidation.distill import dsc_loss
 from edgecp.consolidation.ewc import FisherAccumulator, dc_ewc_loss
+from edgecp.diffusion import denoise_loss
 from edgecp.methods.base import TaskContext
+from edgecp.model.quant import autocast_for
 from edgecp.personal import encode_text
+from edgecp.scaling import loss_scale
 
 
 def phase_iterations(ctx: TaskContext, ratio: float) -> int:
@@ -39,14 +42,6 @@ def phase_iterations(ctx: TaskContext, ratio: float) -> int:
 
 def checkpointing(ctx: TaskContext) -> bool:
     return ctx.plan.gradient_checkpointing if ctx.plan is not None else ctx.train.gradient_checkpointing
-
-
-def autocast_for(plan, device_type: str):
-    """Autocast to the plan's 16-bit dtype (a no-op without a plan or for fp32 plans)."""
-    if plan is None or plan.compute == "fp32":
-        return nullcontext()  # no autocast object at all: any device type, the meta stand-in for CUDA included
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[plan.compute]
-    return torch.autocast(device_type, dtype=dtype)
 
 
 def autocast(ctx: TaskContext):
@@ -111,7 +106,6 @@ def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4) -> flo
     """The task's denoising loss (per-element mean) at its start: the first `images` training latents (posterior
     means) under c_n, at `timesteps` evenly spaced t (stratified, so one number with little Monte-Carlo noise),
     noise from a fixed generator. The loss scale of the scale-free penalties (C-LoRA, CNS)."""
-    from edgecp.train import denoise_loss
 
     sched = ctx.noise_scheduler
     x0 = ctx.instance.mean[:images] * ctx.instance.scale
@@ -145,6 +139,7 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
     n_prev = len(ctx.previous)
     gen = torch.Generator().manual_seed(ctx.train.seed * 7919 + ctx.index)
     acc = FisherAccumulator(params)
+    scale = loss_scale(ctx.plan)  # fp16 plans: gradients scaled, unscaled in fp32 (scaling.scaled_grad)
     accum, d = ctx.train.grad_accum, latent_elements(ctx)
     per_element = 1.0 / d if reduction == "sum" else 1.0
     denoise: list[float] = []
@@ -169,7 +164,7 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
                         denoise.append(err[:, 0].mean().item() * per_element)
                         return err[:, 0].mean()
                 loss, grads = dc_grad(predictor(unet), sched, x0, texts[subset], t, noise, loss_fn,
-                                      list(params.values()), chunk=dc_chunk(ctx), reduction=reduction)
+                                      list(params.values()), chunk=dc_chunk(ctx), reduction=reduction, scale=scale)
                 summed = [g if a is None else (a if g is None else a + g) for a, g in zip(summed, grads)]
                 total += loss.item() / accum
             acc.add_grads([None if g is None else g / accum for g in summed])
@@ -200,6 +195,7 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
     opt = torch.optim.AdamW(list(student.values()), lr=ctx.train.lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(ctx.train.seed * 104729 + ctx.index)
     accum = ctx.train.grad_accum
+    scale = loss_scale(ctx.plan)  # fp16 plans: gradients scaled, unscaled in fp32 (scaling.scaled_grad)
     params = list(student.values())
     entropies: list[float] = []
     t0 = time.perf_counter()
@@ -224,7 +220,7 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
                                     eps_s[:, 1], eps_s[:, 2], gamma, lam)
 
                 loss, grads = dc_grad(predictor(unet), sched, x0, s, t, noise, student_loss, params,
-                                      chunk=dc_chunk(ctx), reduction=reduction)
+                                      chunk=dc_chunk(ctx), reduction=reduction, scale=scale)
                 for p, g in zip(params, grads):
                     if g is not None:
                         p.grad = g / accum if p.grad is None else p.grad + g / accum

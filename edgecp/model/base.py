@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgecp.errors import EdgecpError
-from edgecp.export.np_scheduler import ddim_config  # one rule for PyTorch and the runner (re-exported here)
 from edgecp.paths import edgecp_home
+from edgecp.sampling import ddim_config  # one rule for PyTorch and the runner (re-exported here)
 from edgecp.store import sha256_file
 
 COMPONENT_DIRS = ("unet", "vae", "text_encoder")

@@ -23,8 +23,8 @@ RSS counts the mapped pages). `from_pretrained` reads the whole fp32 state dict 
 from __future__ import annotations
 
 import gc
-import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +63,6 @@ def quantize_linear(layer: nn.Linear, backend: str, device: str | torch.device =
         q.weight = bnb.nn.Int8Params(layer.weight.data.float().cpu(), requires_grad=False, has_fp16_weights=False)
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # the library never prints
         return q.to(torch.device(device))  # Int8Params quantize on their first move to a device (bitsandbytes' way)
     raise EdgecpError(f"8-bit backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
 
@@ -101,6 +100,20 @@ class Precision:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute]
+
+
+def precision_of(plan) -> Precision:
+    """How a memory plan (`planner.Plan`: weights, backend, compute) holds the frozen base. Built here, beside the
+    dtypes, so that the planner stays pure (no torch)."""
+    return Precision(plan.weights, plan.backend, plan.compute)
+
+
+def autocast_for(plan, device_type: str):
+    """Autocast to the plan's 16-bit dtype (a no-op without a plan or for fp32 plans)."""
+    if plan is None or plan.compute == "fp32":
+        return nullcontext()  # no autocast object at all: any device type, the meta stand-in for CUDA included
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[plan.compute]
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def convert_(model: nn.Module, precision: Precision, device: str | torch.device = "cpu") -> nn.Module:

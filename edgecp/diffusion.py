@@ -1,0 +1,66 @@
+"""The diffusion primitives every training path shares: cached VAE posteriors (`LatentSet`), encoding images into
+them, drawing (noise, t), and the denoising loss. A leaf below the training orchestration and the methods, so that
+`train`, `methods/` and the bench import it without importing one another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgecp.images import load_square
+
+
+@dataclass
+class LatentSet:
+    """Cached VAE posteriors of a set of images: sample with `draw`. Dropped after the commit."""
+
+    mean: torch.Tensor  # (N, C, h, w)
+    std: torch.Tensor  # (N, C, h, w)
+    scale: float
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def draw(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(self.mean[idx].shape, generator=generator).to(self.mean)
+        return (self.mean[idx] + self.std[idx] * noise) * self.scale
+
+
+ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows; SD's encoder at 512 px
+# holds about 0.5 GB of activations per row, and encoding is once per task, so one at a time costs nothing that counts)
+
+
+@torch.no_grad()
+def encode_images(comps, paths: list[Path], size: int, device, flip: bool, chunk: int = ENCODE_CHUNK) -> LatentSet:
+    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`), `chunk` images per call."""
+    means, stds = [], []
+    for i in range(0, len(paths), chunk):
+        px = torch.stack([load_square(p, size) for p in paths[i:i + chunk]])
+        if flip:
+            px = torch.cat([px, px.flip(-1)])
+        dist = comps.vae.encode(px.to(device, comps.vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    if flip:  # the order of one call: every image, then every mirror image
+        means = [m[: len(m) // 2] for m in means] + [m[len(m) // 2:] for m in means]
+        stds = [s[: len(s) // 2] for s in stds] + [s[len(s) // 2:] for s in stds]
+    return LatentSet(torch.cat(means), torch.cat(stds), float(comps.vae.config.scaling_factor))
+
+
+def draw_noise(latents: torch.Tensor, scheduler, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, t) for every row: eps ~ N(0, I), t ~ U{0..T-1}, in this order from `generator`."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    return noise, t.to(latents.device)
+
+
+def denoise_loss(unet, scheduler, latents, text, generator, noise_t=None) -> torch.Tensor:
+    """Per-row epsilon-prediction MSE (B,) at a random timestep per row (the standard LDM objective)."""
+    noise, t = noise_t if noise_t is not None else draw_noise(latents, scheduler, generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, text).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -1,0 +1,136 @@
+"""Streaming external data: a model's weights into one `model.onnx_data` beside its graph, one tensor at a time.
+
+torch's exporter writes a model past 2 GiB as one file per tensor, named after graph nodes; optimum,
+onnxruntime.transformers and most tools expect `model.onnx` + one `model.onnx_data`. onnx's own
+`convert_model_to_external_data` + `save_model` would first load every weight into the proto, a second copy of the
+model in memory; here each tensor is read from its file, written and dropped. The offsets and locations are set with
+onnx's `set_external_data`, so any onnx reader (onnx.load, onnxruntime, optimum) reads the result.
+
+`weight_free` gives onnxruntime's optimizer and quantizer the graph without its weights: they copy the proto they
+are given (shape inference, save and reload), and on the graph alone those copies are small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import (  # _get_all_tensors: onnx's own walk, private but stable since onnx 1.6
+    ExternalDataInfo,
+    _get_all_tensors,
+    set_external_data,
+    uses_external_data,
+)
+
+EXTERNAL_DATA_MIN_BYTES = 1 << 30  # fp32 weights from which a model gets one model.onnx_data (protobuf: 2 GiB max)
+DATA_FILE = "model.onnx_data"      # optimum's and onnxruntime.transformers' name for the one external-data file
+ALIGN = 4096                       # page-aligned tensors: onnxruntime maps them instead of copying
+INLINE_MAX = 1024                  # smaller tensors stay in the graph (onnx's own size_threshold default)
+
+
+def all_tensors(model):
+    """Initializers and tensor attributes of `model`, subgraphs included (nothing public in onnx gives both)."""
+    return _get_all_tensors(model)
+
+
+def weight_bytes(model, folder: Path) -> int:
+    """Bytes of all initializer data of a model loaded with load_external_data=False (inline or external)."""
+    total = 0
+    for t in all_tensors(model):
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            total += info.length if info.length else (folder / info.location).stat().st_size
+        else:
+            total += len(t.raw_data)
+    return total
+
+
+def dir_bytes(d: Path) -> int:
+    """Bytes of every file under `d`."""
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def tensor_data(t, folder: Path, fp16: frozenset[str] = frozenset()) -> bytes | None:
+    """`t`'s bytes: from the proto (`raw_data`), else from its external file in `folder`; None when it has neither.
+    A tensor named in `fp16` was retyped to float16 while its external data is still fp32: converted here with
+    onnxruntime's own value mapping (`float16.convert_np_to_float16`)."""
+    if t.HasField("raw_data") and len(t.raw_data):
+        return t.raw_data  # in the proto: the fp16 converter already converted it
+    if not uses_external_data(t):
+        return None
+    info = ExternalDataInfo(t)
+    with open(folder / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        raw = f.read(info.length) if info.length else f.read()
+    if t.name in fp16:
+        # onnxruntime.transformers puts its own folder on sys.path when imported: only fp16 exports pay for it
+        from onnxruntime.transformers.float16 import convert_np_to_float16
+
+        raw = convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).astype(np.float16).tobytes()
+    return raw
+
+
+def inline(t, raw: bytes) -> None:
+    """`raw` into the proto as `t`'s data, its external reference dropped."""
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
+
+
+def append_tensor(t, raw: bytes, data) -> None:
+    """`raw` at the next 4 KiB boundary of the open data file `data`, `t` pointing at it."""
+    offset = data.tell()
+    if offset % ALIGN:
+        data.write(b"\0" * (ALIGN - offset % ALIGN))
+        offset = data.tell()
+    data.write(raw)
+    del t.external_data[:]
+    t.raw_data = b""  # set_external_data insists on the field; the data now lives in the file
+    set_external_data(t, DATA_FILE, offset=offset, length=data.tell() - offset)
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp16: frozenset[str] = frozenset()) -> None:
+    """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
+    self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
+
+    `model`: the graph to write in place of src's (its external tensors still read from src's folder), e.g. one
+    the optimizer rewrote without loading the weights. `fp16`: names of tensors the fp16 converter retyped to
+    float16 while their data was still fp32 in the external file (see `tensor_data`)."""
+    model = onnx.load(str(src), load_external_data=False) if model is None else model
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if not external:
+        for t in all_tensors(model):
+            if uses_external_data(t):  # small enough to be one protobuf: every tensor inline
+                inline(t, tensor_data(t, src.parent, fp16))
+    else:
+        with open(dst_dir / DATA_FILE, "wb") as data:
+            for t in all_tensors(model):
+                raw = tensor_data(t, src.parent, fp16) if uses_external_data(t) or len(t.raw_data) >= INLINE_MAX else None
+                if raw is None:
+                    continue
+                if len(raw) < INLINE_MAX:  # a small tensor another writer put outside (a Reshape's shape): inline, as
+                    inline(t, raw)  # shape inference and onnxruntime's loader read it from the graph
+                else:
+                    append_tensor(t, raw, data)
+                del raw
+    onnx.save_model(model, str(dst_dir / "model.onnx"))
+
+
+@contextlib.contextmanager
+def weight_free(src: Path, folder: Path):
+    """`src`'s weights streamed into folder's one data file; yields the graph loaded without them, with the working
+    directory at `folder`, against which onnx resolves an external tensor's location when a library step reads
+    it, so only the weights a step reads come into memory."""
+    write_one_data_file(src, folder, external=True)  # every tensor >= 1 KiB in one file, streamed
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield graph
+    finally:
+        os.chdir(cwd)

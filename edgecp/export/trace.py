@@ -1,0 +1,129 @@
+"""Tracing: each PyTorch model of the pipeline to a raw fp32 ONNX graph with optimum's input and output names.
+
+    text_encoder   input_ids -> last_hidden_state, pooler_output
+    unet           sample, timestep, encoder_hidden_states -> out_sample
+    vae_decoder    latent_sample -> sample
+    vae_encoder    sample -> latent_parameters
+
+Every batch and spatial axis is dynamic, so the graph traced from small example inputs runs at any size; the
+tensor gate then checks it at the gate's size and classifier-free guidance's batch of 2. input_ids are int64 and
+the timestep a float scalar, as optimum exports them since late 2024.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+# Example inputs are at most 8x8 latents (64 px) at batch 1: the graph does not depend on them, the trace's own
+# memory does (docs/export/README.md, "Measurements behind the export code").
+EXAMPLE_LATENT_MAX = 8
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """The text encoder as optimum exports it: int ids in, (last_hidden_state, pooler_output) out."""
+
+    def __init__(self, te):
+        super().__init__()
+        self.te = te
+
+    def forward(self, input_ids):
+        out = self.te(input_ids.long(), return_dict=False)
+        return out[0], out[1]
+
+
+class UNetGraph(torch.nn.Module):
+    """The UNet's noise prediction, as a plain tensor."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """The VAE's decode: scaled latents to an image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """The VAE's encode: an image to its latent distribution's parameters."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0].parameters  # (B, 2C, h, w): mean and logvar
+
+
+class ModelSpec(NamedTuple):
+    """What tracing one model needs: the wrapper, example inputs, input/output names and dynamic axes."""
+
+    module: torch.nn.Module
+    example: tuple
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict[str, dict[int, str]]
+
+
+def _image_axes(*names: str) -> dict[str, dict[int, str]]:
+    return {n: {0: "batch_size", 2: "height", 3: "width"} for n in names}
+
+
+def model_specs(comps) -> dict[str, ModelSpec]:
+    """Per model, its ModelSpec. The example latents are the base's size capped at EXAMPLE_LATENT_MAX, batch 1 (the
+    text encoder's: two prompts), drawn from a seeded generator."""
+    g = torch.Generator().manual_seed(0)
+    lat = min(comps.unet.config.sample_size, EXAMPLE_LATENT_MAX)
+    res = lat * comps.vae_scale
+    length = comps.tokenizer.model_max_length
+    d = comps.text_encoder.config.hidden_size
+    ids = comps.tokenizer(["a photo", "a photo of a dog"], padding="max_length", max_length=length,
+                          return_tensors="pt").input_ids
+    text = {0: "batch_size", 1: "sequence_length"}
+    return {
+        "text_encoder": ModelSpec(TextEncoderGraph(comps.text_encoder), (ids,), ["input_ids"],
+                                  ["last_hidden_state", "pooler_output"],
+                                  {"input_ids": dict(text), "last_hidden_state": dict(text),
+                                   "pooler_output": {0: "batch_size"}}),
+        "unet": ModelSpec(UNetGraph(comps.unet),
+                          (torch.randn(1, comps.unet.config.in_channels, lat, lat, generator=g), torch.tensor(981.0),
+                           torch.randn(1, length, d, generator=g)),
+                          ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+                          {**_image_axes("sample"), "timestep": {}, "encoder_hidden_states": dict(text),
+                           **_image_axes("out_sample")}),
+        "vae_decoder": ModelSpec(VaeDecoderGraph(comps.vae),
+                                 (torch.randn(1, comps.vae.config.latent_channels, lat, lat, generator=g),),
+                                 ["latent_sample"], ["sample"], _image_axes("latent_sample", "sample")),
+        "vae_encoder": ModelSpec(VaeEncoderGraph(comps.vae), (torch.rand(1, 3, res, res, generator=g) * 2 - 1,),
+                                 ["sample"], ["latent_parameters"], _image_axes("sample", "latent_parameters")),
+    }
+
+
+def torch_onnx_export(spec: ModelSpec, path: Path, opset: int) -> None:
+    """`spec`'s module traced to `path`. The TorchScript exporter is what optimum uses for these models and is exact
+    and fast here; torch warns that it is deprecated, so this falls back to the dynamo exporter where it is gone."""
+    module, args, inputs, outputs, axes = spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+        except (TypeError, NotImplementedError, RuntimeError) as e:
+            if "dynamo" not in str(e).lower() and "legacy" not in str(e).lower():
+                raise
+            dyn = {k: {i: torch.export.Dim.AUTO for i in v} for k, v in axes.items() if k in inputs}
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=inputs, output_names=outputs,
+                              dynamic_shapes=dyn, opset_version=opset)
