@@ -278,7 +278,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
                                         ("fisher", ctx.extra.get("fisher_seconds_per_iter")),
                                         ("dsc", ctx.extra.get("dsc_seconds_per_iter"))) if v is not None},
         "memory": {"plan": plan.to_json(), "predicted_peak": plan.peak, "measured_peak": meter.peak,
-                   "measured_phases": dict(meter.phases), "device": device.type,
+                   "measured_phases": dict(meter.phases), "device": str(device),
                    "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
                    **({"measured_reserved_phases": dict(meter.reserved)} if meter.reserved else {})},
     }
