@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edgecp import seeds
 from edgecp.config import PriorConfig
 from edgecp.generate import GenerateConfig, torch_generate
 from edgecp.store import Store
@@ -36,7 +37,7 @@ def ensure_priors(store: Store, comps, cfg: PriorConfig, resolution: int, device
     d = store.prior_dir(key)
     if (d / "done.json").exists():
         return sorted(d.glob("*.png"))
-    gcfg = GenerateConfig(n=cfg.num_images, seed=1234, steps=cfg.steps, guidance=cfg.guidance, size=resolution,
+    gcfg = GenerateConfig(n=cfg.num_images, seed=seeds.PRIORS, steps=cfg.steps, guidance=cfg.guidance, size=resolution,
                           sampler=None if cfg.sampler == "base" else cfg.sampler)
     comps.vae.enable_slicing()  # decode one image at a time (same images, a quarter of the decoder's peak)
     images = torch_generate(comps, cfg.prompt, gcfg, device, callback, plan)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from edgecp import seeds
 from edgecp.config import (
     AdapterConfig,
     TrainConfig,
@@ -66,6 +67,7 @@ from edgecp.priors import ensure_priors, prior_key
 from edgecp.prompts import concept_prompt
 from edgecp.scaling import grad_scaler
 from edgecp.scoped import quiet_libraries
+from edgecp.seeds import stream_seed
 from edgecp.store import Store, sha256_file
 
 
@@ -320,7 +322,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(method.param_groups(ctx), weight_decay=1e-2)
         self.scaler = grad_scaler(ctx.plan, ctx.device)  # fp16 plans only (edgecp/scaling.py)
         self.skipped = 0  # optimizer steps GradScaler skipped (inf/NaN gradients)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.index)
+        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, seeds.TRAIN, ctx.index))
         with torch.no_grad(), autocast(ctx):
             self.prior_text = encode_text(comps, [ctx.prior_prompt], ctx.device)
 

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, int]] = [
     ("edgecp.world", 4), ("edgecp.images", 4), ("edgecp.memory", 4), ("edgecp.diffusion", 4),
     ("edgecp.planner", 5), ("edgecp.store", 5), ("edgecp.config", 5), ("edgecp.errors", 5), ("edgecp.integrity", 5),
     ("edgecp.profiles", 5), ("edgecp.render", 5), ("edgecp.outputs", 5), ("edgecp.prompts", 5), ("edgecp.paths", 5),
-    ("edgecp.scaling", 5), ("edgecp.scoped", 5), ("edgecp.atomic", 5), ("edgecp.heap", 5), ("edgecp.sampling", 5),
+    ("edgecp.scaling", 5), ("edgecp.scoped", 5), ("edgecp.seeds", 5), ("edgecp.atomic", 5), ("edgecp.heap", 5),
+    ("edgecp.sampling", 5),
 ]
 PACKAGE_INIT_LAYER = 6  # edgecp/__init__.py: imports nothing of edgecp
 # what the device runtime (`pip install 'edgecp[runtime]'`: numpy, pillow, tokenizers, onnxruntime) imports
@@ -136,3 +137,15 @@ def test_the_device_runtime_imports_no_torch(module):
             f"importlib.import_module({module!r})\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_named_seed_streams_draw_what_the_salts_drew():
+    """edgecp.seeds names the salts the code used (issue 23) without moving a draw: the seeds of run seed 3, task 2,
+    as the old expressions gave them (computed by hand: 3 x 7919 + 2 = 23759, ...)."""
+    from edgecp import seeds
+
+    got = {name: seeds.stream_seed(3, getattr(seeds, name), 2)
+           for name in ("TRAIN", "BENCH_IMAGES", "CNS_IMPORTANCE", "REFERENCE_LOSS", "FISHER", "DSC")}
+    assert got == {"TRAIN": 3002, "BENCH_IMAGES": 3002, "CNS_IMPORTANCE": 95, "REFERENCE_LOSS": 1841,
+                   "FISHER": 23759, "DSC": 314189}
+    assert seeds.PRIORS == 1234

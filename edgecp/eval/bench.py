@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecp import seeds
 from edgecp.errors import EdgecpError
 from edgecp.eval import metrics
 from edgecp.eval.layout import SAMPLES_FILE, eval_file, run_dir, save_npz_atomic, store_dir
+from edgecp.seeds import stream_seed
 
 QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
 CLASS_WORD_MODES = ("paper", "always", "never")
@@ -155,7 +157,7 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
             row, images_last = [], []
             for j in range(i + 1):
                 prompt = expand(f"a photo of <{seq[j].name}>", concepts)
-                gcfg = GenerateConfig(n=cfg.n_gen, seed=seed * 1000 + j, steps=cfg.gen_steps, guidance=cfg.guidance)
+                gcfg = GenerateConfig(n=cfg.n_gen, seed=stream_seed(seed, seeds.BENCH_IMAGES, j), steps=cfg.gen_steps, guidance=cfg.guidance)
                 images = torch_generate(model.comps, prompt, gcfg, model.device)
                 row.append(features.embed_images(images))
                 if i == n - 1:

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
+from edgecp import seeds
 from edgecp.consolidation.clora import occupied_norm, relative_penalty
 from edgecp.diffusion import denoise_loss
 from edgecp.methods.base import TaskContext
 from edgecp.methods.custom_diffusion import GENERAL_PROMPTS, CustomDiffusionSequential
 from edgecp.personal import encode_text
 from edgecp.scaling import loss_scale, scaled_grad
+from edgecp.seeds import stream_seed
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Cns(CustomDiffusionSequential):
     def prepare(self, ctx: TaskContext) -> None:
         super().prepare(ctx)
         params = self.tensors(ctx)
-        gen = torch.Generator().manual_seed(ctx.train.seed * 31 + ctx.index)
+        gen = torch.Generator().manual_seed(stream_seed(ctx.train.seed, seeds.CNS_IMPORTANCE, ctx.index))
         p = self.params
         concept = taylor_importance(ctx, params, ctx.instance, [ctx.prompt], p.selection_batches, gen)
         general = taylor_importance(ctx, params, ctx.prior, GENERAL_PROMPTS, p.selection_batches, gen)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from edgecp import seeds
 from edgecp.adapters import lora
 from edgecp.consolidation.dc_scores import (
     dc_forward_chunked,
@@ -33,6 +34,7 @@ from edgecp.methods.base import TaskContext
 from edgecp.model.quant import autocast_for
 from edgecp.personal import encode_text
 from edgecp.scaling import loss_scale
+from edgecp.seeds import stream_seed
 
 
 def phase_iterations(ctx: TaskContext, ratio: float) -> int:
@@ -111,7 +113,7 @@ def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4) -> flo
     x0 = ctx.instance.mean[:images] * ctx.instance.scale
     n_t = sched.config.num_train_timesteps
     ts = torch.tensor([int((i + 0.5) * n_t / timesteps) for i in range(timesteps)])
-    gen = torch.Generator().manual_seed(ctx.train.seed * 613 + ctx.index)
+    gen = torch.Generator().manual_seed(stream_seed(ctx.train.seed, seeds.REFERENCE_LOSS, ctx.index))
     rows = x0.repeat(timesteps, 1, 1, 1)
     t = ts.repeat_interleave(x0.shape[0]).to(rows.device)
     noise = torch.randn(rows.shape, generator=gen).to(rows)
@@ -137,7 +139,7 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
     unet, sched = ctx.comps.unet, ctx.noise_scheduler
     texts = concept_texts(ctx)  # (n+1, T, D)
     n_prev = len(ctx.previous)
-    gen = torch.Generator().manual_seed(ctx.train.seed * 7919 + ctx.index)
+    gen = torch.Generator().manual_seed(stream_seed(ctx.train.seed, seeds.FISHER, ctx.index))
     acc = FisherAccumulator(params)
     scale = loss_scale(ctx.plan)  # fp16 plans: gradients scaled, unscaled in fp32 (scaling.scaled_grad)
     accum, d = ctx.train.grad_accum, latent_elements(ctx)
@@ -193,7 +195,7 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
     texts = concept_texts(ctx)
     n_prev = len(ctx.previous)
     opt = torch.optim.AdamW(list(student.values()), lr=ctx.train.lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(ctx.train.seed * 104729 + ctx.index)
+    gen = torch.Generator().manual_seed(stream_seed(ctx.train.seed, seeds.DSC, ctx.index))
     accum = ctx.train.grad_accum
     scale = loss_scale(ctx.plan)  # fp16 plans: gradients scaled, unscaled in fp32 (scaling.scaled_grad)
     params = list(student.values())
