@@ -151,9 +151,6 @@ def _build(method: str, params: dict | None, adapter: dict | None):
 @quiet_libraries()  # imports the model stack (diffusers, peft: torchao and bitsandbytes log notices)
 def set_method(root: str | Path, method: str, params: dict | None = None, adapter: dict | None = None) -> Store:
     """Change the store's method; refused once the store holds concepts (their state belongs to the old one)."""
-    import json
-    import os
-
     store = Store.open(root)
     m = _build(method, params, adapter)
     with store.writer():
@@ -164,10 +161,8 @@ def set_method(root: str | Path, method: str, params: dict | None = None, adapte
                 f"their stored state (adapter, Fisher, teachers) belongs to that method, so switching to {m.name} "
                 "would break them; create a new store with `edgecp init --method " + m.name + "`"
             )
-        info = {**store.info, "method": {"name": m.name, "params": to_dict(m.params)}, "adapter": to_dict(m.adapter)}
-        tmp = store.root / "store.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-        os.replace(tmp, store.root / "store.json")
+        store.write_info({**store.info, "method": {"name": m.name, "params": to_dict(m.params)},
+                          "adapter": to_dict(m.adapter)})
     return Store.open(root)
 
 

@@ -75,8 +75,8 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from edgecp.export.ort_runner import initial_latents
     from edgecp.model.quant import autocast_for
+    from edgecp.sampling import initial_latents
 
     size = cfg.size or comps.resolution
     if size % comps.vae_scale:

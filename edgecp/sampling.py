@@ -1,4 +1,4 @@
-"""The sampling config rule shared by PyTorch's schedulers and the torch-free ONNX runner. Torch-free, at the bottom
+"""The starting noise and the sampling config rule shared by PyTorch's schedulers and the torch-free ONNX runner. Torch-free, at the bottom
 of the layers, so that `model.base` (PyTorch) and `export.np_scheduler` (the device runtime) both read it without
 importing each other."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 
 def ddim_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -30,3 +32,12 @@ def ddim_config(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg["clip_sample"] = False
     cfg["steps_offset"] = 1
     return cfg
+
+
+def initial_latents(seed: int, batch: int, channels: int, height: int, width: int) -> np.ndarray:
+    """Starting noise, float32 (batch, channels, height, width), shared by the ONNX and PyTorch backends.
+
+    One draw of the whole batch from ``np.random.default_rng(seed)``: image i gets slice i, so the first image
+    of a batch has the same latents as a batch of one with that seed.
+    """
+    return np.random.default_rng(seed).standard_normal((batch, channels, height, width)).astype(np.float32)

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgecp.atomic import fsync_dir
+from edgecp.atomic import fsync_dir, write_json_atomic
 from edgecp.errors import DamagedStoreError, EdgecpError, StoreLockedError
 from edgecp.integrity import check_files, is_abandoned_export, remove_if_abandoned, sha256_file
 
@@ -654,6 +654,16 @@ class Store:
         self.set_head(name)
         (self.root / PENDING).unlink(missing_ok=True)
         return name
+
+    def write_info(self, info: dict) -> None:
+        """Replace store.json atomically (call inside `writer()`): `set-method` on a store without concepts. The new
+        info passes the schema first, so a bad value never reaches the file."""
+        try:
+            validate_info(info)
+        except ValueError as e:
+            raise EdgecpError(f"store.json would be invalid: {e}") from None
+        write_json_atomic(self.root / STORE_FILE, info, sort_keys=True)
+        self.info = info
 
     # -- staging of user images -----------------------------------------------------------------------------
     def stage(self, images: list[Path]) -> Path:

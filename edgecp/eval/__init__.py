@@ -5,5 +5,6 @@
 - :mod:`edgecp.eval.sequences`: the six-task sequence of scikit-image photos, a 50-concept procedural
   sequence, and a user's own sequence read from folders.
 
-Nothing here imports torch; feature extraction (CLIP) lives elsewhere and hands these functions arrays.
+`metrics` and `sequences` import no torch (tested): feature extraction (`features`) hands them arrays. `bench`,
+`executor` and `estimate` train and generate, so they do.
 """

@@ -36,6 +36,7 @@ from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
 from edgecp.export.step_graph import STEP_GRAPH
 from edgecp.heap import trim_heap
+from edgecp.sampling import initial_latents  # noqa: F401 (shared with PyTorch; re-exported)
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
@@ -48,15 +49,6 @@ ORT_TO_NUMPY: dict[str, type[np.generic]] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-
-
-def initial_latents(seed: int, batch: int, channels: int, height: int, width: int) -> np.ndarray:
-    """Starting noise, float32 (batch, channels, height, width), shared by the ONNX and PyTorch backends.
-
-    One draw of the whole batch from ``np.random.default_rng(seed)``: image i gets slice i, so the first image
-    of a batch has the same latents as a batch of one with that seed.
-    """
-    return np.random.default_rng(seed).standard_normal((batch, channels, height, width)).astype(np.float32)
 
 
 def default_providers() -> list[str]:

@@ -26,8 +26,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from edgecp.export.ort_runner import initial_latents
 from edgecp.model.base import ddim_scheduler
+from edgecp.sampling import initial_latents
 
 GUIDANCE = 7.5  # generate's default, as the ONNX runner's: both halves of classifier-free guidance are seen
 

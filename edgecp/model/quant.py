@@ -230,7 +230,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def load_planned(spec, precision: Precision, device: str | torch.device = "cpu"):
-    """The base's Components held in `precision` (see the module docstring); the VAE is always fp32. `device`: where
+    """The base's Components held in `precision` (see the module docstring); the VAE fp32, or bf16 in bf16 plans
+    (SD's VAE overflows in fp16, never fp16). `device`: where
     the model will run, with its index (`cuda:1`): 8-bit layers are made there (`quantize_linear`)."""
     from edgecp.memory import compact_allocator
     from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_hf
