@@ -315,7 +315,7 @@ def generate(
 
         resolve_device(device)  # tpu, or cuda on a machine without it: one line before anything loads
     with progress_bars() as bar:
-        cb = lambda i, total: bar(f"sample ({backend})", i, total)  # noqa: E731
+        cb = lambda ev: bar(f"sample ({backend})", ev.step, ev.total)  # noqa: E731
         if backend == "torch":
             from edgecp.generate import generate_from_store
 
@@ -359,7 +359,7 @@ def export(
     from edgecp.export.onnx_export import export_onnx
 
     with progress_bars() as bar:
-        report = export_onnx(store, profile, out_dir, progress=lambda phase, i, n: bar(phase, i, n), overwrite=overwrite)
+        report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total), overwrite=overwrite)
     t = Table(title=f"parity vs PyTorch ({report['profile']})")
     int8 = "quantization" in report
     for col in ("model", "max abs diff", "tolerance", "MB", "x fp32") + (("int8",) if int8 else ()):
@@ -494,12 +494,12 @@ def bench(
 
         cfg = dataclasses.replace(get_preset(preset), **given)
         with progress_bars() as bar:
-            e = estimate_bench(cfg, progress=lambda phase, i, n: bar(phase, i, n))
+            e = estimate_bench(cfg, progress=lambda ev: bar(ev.phase, ev.step, ev.total))
         for line in estimate_lines(e):
             out.print(esc(line), highlight=False)
         return
     with progress_bars() as bar:
-        progress = lambda phase, i, n: bar("bench (runs)" if phase == "runs" else "bench (tasks)", i, n)
+        progress = lambda ev: bar("bench (runs)" if ev.phase == "runs" else "bench (tasks)", ev.step, ev.total)
         log = lambda msg: err.print(f"[dim]bench:[/] {esc(msg)}")
         if resume is not None:
             result = resume_bench(resume, progress=progress, log=log, executor=ex)

@@ -86,15 +86,15 @@ def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_step
     images = out / "images"
     paths = {}
     for j, prompt in enumerate(PROMPTS):
-        files = generate_from_store(store, prompt, gcfg, images, callback=lambda i, n, j=j: bar(f"torch prompt {j + 1}", i, n))
+        files = generate_from_store(store, prompt, gcfg, images, callback=lambda ev, j=j: bar(f"torch prompt {j + 1}", ev.step, ev.total))
         paths[f"torch grid {j + 1}"] = files[-1]
         say(f"generated '{prompt}' with PyTorch -> {files[-1]}")
 
-    report = export_onnx(store, "cpu-fp32", out / "onnx-cpu-fp32", progress=lambda ph, i, n: bar(ph, i, n))
+    report = export_onnx(store, "cpu-fp32", out / "onnx-cpu-fp32", progress=lambda ev: bar(ev.phase, ev.step, ev.total))
     worst = max(r["max_abs_diff"] for r in report["models"].values())
     say(f"exported ONNX (cpu-fp32) to {report['out']}; max |onnx - torch| = {worst:.2e}")
     for j, prompt in enumerate(PROMPTS):
-        files = generate_from_onnx(report["out"], prompt, gcfg, images, callback=lambda i, n, j=j: bar(f"onnx prompt {j + 1}", i, n))
+        files = generate_from_onnx(report["out"], prompt, gcfg, images, callback=lambda ev, j=j: bar(f"onnx prompt {j + 1}", ev.step, ev.total))
         paths[f"onnx grid {j + 1}"] = files[-1]
         say(f"generated '{prompt}' with onnxruntime -> {files[-1]}")
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgecp.errors import EdgecpError
+from edgecp.progress import Progress, emit
 from edgecp.prompts import expand
 
-StepCallback = Callable[[int, int], None]
+StepCallback = Progress  # ProgressEvent("sample", step, total) after each denoising step
 MAX_IMAGES = 10_000  # images per call, as config.MAX_PRIOR_IMAGES (priors are drawn through GenerateConfig)
 MAX_STEPS = 1000
 MAX_SIZE = 4096
@@ -106,8 +107,7 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
         chunk = latents[start : start + per_call]
 
         def on_step(_pipe, i, _t, kwargs, _base=done):
-            if callback:
-                callback(_base + i + 1, total)
+            emit(callback, "sample", _base + i + 1, total)
             return kwargs
 
         with torch.no_grad(), autocast_for(plan, torch.device(device).type) if plan else contextlib.nullcontext():

@@ -49,8 +49,8 @@ def generate(argv: list[str]) -> None:
     cfg = GenerateConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance, size=a.size,
                          reduce_memory=a.reduce_memory)
 
-    def bar(i: int, total: int) -> None:
-        sys.stderr.write(f"\rsample (onnx) {i}/{total}" + ("\n" if i == total else ""))
+    def bar(ev) -> None:  # a ProgressEvent ("sample", step, total)
+        sys.stderr.write(f"\rsample (onnx) {ev.step}/{ev.total}" + ("\n" if ev.step == ev.total else ""))
         sys.stderr.flush()
 
     paths = generate_from_onnx(a.onnx_dir or find_export(a.store), a.prompt, cfg, a.out, callback=bar,

@@ -22,7 +22,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,27 +63,13 @@ from edgecp.model.tokens import (
 from edgecp.personal import TOKENS_FILE, encode_text, open_base, read_tensors
 from edgecp.planner import GB, DeviceInfo, Plan, fmt_bytes, parse_bytes, plan_training
 from edgecp.priors import ensure_priors, prior_key
+from edgecp.progress import Progress, ProgressEvent  # noqa: F401 (ProgressEvent: public here too)
+from edgecp.progress import emit as report
 from edgecp.prompts import concept_prompt
 from edgecp.scaling import grad_scaler
 from edgecp.scoped import quiet_libraries
 from edgecp.seeds import stream_seed
 from edgecp.store import Store, sha256_file
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    phase: str  # load | priors | encode | train | fisher | dsc | consolidate | commit
-    step: int
-    total: int
-    loss: float | None = None
-
-
-Progress = Callable[[ProgressEvent], None]
-
-
-def _emit(progress: Progress | None, phase: str, step: int, total: int, loss: float | None = None) -> None:
-    if progress:
-        progress(ProgressEvent(phase, step, total, loss))
 
 
 @quiet_libraries()
@@ -204,7 +189,7 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
     with PeakMeter(device) as meter:
         def emit(phase, i, n, loss=None):
             meter.enter(phase)
-            _emit(progress, phase, i, n, loss)
+            report(progress, phase, i, n, loss)
 
         emit("load", 0, 1)
         precision = replace(precision_of(plan), keep=method.keep_full_precision())
@@ -222,7 +207,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
     class_word, init_word = words
     size = cfg.resolution or comps.resolution
     prior_cfg = stored_prior(store.info["prior"])
-    prior_paths = ensure_priors(store, comps, prior_cfg, size, device, lambda i, n: emit("priors", i, n), plan)
+    prior_paths = ensure_priors(store, comps, prior_cfg, size, device, lambda ev: emit("priors", ev.step, ev.total), plan)
 
     head = store.manifest()
     previous = head["concepts"]
@@ -258,7 +243,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
         concept_texts(ctx)
         comps.text_encoder = None  # the token row lives on in ctx.token_row
         release_memory(device)
-    method.consolidate(ctx, lambda phase, i, n, loss=None: emit(phase, i, n, loss))
+    method.consolidate(ctx, lambda ev: emit(ev.phase, ev.step, ev.total, ev.loss))
 
     emit("commit", 0, 1)
     tensors = method.files(ctx)

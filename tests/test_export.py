@@ -308,7 +308,7 @@ def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, prof
 
     phases = []
     report = export_onnx(trained_store, profile, tmp_path / profile, external_data_min_bytes=0,
-                         progress=lambda phase, i, n: phases.append((phase, i, n)))
+                         progress=lambda ev: phases.append((ev.phase, ev.step, ev.total)))
     assert all(r["max_abs_diff"] <= r["tolerance"] for r in report["models"].values())
     assert ("vae_encoder" in report["models"]) == (profile != "edge-int8")
     stage = "quantize" if profile == "edge-int8" else "optimize"

@@ -25,13 +25,14 @@ LAYERS: list[tuple[str, int]] = [
     ("edgecp.world", 4), ("edgecp.images", 4), ("edgecp.memory", 4), ("edgecp.diffusion", 4),
     ("edgecp.planner", 5), ("edgecp.store", 5), ("edgecp.config", 5), ("edgecp.errors", 5), ("edgecp.integrity", 5),
     ("edgecp.profiles", 5), ("edgecp.render", 5), ("edgecp.outputs", 5), ("edgecp.prompts", 5), ("edgecp.paths", 5),
-    ("edgecp.scaling", 5), ("edgecp.scoped", 5), ("edgecp.seeds", 5), ("edgecp.atomic", 5), ("edgecp.heap", 5),
-    ("edgecp.sampling", 5),
+    ("edgecp.scaling", 5), ("edgecp.scoped", 5), ("edgecp.seeds", 5), ("edgecp.progress", 5), ("edgecp.atomic", 5),
+    ("edgecp.heap", 5), ("edgecp.sampling", 5),
 ]
 PACKAGE_INIT_LAYER = 6  # edgecp/__init__.py: imports nothing of edgecp
 # what the device runtime (`pip install 'edgecp[runtime]'`: numpy, pillow, tokenizers, onnxruntime) imports
 RUNTIME = ("edgecp.entry", "edgecp.runtime_cli", "edgecp.export.ort_runner", "edgecp.export.np_scheduler",
-           "edgecp.store", "edgecp.integrity", "edgecp.outputs")
+           "edgecp.store", "edgecp.integrity", "edgecp.outputs", "edgecp.progress", "edgecp.sampling", "edgecp.heap",
+           "edgecp.atomic")
 
 
 def modules() -> dict[str, Path]:

@@ -330,7 +330,7 @@ def test_tokenizer_matches_transformers_on_real_clip_vocab(tmp_path: Path) -> No
 def test_generate(runner: OnnxStableDiffusion) -> None:
     calls: list[tuple[int, int]] = []
     prompts = ["a photo of sks dog", "a red cat"]
-    images = runner(prompts, steps=2, seed=1, height=16, width=24, callback=lambda i, n: calls.append((i, n)))
+    images = runner(prompts, steps=2, seed=1, height=16, width=24, callback=lambda ev: calls.append((ev.step, ev.total)))
     assert calls == [(1, 2), (2, 2)]
     assert len(images) == 2
     for img in images:
@@ -510,7 +510,7 @@ def test_io_binding_loop_matches_host_loop(tiny: tuple[dict, Path], runner: Onnx
         calls: list[tuple[int, int]] = []
         a = runner(["a photo of sks dog", "a blue cat"], steps=3, seed=5, height=16, width=24, **kw)
         b = bound(["a photo of sks dog", "a blue cat"], steps=3, seed=5, height=16, width=24,
-                  callback=lambda i, n, calls=calls: calls.append((i, n)), **kw)
+                  callback=lambda ev, calls=calls: calls.append((ev.step, ev.total)), **kw)
         assert bound.io_binding_used and not runner.io_binding_used and calls == [(1, 3), (2, 3), (3, 3)]
         for x, y in zip(a, b):
             assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1  # float32 rounding

@@ -50,7 +50,7 @@ def _child_export(store: str, profile: str, out: str) -> None:
     # RSS sampled every 50 ms, its peak kept per stage (the progress callback's phase: "export unet", ...)
     with PeakMeter(torch.device("cpu"), interval=0.05) as meter:
         meter.enter("load")
-        report = export_onnx(store, profile, out, progress=lambda phase, _i, _n: meter.enter(phase))
+        report = export_onnx(store, profile, out, progress=lambda ev: meter.enter(ev.phase))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     print(json.dumps({"report": report, "seconds": time.perf_counter() - t0, "peak_rss": peak,
                       "stage_peak_rss": meter.phases}))

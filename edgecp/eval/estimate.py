@@ -27,8 +27,9 @@ LoRAs of C-LoRA and LoRA merge), the evaluation files and the training views. Th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from edgecp.progress import Progress, emit
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Estimate:
 
 
 def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup: int = 1,
-              progress: Callable[[str, int, int], None] | None = None) -> dict:
+              progress: Progress | None = None) -> dict:
     """Seconds per training iteration / image-step / base load of `base` on `device` (see the module docstring)."""
     import torch
     from diffusers import DDPMScheduler
@@ -82,7 +83,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
 
     def tick(phase, i, n):
         if progress:
-            progress(phase, i, n)
+            emit(progress, phase, i, n)
 
     tick("load", 0, 1)
     t = time.perf_counter()
@@ -129,7 +130,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
 
 
 def estimate(cfg, device: str | None = None, iterations: int = 3,
-             progress: Callable[[str, int, int], None] | None = None, calibration: dict | None = None) -> Estimate:
+             progress: Progress | None = None, calibration: dict | None = None) -> Estimate:
     """The estimate of bench `cfg` (see the module docstring); `calibration` skips the timing (tests, reuse)."""
     from edgecp.api import TINY_PRIOR, TINY_TRAIN, _build
     from edgecp.config import PriorConfig, TrainConfig, from_dict, replace

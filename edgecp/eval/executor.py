@@ -50,10 +50,10 @@ from edgecp.errors import EdgecpError
 from edgecp.eval.bench import BenchConfig, load_sequence, run_method, summarize, write_outputs
 from edgecp.eval.features import load_features
 from edgecp.eval.layout import CONFIG_FILE, RESULT_FILE, WORKER_FILE, eval_file, run_dir
+from edgecp.progress import Progress, emit  # events: phase "runs" counts runs, any other tasks
 
 RAY_FIX = "pip install 'edgecp[distributed]'"
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total); phase "runs" counts runs, any other tasks
 Log = Callable[[str], None]
 
 
@@ -202,11 +202,11 @@ class SerialExecutor:
 
             def tick(phase: str, task: int, _m=method, _s=seed, _b=base) -> None:
                 if progress:
-                    progress(f"{_m} s{_s}: {phase}", _b + task, total)
+                    emit(progress, f"{_m} s{_s}: {phase}", _b + task, total)
 
             run = run_one(cfg, method, seed, out, inputs[seed], tick)
             if progress:
-                progress("tasks", base + n, total)
+                emit(progress, "tasks", base + n, total)
             on_run(run)
 
 
@@ -265,7 +265,7 @@ class RayExecutor:
                 for ref in ready:
                     on_run(self._get(ref, *refs[ref], out))
                 if progress:
-                    progress("tasks", tasks_done(cfg, out, n), total)
+                    emit(progress, "tasks", tasks_done(cfg, out, n), total)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -324,8 +324,8 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
     todo = [(m, s) for m, s in runs if finished(out, m, s) is None]
     n_done = len(runs) - len(todo)
     if progress:
-        progress("runs", n_done, len(runs))
-        progress("tasks", tasks_done(cfg, out, len(seq)), len(runs) * len(seq))
+        emit(progress, "runs", n_done, len(runs))
+        emit(progress, "tasks", tasks_done(cfg, out, len(seq)), len(runs) * len(seq))
 
     names = [c.name for c in seq]
 
@@ -337,7 +337,7 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
         if log:
             log(run_line(run))
         if progress:
-            progress("runs", n_done, len(runs))
+            emit(progress, "runs", n_done, len(runs))
 
     executor.run(cfg, out, todo, seq, features, progress, on_run)
     return rebuild(out, cfg, seconds=round(time.perf_counter() - t0, 1), names=names)

@@ -9,7 +9,6 @@ edgecp's onnxruntime runner against PyTorch's image, PSNR at least the profile's
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from edgecp.export import references
 from edgecp.export.ort_runner import OnnxStableDiffusion, available_providers, session_options
 from edgecp.export.trace import ModelSpec
 from edgecp.profiles import DeviceProfile, load_profile
+from edgecp.progress import Progress
 
 GATE_SEED = 0
 CPU_ONLY_NOTE = "cpu-only: fp16 overflow not checked"
@@ -85,9 +85,9 @@ def parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile, optimiz
 
 
 def image_gate(folder: Path, profile: DeviceProfile, ref: references.Job, is_tiny: bool,
-               on_step: Callable[[int, int], None] | None = None, optimization: str = "all") -> dict:
+               on_step: Progress | None = None, optimization: str = "all") -> dict:
     """`ref`'s prompt, seed and steps through the export in `folder` (edgecp's onnxruntime runner, one session at a
-    time) against `ref.image` (PyTorch's). `on_step(step, steps)` after each denoising step.
+    time) against `ref.image` (PyTorch's). `on_step` gets a ProgressEvent ("sample") after each denoising step.
 
     Speed beside it: the median step (UNet call with both halves of guidance, and the DDIM update) of this image
     against PyTorch's steps drawing `ref` (`ref.step_seconds`; PyTorch's side always runs fp32 on the CPU), on

@@ -23,7 +23,6 @@ import gc
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +66,10 @@ from edgecp.model.base import stored_unet_dtype
 from edgecp.model.tokens import bake_tokens
 from edgecp.personal import PersonalModel, open_base
 from edgecp.profiles import DeviceProfile, load_profile
+from edgecp.progress import Progress, emit
 from edgecp.store import Store
 
-ExportProgress = Callable[[str, int, int], None]  # (phase, done, total): phase is "<stage> <model>" or "image gate"
+ExportProgress = Progress  # phases: "<stage> <model>", "reference image", "calibrate", "image gate"
 CPU = torch.device("cpu")
 
 
@@ -186,7 +186,7 @@ class ExportJob:
 
     def stage(self, stage: str, name: str, done: int) -> None:
         if self.progress:
-            self.progress(f"{stage} {name}", done, 1)
+            emit(self.progress, f"{stage} {name}", done, 1)
 
     # -- the job ----------------------------------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class ExportJob:
         if lora.has_adapter(self.comps.unet):
             lora.merge(self.comps.unet)
         progress = self.progress
-        step = (lambda _job, i, n: progress("reference image", i, n)) if progress else None
+        step = (lambda _job, i, n: emit(progress, "reference image", i, n)) if progress else None
         references.denoise(self.comps, [self.gate_job], step)
         self.calibrate()
         self.record("unet")
@@ -271,7 +271,7 @@ class ExportJob:
         steps, progress = self.profile.calibration_steps, self.progress
         total = len(self.calibration) * steps
         done = {id(job): k * steps for k, job in enumerate(self.calibration)}
-        step = (lambda job, i, _n: progress("calibrate", done[id(job)] + i, total)) if progress else None
+        step = (lambda job, i, _n: emit(progress, "calibrate", done[id(job)] + i, total)) if progress else None
         references.denoise(self.comps, self.calibration, step)
 
     def calibration_feeds(self, name: str) -> list[dict]:
@@ -393,7 +393,7 @@ class ExportJob:
         """The image gate through the export in tmp; raises Refused below the profile's `min_psnr`."""
         t0 = time.perf_counter()
         progress = self.progress
-        on_step = (lambda i, n: progress("image gate", i, n)) if progress else None
+        on_step = (lambda ev: emit(progress, "image gate", ev.step, ev.total)) if progress else None
         result = image_gate(self.tmp, self.profile, self.gate_job, self.store.info["base"].get("kind") == "tiny",
                             on_step, self.level)
         result["seconds"] = round(time.perf_counter() - t0, 2)

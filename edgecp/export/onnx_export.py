@@ -55,7 +55,7 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     (`edgecp.outputs.check_output_dir`). HEAD is read once: that version is loaded and recorded.
     `external_data_min_bytes` (default EXTERNAL_DATA_MIN_BYTES, 1 GiB; protobuf's hard limit is 2 GiB): fp32 weight
     bytes from which a model is written with one model.onnx_data; 0 writes every model that way.
-    `progress(phase, done, total)`: "reference <model>", "calibrate" per calibration step (static int8),
+    `progress` gets ProgressEvents whose phases are "reference <model>", "calibrate" per calibration step (static int8),
     "reference image" per gate-image step, then "<stage> <model>" (export, optimize, quantize, verify), each 0/1
     then 1/1, and "image gate" per denoising step.
     """

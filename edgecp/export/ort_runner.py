@@ -20,7 +20,7 @@ import functools
 import json
 import mmap
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
 from edgecp.export.step_graph import STEP_GRAPH
 from edgecp.heap import trim_heap
+from edgecp.progress import Progress, emit
 from edgecp.sampling import initial_latents  # noqa: F401 (shared with PyTorch; re-exported)
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
@@ -760,9 +761,9 @@ class OnnxStableDiffusion:
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str = "",
-        callback: Callable[[int, int], None] | None = None,
+        callback: Progress | None = None,
     ) -> list[Image.Image]:
-        """One image per prompt; ``callback(step, steps)`` after each denoising step (1-based)."""
+        """One image per prompt; ``callback`` gets a ProgressEvent ("sample", step, steps) after each denoising step."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt")
@@ -790,7 +791,7 @@ class OnnxStableDiffusion:
         return images
 
     def _host_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
-                   use_cfg: bool, callback: Callable[[int, int], None] | None) -> np.ndarray:
+                   use_cfg: bool, callback: Progress | None) -> np.ndarray:
         """The denoising loop through host memory; returns the final latents."""
         batch, steps = len(latents), len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
@@ -801,7 +802,7 @@ class OnnxStableDiffusion:
                 noise = uncond + np.float32(guidance) * (cond - uncond)
             latents = scheduler.step(noise, t, latents)
             if callback is not None:
-                callback(i + 1, steps)
+                emit(callback, "sample", i + 1, steps)
         return latents
 
     # ------------------------------------------------------------------------------------------ IO binding
@@ -822,7 +823,7 @@ class OnnxStableDiffusion:
         return self._step_session
 
     def _bound_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
-                    use_cfg: bool, callback: Callable[[int, int], None] | None) -> np.ndarray:
+                    use_cfg: bool, callback: Progress | None) -> np.ndarray:
         """The denoising loop with every large tensor on ``self.device``; returns the final latents (host)."""
         dev, dev_id = self.device, self.device_id  # the UNet's GPU (its session's device_id), never a fixed 0
         unet, step = self.unet.session, self.step_session()
@@ -852,5 +853,5 @@ class OnnxStableDiffusion:
             step.run_with_iobinding(sio)
             lat_v, in_v = sio.get_outputs()
             if callback is not None:
-                callback(i + 1, steps)
+                emit(callback, "sample", i + 1, steps)
         return lat_v.numpy()

@@ -9,7 +9,6 @@ Life of task n (see docs/architecture.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +20,7 @@ from edgecp.config import AdapterConfig, TrainConfig
 from edgecp.diffusion import LatentSet
 from edgecp.model.base import Components
 from edgecp.personal import ADAPTER_FILE, fold_base_delta, read_tensors
+from edgecp.progress import Progress
 
 
 @dataclass
@@ -46,7 +46,6 @@ class TaskContext:
     plan: object = None  # the memory plan (edgecp.planner.Plan): precision, checkpointing, micro-batch, DC chunk
 
 
-Progress = Callable[[str, int, int, float | None], None]  # (phase, step, total, loss)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from edgecp.personal import (
     split_tasks,
     to_host,
 )
+from edgecp.progress import emit
 
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
 CD_FILE = "cd_merge.safetensors"  # per concept: T_i of every K/V layer and C_i; the regulariser covariance
@@ -155,7 +156,7 @@ class CustomDiffusion(CustomDiffusionSequential):
                 p.copy_(start[k] + merged[k].to(p))
         ctx.extra["merged"] = merged
         if progress:
-            progress("consolidate", 1, 1, None)
+            emit(progress, "consolidate", 1, 1)
 
     def files(self, ctx: TaskContext) -> dict[str, dict[str, torch.Tensor]]:
         return {DELTA_FILE: ctx.extra["merged"], CD_FILE: join_tasks(ctx.extra["cd_tasks"], reg_cov=ctx.extra["reg_cov"])}

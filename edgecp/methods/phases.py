@@ -33,6 +33,7 @@ from edgecp.diffusion import denoise_loss
 from edgecp.methods.base import TaskContext
 from edgecp.model.quant import autocast_for
 from edgecp.personal import encode_text
+from edgecp.progress import emit
 from edgecp.scaling import loss_scale
 from edgecp.seeds import stream_seed
 
@@ -89,8 +90,7 @@ def predictor(unet, override: dict[str, torch.Tensor] | None = None):
 
 
 def _report(progress, phase: str, i: int, n: int, loss: float | None) -> None:
-    if progress:
-        progress(phase, i, n, loss)
+    emit(progress, phase, i, n, loss)
 
 
 def effective_batch(ctx: TaskContext) -> int:
