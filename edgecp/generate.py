@@ -17,6 +17,7 @@ from pathlib import Path
 from edgecp.errors import EdgecpError
 from edgecp.progress import Progress, emit
 from edgecp.prompts import expand
+from edgecp.scoped import quiet_libraries
 
 StepCallback = Progress  # ProgressEvent("sample", step, total) after each denoising step
 MAX_IMAGES = 10_000  # images per call, as config.MAX_PRIOR_IMAGES (priors are drawn through GenerateConfig)
@@ -172,7 +173,6 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
     from edgecp.model.shape import base_shape
     from edgecp.personal import open_base
     from edgecp.planner import parse_bytes, plan_generation
-    from edgecp.scoped import quiet_libraries
 
     shape = base_shape(open_base(store))
     size = cfg.size or shape.unet.sample_size * shape.vae_scale
@@ -181,6 +181,7 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
         return plan_generation(shape, size, cfg.n, device_info(device), budget)
 
 
+@quiet_libraries()
 def generate_from_store(
     store_root: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path,
     device: str | None = None, callback: StepCallback | None = None, memory_budget=None, on_plan=None,
@@ -195,15 +196,6 @@ def generate_from_store(
     `on_plan` receives the plan. bitsandbytes' and torchao's notices are quiet for the duration of the call
     (`edgecp.scoped.quiet_libraries`, levels restored after).
     """
-    from edgecp.scoped import quiet_libraries
-
-    with quiet_libraries():
-        return _generate_from_store(store_root, prompt, cfg, out_dir, device, callback, memory_budget, on_plan,
-                                    overwrite)
-
-
-def _generate_from_store(store_root, prompt, cfg, out_dir, device, callback, memory_budget, on_plan,
-                         overwrite) -> list[Path]:
     import torch
 
     from edgecp.outputs import absolute, check_output_dir

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from edgecp.errors import DamagedStoreError, EdgecpError
-from edgecp.integrity import EXPORT_META, WRITING_MARK, read_export_meta, tree_bytes
+from edgecp.integrity import EXPORT_META, WRITING_MARK, check_files, read_export_meta, tree_bytes
 from edgecp.store import MANIFEST, STORE_FILE, VERSION_RE, Store, check_version_name, link_problem
 
 REMOVE_MODES = ("exact", "token-only", "rollback")
@@ -296,14 +296,20 @@ def verify(root: str | Path) -> dict:
             problems.append(f"{p.name} has no {MANIFEST}: damaged")
     intact = []
     for v in store.versions():
-        bad = [f"{v}/{x}" if not x.startswith(f"{v}/") else x for x in store.version_problems(v)]
-        problems += bad
-        foreign += [f"{v}/{x} was not written by edgecp (not in the manifest)" for x in store.foreign_files(v)]
-        if bad:
+        try:
+            files = store.manifest(v).get("files")
+        except DamagedStoreError:
+            problems += store.version_problems(v)  # the manifest's own damage, as "vNNNN/manifest.json ..."
             continue
-        if store.manifest(v).get("files") is None:
+        if files is None:
             notes.append(f"{v}: no recorded hashes (written by an older edgecp); its files were not checked")
-        intact.append(v)
+            intact.append(v)
+            continue
+        bad = [f"{v}/{x}" for x in check_files(store.version_dir(v), files)]
+        problems += bad
+        foreign += [f"{v}/{x} was not written by edgecp (not in the manifest)" for x in store.foreign_files(v, files)]
+        if not bad:
+            intact.append(v)
     head = store.head_or_none()
     if head is None:
         problems.append("HEAD is missing, empty or not a version name")
@@ -349,10 +355,7 @@ def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[s
                       "the versions are not affected")
     elif problems:
         damaged = {p.split("/")[0] for p in problems if VERSION_RE.fullmatch(p.split("/")[0])}
-        try:
-            line = Store(root, store.info).chain(head) if head in intact else []
-        except DamagedStoreError:
-            line = []
+        line = store.chain_problem(head)[0] if head in intact else []
         steps = []
         if foreign:
             steps.append("move the entries edgecp did not write out of the store (nothing else is needed for them)")
@@ -365,7 +368,7 @@ def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[s
             if off_line:
                 steps.append(f"{', '.join(off_line)} are not on HEAD's line: restore them from a backup, or delete "
                              f"them with `edgecp gc --store {root}`")
-            if any(p.startswith("exports/") for p in problems) and not any(s.startswith("export") for s in steps):
+            if any(p.startswith("exports/") for p in problems):
                 steps.append(f"export again (`edgecp export --store {root}`) over damaged exports")
         elif damaged or head not in intact:
             good = [v for v in intact if v != head]
@@ -398,7 +401,7 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
         raise EdgecpError(f"--keep {keep} must be >= 1 (HEAD is always kept)")
     root = Path(root).expanduser()
     store = Store.open(root, recover=False)
-    leftovers = [p for p in store.leftovers()]
+    leftovers = store.leftovers()
     leftover_bytes = sum(tree_bytes(p) for p in leftovers)
     with store.writer(check_head=False, recover=not dry_run):
         head = store.head
@@ -409,13 +412,12 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
                 f"run `edgecp verify --store {store.root}`, then restore the file from a backup or "
                 f"`edgecp rollback --store {store.root} VERSION` to an intact version"
             )
-        try:
-            chain = store.chain(head)
-        except DamagedStoreError as e:
+        chain, damage = store.chain_problem(head)
+        if damage:
             raise DamagedStoreError(
-                f"gc deleted nothing: HEAD's history cannot be proven ({str(e).split(': ', 1)[-1]}); run `edgecp verify "
+                f"gc deleted nothing: HEAD's history cannot be proven ({damage}); run `edgecp verify "
                 f"--store {store.root}` and restore the damaged version from a backup"
-            ) from None
+            )
         chain = chain if keep is None else chain[:keep]
         kept = set(chain) | ({"v0000"} & set(store.versions()))
         versions_dir = store.root / "versions"
@@ -441,19 +443,12 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
         if doomed or exports:
             store.log({"action": "gc", "deleted": doomed, "exports": [d.name for d in exports]})
         for v in doomed:
-            store._trash(v)
+            store.trash_version(v)
         for d in exports:
             (d / WRITING_MARK).write_text("gc")  # a crash mid-delete leaves it for recovery, provably edgecp's
             trash = d.parent / f".trash-{d.name}"
             d.rename(trash)
-            store._remove(trash)
+            store.remove_entry(trash)
     return result
-
-
-def _parent(store: Store, v: str) -> str | None:
-    try:
-        return store.manifest(v).get("parent")
-    except DamagedStoreError:
-        return None
 
 

@@ -33,12 +33,13 @@ import uuid
 from pathlib import Path
 
 from edgecp.errors import EdgecpError
+from edgecp.integrity import EXPORT_META
 
 KINDS = ("onnx", "diffusers", "images")
 DESKTOP_FILES = ("Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed (besides dot-files)
 # what generate names its files: <prompt slug>-<version>-s<seed>[-onnx]-<index | grid>.png (edgecp.generate)
 IMAGE_NAME_RE = re.compile(r"[a-z0-9-]+-v[0-9]{4,}-s[0-9]+(-onnx)?-([0-9]+|grid)\.png")
-EXPORT_META = "edgecp.json"
+
 
 
 def absolute(path: str | Path) -> Path:

@@ -8,7 +8,7 @@ user's terminal, and the previous levels come back on exit (nested uses included
 - bitsandbytes logs `MatMul8bitLt: inputs will be cast from {dtype} to float16 during quantization` at WARNING from
   the logger `bitsandbytes.autograd._functions` on every call of every 8-bit layer whose input is not fp16
   (bitsandbytes 0.50.2, `bitsandbytes/autograd/_functions.py` line 129): hundreds of lines per training step.
-  It is a log record, not a warning, so `warnings.filterwarnings` (as `model/quant.py` has it) does not stop it.
+  It is a log record, not a warning, so a `warnings.filterwarnings` (model/quant.py had one) does not stop it.
 - bitsandbytes, torchao and torch's `_pytree` log notices about optional kernels when they are imported (e.g.
   "Failed to load CPU gemm_4bit_forward from kernels-community", "Unable to import `torchao` Tensor objects");
   `kernels` (imported by bitsandbytes) warns "Skipping publisher trust check" when the Hub is offline.

@@ -24,8 +24,10 @@ writer holds the lock removes temporary folders, interrupted commits and orphane
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -99,8 +101,6 @@ def _expect(cond: bool, what: str) -> None:
 
 def _check_fields(cls, d: dict, key: str) -> None:
     """Each value of `d` has the type of the dataclass field's default (JSON has no tuples: lists stand for them)."""
-    import dataclasses
-
     for f in dataclasses.fields(cls):
         if f.name not in d or f.default is dataclasses.MISSING or f.default is None:
             continue
@@ -292,10 +292,6 @@ class Store:
             )
         return m
 
-    def manifest_problem(self, version: str) -> str | None:
-        """Why a version's manifest cannot be used (None when it can)."""
-        return self._read_manifest(self.version_dir(version))[1]
-
     def _read_manifest(self, vdir: Path) -> tuple[dict | None, str | None]:
         try:
             if (vdir / MANIFEST).is_symlink():
@@ -321,8 +317,6 @@ class Store:
             return f"{MANIFEST_SUM} is missing" if m.get("sealed") else None  # unsealed: written by an older edgecp
         except (OSError, UnicodeDecodeError):
             return f"{MANIFEST_SUM} cannot be read"
-        import hashlib
-
         if hashlib.sha256(raw).hexdigest() != recorded:
             return f"it was changed after it was written: its sha256 does not match {MANIFEST_SUM}"
         return None
@@ -346,14 +340,9 @@ class Store:
         files = m.get("files")
         return check_files(self.version_dir(version), files, full) if files else []
 
-    def foreign_files(self, version: str) -> list[str]:
-        """Entries of a version's folder that its manifest does not list (never read, never copied forward)."""
-        try:
-            files = self.manifest(version).get("files")
-        except DamagedStoreError:
-            return []
-        if files is None:
-            return []
+    def foreign_files(self, version: str, files: dict) -> list[str]:
+        """Entries of a version's folder that its manifest's `files` does not list (never read, never copied
+        forward)."""
         return sorted(p.name for p in self.version_dir(version).iterdir()
                       if p.name not in (MANIFEST, MANIFEST_SUM) and p.name not in files)
 
@@ -361,22 +350,31 @@ class Store:
         """`version` (HEAD by default) and its parents, newest first, proven readable: every manifest reads and
         matches its seal, and every parent exists, is the empty store's root, or was deleted by `gc` (the reflog
         says so). Anything else raises DamagedStoreError naming the version."""
-        v = version or self.head
+        chain, problem = self.chain_problem(version or self.head)
+        if problem:
+            raise DamagedStoreError(f"store '{self.root}' is damaged: {problem}")
+        return chain
+
+    def chain_problem(self, version: str) -> tuple[list[str], str | None]:
+        """(`version` and the parents read so far, why the chain cannot be proven or None): `chain` without raising."""
+        v = version
         existing = set(self.versions())
         deleted = {d for e in self.reflog() if e.get("action") == "gc" for d in e.get("deleted", [])
                    if isinstance(d, str)}
         out: list[str] = []
         while v is not None:
             if v in out:
-                raise DamagedStoreError(f"store '{self.root}' is damaged: the parents of {out[0]} form a cycle at {v}")
+                return out, f"the parents of {out[0]} form a cycle at {v}"
             if v not in existing:
                 if out and v in deleted:
                     break  # history cut by gc --keep: proven by the reflog
-                what = f"{out[-1]}'s parent {v}" if out else v
-                raise DamagedStoreError(f"store '{self.root}' is damaged: {what} is missing or incomplete")
+                return out, f"{out[-1]}'s parent {v} is missing or incomplete" if out else f"{v} is missing or incomplete"
+            m, problem = self._read_manifest(self.version_dir(v))
+            if problem:
+                return out, problem
             out.append(v)
-            v = self.manifest(v).get("parent")
-        return out
+            v = m.get("parent")
+        return out, None
 
     def check_version(self, version: str | None = None) -> str:
         """Refuse a version whose files fail their recorded hashes (generate, export and add-concept call it)."""
@@ -472,26 +470,26 @@ class Store:
         """Finish or undo what an interrupted write left (call with the lock held): the version of an interrupted
         commit (named by .pending, never named by HEAD), temporary and trashed folders, half-written exports
         whose writer is gone, and staged photos. Never removes a version HEAD has named."""
+        link_problem_now = link_problem(self.root)
+        if link_problem_now:  # the store changed since it was opened: delete nothing
+            raise DamagedStoreError(f"store '{self.root}' is refused: {link_problem_now}; put the real folder in its "
+                                    "place, then retry")
         removed = []
         head = self.head_or_none()
         pending_file = self.root / PENDING
         if pending_file.exists() and head is not None:
             pending = self._abandoned_pending(head)
             if pending:
-                self._trash(pending)
+                self.trash_version(pending)
                 removed.append(pending)
             pending_file.unlink(missing_ok=True)
-        link_problem_now = link_problem(self.root)
-        if link_problem_now:  # the store changed under us: delete nothing
-            raise DamagedStoreError(f"store '{self.root}' is refused: {link_problem_now}; put the real folder in its "
-                                    "place, then retry")
         for p in self.leftovers():
             rel = p.relative_to(self.root).as_posix()
             if p.parent.name == "exports" and not p.is_symlink():
                 if remove_if_abandoned(p):
                     removed.append(rel)
                 continue
-            self._remove(p)
+            self.remove_entry(p)
             removed.append(rel)
         staging = self.root / "staging"
         with contextlib.suppress(OSError):
@@ -536,7 +534,7 @@ class Store:
                 return False
         return True
 
-    def _remove(self, path: Path) -> None:
+    def remove_entry(self, path: Path) -> None:
         """Delete an entry of the store: a link is unlinked (never followed), a folder removed only when no link
         lies between the store and it (shutil.rmtree itself unlinks links inside and never follows them)."""
         if path.is_symlink():
@@ -550,7 +548,7 @@ class Store:
         else:
             path.unlink(missing_ok=True)
 
-    def _trash(self, version: str) -> Path:
+    def trash_version(self, version: str) -> Path:
         """Take a version out of the store atomically (rename), then delete it; recovery finishes a crashed delete."""
         d = self.root / "versions" / check_version_name(version)
         if d.is_symlink() or not d.is_dir() or not self.inside(d):
@@ -559,7 +557,7 @@ class Store:
         trash = self.root / "versions" / f".trash-{version}-{uuid.uuid4().hex[:8]}"
         os.rename(d, trash)
         fsync_dir(self.root / "versions")
-        self._remove(trash)
+        self.remove_entry(trash)
         return trash
 
     def next_version(self) -> str:
