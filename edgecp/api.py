@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers import UNet2DConditionModel
+
 from edgecp.config import DEFAULT_METHOD, AdapterConfig, PriorConfig, TrainConfig, from_dict, replace, to_dict
 from edgecp.errors import EdgecpError
+from edgecp.images import MAX_IMAGES
+from edgecp.memory import given_device_info, resolve_device
+from edgecp.methods import build_method, method_class
+from edgecp.model.base import base_sha256, resolve_base
+from edgecp.model.single_file import config_folder, detect_family
+from edgecp.personal import open_base
+from edgecp.planner import parse_bytes
 from edgecp.scoped import quiet_libraries
 from edgecp.store import Store
+from edgecp.train import plan_add_concept
 
 # The embedded tiny model learns in seconds; paper-scale defaults (1000 x 8 iterations) would only waste time.
 TINY_TRAIN = dict(steps=150, batch_size=4, grad_accum=1, lr=1e-3, token_lr=5e-3)
@@ -15,7 +26,7 @@ TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10, sampler="base")
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
-@quiet_libraries()  # imports the model stack (diffusers, peft: torchao and bitsandbytes log notices)
+@quiet_libraries()  # the model stack's notices (torchao, bitsandbytes) while the base is read
 def init_store(
     root: str | Path,
     base: str,
@@ -31,15 +42,12 @@ def init_store(
 
     `memory_budget` ('6GB') becomes the default budget of add-concept and generate for this store.
     """
-    from edgecp.model.base import base_sha256, resolve_base
-    from edgecp.planner import parse_bytes
-
     if "{}" not in prompt_template:
         raise EdgecpError(f"prompt template '{prompt_template}' has no '{{}}' where the concept goes: e.g. 'a photo of a {{}}'")
     root = Path(root).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise EdgecpError(f"'{root}' already exists and is not empty: choose a new folder for the store")
-    m = _build(method, method_params, adapter)  # validates name, hyperparameters and adapter
+    m = make_method(method, method_params, adapter)  # validates name, hyperparameters and adapter
     tiny = base == "tiny"
     defaults = {**(TINY_TRAIN if tiny else {}), **type(m).train_defaults(tiny)}
     train_cfg = replace(TrainConfig(**defaults), **(train or {}))
@@ -48,8 +56,6 @@ def init_store(
     spec = resolve_base(base)
     unet_config = spec.path / "unet" if spec.path is not None and spec.path.is_dir() else None
     if spec.kind == "single_file":  # read the checkpoint's configuration now, refuse one we cannot load
-        from edgecp.model.single_file import config_folder, detect_family
-
         unet_config = config_folder(detect_family(spec.path)) / "unet"
     if unet_config is not None:  # before any prior image is drawn or any file written
         check_targets(unet_config, m.adapter, base)
@@ -65,7 +71,7 @@ def init_store(
     return Store.create(root, info)
 
 
-@quiet_libraries()  # planning on the CPU imports the model stack (memory.runtime_rss): its notices stay quiet
+@quiet_libraries()  # the model stack's notices (torchao, bitsandbytes) while the plan is made
 def plan_store(root: str | Path, memory_budget: str | int | None = None, overrides: dict | None = None,
                device: str | None = None, n_images: int = 4, force: dict | None = None,
                gpu_memory: str | int | None = None, gpu_capability: str | float | None = None):
@@ -77,13 +83,6 @@ def plan_store(root: str | Path, memory_budget: str | int | None = None, overrid
     its peak adds to the allocator's bytes: the context reserve, the fragmentation margin and bitsandbytes'
     retained inputs (edgecp/planner.py).
     """
-    import torch
-
-    from edgecp.images import MAX_IMAGES
-    from edgecp.memory import given_device_info, resolve_device
-    from edgecp.personal import open_base
-    from edgecp.train import plan_add_concept
-
     if isinstance(n_images, bool) or not isinstance(n_images, int) or not 1 <= n_images <= MAX_IMAGES:
         raise EdgecpError(f"--images {n_images} is out of range: a concept has 1 to {MAX_IMAGES} photos")
     info = None
@@ -108,14 +107,11 @@ def plan_store(root: str | Path, memory_budget: str | int | None = None, overrid
 def check_targets(unet_config: Path, adapter: AdapterConfig, base: str) -> None:
     """Refuse adapter targets that name no layer of the base's UNet, or a layer the adapter cannot train.
 
-    The UNet is built from its config on the meta device (no weights read or allocated: about a second for SD),
-    so the names are diffusers' module names whatever the base's file layout. A target matches a module whose name
-    is it or ends with '.' + it (peft's rule). Every matched module must be an nn.Linear (LoRA also takes
+    The UNet is built from its config on the meta device (no weights read or allocated), so the names are
+    diffusers' module names whatever the base's file layout. A target matches a module whose name is it or ends
+    with '.' + it (peft's rule). Every matched module must be an nn.Linear (LoRA also takes
     nn.Conv2d): VeRA, Custom Diffusion and CNS train Linear weights only, and peft refuses other modules.
     """
-    import torch
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_config))
     kinds = (torch.nn.Linear, torch.nn.Conv2d) if adapter.kind == "lora" else (torch.nn.Linear,)
@@ -135,10 +131,8 @@ def check_targets(unet_config: Path, adapter: AdapterConfig, base: str) -> None:
                               f"method cannot train (it trains {what} layers): name such layers, e.g. {inside}")
 
 
-def _build(method: str, params: dict | None, adapter: dict | None):
+def make_method(method: str, params: dict | None, adapter: dict | None):
     """The method object; the adapter defaults to the method's kind and rank (VeRA methods: vera, 256)."""
-    from edgecp.methods import build_method, method_class
-
     cls = method_class(method)
     a = dict(adapter or {})
     a.setdefault("kind", cls.adapter_kind)
@@ -148,11 +142,13 @@ def _build(method: str, params: dict | None, adapter: dict | None):
     return build_method(method, params or {}, from_dict(AdapterConfig, a, "adapter"))
 
 
-@quiet_libraries()  # imports the model stack (diffusers, peft: torchao and bitsandbytes log notices)
+
+
+@quiet_libraries()  # the model stack's notices (torchao, bitsandbytes) while the method is built
 def set_method(root: str | Path, method: str, params: dict | None = None, adapter: dict | None = None) -> Store:
     """Change the store's method; refused once the store holds concepts (their state belongs to the old one)."""
     store = Store.open(root)
-    m = _build(method, params, adapter)
+    m = make_method(method, params, adapter)
     with store.writer():
         n = len(store.concepts())
         if n:

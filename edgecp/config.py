@@ -1,4 +1,5 @@
-"""Frozen, self-validating configuration dataclasses. Every value is recorded in the store's manifest."""
+"""Frozen, self-validating configuration dataclasses. Every value is recorded in the store: the adapter, training and
+prior settings in store.json, and each concept's training settings (with its overrides) in its manifest entry."""
 
 from __future__ import annotations
 

@@ -12,7 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from edgecp.api import init_store
 from edgecp.errors import EdgecpError
+from edgecp.generate import GenerateConfig, generate_from_onnx, generate_from_store
+from edgecp.train import add_concept
 
 MARKER = ".edgecp-demo"
 CONCEPTS = [("cat", "chelsea", "cat"), ("mug", "coffee", "mug"), ("rocket", "rocket", "rocket")]
@@ -21,10 +28,6 @@ PROMPTS = ["a photo of <cat>", "a photo of <cat> cat. Posing with <mug> mug"]
 
 def write_demo_photos(folder: Path, image_name: str, views: int = 4, seed: int = 0) -> list[Path]:
     """Random crops (60-100% of the shorter side) and mirror flips of one bundled scikit-image photo, as JPEGs."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
     rng = np.random.default_rng(seed)
     im = Image.fromarray(getattr(data, image_name)()).convert("RGB")
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,10 +56,11 @@ def _prepare_out(out: Path) -> None:
 
 def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_steps: int = 20,
              progress: Callable[..., None] | None = None, log: Callable[[str], None] | None = None) -> dict:
-    from edgecp.api import init_store
+    """Run the demo into `out` (new, empty, or an earlier demo's folder, which is replaced): a store on the tiny
+    base, the three concepts learned one after the other (the last with `purge_source`), images from PyTorch,
+    an ONNX export (cpu-fp32) and images from onnxruntime. Writes OUT/demo-report.json and returns that summary."""
+    # lazy: the export imports onnxruntime, the [runtime] extra, which edgecp[train] does not install
     from edgecp.export.onnx_export import export_onnx
-    from edgecp.generate import GenerateConfig, generate_from_onnx, generate_from_store
-    from edgecp.train import add_concept
 
     say = log or (lambda _m: None)
     bar = progress or (lambda *a, **k: None)

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecp.images import load_square
+from edgecp.images import fit_square, open_rgb
 
 
 @dataclass
@@ -29,8 +30,16 @@ class LatentSet:
         return (self.mean[idx] + self.std[idx] * noise) * self.scale
 
 
-ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows; SD's encoder at 512 px
-# holds about 0.5 GB of activations per row, and encoding is once per task, so one at a time costs nothing that counts)
+ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows): SD's encoder at 512 px
+# holds a large activation per row, and encoding is once per task, so one at a time costs nothing that counts
+
+
+def load_square(path: Path, size: int) -> torch.Tensor:
+    """RGB image (`images.open_rgb`), centre-cropped to a square and resized to `size` (`images.fit_square`): a
+    float tensor (3, size, size) in [-1, 1]. Here, not in `images`, so that `images` stays torch-free (the
+    evaluation's torch-free modules read photos through it)."""
+    arr = np.asarray(fit_square(open_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 @torch.no_grad()

@@ -1,6 +1,9 @@
 """Text-to-image with a personal model: PyTorch (diffusers) or ONNX (onnxruntime, no torch imported).
 
-Both backends start from the same numpy-drawn latents for a seed, so their images are comparable.
+Both backends start from the same numpy-drawn latents for a seed, so their images are comparable. The device
+runtime (`edgecp generate --backend onnx`, `pip install 'edgecp[runtime]'`) imports this module: its top-level
+imports are torch-free, and the PyTorch backend imports torch and diffusers inside its functions. onnxruntime is
+imported only by the ONNX functions, since `edgecp[train]` does not install it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from edgecp.errors import EdgecpError
+from edgecp.integrity import read_export_meta
+from edgecp.outputs import absolute, check_output_dir
+from edgecp.planner import parse_bytes, plan_generation
+from edgecp.profiles import load_profile
 from edgecp.progress import Progress, emit
 from edgecp.prompts import expand
+from edgecp.sampling import initial_latents
 from edgecp.scoped import quiet_libraries
+from edgecp.store import Store
 
 StepCallback = Progress  # ProgressEvent("sample", step, total) after each denoising step
 MAX_IMAGES = 10_000  # images per call, as config.MAX_PRIOR_IMAGES (priors are drawn through GenerateConfig)
@@ -74,21 +85,18 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     loads it: SD's VAE overflows in fp16, and an fp16 autocast would run its convolutions in fp16 whatever its
     weights are (issue 22).
     """
+    # lazy: torch and diffusers stay off the device runtime (module docstring)
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
+    from edgecp.model.base import ddim_scheduler
     from edgecp.model.quant import autocast_for
-    from edgecp.sampling import initial_latents
 
     size = cfg.size or comps.resolution
     if size % comps.vae_scale:
         raise EdgecpError(f"--size {size} must be divisible by the VAE factor {comps.vae_scale}")
     scheduler = comps.scheduler
     if cfg.sampler is not None:
-        from diffusers import DDIMScheduler, DDPMScheduler
-
-        from edgecp.model.base import ddim_scheduler
-
         scheduler = ddim_scheduler(comps.scheduler.config, {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.sampler])
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
@@ -127,7 +135,7 @@ def decode_latents(pipe, latents) -> list:
     """PIL images of the pipeline's final latents, decoded as StableDiffusionPipeline decodes them (the same
     operations: scale, `vae.decode`, `image_processor.postprocess`, so an fp32 plan gives the same images as the
     pipeline's own decode) but with autocast off, whatever the caller has on, and the latents in the VAE's dtype."""
-    import torch
+    import torch  # lazy: off the device runtime (module docstring)
 
     vae = pipe.vae
     device_type = latents.device.type if latents.device.type in ("cpu", "cuda") else "cpu"
@@ -142,8 +150,7 @@ def slug(prompt: str, limit: int = 48) -> str:
 
 
 def grid(images: list, cols: int | None = None):
-    from PIL import Image
-
+    """The images in one picture, `cols` per row (default: a square grid), on white."""
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
@@ -167,18 +174,18 @@ def save_images(images: list, out_dir: Path, stem: str) -> list[Path]:
     return paths + [g]
 
 
+@quiet_libraries()  # the model stack's import notices (torchao, bitsandbytes), on a first import here
 def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
     """The memory plan of `generate` on this store (no model loaded)."""
+    # lazy: these import torch and diffusers, kept off the device runtime (module docstring)
     from edgecp.memory import device_info
     from edgecp.model.shape import base_shape
     from edgecp.personal import open_base
-    from edgecp.planner import parse_bytes, plan_generation
 
     shape = base_shape(open_base(store))
     size = cfg.size or shape.unet.sample_size * shape.vae_scale
     budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
-    with quiet_libraries():  # device_info imports the model stack
-        return plan_generation(shape, size, cfg.n, device_info(device), budget)
+    return plan_generation(shape, size, cfg.n, device_info(device), budget)
 
 
 @quiet_libraries()
@@ -196,11 +203,9 @@ def generate_from_store(
     `on_plan` receives the plan. bitsandbytes' and torchao's notices are quiet for the duration of the call
     (`edgecp.scoped.quiet_libraries`, levels restored after).
     """
-    import torch
+    import torch  # lazy: off the device runtime (module docstring)
 
-    from edgecp.outputs import absolute, check_output_dir
     from edgecp.personal import PersonalModel, default_device
-    from edgecp.store import Store
 
     store_root = absolute(store_root)
     out_dir = check_output_dir(out_dir, store_root, overwrite=overwrite, kind="images")
@@ -221,9 +226,6 @@ def find_export(store_root: str | Path) -> Path:
 
     An export counts only when its edgecp.json (written last) is present and every file matches the sha256 it
     records: a folder left by a killed export, or one whose files changed, is never picked up."""
-    from edgecp.integrity import read_export_meta
-    from edgecp.store import Store
-
     store = Store.open(store_root)
     head = store.head
     candidates, damaged = [], []
@@ -252,6 +254,7 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
     """The execution providers of an export's profile that this onnxruntime has, and a note when the profile's GPU
     provider is missing (a CPU build of onnxruntime). None: the profile lists a GPU provider that is present; the
     runner then tries it and falls back to the CPU with its own note when it cannot start (no GPU, CUDA, cuDNN)."""
+    # lazy: onnxruntime is the [runtime] extra, not installed by edgecp[train] (module docstring)
     import onnxruntime as ort
 
     from edgecp.export.ort_runner import GPU_PROVIDERS, available_providers
@@ -259,8 +262,6 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
     listed = meta.get("providers")
     if not listed:  # exports before the report recorded them: the shipped profile of that name
         try:
-            from edgecp.profiles import load_profile
-
             listed = list(load_profile(meta.get("profile", "cpu-fp32")).providers)
         except EdgecpError:
             listed = ["CPUExecutionProvider"]
@@ -284,15 +285,12 @@ def generate_from_onnx(
     provider was not used (the runner then runs on the CPU). The images are labelled with the version the export
     holds (its edgecp.json). `out_dir` follows generate_from_store's rules, kept out of the store the export came
     from (the store its edgecp.json names, and the one whose exports/ folder holds it)."""
-    from edgecp.export.ort_runner import OnnxStableDiffusion
-    from edgecp.outputs import absolute, check_output_dir
+    from edgecp.export.ort_runner import OnnxStableDiffusion  # lazy: onnxruntime (module docstring)
 
     onnx_dir = absolute(onnx_dir)  # a link is still refused as one below
     meta_file = onnx_dir / "edgecp.json"
     if not meta_file.is_file():
         raise EdgecpError(f"'{onnx_dir}' is not an edgecp ONNX export (no edgecp.json): run `edgecp export` first")
-    from edgecp.integrity import read_export_meta
-
     meta, problems = read_export_meta(onnx_dir)
     if problems:
         raise EdgecpError(f"export '{onnx_dir}' is not intact: {problems[0]}; export again with `edgecp export`")

@@ -20,6 +20,9 @@ import stat
 import warnings
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageOps
+
 from edgecp.errors import EdgecpError
 from edgecp.integrity import sha256_file
 
@@ -73,8 +76,6 @@ def dedupe_by_content(paths: list[Path]) -> list[Path]:
 
 def validate_image(path: Path) -> tuple[int, int]:
     """Decode the whole file; return (width, height) or raise naming the file and the rule it breaks."""
-    from PIL import Image
-
     too_large = f"image '{path}' is too large: resize it to at most {MAX_PIXELS:,} pixels (e.g. 8000x8000)"
     try:
         with warnings.catch_warnings():
@@ -111,9 +112,6 @@ def validate_images(args: list[str | Path]) -> list[Path]:
 
 def to_rgb(im):
     """A PIL image as 8-bit RGB: high-bit-depth greyscale scaled by its depth, transparency composited on grey."""
-    import numpy as np
-    from PIL import Image
-
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16"):
@@ -204,8 +202,6 @@ def _same_inode(path: Path, dev: int, ino: int) -> bool:
 
 def open_rgb(path: Path):
     """The image at `path`, upright (EXIF) and RGB (alpha composited, 16-bit scaled: `to_rgb`)."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as im:
         return to_rgb(ImageOps.exif_transpose(im))
 
@@ -213,16 +209,4 @@ def open_rgb(path: Path):
 def fit_square(im, size: int, resample=None):
     """The one square crop: centre-cropped to a square and resized to size x size (PIL's `ImageOps.fit`). Bicubic
     unless the caller names its resampler (the bench's views keep Lanczos, so its numbers stay bit-identical)."""
-    from PIL import Image, ImageOps
-
     return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC if resample is None else resample)
-
-
-def load_square(path: Path, size: int):
-    """RGB image, shorter side resized to `size`, centre-cropped: a float tensor (3, size, size) in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    im = fit_square(open_rgb(path), size)
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from edgecp.atomic import write_json_atomic
@@ -59,8 +60,6 @@ def check_files(folder: Path, files: dict[str, dict], full: bool = True) -> list
     """Problems of `folder` against its recorded `files` (empty when intact): a name that is not a plain relative
     path, a symbolic link on the way (edgecp writes none and follows none), missing, not a regular file, size or
     sha256 mismatch. `full=False` compares sizes only (cheap)."""
-    import stat
-
     problems = []
     if not isinstance(files, dict):
         return ["the file record is not an object"]

@@ -24,8 +24,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from safetensors.torch import save
+
+from edgecp.config import AdapterConfig, from_dict
 from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.integrity import EXPORT_META, WRITING_MARK, check_files, read_export_meta, tree_bytes
+from edgecp.methods import build_method, method_class, method_names
+from edgecp.personal import TOKENS_FILE, read_tensors
 from edgecp.store import MANIFEST, STORE_FILE, VERSION_RE, Store, check_version_name, link_problem
 
 REMOVE_MODES = ("exact", "token-only", "rollback")
@@ -34,15 +39,11 @@ REMOVE_MODES = ("exact", "token-only", "rollback")
 # -- what each method can remove ---------------------------------------------------------------------------
 def removal_support(method: str) -> str:
     """'exact' or 'token-only' (rollback works for every method)."""
-    from edgecp.methods import method_class
-
     return method_class(method).removal
 
 
 def removal_table() -> list[dict]:
     """Per method: how `remove-concept` works, for `edgecp methods` and the README."""
-    from edgecp.methods import method_class, method_names
-
     rows = []
     for name in method_names():
         cls = method_class(name)
@@ -206,12 +207,6 @@ def _holding(store: Store, name: str, exclude: str | None) -> list[str]:
 
 
 def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
-    from safetensors.torch import save
-
-    from edgecp.config import AdapterConfig, from_dict
-    from edgecp.methods import build_method
-    from edgecp.personal import TOKENS_FILE, read_tensors
-
     vdir = store.version_dir()
     position = [c["name"] for c in m["concepts"]].index(name)
     entry = m["concepts"][position]
@@ -351,8 +346,8 @@ def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[s
         problems.append(f"{link}: edgecp refuses the store until the real folder or file is in its place")
         suggestion = f"replace the link with what it points to (mv), then run `edgecp verify --store {root}` again"
     elif info_problem:
-        suggestion = (f"restore {STORE_FILE} from a backup (it is written once by `edgecp init` and never changes); "
-                      "the versions are not affected")
+        suggestion = (f"restore {STORE_FILE} from a backup (`edgecp init` writes it, `edgecp set-method` "
+                      "changes it); the versions are not affected")
     elif problems:
         damaged = {p.split("/")[0] for p in problems if VERSION_RE.fullmatch(p.split("/")[0])}
         line = store.chain_problem(head)[0] if head in intact else []

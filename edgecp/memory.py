@@ -23,12 +23,17 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers  # noqa: F401 (the model stack: `runtime_rss` measures the process with it imported)
+import peft  # noqa: F401
 import torch
+import torchao  # noqa: F401
+import transformers  # noqa: F401
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+from transformers import CLIPTextModel  # noqa: F401
 
 from edgecp.errors import EdgecpError
 from edgecp.heap import set_mmap_threshold, trim_heap
 from edgecp.planner import DeviceInfo, Workload, fmt_bytes, parse_bytes
-from edgecp.scoped import quiet_libraries
 
 DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 # Planning for a GPU that is not here (`edgecp plan --device cuda --gpu-memory 8GB`): without --gpu-capability we
@@ -122,20 +127,9 @@ def device_info(device: torch.device) -> DeviceInfo:
 
 
 def runtime_rss() -> int:
-    """Resident bytes of this process once the model stack is imported (the planner's runtime term on the CPU):
-    measured rather than assumed, since it differs between environments by 0.1 GB and more. The imports log
-    notices (torchao, bitsandbytes through peft): kept quiet for their duration only."""
-    with quiet_libraries():
-        import diffusers  # noqa: F401
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-        from transformers import CLIPTextModel  # noqa: F401
-
-        try:  # diffusers imports it when installed, and 16/8-bit plans use it
-            import torchao  # noqa: F401
-        except ImportError:
-            pass
+    """Resident bytes of this process with the model stack imported (the planner's runtime term on the CPU): this
+    module imports diffusers, transformers, peft and torchao (with their model classes), so the number includes
+    them. Measured rather than assumed, since it differs between environments."""
     return current_rss()
 
 
@@ -214,8 +208,8 @@ def compact_allocator():
     """Large frees go back to the OS at once while the base is being converted (glibc only; else a no-op).
 
     glibc raises its mmap threshold after a large free, so the 16-bit copies freed as layers are quantized stay in
-    the heap and count in the peak (measured: 2.63 GB -> 2.23 GB peak for SD 1.5 at int8). We set the threshold to
-    1 MiB for the load, then to glibc's own ceiling (32 MiB) so that training allocations stay fast.
+    the heap and count in the peak (docs/history/core.md has the figures). We set the threshold to 1 MiB for the
+    load, then to glibc's own ceiling (32 MiB) so that training allocations stay fast.
     """
     set_mmap_threshold(1 << 20)
     try:

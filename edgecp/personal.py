@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from edgecp.adapters import lora
 from edgecp.config import AdapterConfig, from_dict, replace
 from edgecp.errors import DamagedStoreError, EdgecpError
+from edgecp.model import quant
 from edgecp.model.base import BaseSpec, Components, base_sha256, load_components, resolve_base
 from edgecp.model.host import host, to_host  # noqa: F401 (the boundary, re-exported)
 from edgecp.model.tokens import load_concept_tokens
@@ -69,19 +70,16 @@ class PersonalModel:
         the adapted layers fp32, the adapter unmerged and fp32); without one, in full precision (export, merges).
 
         `stream` (full precision): the UNet is read tensor by tensor (`edgecp.model.quant.stream_unet`) instead of
-        by diffusers, whose fp32 load of an fp16 file holds the mapped fp16 file beside the fp32 copy of everything
-        (SD1.5 stored fp16: 6.5 GB while loading for export)."""
+        by diffusers, whose fp32 load of an fp16 file holds the mapped fp16 file beside the fp32 copy of everything."""
         device = torch.device(device) if device is not None else default_device()
         version = store.check_version(version)  # refuse files that fail the hashes the manifest recorded
         spec = open_base(store)
         if plan is None and not stream:
             comps = load_components(spec)
         else:
-            from edgecp.model.quant import Precision, load_planned, precision_of
-
             keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
-            precision = precision_of(plan) if plan is not None else Precision("fp32")
-            comps = load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
+            precision = quant.precision_of(plan) if plan is not None else quant.Precision("fp32")
+            comps = quant.load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
         vdir = store.version_dir(version)
         concepts = store.manifest(version)["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
@@ -136,9 +134,7 @@ def effective_adapter(store: Store, version: str | None = None) -> AdapterConfig
     adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
     rank = store.manifest(version).get("adapter_rank")
     if rank and rank != adapter.rank:
-        from edgecp.adapters.lora import with_rank
-
-        adapter = with_rank(adapter, rank)
+        adapter = lora.with_rank(adapter, rank)
     return adapter
 
 

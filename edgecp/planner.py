@@ -20,14 +20,14 @@ The peak model (bytes):
 Activations come from the UNet's structure: U = sum over its ResNet and transformer blocks of C_l * h_l^2 (channels
 times latent area at that level). Without checkpointing a row keeps ACT_FULL * U values for the backward pass; with
 checkpointing it keeps ACT_SAVED * U plus one block's recomputation, ACT_BLOCK * max_l(C_l h_l^2). The coefficients
-were fitted on measured peaks (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory.md) and are checked
-against the tiny base by tests/test_planner.py.
+were fitted on measured peaks (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory/README.md) and are
+checked against the tiny base by tests/test_planner.py.
 
 On CUDA (issue 22) the peak is what the process holds on the GPU, not only `torch.cuda.max_memory_allocated`:
     peak(phase) = allocated(phase) + bitsandbytes retained inputs(phase) + fragmentation margin + context reserve
 named terms that `Plan.cuda_terms` keeps per phase and `edgecp plan` prints (`cuda_term_names`):
 - **context reserve** `CUDA_CONTEXT` = 0.5 GB: the CUDA context with cuBLAS/cuDNN handles and the kernels loaded
-  lazily, outside the allocator's counters. Our number, not measured here (no GPU was lent): 0.3-0.5 GB with
+  lazily, outside the allocator's counters. Our number, not measured by edgecp on a GPU: 0.3-0.5 GB with
   CUDA's lazy module loading (the default since CUDA 11.7/12), 0.7-0.8 GB without it (PyTorch forum answers,
   "What is the reason for pytorch's GPU memory floor", "High gpu memory overhead"); we take the top of the lazy range.
 - **fragmentation margin** `CUDA_FRAGMENTATION` = 10% of the allocator's peak (allocated + retained): what the
@@ -89,8 +89,8 @@ SPEED = {
 SMALL_UNET = 100e6  # below this many UNet parameters a CPU gains nothing from bf16 (op overhead dominates)
 CHECKPOINT_COST = 1.35  # one more forward pass per block
 CHUNK_COST = 1.3  # the two-pass chunked DC/DSC backward adds a no-grad forward
-# A plan is chosen only if its predicted peak is within this share of the budget: the predictions were within +-10%
-# of the measured peaks, and a plan predicted at 3.00 GB under a 3 GB budget peaked at 3.11 GB (docs/memory).
+# A plan is chosen only if its predicted peak is within this share of the budget: room for the predictions' error
+# against measured peaks (docs/memory/README.md; the figures that set it: docs/history/core.md, "planner").
 HEADROOM = 0.92
 
 
@@ -549,7 +549,7 @@ def plan_generation(shape: BaseShape, resolution: int, n: int, device: DeviceInf
                 best = (speed, plan, batch)
     if best is None:
         raise EdgecpError(
-            f"--memory-budget {fmt_bytes(limit)} is below the smallest generation plan for {resolution} px "
+            f"{_limit_name(device, budget)} is below the smallest generation plan for {resolution} px "
             f"({fmt_bytes(smallest[1].peak)}): pass --memory-budget {_round_up(smallest[1].peak / HEADROOM)} or more, "
             "or a smaller --size"
         )

@@ -1,6 +1,6 @@
-"""The starting noise and the sampling config rule shared by PyTorch's schedulers and the torch-free ONNX runner. Torch-free, at the bottom
-of the layers, so that `model.base` (PyTorch) and `export.np_scheduler` (the device runtime) both read it without
-importing each other."""
+"""The starting noise and the sampling config rule shared by PyTorch's schedulers and the torch-free ONNX runner.
+Torch-free, at the bottom of the layers, so that `model.base` (PyTorch) and `export.np_scheduler` (the device
+runtime) both read it without importing each other."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ def ddim_config(config: Mapping[str, Any]) -> dict[str, Any]:
     - ``clip_sample`` is False and ``steps_offset`` is 1, whatever the file says: diffusers'
       ``StableDiffusionPipeline.__init__`` rewrites a scheduler it is given to exactly these two values (with a
       FutureWarning), so that is what PyTorch draws with. A config without ``clip_sample`` (stabilityai's SD 2.x 768-v
-      EulerDiscreteScheduler config) read by ``DDIMScheduler.from_config`` gets DDIM's default True; before this
-      function the export's scheduler file said True, edgecp's runner clipped x0 to [-1, 1] while the pipeline did
-      not, and the fp32 image gate failed (docs/export/README.md has the figures). Clipping latents is
-      wrong for latent diffusion anyway: SD's own DDIM configs set it false.
+      EulerDiscreteScheduler config) read by ``DDIMScheduler.from_config`` would get DDIM's default True, and a
+      runner reading that file would clip x0 to [-1, 1] where the pipeline does not (docs/history/core.md,
+      "sampling"). Clipping latents is wrong for latent diffusion anyway: SD's own DDIM configs set it false.
     - ``set_alpha_to_one`` defaults to False when absent (our choice; diffusers' DDIM default is True): every SD 1.x
       and 2.x scheduler config (runwayml v1-5's PNDM, stabilityai 2-base / 2 / 2-1's DDIM, Euler and PNDM ones, the
       shipped ``model/assets/sd-configs``) sets it false, so a config that omits it is most likely a hand-written SD

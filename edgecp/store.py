@@ -3,7 +3,7 @@
 Layout::
 
     STORE/
-      store.json            identity and settings, written once by `init`
+      store.json            identity and settings, written by `init` (`set-method` rewrites it on a store without concepts)
       HEAD                  name of the current version; replaced by rename at commit
       versions/v0003/       manifest.json + the method's safetensors (adapter, tokens, fisher, ...)
       priors/<key>/         prior-class images the base model generated (not user data)
@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgecp.atomic import fsync_dir, write_json_atomic
+from edgecp.config import CONCEPT_NAME_RE, AdapterConfig, PriorConfig, TrainConfig, from_dict
 from edgecp.errors import DamagedStoreError, EdgecpError, StoreLockedError
 from edgecp.integrity import check_files, is_abandoned_export, remove_if_abandoned, sha256_file
 
@@ -121,8 +122,6 @@ def _check_fields(cls, d: dict, key: str) -> None:
 def validate_info(info: object) -> dict:
     """store.json against its schema: the keys `edgecp init` writes, with their types, and the training, adapter and
     prior settings as their config classes accept them. Raises ValueError naming the first bad key."""
-    from edgecp.config import AdapterConfig, PriorConfig, TrainConfig, from_dict
-
     _expect(isinstance(info, dict), "it is not a JSON object")
     for key in ("base", "method", "adapter", "train", "prior"):
         _expect(isinstance(info.get(key), dict), f"'{key}' is missing or not an object")
@@ -147,8 +146,6 @@ def validate_info(info: object) -> dict:
 
 def validate_manifest(m: object) -> dict:
     """A manifest's structure, and every name in it that edgecp turns into a path or a token (ValueError if not)."""
-    from edgecp.config import CONCEPT_NAME_RE
-
     _expect(isinstance(m, dict) and isinstance(m.get("concepts"), list), "not an edgecp manifest")
     for c in m["concepts"]:
         _expect(isinstance(c, dict) and isinstance(c.get("name"), str) and CONCEPT_NAME_RE.fullmatch(c["name"])
@@ -230,7 +227,7 @@ class Store:
             why = type(e).__name__ if isinstance(e, (OSError, json.JSONDecodeError)) else str(e)
             raise DamagedStoreError(
                 f"store '{root}' is damaged: {STORE_FILE} cannot be read ({why}); restore it from a backup "
-                f"(it is written once by `edgecp init`), then run `edgecp verify --store {root}`"
+                f"(`edgecp init` writes it, `edgecp set-method` changes it), then run `edgecp verify --store {root}`"
             ) from None
         if info.get("format") != FORMAT:
             raise EdgecpError(f"store '{root}' has format {info.get('format')}, this edgecp reads format {FORMAT}")
@@ -238,8 +235,8 @@ class Store:
             validate_info(info)
         except ValueError as e:
             raise DamagedStoreError(
-                f"store '{root}' has a bad {STORE_FILE}: {e}; restore it from a backup (it is written once by "
-                f"`edgecp init`) or correct that value, then run `edgecp verify --store {root}`"
+                f"store '{root}' has a bad {STORE_FILE}: {e}; restore it from a backup (`edgecp init` "
+                f"writes it, `edgecp set-method` changes it) or correct that value, then run `edgecp verify --store {root}`"
             ) from None
         store = cls(root, info)
         if recover:

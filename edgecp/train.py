@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save
 
 from edgecp import seeds
 from edgecp.config import (
@@ -218,8 +220,6 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
     token_row = concept_embedding(comps.text_encoder).rows[-1]
 
     method_info = store.info["method"]
-    from diffusers import DDPMScheduler
-
     ctx = TaskContext(
         index=len(previous) + 1, name=name, token=token, class_word=class_word,
         prompt=concept_prompt(store.info["prompt_template"], token, class_word), prior_prompt=prior_cfg.prompt,
@@ -393,6 +393,4 @@ def _train_loop(ctx: TaskContext, method, emit) -> list[float]:
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})

@@ -10,7 +10,8 @@ from conftest import make_photos, tree_snapshot
 from PIL import Image
 
 from edgecp.errors import EdgecpError
-from edgecp.images import load_square, validate_images
+from edgecp.diffusion import load_square
+from edgecp.images import validate_images
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):

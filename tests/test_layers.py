@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgecp"
 # top (1) to bottom (6): a module may import modules of its own layer or below, never above. Within a layer the
 # graph must still be acyclic. The first matching prefix decides (most specific first).
 LAYERS: list[tuple[str, int]] = [
-    ("edgecp.cli", 1), ("edgecp.cli_store", 1), ("edgecp.entry", 1), ("edgecp.runtime_cli", 1),
+    ("edgecp.cli", 1), ("edgecp.entry", 1), ("edgecp.runtime_cli", 1),
     ("edgecp.__main__", 1), ("edgecp.demo", 1),
     ("edgecp.api", 2), ("edgecp.train", 2), ("edgecp.generate", 2), ("edgecp.export", 2), ("edgecp.eval", 2),
     ("edgecp.lifecycle", 2), ("edgecp.priors", 2),
@@ -150,3 +150,31 @@ def test_named_seed_streams_draw_what_the_salts_drew():
     assert got == {"TRAIN": 3002, "BENCH_IMAGES": 3002, "CNS_IMPORTANCE": 95, "REFERENCE_LOSS": 1841,
                    "FISHER": 23759, "DSC": 314189}
     assert seeds.PRIORS == 1234
+
+
+def test_numpy_streams_draw_what_the_unnamed_keys_drew():
+    """The numpy streams and fixed seeds edgecp.seeds names (issue 23, second pass) draw what the unnamed keys drew:
+    the numbers below were drawn with the old expressions, np.random.default_rng([3, 0x5EC]),
+    default_rng([3, 1 | 2, zlib.crc32(b"chelsea")]), default_rng(12345) and default_rng(0), before the names
+    existed (and the export's seeds are the old GATE_SEED 0, CALIBRATION_SEED 1000, trace and estimate seeds 0)."""
+    import zlib
+
+    from edgecp import seeds
+    from edgecp.eval import sequences
+    from edgecp.world import data
+
+    picks = seeds.numpy_stream(3, seeds.PROCEDURAL_CONCEPTS).choice(3600, 4, replace=False).tolist()
+    assert picks == [728, 3152, 3289, 2308]
+    got = [(c.name, c.source.shape, c.source.pattern, c.source.colour, c.source.accent, c.source.freq,
+            round(c.source.angle, 6)) for c in sequences.procedural_sequence(3, seed=3)]
+    assert got == [("p00", "crescent", "solid", "red", "teal", 5, 7.392424),
+                   ("p01", "crescent", "stripes", "blue", "purple", 5, 146.394679),
+                   ("p02", "square", "checker", "red", "black", 4, 64.812395)]
+    assert seeds.numpy_stream(3, seeds.TRAIN_VIEWS, zlib.crc32(b"chelsea")).integers(0, 1000, 4).tolist() == [
+        933, 655, 88, 121]
+    assert sequences._rng(3, "train", "chelsea").integers(0, 1000, 4).tolist() == [933, 655, 88, 121]
+    assert sequences._rng(3, "target", "chelsea").integers(0, 1000, 4).tolist() == [529, 596, 804, 486]
+    fine = data._noise_banks()[0][0, 0, 0].tolist()  # the first pixel of the fine bank: default_rng(12345)'s first draws
+    assert fine == pytest.approx([-1.423825, 1.263728, -0.870662], abs=1e-6)
+    assert seeds.numpy_stream(seeds.CAPTION_WORDING).integers(0, 100, 3).tolist() == [85, 63, 51]
+    assert (seeds.EXPORT_GATE, seeds.EXPORT_CALIBRATION, seeds.TRACE_EXAMPLE, seeds.CALIBRATION_RUN) == (0, 1000, 0, 0)

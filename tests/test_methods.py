@@ -171,10 +171,10 @@ def check_paper_cd(root):
     """The paper's CD (issue 10): base_delta is Kumari et al.'s merge of the stored (T_i, C_i); remove-concept
     re-merges the others exactly."""
     from edgecp.lifecycle import remove_concept
-    from edgecp.methods.custom_diffusion import CD_FILE, _split_tasks, merge_all
+    from edgecp.methods.custom_diffusion import CD_FILE, split_cd_tasks, merge_all
 
     v = root / "versions" / "v0003"
-    tasks, reg = _split_tasks(load_file(str(v / CD_FILE)))
+    tasks, reg = split_cd_tasks(load_file(str(v / CD_FILE)))
     assert len(tasks) == 3 and reg.shape == (64, 64)
     merged = load_file(str(v / "base_delta.safetensors"))
     again = merge_all(tasks, reg)
@@ -186,7 +186,7 @@ def check_paper_cd(root):
     assert torch.allclose(tasks[0][k], t1[k].double().matmul(f1.double().T).float(), atol=1e-5)
     remove_concept(root, "bb")
     head = sorted((root / "versions").iterdir())[-1]
-    left, _ = _split_tasks(load_file(str(head / CD_FILE)))
+    left, _ = split_cd_tasks(load_file(str(head / CD_FILE)))
     assert len(left) == 2 and torch.equal(left[1]["features"], tasks[2]["features"])
     after = load_file(str(head / "base_delta.safetensors"))
     expect = merge_all([tasks[0], tasks[2]], reg)

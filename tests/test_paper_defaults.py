@@ -13,7 +13,7 @@ from conftest import make_photos, new_store
 from safetensors.torch import load_file
 
 from edgecp.consolidation.clora import clora_penalty, occupied_norm, relative_penalty
-from edgecp.consolidation.dc_scores import _errors, dc_scores, entropy
+from edgecp.consolidation.dc_scores import dc_errors, dc_scores, entropy
 from edgecp.consolidation.merge import constrained_merge, merge_targets, regulariser_covariance
 from edgecp.errors import EdgecpError
 from edgecp.train import add_concept
@@ -24,10 +24,10 @@ def test_dc_sum_reduction_is_eq3_squared_norm_and_mean_is_it_over_d():
     target = torch.randn(2, 4, 3, 3)
     eps_hat = torch.randn(2, 5, 4, 3, 3)
     loop = torch.tensor([[float(((target[b] - eps_hat[b, i]) ** 2).sum()) for i in range(5)] for b in range(2)])
-    torch.testing.assert_close(_errors(target, eps_hat, "sum"), loop)
-    torch.testing.assert_close(_errors(target, eps_hat, "mean"), loop / 36)
+    torch.testing.assert_close(dc_errors(target, eps_hat, "sum"), loop)
+    torch.testing.assert_close(dc_errors(target, eps_hat, "mean"), loop / 36)
     with pytest.raises(ValueError, match="DC reduction"):
-        _errors(target, eps_hat, "max")
+        dc_errors(target, eps_hat, "max")
 
 
 def test_entropy_of_dc_scores_by_hand():

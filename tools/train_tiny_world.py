@@ -642,14 +642,14 @@ def main(argv=None) -> dict:
     np.random.seed(args.seed)
     device = torch.device(args.device)
 
-    from edgecp.model.base import quiet_hf
+    from edgecp.model.base import quiet_loading
     from edgecp.model.tiny import build_tiny_components
     from edgecp.world import data as world
     from edgecp.world.evaluator import build_evaluator, save_evaluator
 
-    quiet_hf()
-    diffusers_logging = __import__("diffusers").utils.logging
-    diffusers_logging.set_verbosity_error()
+    # this script owns its process: diffusers' and transformers' notices and progress bars stay off while main runs
+    quiet = quiet_loading()  # held in a local: the generator restores the settings once it is closed
+    quiet.__enter__()
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()) and not args.force and (not args.smoke or out == DEFAULT_OUT):
         raise SystemExit(f"{out} exists: pass --force to replace it")

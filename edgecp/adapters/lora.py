@@ -14,8 +14,18 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from peft import (
+    LoraConfig,
+    VeraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from edgecp.config import AdapterConfig
+from edgecp.errors import EdgecpError
 from edgecp.model.host import to_host
 
 ADAPTER_NAME = "default"
@@ -25,11 +35,7 @@ _VERA_PREFIX = "base_model.model."
 
 def peft_config(cfg: AdapterConfig):
     if cfg.kind == "lora":
-        from peft import LoraConfig
-
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), init_lora_weights=True)
-    from peft import VeraConfig
-
     return VeraConfig(r=cfg.rank, target_modules=list(cfg.targets), save_projection=True, projection_prng_key=0)
 
 
@@ -38,12 +44,8 @@ def attach(unet, cfg: AdapterConfig, seed: int = 0) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.kind == "vera":
-            from peft import get_peft_model
-
             unet.__dict__[_PEFT_KEY] = get_peft_model(unet, peft_config(cfg), adapter_name=ADAPTER_NAME)
         else:
-            from peft import inject_adapter_in_model
-
             inject_adapter_in_model(peft_config(cfg), unet, adapter_name=ADAPTER_NAME)
 
 
@@ -52,11 +54,8 @@ def has_adapter(unet) -> bool:
 
 
 def adapter_state(unet) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by state-dict key, as CPU copies wherever the UNet lives (`personal.to_host`: the
+    """The adapter's tensors by state-dict key, as CPU copies wherever the UNet lives (`model.host.to_host`: the
     rule that lets methods combine them with a version's stored tensors, which are CPU tensors)."""
-    from peft import get_peft_model_state_dict
-
-
     pm = unet.__dict__.get(_PEFT_KEY)
     if pm is not None:
         sd = get_peft_model_state_dict(pm, adapter_name=ADAPTER_NAME)
@@ -67,8 +66,6 @@ def adapter_state(unet) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(unet, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
     pm = unet.__dict__.get(_PEFT_KEY)
     if pm is not None:
         result = set_peft_model_state_dict(pm, {_VERA_PREFIX + k: v for k, v in state.items()}, adapter_name=ADAPTER_NAME)
@@ -150,8 +147,6 @@ def split_lora(state: dict[str, torch.Tensor], rank: int, weights: list[float] |
 def tasks_without(state: dict[str, torch.Tensor], rank: int, n_concepts: int, position: int,
                   weights: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
     """The per-task LoRAs of a concatenated adapter (`split_lora`) minus task `position` (remove-concept)."""
-    from edgecp.errors import EdgecpError
-
     tasks = split_lora(state, rank, weights) if state else []
     if len(tasks) != n_concepts:
         raise EdgecpError(f"the adapter holds {len(tasks)} task LoRAs for {n_concepts} concepts: "
@@ -162,8 +157,6 @@ def tasks_without(state: dict[str, torch.Tensor], rank: int, n_concepts: int, po
 
 def merge(unet) -> torch.nn.Module:
     """Fold the adapter into the base weights and remove it (for export; call on a full-precision copy)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for module in unet.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(adapter_names=[ADAPTER_NAME])
@@ -174,8 +167,6 @@ def merge(unet) -> torch.nn.Module:
 
 def _unwrap(model: torch.nn.Module) -> None:
     """Replace every merged peft layer by its base layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")

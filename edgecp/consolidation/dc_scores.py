@@ -52,13 +52,17 @@ def _rows(scheduler, x0, text, t, noise):
     return rows_x, rows_t, rows_c, target.float()
 
 
-def _errors(target: torch.Tensor, eps_hat: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def dc_errors(target: torch.Tensor, eps_hat: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """e[b, i] (B, k) of predictions `eps_hat` (B, k, C, H, W) against the `target` (B, C, H, W) of each image:
+    the squared norm ("sum", Eq. 3) or the per-element mean ("mean") of the difference."""
     sq = (target[:, None] - eps_hat) ** 2
     if reduction == "sum":
         return sq.sum(dim=(2, 3, 4))  # (B, k): ||eps - eps_hat||^2, Eq. 3
     if reduction == "mean":
         return sq.mean(dim=(2, 3, 4))  # (B, k)
     raise ValueError(f"DC reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
+
+
 
 
 def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, chunk: int | None,
@@ -71,7 +75,7 @@ def dc_forward_chunked(predict: NoisePredictor, scheduler, x0, text, t, noise, c
     eps = torch.cat([predict(rows_x[i:i + step], rows_t[i:i + step], rows_c[i:i + step]).float()
                      for i in range(0, n, step)])
     eps_hat = eps.view(b, k, *x0.shape[1:])  # (B, k, C, H, W)
-    return _errors(target, eps_hat, reduction), eps_hat
+    return dc_errors(target, eps_hat, reduction), eps_hat
 
 
 LossOfScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (err (B, k), eps_hat (B, k, ...)) -> scalar
@@ -97,7 +101,7 @@ def dc_grad(predict: NoisePredictor, scheduler, x0, text, t, noise, loss_fn: Los
         eps = torch.cat([predict(rows_x[i:i + chunk], rows_t[i:i + chunk], rows_c[i:i + chunk]).float()
                          for i in range(0, n, chunk)])
     leaf = eps.view(b, k, *x0.shape[1:]).requires_grad_(True)
-    loss = loss_fn(_errors(target, leaf, reduction), leaf)
+    loss = loss_fn(dc_errors(target, leaf, reduction), leaf)
     (g_eps,) = torch.autograd.grad(loss, leaf)  # (B, k, C, H, W): d loss / d prediction of every row
     g_rows = g_eps.reshape(n, *x0.shape[1:])
     grads: list[torch.Tensor | None] = [None] * len(params)

@@ -5,6 +5,7 @@
 - :mod:`edgecp.eval.sequences`: the six-task sequence of scikit-image photos, a 50-concept procedural
   sequence, and a user's own sequence read from folders.
 
-`metrics` and `sequences` import no torch (tested): feature extraction (`features`) hands them arrays. `bench`,
-`executor` and `estimate` train and generate, so they do.
+`metrics` and `sequences` import no torch (tested): feature extraction (`features`, a torch model) hands them
+arrays. `features`, `bench`, `executor` and `estimate` run models (embed, train, generate), so they import torch;
+`layout` imports none.
 """

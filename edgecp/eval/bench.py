@@ -17,12 +17,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 
-from edgecp import seeds
+from edgecp import seeds, train
+from edgecp.api import init_store
+from edgecp.consolidation.dc_scores import dc_forward, trial
+from edgecp.diffusion import encode_images
 from edgecp.errors import EdgecpError
 from edgecp.eval import metrics
 from edgecp.eval.layout import SAMPLES_FILE, eval_file, run_dir, save_npz_atomic, store_dir
+from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
+from edgecp.generate import GenerateConfig, torch_generate
+from edgecp.methods import method_class, method_names
+from edgecp.personal import PersonalModel, encode_text
+from edgecp.prompts import expand
 from edgecp.seeds import stream_seed
+from edgecp.store import Store
 
 QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
 CLASS_WORD_MODES = ("paper", "always", "never")
@@ -31,8 +44,6 @@ CLASS_WORD_MODES = ("paper", "always", "never")
 def uses_class_word(cfg: BenchConfig, method: str) -> bool:
     """Whether `method`'s prompts name the concept's class in this bench (000 Sec. 4: "For CD and TI, we
     additionally include the concept name after the modifier token")."""
-    from edgecp.methods import method_class
-
     return {"always": True, "never": False}.get(cfg.class_word, method_class(method).bench_class_word)
 
 
@@ -58,8 +69,6 @@ class BenchConfig:
     class_word: str = "paper"
 
     def __post_init__(self) -> None:
-        from edgecp.methods import method_class
-
         for m in self.methods:
             method_class(m)  # unknown names list the valid ones
         for m in self.method_params:
@@ -73,7 +82,7 @@ class BenchConfig:
 
 
 PRESETS = {
-    # three methods over the six photo tasks in at most ~15 minutes on 2 CPU cores
+    # three methods over the six photo tasks, sized for a CPU
     "quick": BenchConfig(),
     # the paper's setting, for GPUs: every method, 1000 iterations, three seeds
     "full": BenchConfig(methods=(), steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50, n_target=16),
@@ -89,24 +98,18 @@ def preset(name: str) -> BenchConfig:
         raise EdgecpError(f"unknown preset '{name}': use {', '.join(PRESETS)}")
     cfg = PRESETS[name]
     if not cfg.methods:
-        from edgecp.methods import method_names
-
         cfg = replace(cfg, methods=tuple(method_names()))
     return cfg
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
     """`--methods`: 'all' (every registered method) or comma-separated names."""
-    from edgecp.methods import method_names
-
     if spec.strip() == "all":
         return tuple(method_names())
     return tuple(m.strip() for m in spec.split(",") if m.strip())
 
 
 def load_sequence(cfg: BenchConfig):
-    from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
-
     if cfg.sequence == "six":
         seq = six_tasks()
     elif cfg.sequence == "procedural":
@@ -120,13 +123,6 @@ def load_sequence(cfg: BenchConfig):
 
 
 def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, features, out: Path, tick) -> dict:
-    from edgecp.api import init_store
-    from edgecp.generate import GenerateConfig, torch_generate
-    from edgecp.personal import PersonalModel
-    from edgecp.prompts import expand
-    from edgecp.store import Store
-    from edgecp.train import add_concept
-
     root = store_dir(out, method, seed)
     if not (root / "store.json").is_file():  # resume: a store exists (Store.create is atomic) with its tasks
         init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
@@ -143,8 +139,8 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
         t = time.perf_counter()
         if i >= learned:
             tick(f"learn <{concept.name}>", i)
-            add_concept(root, concept.name, [data / concept.name / "train"],
-                        class_word=concept.class_word if named else None, init_word=concept.class_word)
+            train.add_concept(root, concept.name, [data / concept.name / "train"],  # via the module: tests wrap it
+                              class_word=concept.class_word if named else None, init_word=concept.class_word)
         seconds = time.perf_counter() - t
         if saved.is_file():  # resume: this task's evaluation was saved by an earlier process
             row, images_last, seconds = _load_eval(saved)
@@ -214,8 +210,6 @@ def _save_eval(path: Path, row: list[np.ndarray], images: list, seconds: float) 
 
 
 def _load_eval(path: Path) -> tuple[list[np.ndarray], list, float]:
-    from PIL import Image
-
     with np.load(path) as z:
         row = [z[f"emb{j}"] for j in range(sum(k.startswith("emb") for k in z.files))]
         images = [[Image.fromarray(a) for a in z[f"img{j}"]] for j in range(sum(k.startswith("img") for k in z.files))]
@@ -225,14 +219,6 @@ def _load_eval(path: Path) -> tuple[list[np.ndarray], list, float]:
 def dc_accuracy(model, store, seq, data: Path, trials: int, seed: int) -> float:
     """Paper 000's Sanity check II: classify every training image among all learned concepts by DC scores
     (argmin of the denoising error averaged over `trials` shared (t, eps) trials, one batched UNet call each)."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from edgecp.consolidation.dc_scores import dc_forward, trial
-    from edgecp.diffusion import encode_images
-    from edgecp.personal import encode_text
-    from edgecp.prompts import expand
-
     comps = model.comps
     sched = DDPMScheduler.from_config(comps.scheduler.config)
     with torch.no_grad():
@@ -311,13 +297,11 @@ def write_outputs(out: Path, result: dict) -> None:
 
 
 def _plots(out: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """curves.png (mean MMD and I2I over the seen tasks, per method) and each run's heatmaps.png, through
+    matplotlib's object API (a `Figure` per plot, no pyplot): no global figure registry, no GUI backend."""
     names = result["sequence"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for method in result["summary"]:
         runs = [r for r in result["runs"] if r["method"] == method]
         for ax, key, label in ((axes[0], "M", "mean MMD to targets over seen tasks (lower is better)"),
@@ -329,9 +313,9 @@ def _plots(out: Path, result: dict) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
     for r in result["runs"]:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        fig = Figure(figsize=(10, 4.2))
+        axes = fig.subplots(1, 2)
         for ax, key, title in ((axes[0], "M", "MMD(real_j, gen_ij)"), (axes[1], "S", "I2I(gen_ij, real_j)")):
             a = np.array([[np.nan if v is None else v for v in row] for row in r["matrices"][key]])
             im = ax.imshow(a, cmap="viridis")
@@ -341,13 +325,10 @@ def _plots(out: Path, result: dict) -> None:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         fig.savefig(Path(r["samples"]).parent / "heatmaps.png", dpi=110)
-        plt.close(fig)
 
 
 def _save_grid(images_per_concept: list[list], names: list[str], path: Path) -> None:
     """Rows: concepts (after the last task); columns: generated samples."""
-    from PIL import Image, ImageDraw
-
     w, h = images_per_concept[0][0].size
     cols = max(len(r) for r in images_per_concept)
     label = 70

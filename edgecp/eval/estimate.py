@@ -11,8 +11,9 @@ The estimate then multiplies:
     training       iterations x tasks x s/iteration
     consolidation  per task, each phase of `method.phase_rows` beyond training: ratio x iterations (the method's
                    `consolidation_ratio`, 0.2 in 000) x rows / 2 training iterations' worth of UNet rows (a
-                   consolidation iteration runs training's accumulation too, issue 10); DSC's two no-grad teacher calls count 2/3 of a gradient call each (our choice: a
-                   forward is about a third of forward + backward)
+                   consolidation iteration runs training's accumulation too); DSC's two no-grad teacher calls count
+                   a third of a gradient call each, so its phase weighs 5/3 (our choice: a forward is about a
+                   third of forward + backward)
     generation     priors (num_images x prior steps, once per store) and the evaluations: after task i, i seen
                    concepts x n_gen images x gen_steps, i.e. n(n+1)/2 x n_gen x gen_steps image-steps per run
     loading        two base loads per task (add_concept and the evaluation), timed by the calibration's load
@@ -20,8 +21,8 @@ The estimate then multiplies:
 Not counted: the DC-score accuracy (n x n_train x dc_trials UNet rows, seconds) and the metrics (numpy). The
 generation is timed at the training plan's precision (the bench evaluates in full precision: on a CPU whose plan
 is bf16 this underestimates generation). Disk per run: every version's state (adapter and trained base weights,
-fp32; x2 with an EWC Fisher; + one adapter per earlier task for DSC's teacher pool and the concatenated task
-LoRAs of C-LoRA and LoRA merge), the evaluation files and the training views. The base is not copied into stores.
+fp32; x2 with an EWC Fisher; + one adapter per task learned so far for DSC's teacher pool and the concatenated
+task LoRAs of C-LoRA and LoRA merge), the evaluation files and the training views. The base is not copied into stores.
 """
 
 from __future__ import annotations
@@ -29,7 +30,26 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+from diffusers import DDPMScheduler
+
+from edgecp import seeds
+from edgecp.adapters import lora
+from edgecp.api import TINY_PRIOR, TINY_TRAIN, make_method
+from edgecp.config import PriorConfig, TrainConfig, from_dict, replace
+from edgecp.eval.bench import load_sequence
+from edgecp.eval.executor import all_runs, check_required
+from edgecp.generate import GenerateConfig, torch_generate
+from edgecp.memory import device_info, training_workload
+from edgecp.methods.base import LatentSet, TaskContext
+from edgecp.model.base import resolve_base
+from edgecp.model.quant import load_planned, precision_of
+from edgecp.model.shape import base_shape
+from edgecp.model.tokens import add_concept_token, concept_embedding, token_of, word_embedding
+from edgecp.personal import default_device
+from edgecp.planner import fmt_bytes, plan_training
 from edgecp.progress import Progress, emit
+from edgecp.train import Trainer
 
 
 @dataclass(frozen=True)
@@ -52,29 +72,12 @@ class Estimate:
 def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup: int = 1,
               progress: Progress | None = None) -> dict:
     """Seconds per training iteration / image-step / base load of `base` on `device` (see the module docstring)."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from edgecp.adapters import lora
-    from edgecp.api import TINY_TRAIN, _build
-    from edgecp.config import TrainConfig, replace
-    from edgecp.generate import GenerateConfig, torch_generate
-    from edgecp.memory import device_info, training_workload
-    from edgecp.methods.base import LatentSet, TaskContext
-    from edgecp.model.base import resolve_base
-    from edgecp.model.quant import load_planned, precision_of
-    from edgecp.model.shape import base_shape
-    from edgecp.model.tokens import add_concept_token, concept_embedding, token_of, word_embedding
-    from edgecp.personal import default_device
-    from edgecp.planner import plan_training
-    from edgecp.train import Trainer
-
     dev = torch.device(device) if device else default_device()
     spec = resolve_base(base)
-    method = _build("lora-sequential", {}, None)
+    method = make_method("lora-sequential", {}, None)
     tiny = base == "tiny"
     train = replace(TrainConfig(**{**(TINY_TRAIN if tiny else {}), **type(method).train_defaults(tiny)}),
-                    steps=iterations, seed=0)
+                    steps=iterations, seed=seeds.CALIBRATION_RUN)
     accum, train = train.grad_accum, replace(train, grad_accum=1)  # timed: one batch; an iteration is `accum` of them
     shape = base_shape(spec, method.keep_full_precision())
     resolution = shape.unet.sample_size * shape.vae_scale
@@ -93,7 +96,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     t_load = time.perf_counter() - t
     tick("load", 1, 1)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seeds.CALIBRATION_RUN)
     init = word_embedding(comps.tokenizer, comps.text_encoder, "dog")
     add_concept_token(comps.tokenizer, comps.text_encoder, "calibration", init, trainable=True)
     c, lat = comps.unet.config.in_channels, shape.unet.sample_size
@@ -105,7 +108,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
         train=train, comps=comps, device=dev, noise_scheduler=DDPMScheduler.from_config(comps.scheduler.config),
         token_row=concept_embedding(comps.text_encoder).rows[-1], instance=latents(4), prior=latents(4), plan=plan,
     )
-    lora.attach(comps.unet, method.adapter, seed=0)
+    lora.attach(comps.unet, method.adapter, seed=seeds.CALIBRATION_RUN)
     lora.set_trainable(comps.unet, True)
     trainer = Trainer(ctx, method)
     for i in range(warmup):
@@ -119,9 +122,10 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     trainer.close()
     steps = 2
     with torch.no_grad():
-        torch_generate(comps, "a photo", GenerateConfig(n=1, seed=0, steps=1), dev, plan=plan)  # warm-up
+        gen = lambda n_steps: GenerateConfig(n=1, seed=seeds.CALIBRATION_RUN, steps=n_steps)
+        torch_generate(comps, "a photo", gen(1), dev, plan=plan)  # warm-up
         t = time.perf_counter()
-        torch_generate(comps, "a photo", GenerateConfig(n=1, seed=0, steps=steps), dev, plan=plan)
+        torch_generate(comps, "a photo", gen(steps), dev, plan=plan)
         s_step = (time.perf_counter() - t) / steps
     return {"seconds_per_iteration": s_iter, "seconds_per_image_step": s_step, "seconds_per_load": t_load,
             "device": str(dev), "base": base, "precision": plan.weights, "batch_size": train.batch_size,
@@ -132,11 +136,6 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
 def estimate(cfg, device: str | None = None, iterations: int = 3,
              progress: Progress | None = None, calibration: dict | None = None) -> Estimate:
     """The estimate of bench `cfg` (see the module docstring); `calibration` skips the timing (tests, reuse)."""
-    from edgecp.api import TINY_PRIOR, TINY_TRAIN, _build
-    from edgecp.config import PriorConfig, TrainConfig, from_dict, replace
-    from edgecp.eval.bench import load_sequence
-    from edgecp.eval.executor import all_runs, check_required
-
     check_required(cfg)
     seq = load_sequence(cfg)  # a bad --sequence fails before the calibration
     n = len(seq)
@@ -149,7 +148,7 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
     train_s = cons_s = gen_s = load_s = 0.0
     store_bytes = 0
     for method_name, _seed in all_runs(cfg):
-        method = _build(method_name, cfg.method_params.get(method_name, {}), None)
+        method = make_method(method_name, cfg.method_params.get(method_name, {}), None)
         train = replace(TrainConfig(**{**(TINY_TRAIN if tiny else {}), **type(method).train_defaults(tiny)}),
                         steps=cfg.steps)
         # a training iteration's cost per UNet row with gradients; the calibration's accumulation and batch
@@ -190,8 +189,6 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
 
 def estimate_lines(e: Estimate) -> list[str]:
     """What the CLI prints (plain lines; the library prints nothing)."""
-    from edgecp.planner import fmt_bytes
-
     h = e.hours
     return [
         f"runs: {e.runs} ({e.tasks} tasks x {e.iterations} iterations each)",

@@ -1,4 +1,4 @@
-"""Where `edgecp bench` runs execute, and the resumable output folder they write (issue 13).
+"""Where `edgecp bench` runs execute, and the resumable output folder they write.
 
 A bench is a set of independent runs, one per (method, seed): each trains the method over the sequence in its own
 store and evaluates after every task (`bench.run_method`). Executors:
@@ -27,15 +27,17 @@ the tasks its store's HEAD holds are not learned again and evaluations with an e
 again. What a resumed run recomputes is the DC-score accuracy and the metrics from the saved embeddings (seconds).
 
 Determinism: every random draw of a run is seeded by (seed, task): `train._learn` seeds torch's global generator
-with the store's seed at the start of every task, the Trainer, Fisher and DSC phases use generators seeded by
-(seed, task index), LoRA init forks the global RNG with (seed + task), priors are generated with seed 1234, the
-evaluation images with seed * 1000 + concept, the DC accuracy and KID with the seed. Nothing depends on what
-ran before in the process, so a run gives the same metrics serially, as a Ray task, or resumed after task k.
+with the store's seed at the start of every task, the Trainer, Fisher and DSC phases use generators of their named
+streams (`edgecp.seeds`: `stream_seed(seed, FISHER, task)`, ...), LoRA init forks the global RNG with (seed + task),
+priors are generated with the fixed seed `seeds.PRIORS`, the evaluation images of concept j with
+`stream_seed(seed, BENCH_IMAGES, j)`, the DC accuracy and KID with the seed itself. Nothing depends on what ran
+before in the process, so a run gives the same metrics serially, as a Ray task, or resumed after task k.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -232,8 +234,6 @@ class RayExecutor:
         self.max_retries, self.retry_exceptions, self.poll_seconds = max_retries, retry_exceptions, poll_seconds
 
     def _init(self) -> None:
-        import logging
-
         ray = self.ray
         if ray.is_initialized():
             return
@@ -287,8 +287,10 @@ class RayExecutor:
 
 
 def import_ray():
+    """Ray, imported only by the Ray executor: it is an optional extra (`edgecp[distributed]`), not in
+    `edgecp[train]`, and the serial path never imports it."""
     try:
-        import ray
+        import ray  # lazy: optional extra, not in edgecp[train]
     except ImportError:
         raise EdgecpError(f"--executor ray needs Ray, which is not installed: {RAY_FIX}") from None
     return ray

@@ -1,8 +1,8 @@
 """Image features for the metrics: the tiny world's evaluator, or a real CLIP model for real bases.
 
 `--features tiny` uses the evaluation encoder shipped beside the tiny base (trained contrastively on the tiny
-world's pretraining data, never on concept images). `--features PATH|HUB_ID` loads a transformers CLIPModel
-(e.g. openai/clip-vit-large-patch14) from a local folder or, when online, the hub.
+world's pretraining data, never on concept images). `--features PATH|HUB_ID` loads an edgecp evaluator folder, or
+a transformers CLIPModel (e.g. openai/clip-vit-large-patch14) from a local folder or, when online, the hub.
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+from transformers import CLIPModel
 
 from edgecp.errors import EdgecpError
 from edgecp.images import fit_square
+from edgecp.model.tiny import tiny_path
+from edgecp.world.evaluator import FORMAT as EVALUATOR_FORMAT
+from edgecp.world.evaluator import load_evaluator
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -28,8 +33,6 @@ class Features(Protocol):
 
 class EvaluatorFeatures:
     def __init__(self, folder: Path):
-        from edgecp.world.evaluator import load_evaluator
-
         self.name = f"tiny-evaluator:{folder.name}"
         self.ev = load_evaluator(folder)
 
@@ -41,11 +44,7 @@ class ClipFeatures:
     """transformers CLIPModel image features (CLIP's own preprocessing: resize, centre crop, normalise)."""
 
     def __init__(self, source: str):
-        import torch
-        from transformers import CLIPModel
-
         self.name = f"clip:{source}"
-        self.torch = torch
         self.model = CLIPModel.from_pretrained(source).eval()
         self.size = self.model.config.vision_config.image_size
 
@@ -55,16 +54,14 @@ class ClipFeatures:
                         dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
             for im in images
         ]).transpose(0, 3, 1, 2)
-        with self.torch.no_grad():
-            f = self.model.get_image_features(pixel_values=self.torch.from_numpy(arr))
+        with torch.no_grad():
+            f = self.model.get_image_features(pixel_values=torch.from_numpy(arr))
             f = getattr(f, "pooler_output", f)  # transformers 5 may return a model output
         f = f.float().numpy()
         return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
 def tiny_evaluator_path() -> Path:
-    from edgecp.model.tiny import tiny_path
-
     return tiny_path() / "evaluator"
 
 
@@ -79,7 +76,7 @@ def load_features(spec: str) -> Features:
     p = Path(spec).expanduser()
     if p.is_dir():
         cfg = p / "config.json"
-        if cfg.is_file() and json.loads(cfg.read_text()).get("format") == "edgecp-world-evaluator":
+        if cfg.is_file() and json.loads(cfg.read_text()).get("format") == EVALUATOR_FORMAT:
             return EvaluatorFeatures(p)
         try:
             return ClipFeatures(str(p))

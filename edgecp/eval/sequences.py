@@ -17,7 +17,8 @@ box can equal a training crop box whatever ``n`` and ``seed`` are. Targets there
 framed differently", which is weaker than a held-out photo; use :func:`folder_sequence` for real held-out
 data.
 
-Everything here is numpy + Pillow + scikit-image; nothing imports torch. Every draw is seeded.
+Everything here is numpy + Pillow + scikit-image; nothing imports torch. Every draw is seeded, from a named
+stream of :mod:`edgecp.seeds` (the concepts' views, the procedural picks).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from skimage import data as skdata
 
+from edgecp import seeds
 from edgecp.images import IMAGE_SUFFIXES, fit_square, open_rgb
 from edgecp.world.data import RESERVED_PHOTOS
 
@@ -53,7 +56,7 @@ __all__ = [
 
 SPLITS = ("train", "target")
 DEFAULT_VIEWS = {"train": 6, "target": 8}
-_SPLIT_STREAM = {"train": 1, "target": 2}
+_SPLIT_STREAM = {"train": seeds.TRAIN_VIEWS, "target": seeds.TARGET_VIEWS}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _RESAMPLE = Image.Resampling.LANCZOS
 
@@ -164,7 +167,7 @@ class Sequence(list[Concept]):
 
 def _rng(seed: int, split: str, key: str) -> np.random.Generator:
     """A generator per (seed, split, concept): train and target never share a stream."""
-    return np.random.default_rng([seed, _SPLIT_STREAM[split], zlib.crc32(key.encode())])
+    return seeds.numpy_stream(seed, _SPLIT_STREAM[split], zlib.crc32(key.encode()))
 
 
 def _count(split: str, n: int | None) -> int:
@@ -197,16 +200,14 @@ def _horse_rgb(silhouette: np.ndarray) -> np.ndarray:
 @functools.cache
 def _photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as (H, W, 3) uint8 (read-only)."""
-    from skimage import data
-
     if name not in RESERVED_PHOTOS:
         raise ValueError(f"unknown photo '{name}': expected one of {RESERVED_PHOTOS}")
     if name == "horse":
-        img = _horse_rgb(data.horse())
+        img = _horse_rgb(skdata.horse())
     elif name == "stereo_motorcycle":
-        img = data.stereo_motorcycle()[0]  # (left, right, disparity): the left view
+        img = skdata.stereo_motorcycle()[0]  # (left, right, disparity): the left view
     else:
-        img = getattr(data, name)()
+        img = getattr(skdata, name)()
     img = np.ascontiguousarray(img[..., :3], dtype=np.uint8)
     img.setflags(write=False)
     return img
@@ -420,7 +421,7 @@ def procedural_sequence(n: int = 50, seed: int = 0) -> Sequence:
         raise ValueError(f"n must be in [1, {len(combos)}] but is {n}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 but is {seed}")
-    rng = np.random.default_rng([seed, 0x5EC])
+    rng = seeds.numpy_stream(seed, seeds.PROCEDURAL_CONCEPTS)
     picks = rng.choice(len(combos), size=n, replace=False)
     width = max(2, len(str(n - 1)))
     seq = Sequence()

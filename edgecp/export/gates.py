@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from edgecp import seeds
 from edgecp.errors import EdgecpError
 from edgecp.eval.features import EvaluatorFeatures, tiny_evaluator_path
 from edgecp.export import references
@@ -23,7 +24,7 @@ from edgecp.export.trace import ModelSpec
 from edgecp.profiles import DeviceProfile, load_profile
 from edgecp.progress import Progress
 
-GATE_SEED = 0
+GATE_SEED = seeds.EXPORT_GATE  # the gate image's seed (edgecp.seeds), also in edgecp.json
 CPU_ONLY_NOTE = "cpu-only: fp16 overflow not checked"
 
 

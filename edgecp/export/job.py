@@ -29,13 +29,12 @@ from pathlib import Path
 import onnx
 import torch
 
-from edgecp import outputs
+from edgecp import outputs, seeds
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
 from edgecp.export import references
 from edgecp.export.external_data import EXTERNAL_DATA_MIN_BYTES, dir_bytes, weight_bytes, write_one_data_file
 from edgecp.export.gates import (
-    GATE_SEED,
     Refused,
     check_image_gate,
     check_tensor_gate,
@@ -51,13 +50,7 @@ from edgecp.export.optimize import optimize as optimize_graph
 from edgecp.export.optimum_layout import write_configs
 from edgecp.export.ort_runner import cuda_usable
 from edgecp.export.parking import parked
-from edgecp.export.quantize import (
-    CALIBRATION_SEED,
-    STATIC_MODELS,
-    calibration_prompts,
-    to_int8,
-    to_int8_static,
-)
+from edgecp.export.quantize import STATIC_MODELS, calibration_prompts, to_int8, to_int8_static
 from edgecp.export.trace import ModelSpec, model_specs, torch_onnx_export
 from edgecp.heap import trim_heap
 from edgecp.integrity import lock_dir, unlock_dir, write_export_meta
@@ -113,7 +106,7 @@ class ExportJob:
     gate_job: references.Job = field(init=False)
     calibration: list[references.Job] = field(init=False)
     report: dict = field(init=False)
-    notes: list[str] = field(init=False)  # onnxruntime patches skipped (edgecp.export.ort_patches)
+    notes: list[str] = field(init=False)  # onnxruntime patches skipped or applied untested (export.ort_patches)
     tmp: Path = field(init=False)
 
     @classmethod
@@ -141,9 +134,9 @@ class ExportJob:
         specs = model_specs(self.comps)
         self.models = {name: ModelState(specs[name]) for name in self.names}
         size = min(self.comps.resolution, profile.gate_size) // self.comps.vae_scale * self.comps.vae_scale
-        self.gate_job = references.Job(gate_prompt(self.concepts), GATE_SEED, profile.gate_steps, size)
+        self.gate_job = references.Job(gate_prompt(self.concepts), seeds.EXPORT_GATE, profile.gate_steps, size)
         # static int8's calibration images: text only (the purged photos are never read), seeds the gate never uses
-        self.calibration = [references.Job(p, CALIBRATION_SEED + i, profile.calibration_steps, size)
+        self.calibration = [references.Job(p, seeds.EXPORT_CALIBRATION + i, profile.calibration_steps, size)
                             for i, p in enumerate(calibration_prompts(self.concepts))] if self.static else []
         self.report = {"profile": profile.name, "precision": profile.precision, "providers": list(profile.providers),
                        "version": self.version, "models": {}}
@@ -216,7 +209,7 @@ class ExportJob:
             release_memory(CPU)
         self.reference_vae()
         # the small models' exports wait until the UNet is gone: torch's exporter holds a model under 2 GiB whole in
-        # memory, serialized, ~3x its size, and streams only larger ones to disk
+        # memory, serialized, and streams only larger ones to disk
         self.export("text_encoder", drop=True)
         for name in self.vae_names:
             self.export(name, drop=name == self.vae_names[-1])

@@ -34,7 +34,7 @@ GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_
 # the CPU; on CUDA nothing is blocked, as onnxruntime's own optimize_pipeline.py does for SD 1.x.
 CPU_FP16_BLOCK = ("Resize",)
 
-# What a CPU-verified fp16 export cannot see (issue 22): onnxruntime's CPU provider runs fp16 nodes through fp32
+# What a CPU-verified fp16 export cannot see: onnxruntime's CPU provider runs fp16 nodes through fp32
 # kernels and drops Cast pairs, so an activation past fp16's range (65504: SDXL's VAE) passes the CPU gates and
 # overflows on the GPU. Our choice where no GPU verified the export: the VAE stays fp32 (onnxruntime's own SD script
 # keeps SDXL's VAE fp32 by name; measuring every activation of the fp32 graph would mean an output per node of the
@@ -72,7 +72,7 @@ def optimize(src: Path, dst_dir: Path, name: str, external: bool, fp16: bool, gp
     """Model `name` (src, a raw fp32 graph) through the optimizer into dst_dir/model.onnx; returns what was fused,
     the fusions left out and what it was verified for. `fp16`: converted to float16 with fp32 inputs and outputs.
     `gpu`: the export is verified on CUDA, so the CUDA-only fusions apply. `notes` gets a line per onnxruntime
-    patch skipped (see edgecp.export.ort_patches)."""
+    patch skipped or applied on a release it was not written for (see edgecp.export.ort_patches)."""
     from onnxruntime.transformers.optimizer import optimize_model  # lazy: see fusion_options
 
     opts, skipped = fusion_options(name, fp16, gpu)

@@ -3,10 +3,9 @@
 They keep the library's steps weight-free (the steps run on the graph alone, see `external_data.weight_free`) and
 quiet, and work around two onnxruntime 1.32 bugs. Each patch replaces a library internal, so each names the
 onnxruntime release it was written against (major.minor). On another release it is still applied when what it
-replaces exists (the export cannot run without them: without them 1.31's cuda-fp16 and edge-int8 exports fail), and
-a note names the untested release; when its target is gone it is skipped with a note. The notes go to the export's
-report (`onnxruntime_patches_skipped` in edgecp.json); nothing is printed. Every patch is undone when its block
-ends.
+replaces exists (the export's optimize and quantize stages need them), and a note names the untested release; when
+its target is gone it is skipped with a note. Both kinds of note go to the export's report
+(`onnxruntime_patches_skipped` in edgecp.json); nothing is printed. Every patch is undone when its block ends.
 
 onnxruntime.transformers' modules import each other by top-level name (the package puts its folder on sys.path when
 imported), so the optimizer's patches replace names in those top-level modules, the ones the UNet optimizer uses.
@@ -91,12 +90,12 @@ def quiet_logging():
 def _transformers_on_path() -> None:
     """onnxruntime.transformers imported, which puts its folder on sys.path, so that its modules' top-level names
     (the ones its optimizer uses) import (lazy: see the module docstring)."""
-    import onnxruntime.transformers  # noqa: F401
+    import onnxruntime.transformers  # noqa: F401  (lazy: it puts its folder on sys.path, see the module docstring)
 
 
 def _unet_head_count():
     _transformers_on_path()
-    import fusion_attention_unet
+    import fusion_attention_unet  # lazy: a top-level name only once onnxruntime.transformers is on sys.path
 
     original = fusion_attention_unet.FusionAttentionUnet.get_num_heads
 
@@ -115,7 +114,7 @@ def _unet_head_count():
 
 def _no_tqdm():
     _transformers_on_path()
-    import onnx_model_unet
+    import onnx_model_unet  # lazy: see _unet_head_count
 
     is_installed = onnx_model_unet.is_installed
     return patched(onnx_model_unet, "is_installed", lambda name: name != "tqdm" and is_installed(name))
@@ -123,7 +122,7 @@ def _no_tqdm():
 
 def _fp16_value_info_from_dims():
     _transformers_on_path()
-    import float16
+    import float16  # lazy: see _unet_head_count
 
     return patched(float16, "make_value_info_from_tensor",
                    lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import _pybind_state
+from onnxruntime.capi import _pybind_state, build_and_package_info
 from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -121,11 +121,7 @@ def cuda_usable() -> bool:
 
 def cuda_major() -> str | None:
     """The CUDA major version this onnxruntime-gpu was built for (its build info records it); None on CPU builds."""
-    try:
-        from onnxruntime.capi import build_and_package_info as info
-    except ImportError:  # pragma: no cover - every onnxruntime wheel has it
-        return None
-    cuda = getattr(info, "cuda_version", None)
+    cuda = getattr(build_and_package_info, "cuda_version", None)
     return cuda.split(".")[0] if cuda else None
 
 

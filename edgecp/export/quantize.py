@@ -39,7 +39,6 @@ STATIC_OPS = ("Conv", "MatMul", "Gemm")  # static QDQ: the convolutions too (mos
 # the dynamic variant (our choice, measured: see docs/export/README.md)
 STATIC_MODELS = ("unet",)
 BASE_CALIBRATION_PROMPTS = ("a photo of a dog", "a photo of a person", "a landscape painting")  # our choice
-CALIBRATION_SEED = 1000  # calibration images use other seeds than the image gate's (GATE_SEED): the gate is unseen
 
 
 def calibration_prompts(concepts: list[dict]) -> list[str]:

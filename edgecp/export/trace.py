@@ -7,7 +7,7 @@
 
 Every batch and spatial axis is dynamic, so the graph traced from small example inputs runs at any size; the
 tensor gate then checks it at the gate's size and classifier-free guidance's batch of 2. input_ids are int64 and
-the timestep a float scalar, as optimum exports them since late 2024.
+the timestep a float scalar, as optimum exports them (the runner reads a 1-D timestep too).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from edgecp import seeds
 
 # Example inputs are at most 8x8 latents (64 px) at batch 1: the graph does not depend on them, the trace's own
 # memory does (docs/export/README.md, "Measurements behind the export code").
@@ -84,8 +86,8 @@ def _image_axes(*names: str) -> dict[str, dict[int, str]]:
 
 def model_specs(comps) -> dict[str, ModelSpec]:
     """Per model, its ModelSpec. The example latents are the base's size capped at EXAMPLE_LATENT_MAX, batch 1 (the
-    text encoder's: two prompts), drawn from a seeded generator."""
-    g = torch.Generator().manual_seed(0)
+    text encoder's: two prompts), drawn from a generator seeded with `seeds.TRACE_EXAMPLE`."""
+    g = torch.Generator().manual_seed(seeds.TRACE_EXAMPLE)
     lat = min(comps.unet.config.sample_size, EXAMPLE_LATENT_MAX)
     res = lat * comps.vae_scale
     length = comps.tokenizer.model_max_length

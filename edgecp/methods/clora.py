@@ -22,6 +22,7 @@ import torch
 from edgecp.adapters import lora
 from edgecp.consolidation.clora import clora_penalty, occupied_norm, relative_penalty
 from edgecp.methods.base import Method, TaskContext
+from edgecp.methods.phases import reference_loss
 from edgecp.personal import ADAPTER_FILE, read_tensors
 
 CLORA_STRENGTH = 0.1  # the scale-free default, chosen on the procedural sequence (docs/architecture.md)
@@ -56,8 +57,6 @@ class CLora(Method):
         lora.attach(unet, self.adapter, seed=ctx.train.seed + ctx.index)
         lora.set_trainable(unet, True)
         if tasks and self.params.weight is None:
-            from edgecp.methods.phases import reference_loss
-
             ctx.extra["loss_ref"] = reference_loss(ctx)  # B = 0: the model as the previous task left it
 
     def penalty(self, ctx: TaskContext) -> torch.Tensor | None:

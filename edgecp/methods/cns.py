@@ -18,8 +18,8 @@ What it does not give, and what edgecp chose:
     earlier concepts changed (the version's base_delta, non-zero exactly on their neurons) are "occupied", and this
     task's update is penalised where it writes on them, in the scale-free form of consolidation/clora.py
     (reg_weight x the task's starting loss x sum |occ (.) dW|^2 / sum |occ|^4). The selected neurons are otherwise
-    free to learn. (An earlier edgecp version pulled every selected entry back to its start, which froze the UNet
-    and made CNS Textual Inversion in effect.)
+    free to learn (a pull of every selected entry back to its start would freeze the UNet and make CNS Textual
+    Inversion in effect).
   - The token is trained as in every edgecp method.
 Storage: the changed K/V tensors (base_delta), like Custom Diffusion.
 """
@@ -35,6 +35,7 @@ from edgecp.consolidation.clora import occupied_norm, relative_penalty
 from edgecp.diffusion import denoise_loss
 from edgecp.methods.base import TaskContext
 from edgecp.methods.custom_diffusion import GENERAL_PROMPTS, CustomDiffusionSequential
+from edgecp.methods.phases import autocast, reference_loss
 from edgecp.personal import encode_text
 from edgecp.scaling import loss_scale, scaled_grad
 from edgecp.seeds import stream_seed
@@ -57,8 +58,6 @@ def top_per_row(score: torch.Tensor, fraction: float) -> torch.Tensor:
 def taylor_importance(ctx: TaskContext, params: dict[str, torch.nn.Parameter], latents, prompts: list[str],
                       batches: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """sum over batches of |W * dL/dW| for the denoising loss of `latents` under random prompts from `prompts`."""
-    from edgecp.methods.phases import autocast
-
     score = {k: torch.zeros_like(p) for k, p in params.items()}
     scale = loss_scale(ctx.plan)  # fp16 plans: scaled, then unscaled in fp32 (scaling.scaled_grad)
     with torch.no_grad(), autocast(ctx):
@@ -93,8 +92,6 @@ class Cns(CustomDiffusionSequential):
         ctx.extra["hooks"] = [param.register_hook(lambda g, m=masks[k]: g * m) for k, param in params.items()]
         occupied = {k: d.abs().to(ctx.device) for k, d in ctx.extra["base_delta"].items() if k in params and d.any()}
         if occupied:
-            from edgecp.methods.phases import reference_loss
-
             ctx.extra["occupied"], ctx.extra["occupied_norm"] = occupied, occupied_norm(occupied)
             ctx.extra["loss_ref"] = reference_loss(ctx)
 

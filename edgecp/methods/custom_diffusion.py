@@ -24,6 +24,7 @@ from edgecp.consolidation.merge import constrained_merge, merge_targets, regular
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
 from edgecp.methods.ewc import EwcMixin, EwcParams
+from edgecp.methods.phases import autocast, concept_texts
 from edgecp.personal import (
     DELTA_FILE,
     encode_text,
@@ -95,9 +96,13 @@ class CustomDiffusionSequential(Method):
         return {DELTA_FILE: to_host(self.weight_deltas(ctx))}
 
 
-def _split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+def split_cd_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+    """The merge file (`CD_FILE`) -> (each concept's {T_i per K/V layer, "features": C_i}, in order; the
+    regulariser covariance R, None when the file holds none)."""
     tasks, rest = split_tasks(flat)
     return tasks, rest.get("reg_cov")
+
+
 
 
 def merge_all(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,7 +119,7 @@ class CustomDiffusion(CustomDiffusionSequential):
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = {}  # K/V trained from W0: earlier concepts live only in the merge file
-        tasks, reg_cov = _split_tasks(read_tensors(ctx.prev_dir, CD_FILE))
+        tasks, reg_cov = split_cd_tasks(read_tensors(ctx.prev_dir, CD_FILE))
         if ctx.previous and not tasks:  # a store whose concepts the sequential variant learned (before issue 10)
             raise EdgecpError(
                 f"this store's {len(ctx.previous)} concept(s) were learned by sequential Custom Diffusion, which is "
@@ -127,8 +132,6 @@ class CustomDiffusion(CustomDiffusionSequential):
 
     @torch.no_grad()
     def _regulariser(self, ctx: TaskContext) -> torch.Tensor:
-        from edgecp.methods.phases import autocast
-
         prompts = GENERAL_PROMPTS + [ctx.prior_prompt]
         rows = prompt_rows(ctx.comps.tokenizer, prompts)
         with autocast(ctx):
@@ -136,8 +139,6 @@ class CustomDiffusion(CustomDiffusionSequential):
         return regulariser_covariance(torch.cat([e[:n] for e, n in zip(emb, rows)])).float()
 
     def consolidate(self, ctx: TaskContext, progress=None) -> None:
-        from edgecp.methods.phases import concept_texts
-
         texts = concept_texts(ctx)  # (n+1, T, D), the current concept last (its trained token)
         n = prompt_rows(ctx.comps.tokenizer, [ctx.prompt])[0]
         feats = to_host(texts[-1, :n])
@@ -162,7 +163,7 @@ class CustomDiffusion(CustomDiffusionSequential):
         return {DELTA_FILE: ctx.extra["merged"], CD_FILE: join_tasks(ctx.extra["cd_tasks"], reg_cov=ctx.extra["reg_cov"])}
 
     def remove_concept(self, files: dict[str, dict[str, torch.Tensor]], position: int, manifest: dict) -> dict:
-        tasks, reg_cov = _split_tasks(files.get(CD_FILE) or {})
+        tasks, reg_cov = split_cd_tasks(files.get(CD_FILE) or {})
         if position < len(tasks):
             del tasks[position]
         if tasks:  # one concept left: its merge with itself (its raw K/V change is not kept), exact otherwise

@@ -25,6 +25,7 @@ from edgecp.consolidation.dc_scores import REDUCTIONS
 from edgecp.consolidation.ewc import ewc_penalty, online_fisher
 from edgecp.errors import EdgecpError
 from edgecp.methods.base import Method, TaskContext
+from edgecp.methods.clora import previous_manifest
 from edgecp.methods.phases import effective_batch, fisher_phase, latent_elements, phase_iterations
 from edgecp.personal import ADAPTER_FILE, read_tensors, to_host
 
@@ -87,8 +88,6 @@ class EwcMixin:
         return {**super().phase_rows(n_previous), "fisher": rows}
 
     def _load_ewc(self, ctx: TaskContext) -> None:
-        from edgecp.methods.clora import previous_manifest
-
         fisher = read_tensors(ctx.prev_dir, FISHER_FILE)
         anchor = self.anchor(ctx)
         ctx.extra["fisher_prev"] = fisher

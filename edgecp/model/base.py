@@ -13,9 +13,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
+
 from edgecp.errors import EdgecpError
+from edgecp.model.single_file import config_folder, detect_family
+from edgecp.model.tiny import ensure_tiny_model
 from edgecp.paths import edgecp_home
 from edgecp.sampling import ddim_config  # one rule for PyTorch and the runner (re-exported here)
+from edgecp.scoped import progress_bars_off, quiet_libraries
 from edgecp.store import sha256_file
 
 COMPONENT_DIRS = ("unet", "vae", "text_encoder")
@@ -36,8 +46,6 @@ class BaseSpec:
 def resolve_base(locator: str) -> BaseSpec:
     """Turn what the user typed into a local folder or file, downloading a hub id when online."""
     if locator == "tiny":
-        from edgecp.model.tiny import ensure_tiny_model
-
         return BaseSpec("tiny", "tiny", ensure_tiny_model())
     p = Path(locator).expanduser()
     if p.is_dir():
@@ -63,8 +71,6 @@ def resolve_base(locator: str) -> BaseSpec:
 
 def _download_hub(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(
             repo_id,
             allow_patterns=["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
@@ -97,8 +103,6 @@ def weight_files(spec: BaseSpec) -> list[Path]:
 def stored_unet_dtype(spec: BaseSpec) -> str | None:
     """The safetensors dtype ("F32", "F16", "BF16") of the first floating tensor of the base's UNet file, from its
     header alone; None for a single-file base (diffusers converts the whole checkpoint there anyway)."""
-    from safetensors import safe_open
-
     assert spec.path is not None
     if spec.path.is_file():
         return None
@@ -139,15 +143,13 @@ def base_sha256(spec: BaseSpec) -> str:
     return h.hexdigest()
 
 
-def quiet_hf() -> None:
-    """The library never prints: silence diffusers' and transformers' own progress bars and notices."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' notices below ERROR and their progress bars off for the block (a base loading:
+    "Loading pipeline components...", the safety-checker notice of `from_single_file`); on exit each library gets
+    back the level and the progress-bar setting it had. Nothing is changed for the rest of the process."""
+    with quiet_libraries(("diffusers", "transformers")), progress_bars_off(diffusers_logging, transformers_logging):
+        yield
 
 
 @contextlib.contextmanager
@@ -164,8 +166,6 @@ def scheduler_notices_silenced():
 def ddim_scheduler(config, cls=None):
     """The diffusers scheduler `cls` (default DDIMScheduler; DDPMScheduler for training and `--sampler ddpm`) built
     from a base's scheduler config through `ddim_config`, without diffusers' notices about that config."""
-    from diffusers import DDIMScheduler
-
     cls = cls or DDIMScheduler
     with scheduler_notices_silenced():
         return cls.from_config(ddim_config(config))
@@ -201,18 +201,12 @@ def load_error(spec: BaseSpec, e: Exception) -> EdgecpError:
 def load_components(spec: BaseSpec, dtype=None) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a resolved base (weights via safetensors only).
     The scheduler is a DDIMScheduler from the base's config through `ddim_config`, whatever class the base names."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    quiet_hf()
     dtype = dtype or torch.float32
     try:
         # the base's own scheduler (replaced below) may say clip_sample true or steps_offset 0: diffusers' notice
         # about it is not the user's business
-        with scheduler_notices_silenced():
+        with scheduler_notices_silenced(), quiet_loading():
             if spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
-                from edgecp.model.single_file import config_folder, detect_family
-
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
                     torch_dtype=dtype, safety_checker=None, use_safetensors=True,

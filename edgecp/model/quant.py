@@ -6,14 +6,15 @@ every export keep using the original full-precision weights):
 - `bf16` / `fp16`: every UNet and text-encoder weight held in 16 bits, run under autocast (diffusers' LoRA training
   scripts do the same with `--mixed_precision`).
 - `int8`: as 16-bit, and every UNet `nn.Linear` swapped for an 8-bit weight-only layer: torchao's
-  `Int8WeightOnlyConfig` on the CPU, bitsandbytes' `Linear8bitLt` on CUDA (the backends we measured fastest on each,
-  see docs/memory.md). Those libraries quantize `Linear` only, so convolutions (about half of SD 1.5's UNet weights)
-  and norms stay in 16 bits.
+  `Int8WeightOnlyConfig` on the CPU, bitsandbytes' `Linear8bitLt` on CUDA (the faster backend on each in the
+  measurements of docs/memory/README.md). Those libraries quantize `Linear` only, so convolutions (about half of
+  SD 1.5's UNet weights) and norms stay in 16 bits.
 - In every plan the adapter's target layers (by default cross-attention K/V, 2% of SD 1.5's UNet) keep their
   full-precision base weights: Custom Diffusion and CNS train them directly, merge-and-reinit folds LoRAs into them,
   and the adapter's update is added to an unrounded base. Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
-  fp32 affine parameters beside 16-bit inputs). The VAE is held in bf16 in bf16 plans and stays fp32 otherwise
-  (SD's VAE overflows in fp16); plans drop it from memory once the latents are cached.
+  fp32 affine parameters beside 16-bit inputs). The VAE of a diffusers folder is held in bf16 in bf16 plans and
+  stays fp32 otherwise (SD's VAE overflows in fp16; a single file's VAE stays fp32); plans drop it from memory once
+  the latents are cached.
 
 The UNet of a diffusers folder is loaded tensor by tensor into an empty (meta) model and converted as it arrives, in
 batches of memory-mapped reads that are unmapped after each batch, so the full fp32 UNet never sits in memory (peak
@@ -29,9 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from torch import nn
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from edgecp.errors import EdgecpError
+from edgecp.memory import compact_allocator
+from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_loading
 
 BACKENDS = ("torchao", "bitsandbytes")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,13 +58,11 @@ def quantize_linear(layer: nn.Linear, backend: str, device: str | torch.device =
     quantized on `device` itself: give the full device (`cuda:1`, not `device.type`), since Int8Params quantize on
     their first move and a bare `cuda` is the current GPU (cuda:0), where CB/SCB were made and stayed (issue 22)."""
     if backend == "torchao":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
         quantize_(layer, Int8WeightOnlyConfig())
         layer.requires_grad_(False)
         return layer
     if backend == "bitsandbytes":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: the [cuda] extra, not installed by edgecp[train]
 
         q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                 has_fp16_weights=False, threshold=6.0)
@@ -68,7 +74,8 @@ def quantize_linear(layer: nn.Linear, backend: str, device: str | torch.device =
 
 
 def check_backend(backend: str) -> None:
-    """A clear error when the 8-bit backend's package is missing."""
+    """A clear error when the 8-bit backend's package cannot be imported: bitsandbytes comes with the [cuda] extra
+    only (torchao comes with edgecp[train] and is imported with this module)."""
     module = {"torchao": "torchao", "bitsandbytes": "bitsandbytes"}.get(backend)
     if module is None:
         raise EdgecpError(f"8-bit backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
@@ -144,10 +151,6 @@ def stream_unet(folder: Path, precision: Precision, device: str | torch.device =
     Returns None when the folder's keys do not match the model exactly (an old layout diffusers renames on load):
     the caller then loads it the usual way and converts in place.
     """
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
-
     keep = precision.keep
     files = sorted(f for f in (folder / "unet").glob("*.safetensors") if ".fp16." not in f.name)
     if not files:
@@ -189,8 +192,6 @@ def stream_unet(folder: Path, precision: Precision, device: str | torch.device =
 
 
 def _load_batch(unet, batch, keep, float_dtype, pending, precision, device) -> None:
-    from safetensors import safe_open
-
     with safe_open(str(batch[0][0]), "pt") as sf:
         for _, key, _ in batch:
             mod_name, _, pname = key.rpartition(".")
@@ -230,15 +231,12 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def load_planned(spec, precision: Precision, device: str | torch.device = "cpu"):
-    """The base's Components held in `precision` (see the module docstring); the VAE fp32, or bf16 in bf16 plans
-    (SD's VAE overflows in fp16, never fp16). `device`: where
-    the model will run, with its index (`cuda:1`): 8-bit layers are made there (`quantize_linear`)."""
-    from edgecp.memory import compact_allocator
-    from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_hf
-
+    """The base's Components held in `precision` (see the module docstring). The VAE of a diffusers folder is fp32,
+    or bf16 in bf16 plans (never fp16: SD's VAE overflows in it); a single file's pipeline comes from
+    `load_components` in fp32 and only its UNet and text encoder are converted, so its VAE stays fp32. `device`:
+    where the model will run, with its index (`cuda:1`): 8-bit layers are made there (`quantize_linear`)."""
     if precision.weights == "int8":
         check_backend(precision.backend)
-    quiet_hf()
     with compact_allocator():
         if spec.path is None or spec.path.is_file():  # single file: diffusers builds the fp32 pipeline first
             comps = load_components(spec)
@@ -246,21 +244,19 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
             convert_(comps.text_encoder, Precision(precision.weights if precision.weights != "int8" else precision.compute,
                                                    None, precision.compute))
             return comps
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         text_dtype = torch.float32 if precision.weights == "fp32" else precision.dtype
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(spec.path / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(spec.path / "text_encoder", dtype=text_dtype,
-                                                         use_safetensors=True)
-            vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32  # fp16 overflows in SD's VAE
-            vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
-            scheduler = ddim_scheduler(DDIMScheduler.load_config(spec.path / "scheduler"))  # as load_components
-            unet = stream_unet(spec.path, precision, device)
-            if unet is None:  # an older key layout: let diffusers rename, then convert
-                unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", use_safetensors=True)
-                unet = convert_(unet, precision, device)
+            with quiet_loading():
+                tokenizer = CLIPTokenizer.from_pretrained(spec.path / "tokenizer")
+                text_encoder = CLIPTextModel.from_pretrained(spec.path / "text_encoder", dtype=text_dtype,
+                                                             use_safetensors=True)
+                vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32  # fp16 overflows in SD's VAE
+                vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
+                scheduler = ddim_scheduler(DDIMScheduler.load_config(spec.path / "scheduler"))  # as load_components
+                unet = stream_unet(spec.path, precision, device)
+                if unet is None:  # an older key layout: let diffusers rename, then convert
+                    unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", use_safetensors=True)
+                    unet = convert_(unet, precision, device)
         except EdgecpError:
             raise
         except Exception as e:

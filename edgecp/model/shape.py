@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 from edgecp.model.base import BaseSpec
 from edgecp.planner import BaseShape, UNetShape
 
@@ -18,8 +20,6 @@ _SINGLE_FILE_PREFIX = {"model.diffusion_model.": "unet", "first_stage_model.": "
 
 
 def _header(path: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as sf:
         return {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}  # noqa: SIM118 (safe_open is no dict)
 

@@ -22,7 +22,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import safe_open
+
 from edgecp.errors import EdgecpError
+from edgecp.model.tiny import ensure_tiny_model
+from edgecp.model.tokenizer import write_clip_tokenizer
+from edgecp.paths import edgecp_home
 
 CONFIGS = Path(__file__).parent / "assets" / "sd-configs"
 FAMILIES = ("sd1", "sd2-base", "sd2-v", "tiny")
@@ -35,8 +40,6 @@ XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
 
 def _header(path: Path) -> dict[str, list[int]]:
     """key -> shape, from the safetensors header only."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -71,14 +74,9 @@ def detect_family(path: Path) -> str:
 def config_folder(family: str) -> Path:
     """A local diffusers config folder for `family` (shipped configs + the CLIP tokenizer), made once under
     EDGECP_HOME: what `from_single_file(config=...)` reads instead of the hub."""
-    from edgecp.model.tokenizer import write_clip_tokenizer
-    from edgecp.paths import edgecp_home
-
     if family not in FAMILIES:
         raise EdgecpError(f"unknown Stable Diffusion family '{family}': one of {', '.join(FAMILIES)}")
     if family == "tiny":
-        from edgecp.model.tiny import ensure_tiny_model
-
         return ensure_tiny_model()
     d = edgecp_home() / "single-file-configs" / family
     if (d / "tokenizer" / "vocab.json").is_file():

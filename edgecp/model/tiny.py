@@ -12,7 +12,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
 from edgecp.errors import EdgecpError
+from edgecp.model.tokenizer import write_clip_tokenizer
 
 TINY_NAME = "tiny-world"
 TINY_SEED = 0
@@ -39,12 +44,6 @@ def tiny_path() -> Path:
 
 def build_tiny_components(seed: int = TINY_SEED) -> dict:
     """Make the tiny model's components from `seed` (random weights, the SD architecture)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from edgecp.model.tokenizer import write_clip_tokenizer
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4,

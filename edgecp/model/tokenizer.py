@@ -14,6 +14,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 BPE_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 
@@ -47,8 +49,6 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """Write a CLIP tokenizer to `folder` (the layout of a diffusers pipeline's `tokenizer/`) and return it.
     `pad_token`: SD 1.x pads with <|endoftext|>, SD 2.x (OpenCLIP) with "!"."""
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()

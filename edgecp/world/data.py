@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
+from skimage import data as skdata
+
+from edgecp import seeds
 
 __all__ = [
     "RESERVED",
@@ -243,7 +246,7 @@ def _patterns() -> dict[str, list[np.ndarray]]:
 @functools.lru_cache(maxsize=1)
 def _noise_banks() -> tuple[np.ndarray, np.ndarray]:
     """Fixed noise fields to slice from: fine N(0, 1) (16, 96, 96, 3) and coarse smooth N(0, ~1) (16, 96, 96)."""
-    rng = np.random.default_rng(12345)
+    rng = seeds.numpy_stream(seeds.WORLD_NOISE)
     fine = rng.standard_normal((16, 96, 96, 3)).astype(np.float32)
     coarse = np.stack([
         np.asarray(Image.fromarray(rng.standard_normal((12, 12)).astype(np.float32)).resize(
@@ -266,15 +269,13 @@ def _load_photo(name: str) -> list[np.ndarray]:
     """A bundled photo as a list of (H, W, 3) uint8 arrays (several for the LFW faces / blobs)."""
     if name in EXCLUDED_PHOTOS:
         raise ValueError(f"'{name}' is reserved as a personalization concept")
-    from skimage import data
-
     if name == "lfw_subset":
-        faces = data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+        faces = skdata.lfw_subset()[:100]  # the first 100 are faces, the rest are not
         return [np.repeat((f * 255).round().astype(np.uint8)[..., None], 3, -1) for f in faces]
     if name == "binary_blobs":
-        return [np.repeat((data.binary_blobs(length=192, blob_size_fraction=0.12, rng=k) * 225 + 15)
+        return [np.repeat((skdata.binary_blobs(length=192, blob_size_fraction=0.12, rng=k) * 225 + 15)
                           .astype(np.uint8)[..., None], 3, -1) for k in range(4)]
-    img = getattr(data, name)()
+    img = getattr(skdata, name)()
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, -1)
     if img.shape[-1] == 4:  # the logo: composite on white
@@ -511,7 +512,7 @@ def canonical_caption(scene: Scene, **overrides) -> str:
         words.append(g2.pattern)
     words += [g2.shape if g2.count == 1 else PLURAL[g2.shape], _POS_PHRASES[g2.position][0]]
     bg_scene = Scene("shapes", (g2,), scene.background, a["bg_colour"])
-    text = f"a photo of {' '.join(words)}, {_bg_phrase(np.random.default_rng(0), bg_scene)}"
+    text = f"a photo of {' '.join(words)}, {_bg_phrase(seeds.numpy_stream(seeds.CAPTION_WORDING), bg_scene)}"
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 

@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from edgecp.model.tokenizer import write_clip_tokenizer
 from edgecp.store import sha256_file
 
 FORMAT = "edgecp-world-evaluator"
@@ -43,17 +50,10 @@ DEFAULT_TEXT_TOWER = dict(
 __all__ = ["Evaluator", "build_evaluator", "save_evaluator", "load_evaluator", "IMAGE_SIZE", "EMBED_DIM"]
 
 
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
 def make_image_tower(channels=(32, 64, 128, 64), hidden: int = 128, embed_dim: int = EMBED_DIM,
                      image_size: int = IMAGE_SIZE, stem: int = 0):
     """A small CNN: [a stride-1 3x3 stem of `stem` channels at full resolution], then 64 -> 32 -> 16 -> 8 -> 4
     (stride-2 3x3 convs, a 3x3 conv at 16 and 8), flatten (positions survive), MLP to `embed_dim`."""
-    nn = _nn()
     c1, c2, c3, c4 = channels
 
     def block(cin, cout, stride):
@@ -69,8 +69,6 @@ def make_image_tower(channels=(32, 64, 128, 64), hidden: int = 128, embed_dim: i
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from edgecp.model.tokenizer import write_clip_tokenizer
-
     tmp = Path(tempfile.mkdtemp(prefix="edgecp-eval-tok-"))
     try:
         return write_clip_tokenizer(tmp)
@@ -78,30 +76,22 @@ def _tokenizer():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _torch_module_class():
-    import torch
-    import torch.nn as nn
+class EvaluatorModel(nn.Module):
+    """The trainable pair; `Evaluator` wraps it for numpy in / numpy out."""
 
-    class EvaluatorModel(nn.Module):
-        """The trainable pair; `Evaluator` wraps it for numpy in / numpy out."""
+    def __init__(self, text_config: dict, image_config: dict, embed_dim: int):
+        super().__init__()
+        self.image_tower = make_image_tower(embed_dim=embed_dim, **image_config)
+        self.text_model = CLIPTextModel(CLIPTextConfig(**text_config))
+        self.text_projection = nn.Linear(text_config["hidden_size"], embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
-        def __init__(self, text_config: dict, image_config: dict, embed_dim: int):
-            super().__init__()
-            from transformers import CLIPTextConfig, CLIPTextModel
+    def encode_images(self, x):  # x: (n, 3, 64, 64) in [-1, 1]
+        return nn.functional.normalize(self.image_tower(x), dim=-1)
 
-            self.image_tower = make_image_tower(embed_dim=embed_dim, **image_config)
-            self.text_model = CLIPTextModel(CLIPTextConfig(**text_config))
-            self.text_projection = nn.Linear(text_config["hidden_size"], embed_dim, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-
-        def encode_images(self, x):  # x: (n, 3, 64, 64) in [-1, 1]
-            return nn.functional.normalize(self.image_tower(x), dim=-1)
-
-        def encode_texts(self, input_ids):
-            pooled = self.text_model(input_ids=input_ids).pooler_output
-            return nn.functional.normalize(self.text_projection(pooled), dim=-1)
-
-    return EvaluatorModel
+    def encode_texts(self, input_ids):
+        pooled = self.text_model(input_ids=input_ids).pooler_output
+        return nn.functional.normalize(self.text_projection(pooled), dim=-1)
 
 
 class Evaluator:
@@ -116,8 +106,6 @@ class Evaluator:
 
     # -- inputs --------------------------------------------------------------------------------------------
     def _image_batch(self, images) -> np.ndarray:
-        from PIL import Image
-
         if isinstance(images, np.ndarray):
             arr = images[None] if images.ndim == 3 else images
             if arr.shape[1:3] == (self.image_size, self.image_size) and arr.shape[-1] == 3:
@@ -135,8 +123,6 @@ class Evaluator:
         return out
 
     def tokenize(self, texts: list[str]):
-        import torch
-
         ids = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=77,
                              return_tensors="np").input_ids
         return torch.from_numpy(ids.astype(np.int64))
@@ -144,8 +130,6 @@ class Evaluator:
     # -- embeddings ----------------------------------------------------------------------------------------
     def embed_images(self, images, batch_size: int = 256) -> np.ndarray:
         """(n, d) float32, rows of unit length; `images` is a list of PIL images or a uint8 (n, H, W, 3) array."""
-        import torch
-
         arr = self._image_batch(images)
         outs = []
         with torch.no_grad():
@@ -156,8 +140,6 @@ class Evaluator:
 
     def embed_texts(self, texts, batch_size: int = 256) -> np.ndarray:
         """(n, d) float32, rows of unit length."""
-        import torch
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         outs = []
         with torch.no_grad():
@@ -174,15 +156,13 @@ def build_evaluator(seed: int = 0, text_config: dict | None = None, image_config
                     embed_dim: int = EMBED_DIM, tokenizer=None) -> Evaluator:
     """A freshly initialised (random) evaluator, deterministic in `seed` (`tokenizer`: a CLIP tokenizer to
     reuse; by default the real CLIP tokenizer is built once per process)."""
-    import torch
-
     cfg = {
         "format": FORMAT, "version": 1, "embed_dim": embed_dim, "image_size": IMAGE_SIZE,
         "image_tower": dict(image_config or DEFAULT_IMAGE_TOWER),
         "text_tower": {"config": dict(text_config or DEFAULT_TEXT_TOWER)},
     }
     torch.manual_seed(seed)
-    model = _torch_module_class()(cfg["text_tower"]["config"], cfg["image_tower"], embed_dim)
+    model = EvaluatorModel(cfg["text_tower"]["config"], cfg["image_tower"], embed_dim)
     return Evaluator(model, cfg, tokenizer)
 
 
@@ -190,9 +170,6 @@ def save_evaluator(ev: Evaluator, folder: str | Path, text_weights: str | Path |
     """Write `ev` to `folder`. With `text_weights` (a safetensors file holding exactly the text tower's
     state dict, e.g. the base's ``text_encoder/model.safetensors``) the text tower is referenced by relative
     path + sha256 instead of copied. `extra` goes into config.json (training notes)."""
-    import torch
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     m = ev.model
@@ -206,15 +183,11 @@ def save_evaluator(ev: Evaluator, folder: str | Path, text_weights: str | Path |
         text_file = folder / "text_tower.safetensors"
         rel = "text_tower.safetensors"
     else:
-        from safetensors.torch import load_file
-
         text_file = Path(text_weights)
         theirs = load_file(text_file)
         missing = set(text_sd) - set(theirs)
         if missing or any(not torch.equal(text_sd[k], theirs[k].to(torch.float32)) for k in text_sd):
             raise ValueError(f"{text_file} does not hold this evaluator's text tower")
-        import os
-
         rel = os.path.relpath(text_file.resolve(), folder.resolve())
     cfg = dict(ev.config)
     cfg["text_tower"] = {"config": dict(cfg["text_tower"]["config"]), "weights": rel, "sha256": sha256_file(text_file)}
@@ -227,9 +200,6 @@ def save_evaluator(ev: Evaluator, folder: str | Path, text_weights: str | Path |
 
 def load_evaluator(folder: str | Path) -> Evaluator:
     """Load an evaluator written by :func:`save_evaluator` (CPU, fp32, eval mode)."""
-    import torch
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if cfg.get("format") != FORMAT:
@@ -239,7 +209,7 @@ def load_evaluator(folder: str | Path) -> Evaluator:
         raise FileNotFoundError(f"evaluator text tower weights not found: {text_file}")
     if sha256_file(text_file) != cfg["text_tower"]["sha256"]:
         raise ValueError(f"evaluator text tower weights {text_file} do not match the sha256 in {folder / 'config.json'}")
-    model = _torch_module_class()(cfg["text_tower"]["config"], cfg["image_tower"], int(cfg["embed_dim"]))
+    model = EvaluatorModel(cfg["text_tower"]["config"], cfg["image_tower"], int(cfg["embed_dim"]))
     own = load_file(folder / "model.safetensors")
     model.image_tower.load_state_dict({k[len("image_tower."):]: v.float() for k, v in own.items()
                                        if k.startswith("image_tower.")})

@@ -6,20 +6,17 @@ Registered on the main app by `register(app)`; each parses, calls ONE library fu
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgecp.cli.common import JsonOpt, StoreOpt
 from edgecp.render import esc
 
 out = Console(soft_wrap=True)  # long paths stay on one line
 err = Console(stderr=True, soft_wrap=True)
-
-StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="The store folder (made by `edgecp init`).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _mb(n: int) -> str:
@@ -33,6 +30,7 @@ def history_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
       edgecp history --store my-model
       edgecp history --store my-model --json
     """
+    # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
     from edgecp.lifecycle import history
 
     h = history(store)
@@ -67,6 +65,7 @@ def rollback_cmd(
     Examples:
       edgecp rollback v0003 --store my-model
     """
+    # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
     from edgecp.lifecycle import rollback
 
     r = rollback(store, version)
@@ -91,6 +90,7 @@ def remove_concept_cmd(
       edgecp remove-concept my-ex --store my-model --mode token-only
       edgecp remove-concept my-ex --store my-model --mode rollback
     """
+    # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
     from edgecp.lifecycle import remove_concept
 
     r = remove_concept(store, name, mode)
@@ -120,6 +120,7 @@ def verify_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
     Examples:
       edgecp verify --store my-model
     """
+    # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
     from edgecp.lifecycle import verify
 
     r = verify(store)
@@ -152,6 +153,7 @@ def gc_cmd(
       edgecp gc --store my-model
       edgecp gc --store my-model --keep 1
     """
+    # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
     from edgecp.lifecycle import gc
 
     r = gc(store, keep, dry_run)
@@ -167,16 +169,6 @@ def gc_cmd(
     if r["left_alone"]:
         out.print(f"left alone (not edgecp's, no edgecp.json): {esc(', '.join(r['left_alone']))}; move them out of "
                   "the store", highlight=False)
-
-
-def render_purge(purged: dict | None, console: Console) -> None:
-    """What `--purge-source` deleted and did not: never claim a deletion that did not happen."""
-    if not purged:
-        return
-    if purged["deleted"]:
-        console.print(f"source files deleted: {esc(', '.join(purged['deleted']))}", highlight=False, soft_wrap=True)
-    for k in purged["not_deleted"]:
-        console.print(f"[yellow]not deleted:[/] {esc(k['path'])} ({esc(k['reason'])})", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

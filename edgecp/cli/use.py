@@ -1,0 +1,159 @@
+"""The commands that use a store's model: generate (PyTorch or onnxruntime), export (ONNX per device profile, or
+diffusers), profiles (the device profiles export reads).
+
+Registered on the main app by `register(app)`; each parses, calls ONE library function and renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from edgecp import profiles
+from edgecp.cli.common import BudgetOpt, StoreOpt, err, out, progress_bars
+from edgecp.errors import EdgecpError
+from edgecp.render import esc
+
+profiles_app = typer.Typer(help="Device profiles for `edgecp export`.", invoke_without_command=True)
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text prompt; <name> stands for a learned concept.")],
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="The store folder.")] = None,
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDIM).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("edgecp-out"),
+    backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="An ONNX export folder (default: the store's newest export).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch backend: cuda or cpu.")] = None,
+    memory_budget: BudgetOpt = None,
+    reduce_memory: Annotated[bool, typer.Option("--reduce-memory", help="onnx backend: hold one model at a time "
+                                                "(peak: the UNet, not all three; seconds of loading per image).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
+) -> None:
+    """Generate images, with PyTorch or with onnxruntime on an export.
+
+    Examples:
+      edgecp generate "a photo of <my-dog> on a beach" --store my-model -n 4
+      edgecp generate "a photo of <my-dog> dog. Posing with <my-mug> mug" --store my-model --backend onnx
+    """
+    # lazy: edgecp.generate loads the model stack (torch, onnxruntime), which `edgecp --help` must not load
+    from edgecp.generate import GenerateConfig, find_export, generate_from_onnx, generate_from_store
+
+    cfg = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, size=size, reduce_memory=reduce_memory)
+    if backend not in ("torch", "onnx"):
+        raise EdgecpError(f"--backend '{backend}' is unknown: use torch or onnx")
+    if reduce_memory and backend != "onnx":
+        raise EdgecpError("--reduce-memory is for --backend onnx; the torch backend's memory is --memory-budget")
+    if store is None and not (backend == "onnx" and onnx_dir):
+        raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
+    if backend == "torch" and device is not None:
+        # lazy: edgecp.memory loads torch, which `edgecp --help` must not load
+        from edgecp.memory import resolve_device
+
+        resolve_device(device)  # tpu, or cuda on a machine without it: one line before anything loads
+    with progress_bars() as bar:
+        cb = lambda ev: bar(f"sample ({backend})", ev.step, ev.total)  # noqa: E731
+        if backend == "torch":
+            paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
+                                        memory_budget=memory_budget, overwrite=overwrite,
+                                        on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
+        else:
+            paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
+                                       overwrite=overwrite,
+                                       on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
+                                                                   soft_wrap=True))
+    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
+
+
+def export(
+    store: StoreOpt,
+    profile: Annotated[str, typer.Option(help="Device profile name or .toml path; see `edgecp profiles`.")] = "cpu-fp32",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or diffusers.")] = "onnx",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
+) -> None:
+    """Export the current version: ONNX per device profile, or LoRA + embeddings for diffusers.
+
+    Examples:
+      edgecp export --store my-model --profile cpu-fp32
+      edgecp export --store my-model --format diffusers --out my-lora/
+    """
+    if fmt == "diffusers":
+        # lazy: the diffusers exporter loads torch and diffusers, which `edgecp --help` must not load
+        from edgecp.export.diffusers_format import export_diffusers
+
+        if out_dir is None:
+            raise EdgecpError("--format diffusers needs --out DIR")
+        files = export_diffusers(store, out_dir, overwrite=overwrite)
+        out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
+        return
+    if fmt != "onnx":
+        raise EdgecpError(f"--format '{fmt}' is unknown: use onnx or diffusers")
+    # lazy: the ONNX exporter loads torch and onnx, which `edgecp --help` must not load
+    from edgecp.export.onnx_export import export_onnx
+
+    with progress_bars() as bar:
+        report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total), overwrite=overwrite)
+    _print_export(report)
+
+
+def _print_export(report: dict) -> None:
+    """An ONNX export's report: each model's parity with PyTorch and size, the image gate, the step time."""
+    t = Table(title=f"parity vs PyTorch ({report['profile']})")
+    int8 = "quantization" in report
+    for col in ("model", "max abs diff", "tolerance", "MB", "x fp32") + (("int8",) if int8 else ()):
+        t.add_column(col)
+    for name, r in report["models"].items():
+        t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}",
+                  f"{r['bytes'] / r['fp32_weight_bytes']:.2f}", *((r.get("quantization", ""),) if int8 else ()))
+    out.print(t)
+    for refused in report.get("refused_variants", []):
+        out.print(f"{refused['quantization']} int8 refused ({esc(refused['refused'].split(';')[0])}): "
+                  f"shipped {report['quantization']}", highlight=False)
+    gate = report["image_gate"]
+    sim = f", evaluator similarity {gate['evaluator_similarity']:.4f}" if "evaluator_similarity" in gate else ""
+    out.print(f"image gate: {gate['psnr_db']:.2f} dB PSNR vs PyTorch (profile needs {gate['min_psnr_db']:g}){sim}")
+    speed = gate.get("unet_step_ms")
+    if speed:
+        gpu_on_cpu = speed["provider"] == "CPUExecutionProvider" and "CUDAExecutionProvider" in report["providers"]
+        out.print(f"speed: a step {speed['onnx']:g} ms ({speed['provider'].removesuffix('ExecutionProvider')}) vs "
+                  f"{speed['pytorch']:g} ms PyTorch fp32: {speed['ratio']:.2f}x (median of {speed['steps_timed']} "
+                  "gate steps)" + (", a CUDA profile timed on the CPU" if gpu_on_cpu else "")
+                  + ("; PyTorch's references run on the CPU" if speed["provider"] != "CPUExecutionProvider" else ""),
+                  highlight=False)
+    out.print(f"exported to [bold]{esc(report['out'])}[/]")
+
+
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context) -> None:
+    """List the shipped device profiles."""
+    if ctx.invoked_subcommand:
+        return
+    t = Table()
+    for col in ("profile", "precision", "providers", "description"):
+        t.add_column(col)
+    for name in profiles.profile_files():
+        p = profiles.load_profile(name)
+        t.add_row(p.name, p.precision, ", ".join(p.providers), p.description)
+    out.print(t)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .toml path.")]) -> None:
+    """Show one profile's settings."""
+    out.print_json(json.dumps(dataclasses.asdict(profiles.load_profile(name))))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("export")(export)
+    app.add_typer(profiles_app, name="profiles")
