@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from edgecp.config import DEFAULT_METHOD, AdapterConfig, PriorConfig, TrainConfi
 from edgecp.errors import EdgecpError
 from edgecp.images import MAX_IMAGES
 from edgecp.memory import given_device_info, resolve_device
-from edgecp.methods import build_method, method_class
+from edgecp.methods import build_method, defaults, method_class
 from edgecp.model.base import base_sha256, resolve_base
 from edgecp.model.single_file import config_folder, detect_family
 from edgecp.personal import open_base
@@ -20,9 +21,6 @@ from edgecp.scoped import quiet_libraries
 from edgecp.store import Store
 from edgecp.train import plan_add_concept
 
-# The embedded tiny model learns in seconds; paper-scale defaults (1000 x 8 iterations) would only waste time.
-TINY_TRAIN = dict(steps=150, batch_size=4, grad_accum=1, lr=1e-3, token_lr=5e-3)
-TINY_PRIOR = dict(prompt="a photo", num_images=8, steps=10, sampler="base")
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
@@ -40,23 +38,25 @@ def init_store(
 ) -> Store:
     """Create a store on `base` ('tiny', a diffusers folder, a .safetensors file or a hub id).
 
-    `memory_budget` ('6GB') becomes the default budget of add-concept and generate for this store.
+    Every setting the user does not give comes from the defaults set of the base's family (`methods/defaults.py`):
+    the papers' numbers on SD 1.x/2.x, the tiny world's calibrated values on the tiny base, the scale-free form on
+    any other base. store.json records the set, the family and why (`"defaults"`), and where a concept's token
+    starts (`"token_init"`). `memory_budget` ('6GB') becomes the default budget of add-concept and generate.
     """
     if "{}" not in prompt_template:
         raise EdgecpError(f"prompt template '{prompt_template}' has no '{{}}' where the concept goes: e.g. 'a photo of a {{}}'")
     root = Path(root).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise EdgecpError(f"'{root}' already exists and is not empty: choose a new folder for the store")
-    m = make_method(method, method_params, adapter)  # validates name, hyperparameters and adapter
-    tiny = base == "tiny"
-    defaults = {**(TINY_TRAIN if tiny else {}), **type(m).train_defaults(tiny)}
-    train_cfg = replace(TrainConfig(**defaults), **(train or {}))
-    prior_cfg = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **(prior or {})}, "prior")
+    method_class(method)  # an unknown name lists the valid ones before the base is read
     budget = parse_bytes(memory_budget)
     spec = resolve_base(base)
-    unet_config = spec.path / "unet" if spec.path is not None and spec.path.is_dir() else None
-    if spec.kind == "single_file":  # read the checkpoint's configuration now, refuse one we cannot load
-        unet_config = config_folder(detect_family(spec.path)) / "unet"
+    family, unet_config = family_of(spec)
+    dset = defaults.set_for(family)
+    d = defaults.resolve(method, dset)
+    m = make_method(method, {**d["method"], **(method_params or {})}, _adapter_with_defaults(d["adapter"], adapter))
+    train_cfg = replace(TrainConfig(**d["train"]), **(train or {}))
+    prior_cfg = from_dict(PriorConfig, {**d["prior"], **(prior or {})}, "prior")
     if unet_config is not None:  # before any prior image is drawn or any file written
         check_targets(unet_config, m.adapter, base)
     info = {
@@ -66,6 +66,8 @@ def init_store(
         "train": to_dict(train_cfg),
         "prior": to_dict(prior_cfg),
         "prompt_template": prompt_template,
+        "token_init": d["token"]["init_word"],
+        "defaults": {"set": dset, "family": family, "why": defaults.WHY[dset]},
         **({"memory_budget": budget} if budget else {}),
     }
     return Store.create(root, info)
@@ -129,6 +131,47 @@ def check_targets(unet_config: Path, adapter: AdapterConfig, base: str) -> None:
             inside = f"{t}.to_k" if hasattr(hits[wrong], "to_k") else "attn2.to_k"
             raise EdgecpError(f"adapter target '{t}' matches {wrong} ({type(hits[wrong]).__name__}), which this "
                               f"method cannot train (it trains {what} layers): name such layers, e.g. {inside}")
+
+
+def family_of(spec) -> tuple[str, Path | None]:
+    """(family, the UNet config folder) of a resolved base: tiny, sd1 | sd2-base | sd2-v (single file), sd1 | sd2 |
+    sdxl | other (a diffusers folder, by its UNet's architecture). A single file edgecp cannot load is refused."""
+    if spec.kind == "tiny":
+        return "tiny", spec.path / "unet"
+    if spec.kind == "single_file":
+        family = detect_family(spec.path)
+        return family, config_folder(family) / "unet"
+    unet_config = spec.path / "unet" if spec.path is not None and spec.path.is_dir() else None
+    return base_family(unet_config), unet_config
+
+
+def resolved_defaults(base: str, method: str) -> tuple[str, dict]:
+    """(the defaults set, its values by section) that `init_store` would give `method` on `base`."""
+    dset = defaults.set_for(family_of(resolve_base(base))[0])
+    return dset, defaults.resolve(method, dset)
+
+
+def base_family(unet_config: Path | None) -> str:
+    """sd1 | sd2 | sdxl | other from a diffusers folder's UNet config (other: none to read, e.g. a hub id)."""
+    f = unet_config / "config.json" if unet_config is not None else None
+    if f is None or not f.is_file():
+        return "other"
+    try:
+        return defaults.unet_family(json.loads(f.read_text()))
+    except (ValueError, OSError):
+        return "other"
+
+
+def _adapter_with_defaults(default: dict, given: dict | None) -> dict:
+    """The defaults set's adapter under the user's choices. A user's kind other than the default's drops the
+    default's rank and alpha (make_method's then apply); a user's rank without an alpha keeps alpha = rank."""
+    given = dict(given or {})
+    if "kind" in given and given["kind"] != default.get("kind"):
+        return given
+    out = {**default, **given}
+    if "rank" in given and "alpha" not in given:
+        out["alpha"] = float(given["rank"])
+    return out
 
 
 def make_method(method: str, params: dict | None, adapter: dict | None):

@@ -135,6 +135,12 @@ def validate_info(info: object) -> dict:
     budget = info.get("memory_budget")
     _expect(budget is None or isinstance(budget, int) and not isinstance(budget, bool) and budget > 0,
             "memory_budget must be a positive number of bytes")
+    token_init = info.get("token_init")
+    _expect(token_init is None or isinstance(token_init, str) and re.fullmatch(r"[a-z]{1,32}", token_init) is not None,
+            "token_init must be null or one lowercase word (e.g. \"ktn\")")
+    dset = info.get("defaults", {"set": "tiny"})
+    _expect(isinstance(dset, dict) and dset.get("set") in ("paper", "tiny", "scale-free"),
+            "defaults.set must be paper, tiny or scale-free")
     for key, cls in (("train", TrainConfig), ("adapter", AdapterConfig), ("prior", PriorConfig)):
         _check_fields(cls, info[key], key)
         try:

@@ -96,9 +96,9 @@ def add_concept(
     device's memory) before anything is written; `on_plan` receives the plan. `plan_force` pins plan fields
     (e.g. {"weights": "int8"}). Every input is validated before anything is written; on any failure, an
     out-of-memory error included, the store is exactly as before and the staged images are purged.
-    `class_word` goes into the concept's prompts; the token's embedding starts from `init_word` (default: the class
-    word, else "object"), so a concept can start from its class without its prompts naming it (paper 000's
-    evaluation prompts name the class for CD and TI only).
+    `class_word` goes into the concept's prompts; the token's embedding starts from `init_word` (default: the
+    store's `token_init`, the rare token "ktn" on the papers' bases as CD and 000 App. A; on the tiny base the
+    class word, else "object"), so a concept can start from its class without its prompts naming it.
 
     Training that diverges (a loss, or any tensor the method would store, NaN or infinite) commits nothing: one line
     names the tensor and suggests a lower learning rate; the store is unchanged and the staged images are purged.
@@ -165,8 +165,9 @@ def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, 
     resolution = train_cfg.resolution or shape.unet.sample_size * shape.vae_scale
     prior_cfg = stored_prior(store.info["prior"])
     cached = (store.prior_dir(prior_key(store.info["base"]["sha256"], prior_cfg, resolution)) / "done.json").exists()
-    work = training_workload(method, shape, train_cfg, resolution, len(store.concepts()), n_images,
-                             0 if cached else prior_cfg.num_images, prior_cfg.steps)
+    drawn = 0 if cached or not uses_priors(method, train_cfg) else prior_cfg.num_images
+    work = training_workload(method, shape, train_cfg, resolution, len(store.concepts()), n_images, drawn,
+                             prior_cfg.steps)
     if not train_cfg.gradient_checkpointing:
         force = {**(force or {}), "gradient_checkpointing": False}
     budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
@@ -204,12 +205,20 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
     return manifest
 
 
+def uses_priors(method, cfg: TrainConfig) -> bool:
+    """Whether a task draws prior images: for the prior loss (prior_weight > 0; 001 trains without it), or because
+    the method reads them (CNS's general importance)."""
+    return cfg.prior_weight > 0 or method.needs_prior_images
+
+
 def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, device, emit, plan, meter,
                   t_start) -> dict:
     class_word, init_word = words
+    init_word = init_word or store.info.get("token_init")
     size = cfg.resolution or comps.resolution
     prior_cfg = stored_prior(store.info["prior"])
-    prior_paths = ensure_priors(store, comps, prior_cfg, size, device, lambda ev: emit("priors", ev.step, ev.total), plan)
+    prior_paths = (ensure_priors(store, comps, prior_cfg, size, device, lambda ev: emit("priors", ev.step, ev.total),
+                                 plan) if uses_priors(method, cfg) else [])
 
     head = store.manifest()
     previous = head["concepts"]
@@ -229,7 +238,7 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
     )
     emit("encode", 0, 1)
     ctx.instance = encode_images(comps, staged, size, device, flip=True)
-    ctx.prior = encode_images(comps, prior_paths, size, device, flip=False)
+    ctx.prior = encode_images(comps, prior_paths, size, device, flip=False) if prior_paths else None
     if plan.offload:  # the latents are cached: the VAE is not needed again in this task
         comps.vae = None
         release_memory(device)
@@ -317,19 +326,27 @@ class Trainer:
         b, m = cfg.batch_size, self.micro
         for _ in range(cfg.grad_accum):
             inst = ctx.instance.draw(torch.randint(len(ctx.instance), (b,), generator=gen), gen)
-            prior = ctx.prior.draw(torch.randint(len(ctx.prior), (b,), generator=gen), gen)
-            latents = torch.cat([inst, prior])  # (2B, C, h, w)
+            with_prior = ctx.prior is not None  # no prior rows when the task trains without the prior loss
+            if with_prior:
+                prior = ctx.prior.draw(torch.randint(len(ctx.prior), (b,), generator=gen), gen)
+                latents = torch.cat([inst, prior])  # (2B, C, h, w)
+            else:
+                latents = inst
             noise, t = draw_noise(latents, ctx.noise_scheduler, gen)
             for start in range(0, b, m):
-                rows = torch.cat([torch.arange(start, start + m), torch.arange(b + start, b + start + m)])
+                rows = torch.arange(start, start + m)
+                if with_prior:
+                    rows = torch.cat([rows, torch.arange(b + start, b + start + m)])
                 with autocast(ctx):
                     text_n = encode_text(ctx.comps, [ctx.prompt], ctx.device)
                     if ctx.token_row is None:
                         text_n = text_n.detach()
-                    text = torch.cat([text_n.expand(m, -1, -1), self.prior_text.expand(m, -1, -1)])
+                    text = text_n.expand(m, -1, -1)
+                    if with_prior:
+                        text = torch.cat([text, self.prior_text.expand(m, -1, -1)])
                     per_row = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, latents[rows], text, gen,
                                            (noise[rows], t[rows]))
-                loss = (per_row[:m].sum() + cfg.prior_weight * per_row[m:].sum()) / b
+                loss = (per_row[:m].sum() + (cfg.prior_weight * per_row[m:].sum() if with_prior else 0.0)) / b
                 if start == 0:
                     pen = self.method.penalty(ctx)
                     if pen is not None:

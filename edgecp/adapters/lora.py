@@ -40,13 +40,21 @@ def peft_config(cfg: AdapterConfig):
 
 
 def attach(unet, cfg: AdapterConfig, seed: int = 0) -> None:
-    """Add a fresh adapter (zero update: LoRA's B = 0, VeRA's lambda_b = 0) to `unet`'s target modules."""
+    """Add a fresh adapter (zero update: LoRA's B = 0, VeRA's lambda_b = 0) to `unet`'s target modules.
+
+    LoRA's A is peft's Kaiming-uniform, or with `cfg.init == "gaussian"` A ~ N(0, I) (paper 001's "standard
+    initialization technique (A ~ N(0, I), B = 0)"; peft's own "gaussian" draws N(0, 1/r), so it is drawn here)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.kind == "vera":
             unet.__dict__[_PEFT_KEY] = get_peft_model(unet, peft_config(cfg), adapter_name=ADAPTER_NAME)
         else:
             inject_adapter_in_model(peft_config(cfg), unet, adapter_name=ADAPTER_NAME)
+            if cfg.init == "gaussian":
+                with torch.no_grad():
+                    for name, p in adapter_parameters(unet).items():
+                        if ".lora_A." in name:
+                            p.normal_(0.0, 1.0)
 
 
 def has_adapter(unet) -> bool:

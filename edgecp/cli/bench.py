@@ -29,8 +29,14 @@ def _method_params(items: list[str]) -> dict:
     return out
 
 
-def methods() -> None:
+methods_app = typer.Typer(help="The continual strategies a store can use.", invoke_without_command=True)
+
+
+@methods_app.callback()
+def methods(ctx: typer.Context) -> None:
     """List the continual strategies a store can use, and how `remove-concept` works with each."""
+    if ctx.invoked_subcommand:
+        return
     # lazy: edgecp.methods loads torch, which `edgecp --help` must not load
     from edgecp.methods import method_class, method_names
 
@@ -42,6 +48,39 @@ def methods() -> None:
         cls = method_class(name)
         t.add_row(name, cls.summary, "exact" if cls.removal == "exact" else "token-only or rollback")
     out.print(t)
+
+
+@methods_app.command("show")
+def methods_show(
+    name: Annotated[str, typer.Argument(help="A method, e.g. dsc-ewc-dc.")],
+    base: Annotated[Optional[str], typer.Option(help="Show the set this base gets (tiny, a folder or a .safetensors "
+                                                     "file); default: all three sets.")] = None,
+) -> None:
+    """Every hyperparameter of a method with its default and its source, per defaults set: paper (SD 1.x/2.x: the
+    papers' numbers), tiny (the embedded base: calibrated on the validation sequence), scale-free (other bases).
+
+    Examples:
+      edgecp methods show dsc-ewc-dc
+      edgecp methods show merge-reinit --base ./sd-v1-5
+    """
+    # lazy: edgecp.methods and edgecp.api load torch, which `edgecp --help` must not load
+    from edgecp.methods import defaults
+
+    sets = defaults.SETS
+    if base is not None:
+        from edgecp.api import resolved_defaults
+
+        sets = (resolved_defaults(base, name)[0],)
+    rows = defaults.table(name)
+    for dset in sets:
+        t = Table(title=f"{name}: the {dset} set ({defaults.WHY[dset]})", title_justify="left")
+        for col in ("setting", "value", "source"):
+            t.add_column(col, overflow="fold")
+        for sec, key, by_set in rows:
+            st = by_set[dset]
+            if st is not None:
+                t.add_row(f"{sec}.{key}", esc(defaults.shown(st.value)), esc(st.source))
+        out.print(t)
 
 
 def bench(
@@ -58,7 +97,11 @@ def bench(
     base: Annotated[Optional[str], typer.Option(help="Base model (default tiny).")] = None,
     features: Annotated[Optional[str], typer.Option(help="tiny (the tiny world's encoder) or a CLIP folder / hub id.")] = None,
     class_word: Annotated[Optional[str], typer.Option(
-        help="Class word in the prompts: paper (000: CD and TI only), always or never.")] = None,
+        help="Class word in the prompts: paper (000: CD and TI; 003: CNS), always or never.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="The evaluation's sampler: base (the base's own), ddim or "
+                                                        "ddpm (000; the paper preset's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads of every run (part of the config: every "
+                                                        "executor computes the same numbers; default 2).")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p",
                                                        help="A method's hyperparameter, METHOD:key=value.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Finish the bench in this folder with the config it was "
@@ -94,7 +137,7 @@ def bench(
         "methods": parse_methods(methods) if methods else None,
         "seeds": tuple(int(s) for s in seeds.split(",")) if seeds else None,
         "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
-        "base": base, "features": features, "class_word": class_word,
+        "base": base, "features": features, "class_word": class_word, "sampler": sampler, "threads": threads,
         "method_params": _method_params(param) if param else None,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -159,6 +202,6 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="Where the demo wri
 
 
 def register(app: typer.Typer) -> None:
-    app.command("methods")(methods)
+    app.add_typer(methods_app, name="methods")
     app.command("bench")(bench)
     app.command("demo")(demo)

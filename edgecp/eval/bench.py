@@ -3,7 +3,8 @@
 average forgetting of the I2I score matrix) do.
 
 For every method and seed: a fresh store on the base; task after task, learn the concept from its training views;
-after every task generate `n_gen` images of every concept seen so far ("a photo of <name>") and embed them. Then:
+after every task generate `n_gen` images of every concept seen so far ("a photo of a <name>", 000 Sec. 4's "a photo
+of a V*"; the class word follows the token for CD, TI and CNS) and embed them. Then:
     M[i, j] = MMD(real_j, gen_{i,j}),  D[i, j] = MMD(gen_{j,j}, gen_{i,j}),  S[i, j] = I2I(gen_{i,j}, real_j).
 """
 
@@ -32,6 +33,8 @@ from edgecp.eval.layout import SAMPLES_FILE, eval_file, run_dir, save_npz_atomic
 from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
 from edgecp.generate import GenerateConfig, torch_generate
 from edgecp.methods import method_class, method_names
+from edgecp.model.base import resolve_base
+from edgecp.model.shape import base_shape
 from edgecp.personal import PersonalModel, encode_text
 from edgecp.prompts import expand
 from edgecp.seeds import stream_seed
@@ -39,11 +42,20 @@ from edgecp.store import Store
 
 QUICK_METHODS = ("lora-sequential", "c-lora", "dsc-ewc-dc")
 CLASS_WORD_MODES = ("paper", "always", "never")
+SAMPLERS = ("base", "ddim", "ddpm")
+EVAL_PROMPT = "a photo of a <{}>"  # 000 Sec. 4: "a photo of a V*"
+
+
+def view_size(cfg) -> int:
+    """The training resolution of the bench's base (its UNet's sample size x the VAE's factor): the training views
+    and the real targets are written at it (64 on the tiny base, 512 on SD 1.x)."""
+    shape = base_shape(resolve_base(cfg.base), ())
+    return shape.unet.sample_size * shape.vae_scale
 
 
 def uses_class_word(cfg: BenchConfig, method: str) -> bool:
     """Whether `method`'s prompts name the concept's class in this bench (000 Sec. 4: "For CD and TI, we
-    additionally include the concept name after the modifier token")."""
+    additionally include the concept name after the modifier token"; 003's CNS prompts: "A <new3> dog")."""
     return {"always": True, "never": False}.get(cfg.class_word, method_class(method).bench_class_word)
 
 
@@ -55,11 +67,15 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0,)
     base: str = "tiny"
     features: str = "tiny"
-    steps: int = 100  # training iterations per task
+    steps: int | None = 100  # training iterations per task; None: each method's own default (000: 1000, 001: 850)
     n_train: int = 6  # training views per concept
     n_target: int = 8  # held-out target views per concept
     n_gen: int = 8  # generated images per concept per evaluation
     gen_steps: int = 20
+    sampler: str = "base"  # the evaluation's sampler: "base" (the base's own scheduler), "ddim" or "ddpm" (000)
+    # torch threads of every run on every executor: thread counts change float reduction order, so a run's metrics
+    # depend on them; one number in the config makes serial and Ray runs agree (2: the CPU the tables were made on)
+    threads: int = 2
     guidance: float = 7.5
     dc_trials: int = 4  # (t, eps) trials per training image for the DC-score accuracy
     method_params: dict = field(default_factory=dict)  # method -> {hyperparameter: value}
@@ -77,6 +93,13 @@ class BenchConfig:
                                   f"({', '.join(self.methods)}): add it to --methods or drop its -p")
         if self.class_word not in CLASS_WORD_MODES:
             raise EdgecpError(f"--class-word '{self.class_word}' is unknown: use {', '.join(CLASS_WORD_MODES)}")
+        if self.sampler not in SAMPLERS:
+            raise EdgecpError(f"--sampler '{self.sampler}' is unknown: use {', '.join(SAMPLERS)}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 1 <= self.threads <= 256:
+            raise EdgecpError(f"threads {self.threads!r} is out of range: use a whole number from 1 to 256")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise EdgecpError(f"--steps {self.steps!r} is not a positive whole number")
         if self.n_gen < 2 or self.n_target < 2:
             raise EdgecpError("the MMD needs at least 2 generated and 2 target images per concept (--n-gen >= 2)")
 
@@ -86,10 +109,11 @@ PRESETS = {
     "quick": BenchConfig(),
     # the paper's setting, for GPUs: every method, 1000 iterations, three seeds
     "full": BenchConfig(methods=(), steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50, n_target=16),
-    # 000's App. H: every method, 1000 iterations (an SD base trains 1 x 8), 3 seeds, 50 sampling steps; the task
-    # folder (--sequence DIR) and the CLIP folder (--features DIR) are the user's (eval/executor.check_required)
-    "paper": BenchConfig(methods=(), sequence="", features="", steps=1000, seeds=(0, 1, 2), n_gen=32, gen_steps=50,
-                         n_target=16),
+    # 000 Sec. 4 and App. H: every method with its paper's iterations (000: 1000, 001: 850; an SD base trains 1 x 8),
+    # 3 seeds, "DDPM sampling with 50 inference steps to generate 400 images" per concept; the task folder
+    # (--sequence DIR) and the CLIP folder (--features DIR) are the user's (eval/executor.check_required)
+    "paper": BenchConfig(methods=(), sequence="", features="", steps=None, seeds=(0, 1, 2), n_gen=400, gen_steps=50,
+                         sampler="ddpm", n_target=16),
 }
 
 
@@ -126,13 +150,14 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
     root = store_dir(out, method, seed)
     if not (root / "store.json").is_file():  # resume: a store exists (Store.create is atomic) with its tasks
         init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
-                   train={"steps": cfg.steps, "seed": seed}, prior=cfg.prior)
+                   train={"seed": seed, **({"steps": cfg.steps} if cfg.steps else {})}, prior=cfg.prior)
     n = len(seq)
     learned = len(Store.open(root).concepts())  # tasks committed by an earlier, interrupted process
     gen: list[list[np.ndarray]] = []
     last_images = []
     t_train = 0.0
     named = uses_class_word(cfg, method)
+    own_init = Store.open(root).info.get("token_init")  # the papers' bases: a rare token; tiny: the class word
     model, model_version = None, None
     for i, concept in enumerate(seq):
         saved = eval_file(out, method, seed, i)
@@ -140,7 +165,8 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
         if i >= learned:
             tick(f"learn <{concept.name}>", i)
             train.add_concept(root, concept.name, [data / concept.name / "train"],  # via the module: tests wrap it
-                              class_word=concept.class_word if named else None, init_word=concept.class_word)
+                              class_word=concept.class_word if named else None,
+                        init_word=None if own_init else concept.class_word)
         seconds = time.perf_counter() - t
         if saved.is_file():  # resume: this task's evaluation was saved by an earlier process
             row, images_last, seconds = _load_eval(saved)
@@ -152,8 +178,9 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
             concepts = store.manifest(version)["concepts"]
             row, images_last = [], []
             for j in range(i + 1):
-                prompt = expand(f"a photo of <{seq[j].name}>", concepts)
-                gcfg = GenerateConfig(n=cfg.n_gen, seed=stream_seed(seed, seeds.BENCH_IMAGES, j), steps=cfg.gen_steps, guidance=cfg.guidance)
+                prompt = expand(EVAL_PROMPT.format(seq[j].name), concepts)
+                gcfg = GenerateConfig(n=cfg.n_gen, seed=stream_seed(seed, seeds.BENCH_IMAGES, j), steps=cfg.gen_steps,
+                                      guidance=cfg.guidance, sampler=None if cfg.sampler == "base" else cfg.sampler)
                 images = torch_generate(model.comps, prompt, gcfg, model.device)
                 row.append(features.embed_images(images))
                 if i == n - 1:
@@ -222,7 +249,7 @@ def dc_accuracy(model, store, seq, data: Path, trials: int, seed: int) -> float:
     comps = model.comps
     sched = DDPMScheduler.from_config(comps.scheduler.config)
     with torch.no_grad():
-        texts = encode_text(comps, [expand(f"a photo of <{c.name}>", store.concepts()) for c in seq], model.device)
+        texts = encode_text(comps, [expand(EVAL_PROMPT.format(c.name), store.concepts()) for c in seq], model.device)
     gen = torch.Generator().manual_seed(seed)
     errors, labels = [], []
     for j, c in enumerate(seq):
@@ -276,12 +303,37 @@ def _scale(key: str) -> float:
 
 
 def table_markdown(result: dict) -> str:
+    """Mean ± std over seeds; with the statistics, the 95% interval in brackets and the marks of the paired tests
+    (* differs from the reference, † from the default method, p < alpha; the legend under the table)."""
     cols = TABLE_COLUMNS
+    st = result.get("statistics") or {}
     head = ["method"] + [f"{c} (x{_scale(c):g})" if _scale(c) != 1.0 else c for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, stats in result["summary"].items():
-        lines.append("| " + " | ".join([method] + [_fmt(stats[c], c) for c in cols]) + " |")
+        lines.append("| " + " | ".join([method] + [_fmt(stats[c], c) + _extras(st, method, c) for c in cols]) + " |")
+    if st.get("intervals"):
+        refs = list(st.get("tests", {}))
+        marks = ", ".join(f"{m} differs from {r}" for m, r in zip(MARKS, refs))
+        lines += ["", f"[lo, hi]: {st['confidence']:.0%} bootstrap interval over seeds, concepts and evaluation images "
+                      f"({st['replicates']} replicates). {marks}: paired sign-flip test over (seed, concept) units, "
+                      f"p < {st['alpha']}, no correction for multiple comparisons; unmarked differences are not "
+                      "distinguishable at this size."]
     return "\n".join(lines) + "\n"
+
+
+MARKS = ("*", "†")
+
+
+def _extras(st: dict, method: str, key: str) -> str:
+    iv = st.get("intervals", {}).get(method, {}).get(key)
+    if iv is None:
+        return ""
+    s = _scale(key)
+    text = f" [{_num(iv[0] * s, 2, 3)}, {_num(iv[1] * s, 2, 3)}]"
+    for mark, rows in zip(MARKS, st.get("tests", {}).values()):
+        if rows.get(method, {}).get(key, {}).get("significant"):
+            text += mark
+    return text
 
 
 def write_outputs(out: Path, result: dict) -> None:

@@ -35,7 +35,7 @@ from diffusers import DDPMScheduler
 
 from edgecp import seeds
 from edgecp.adapters import lora
-from edgecp.api import TINY_PRIOR, TINY_TRAIN, make_method
+from edgecp.api import make_method, resolved_defaults
 from edgecp.config import PriorConfig, TrainConfig, from_dict, replace
 from edgecp.eval.bench import load_sequence
 from edgecp.eval.executor import all_runs, check_required
@@ -56,7 +56,7 @@ from edgecp.train import Trainer
 class Estimate:
     runs: int
     tasks: int  # per run
-    iterations: int  # training iterations per task
+    iterations: str  # training iterations per task ("850-1000" where the methods' own differ)
     device: str
     seconds_per_iteration: float  # measured
     seconds_per_image_step: float  # measured (one image, one sampling step, with guidance)
@@ -74,10 +74,9 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     """Seconds per training iteration / image-step / base load of `base` on `device` (see the module docstring)."""
     dev = torch.device(device) if device else default_device()
     spec = resolve_base(base)
-    method = make_method("lora-sequential", {}, None)
-    tiny = base == "tiny"
-    train = replace(TrainConfig(**{**(TINY_TRAIN if tiny else {}), **type(method).train_defaults(tiny)}),
-                    steps=iterations, seed=seeds.CALIBRATION_RUN)
+    _, d = resolved_defaults(base, "lora-sequential")
+    method = make_method("lora-sequential", d["method"], d["adapter"])
+    train = replace(TrainConfig(**d["train"]), steps=iterations, seed=seeds.CALIBRATION_RUN)
     accum, train = train.grad_accum, replace(train, grad_accum=1)  # timed: one batch; an iteration is `accum` of them
     shape = base_shape(spec, method.keep_full_precision())
     resolution = shape.unet.sample_size * shape.vae_scale
@@ -142,18 +141,21 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
     cal = calibration or calibrate(cfg.base, device, iterations, progress=progress)
     shape = cal["shape"]
     s_iter, s_step, s_load = cal["seconds_per_iteration"], cal["seconds_per_image_step"], cal["seconds_per_load"]
-    tiny = cfg.base == "tiny"
-    prior = from_dict(PriorConfig, {**(TINY_PRIOR if tiny else {}), **cfg.prior}, "prior")
+    prior = from_dict(PriorConfig, {**resolved_defaults(cfg.base, cfg.methods[0])[1]["prior"], **cfg.prior}, "prior")
     res = cal["resolution"]
     train_s = cons_s = gen_s = load_s = 0.0
+    steps: set[int] = set()  # the methods' iterations (the paper preset: each its paper's)
     store_bytes = 0
     for method_name, _seed in all_runs(cfg):
-        method = make_method(method_name, cfg.method_params.get(method_name, {}), None)
-        train = replace(TrainConfig(**{**(TINY_TRAIN if tiny else {}), **type(method).train_defaults(tiny)}),
-                        steps=cfg.steps)
-        # a training iteration's cost per UNet row with gradients; the calibration's accumulation and batch
+        _, d = resolved_defaults(cfg.base, method_name)
+        method = make_method(method_name, {**d["method"], **cfg.method_params.get(method_name, {})}, d["adapter"])
+        train = replace(TrainConfig(**d["train"]), **({"steps": cfg.steps} if cfg.steps else {}))
+        steps.add(train.steps)
+        # a training iteration's cost per UNet row with gradients (instance + prior rows; instance rows alone
+        # without the prior loss); the calibration's accumulation and batch
         row_s = s_iter / (cal["grad_accum"] * cal["batch_size"] * 2)
-        train_s += n * cfg.steps * row_s * train.grad_accum * train.batch_size * 2
+        rows = 2 if train.prior_weight > 0 else 1
+        train_s += n * train.steps * row_s * train.grad_accum * train.batch_size * rows
         ratio = getattr(method.params, "consolidation_ratio", 0.2)
         adapter, base_w = method.trainable_numbers(shape.target_in_out)
         state = 4 * (adapter + base_w)
@@ -163,26 +165,28 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
                     continue
                 weight = 5 / 3 if phase == "dsc" else 1.0
                 # a consolidation iteration sees training's effective batch (batch x accumulation), as training does
-                cons_s += (max(1, round(ratio * cfg.steps)) * row_s * train.batch_size * train.grad_accum * rows
+                cons_s += (max(1, round(ratio * train.steps)) * row_s * train.batch_size * train.grad_accum * rows
                            * weight)
             extra = state if "ewc" in method_name else 0
             if method_name.startswith("dsc") or method_name in ("c-lora", "lora-merge"):
                 extra += state * (i + 1)
             store_bytes += state + extra + 4 * 768 * (i + 1)  # + tokens
-        gen_s += (prior.num_images * prior.steps + n * (n + 1) // 2 * cfg.n_gen * cfg.gen_steps) * s_step
+        priors = prior.num_images * prior.steps if train.prior_weight > 0 or method.needs_prior_images else 0
+        gen_s += (priors + n * (n + 1) // 2 * cfg.n_gen * cfg.gen_steps) * s_step
         load_s += 2 * n * s_load
         store_bytes += prior.num_images * res * res * 3  # the prior images (PNG, at most raw size)
     runs = len(all_runs(cfg))
     feat_dim = 768  # CLIP ViT-L/14's projection; an upper bound for the tiny evaluator
     eval_bytes = runs * (n * (n + 1) // 2 * cfg.n_gen * feat_dim * 4 + n * cfg.n_gen * res * res * 3)
-    data_bytes = len(cfg.seeds) * n * (cfg.n_train + cfg.n_target) * 64 * 64 * 3
+    data_bytes = len(cfg.seeds) * n * (cfg.n_train + cfg.n_target) * res * res * 3  # views at the base's resolution
     hours = {"training": train_s / 3600, "consolidation": cons_s / 3600, "generation": gen_s / 3600,
              "loading": load_s / 3600}
     hours["total"] = sum(hours.values())
     disk = {"stores": store_bytes, "evaluations": eval_bytes, "data": data_bytes}
     disk["total"] = sum(disk.values())
     calib = {k: v for k, v in cal.items() if k != "shape"}
-    return Estimate(runs=runs, tasks=n, iterations=cfg.steps, device=cal["device"], seconds_per_iteration=s_iter,
+    return Estimate(runs=runs, tasks=n, iterations=f"{min(steps)}" if len(steps) == 1 else f"{min(steps)}-{max(steps)}",
+                    device=cal["device"], seconds_per_iteration=s_iter,
                     seconds_per_image_step=s_step, seconds_per_load=s_load, hours=hours, disk_bytes=disk,
                     calibration=calib)
 

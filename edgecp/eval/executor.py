@@ -44,17 +44,24 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from edgecp.atomic import write_json_atomic
+from edgecp.config import DEFAULT_METHOD
 from edgecp.errors import EdgecpError
-from edgecp.eval.bench import BenchConfig, load_sequence, run_method, summarize, write_outputs
+from edgecp.eval.bench import BenchConfig, load_sequence, run_method, summarize, view_size, write_outputs
 from edgecp.eval.features import load_features
-from edgecp.eval.layout import CONFIG_FILE, RESULT_FILE, WORKER_FILE, eval_file, run_dir
+from edgecp.eval.stats import bench_statistics
+from edgecp.eval.layout import CONFIG_FILE, RESULT_FILE, WORKER_FILE, eval_file, real_file, run_dir, save_npz_atomic
 from edgecp.progress import Progress, emit  # events: phase "runs" counts runs, any other tasks
 
 RAY_FIX = "pip install 'edgecp[distributed]'"
+REFERENCE = "lora-sequential"  # the table marks differences from it and from the default method
 
 Log = Callable[[str], None]
 
@@ -133,7 +140,7 @@ def prepare_seed(cfg, seq, out: Path, seed: int) -> Path:
         data.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=data.parent))
         try:
-            seq.write(tmp, n_train=cfg.n_train, n_target=cfg.n_target, size=64, seed=seed)
+            seq.write(tmp, n_train=cfg.n_train, n_target=cfg.n_target, size=view_size(cfg), seed=seed)
             os.replace(tmp, data)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,8 +163,20 @@ def seed_inputs(cfg, out: Path, seed: int, seq=None, features=None) -> SeedInput
     seq = seq if seq is not None else load_sequence(cfg)
     features = features if features is not None else load_features(cfg.features)
     data = prepare_seed(cfg, seq, out, seed)
-    real = [features.embed_images(c.target_views(cfg.n_target, 64, seed)) for c in seq]
+    real = real_embeddings(cfg, out, seed, seq, features)
     return SeedInputs(seq, data, features, real)
+
+
+def real_embeddings(cfg, out: Path, seed: int, seq, features) -> list[np.ndarray]:
+    """The real targets' embeddings of `seed`, per concept, saved once in data/real-seed<S>.npz (the bench's
+    intervals read them back with every run's evaluations)."""
+    f = real_file(out, seed)
+    if f.is_file():
+        with np.load(f) as z:
+            return [z[f"real{j}"] for j in range(len(seq))]
+    real = [features.embed_images(c.target_views(cfg.n_target, view_size(cfg), seed)) for c in seq]
+    save_npz_atomic(f, **{f"real{j}": r for j, r in enumerate(real)})
+    return real
 
 
 def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | None = None, tick=None) -> dict:
@@ -170,13 +189,26 @@ def run_one(cfg, method: str, seed: int, out: str | Path, inputs: SeedInputs | N
         return done
     worker = {"host": socket.gethostname(), "pid": os.getpid()}  # where it runs (a Ray node, or this process)
     write_json_atomic(run_dir(out, method, seed) / WORKER_FILE, {**worker, "started": time.time()})
-    inputs = inputs or seed_inputs(cfg, out, seed)
-    run = run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
-                      tick or (lambda phase, task: None))
+    with torch_threads(cfg.threads):
+        inputs = inputs or seed_inputs(cfg, out, seed)
+        run = run_method(cfg, method, seed, inputs.seq, inputs.data, inputs.real, inputs.features, out,
+                         tick or (lambda phase, task: None))
     run["features"] = inputs.features.name
     run["worker"] = worker
     write_json_atomic(run_dir(out, method, seed) / RESULT_FILE, run)
     return run
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads at `n` for one run, then back to what they were (the config's `threads`: serial and
+    Ray runs, whose workers start with one thread, then compute the same numbers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_line(run: dict) -> str:
@@ -199,7 +231,8 @@ class SerialExecutor:
         inputs: dict[int, SeedInputs] = {}
         for method, seed in todo:
             if seed not in inputs:
-                inputs = {seed: seed_inputs(cfg, out, seed, seq, features)}  # one seed's inputs at a time
+                with torch_threads(cfg.threads):  # the embeddings too, as a Ray worker computes them
+                    inputs = {seed: seed_inputs(cfg, out, seed, seq, features)}  # one seed's inputs at a time
             base = tasks_done(cfg, out, n) - sum(eval_file(out, method, seed, i).is_file() for i in range(n))
 
             def tick(phase: str, task: int, _m=method, _s=seed, _b=base) -> None:
@@ -330,12 +363,16 @@ def execute(cfg, out: Path, executor=None, progress: Progress | None = None, log
         emit(progress, "tasks", tasks_done(cfg, out, len(seq)), len(runs) * len(seq))
 
     names = [c.name for c in seq]
+    for seed in cfg.seeds:  # the intervals read them (a folder from before them gets them on --resume)
+        with torch_threads(cfg.threads):
+            real_embeddings(cfg, out, seed, seq, features)
 
     def on_run(run: dict) -> None:
-        """Results stream into the folder: the table, CSV, JSON and plots cover every run finished so far."""
+        """Results stream into the folder: the table, CSV, JSON and plots cover every run finished so far (the
+        intervals and tests, which take a while, once every run is done)."""
         nonlocal n_done
         n_done += 1
-        rebuild(out, cfg, names=names)
+        rebuild(out, cfg, names=names, statistics=False)
         if log:
             log(run_line(run))
         if progress:
@@ -371,7 +408,8 @@ def resume_bench(out: str | Path, progress: Progress | None = None, log: Log | N
     return execute(load_config(out), out, executor, progress, log)
 
 
-def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list[str] | None = None) -> dict:
+def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list[str] | None = None,
+            statistics: bool = True) -> dict:
     """results.json, results.csv, table.md and the plots from the runs finished so far (callable at any time, also
     while a bench runs; a torn file, from a crash while writing them, is rewritten by the next rebuild)."""
 
@@ -384,6 +422,8 @@ def rebuild(out: str | Path, cfg=None, seconds: float | None = None, names: list
               "features": runs[0].get("features") if runs else None, "seconds": seconds,
               "runs_finished": len(runs), "runs_total": len(all_runs(cfg)),
               "summary": summarize(methods, runs) if runs else {}, "runs": runs}
+    if runs and statistics:
+        result["statistics"] = bench_statistics(out, methods, runs, len(names), (REFERENCE, DEFAULT_METHOD))
     if runs:
         write_outputs(out, result)
     return result

@@ -2,6 +2,7 @@
 
     OUT/config.json                       the BenchConfig the bench was started with
     OUT/data/seed<S>/                     the training views of each task (written whole or not at all)
+    OUT/data/real-seed<S>.npz             the real targets' embeddings, per concept (the intervals read them)
     OUT/runs/<method>-s<seed>/store/      the run's own store
     OUT/runs/<method>-s<seed>/eval-task-<i>.npz   task i's evaluation (embeddings, seconds, last task's images)
     OUT/runs/<method>-s<seed>/worker.json the host and pid of the process running (or that last ran) the run
@@ -28,6 +29,10 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 def store_dir(out: Path, method: str, seed: int) -> Path:
     return run_dir(out, method, seed) / "store"
+
+
+def real_file(out: Path, seed: int) -> Path:
+    return Path(out) / "data" / f"real-seed{seed}.npz"  # beside seed<S>/, whose existence means it is complete
 
 
 def eval_file(out: Path, method: str, seed: int, task: int) -> Path:

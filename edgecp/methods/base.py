@@ -66,6 +66,8 @@ class Method:
     removal: ClassVar[str] = "token-only"
     # paper 000's evaluation prompt is "a photo of a V*"; "for CD and TI, we additionally include the concept name"
     bench_class_word: ClassVar[bool] = False
+    # whether the method reads the prior images itself (then they are drawn even with prior_weight 0)
+    needs_prior_images: ClassVar[bool] = False
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params
@@ -73,11 +75,6 @@ class Method:
 
     def manifest_extra(self, ctx: TaskContext) -> dict:
         """Extra manifest entries of the version (e.g. the effective adapter rank)."""
-        return {}
-
-    @classmethod
-    def train_defaults(cls, tiny: bool) -> dict:
-        """Training settings this method's paper uses, applied at `init` unless the user overrides them."""
         return {}
 
     def prepare(self, ctx: TaskContext) -> None:

@@ -78,7 +78,8 @@ class Cns(CustomDiffusionSequential):
     name = "cns"
     summary = "train only concept neurons of K/V: top 30% per row by importance minus general neurons (003's CNS)"
     Params = CnsParams
-    bench_class_word = False  # 000's rule names the class for CD and TI only; CNS (003) is not among them
+    bench_class_word = True  # 003's prompts name the class after the token: "A <new3> dog"
+    needs_prior_images = True  # the general importance reads them
 
     def prepare(self, ctx: TaskContext) -> None:
         super().prepare(ctx)

@@ -64,10 +64,6 @@ class CustomDiffusionSequential(Method):
     adapter_kind = "none"
     bench_class_word = True  # 000 evaluates CD with the concept name after the token
 
-    @classmethod
-    def train_defaults(cls, tiny: bool) -> dict:
-        return {"lr": 1e-4} if tiny else {"lr": 5e-6}
-
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
         self._start_training(ctx)

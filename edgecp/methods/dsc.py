@@ -34,6 +34,8 @@ class DscParams:
     # "DC-score reduction"); None: the same as dc_reduction
     dc_reduction: str = "mean"
     teacher_reduction: str | None = "sum"
+    # DSC's noise-matching terms: Eq. 6's squared norm ("sum") or the per-element mean ("mean")
+    mse_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -41,7 +43,8 @@ class DscParams:
             parent()
         check_reduction(self.dc_reduction)
         if self.teacher_reduction is not None:
-            check_reduction(self.teacher_reduction)
+            check_reduction(self.teacher_reduction, "teacher_reduction")
+        check_reduction(self.mse_reduction, "mse_reduction")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class Dsc(Method):
             dsc_phase(ctx, pool, phase_iterations(ctx, self.params.consolidation_ratio), gamma=self.params.gamma,
                       lam=self.params.lam, tau_teacher=self.params.tau_teacher, tau_student=self.params.tau_student,
                       progress=progress, reduction=self.params.dc_reduction,
-                      teacher_reduction=self.params.teacher_reduction or self.params.dc_reduction)
+                      teacher_reduction=self.params.teacher_reduction or self.params.dc_reduction,
+                      mse_reduction=self.params.mse_reduction)
 
     def phase_rows(self, n_previous: int) -> dict[str, int]:
         return {**super().phase_rows(n_previous), **({"dsc": 3} if n_previous else {})}  # S = {c_0, c_n, c_j}

@@ -49,9 +49,9 @@ class EwcParams:
             raise EdgecpError(f"EWC weights must be >= 0 (ewc_strength={self.ewc_strength}, ewc_weight={self.ewc_weight})")
 
 
-def check_reduction(value: str) -> None:
+def check_reduction(value: str, name: str = "dc_reduction") -> None:
     if value not in REDUCTIONS:
-        raise EdgecpError(f"dc_reduction '{value}' is unknown: use -p dc_reduction=sum (Eq. 3's squared norm) or mean")
+        raise EdgecpError(f"{name} '{value}' is unknown: use -p {name}=sum (the paper's squared norm) or mean")
 
 
 @dataclass(frozen=True)

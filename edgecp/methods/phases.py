@@ -178,14 +178,14 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
 
 def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations: int, gamma: float = 0.1,
               lam: float = 1.5, tau_teacher: float = 0.05, tau_student: float = 1.0, progress=None,
-              reduction: str = "mean", teacher_reduction: str | None = None) -> None:
+              reduction: str = "mean", teacher_reduction: str | None = None, mse_reduction: str = "mean") -> None:
     """Algo 3: distil the adapter in place (student initialised from theta_n) from theta_n and theta_j ~ pool.
 
     One iteration = one optimizer step over the training's effective batch (`grad_accum` batches of `batch_size`
     images, gradients averaged); theta_j is drawn anew for every batch (000 draws it per iteration, with batch 1).
     The teachers' DC scores over S = {c_0, c_n, c_j} are logged in ctx.extra["dsc_teacher_entropy"] (mean, nats).
-    `teacher_reduction` (default: `reduction`) reduces the teachers' errors, `reduction` the student's.
-    """
+    `teacher_reduction` (default: `reduction`) reduces the teachers' errors, `reduction` the student's,
+    `mse_reduction` the noise-matching terms (Eq. 6's squared norm: "sum")."""
     teacher_reduction = teacher_reduction or reduction
     unet, sched = ctx.comps.unet, ctx.noise_scheduler
     names = lora.param_names(unet)
@@ -219,7 +219,7 @@ def dsc_phase(ctx: TaskContext, pool: list[dict[str, torch.Tensor]], iterations:
 
                 def student_loss(err_s, eps_s, p_n=p_n, p_j=p_j, eps_n=eps_n, eps_j=eps_j):
                     return dsc_loss(p_n, p_j, dc_log_scores(err_s, tau_student), eps_n[:, 1], eps_j[:, 2],
-                                    eps_s[:, 1], eps_s[:, 2], gamma, lam)
+                                    eps_s[:, 1], eps_s[:, 2], gamma, lam, mse_reduction)
 
                 loss, grads = dc_grad(predictor(unet), sched, x0, s, t, noise, student_loss, params,
                                       chunk=dc_chunk(ctx), reduction=reduction, scale=scale)

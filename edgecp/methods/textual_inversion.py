@@ -16,10 +16,6 @@ class TextualInversion(Method):
     removal = "exact"  # the concept is its token; dropping the token leaves what never learned it
     bench_class_word = True  # 000 evaluates TI with the concept name after the token
 
-    @classmethod
-    def train_defaults(cls, tiny: bool) -> dict:
-        return {"token_lr": 5e-3} if tiny else {"token_lr": 5e-4}  # 003's TI baseline: 5e-4
-
     def prepare(self, ctx: TaskContext) -> None:
         if ctx.token_row is None:
             raise EdgecpError("textual-inversion trains only the token: set token_lr > 0 (--train token_lr=5e-4)")
