@@ -120,12 +120,13 @@ def test_absolute_ewc_weight_keeps_the_raw_fisher(tmp_path):
     assert info["fisher"] == "raw" and info["scale"] == 1.0
 
 
-def test_bench_names_the_class_only_for_cd_and_ti_by_default():
+def test_bench_names_the_class_only_for_cd_ti_and_cns_by_default():
     from edgecp.eval.bench import BenchConfig, uses_class_word
 
     paper = BenchConfig(methods=("lora-sequential",))
-    assert [uses_class_word(paper, m) for m in ("custom-diffusion", "cd-ewc", "textual-inversion")] == [True] * 3
-    assert [uses_class_word(paper, m) for m in ("lora-sequential", "dsc-ewc-dc", "c-lora", "cns")] == [False] * 4
+    # 000 Sec. 4: "For CD and TI, we additionally include the concept name"; 003's prompts: "A <new3> dog"
+    assert [uses_class_word(paper, m) for m in ("custom-diffusion", "cd-ewc", "textual-inversion", "cns")] == [True] * 4
+    assert [uses_class_word(paper, m) for m in ("lora-sequential", "dsc-ewc-dc", "c-lora")] == [False] * 3
     assert uses_class_word(BenchConfig(methods=("lora-sequential",), class_word="always"), "lora-sequential")
     with pytest.raises(EdgecpError, match="--class-word 'sometimes'"):
         BenchConfig(class_word="sometimes")
