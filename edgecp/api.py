@@ -189,9 +189,16 @@ def make_method(method: str, params: dict | None, adapter: dict | None):
 
 @quiet_libraries()  # the model stack's notices (torchao, bitsandbytes) while the method is built
 def set_method(root: str | Path, method: str, params: dict | None = None, adapter: dict | None = None) -> Store:
-    """Change the store's method; refused once the store holds concepts (their state belongs to the old one)."""
+    """Change the store's method; refused once the store holds concepts (their state belongs to the old one).
+
+    The new method's hyperparameters and adapter come from the store's defaults set (store.json's "defaults"; a store
+    from before the sets: "tiny" on the tiny base, else "scale-free"), under the ones given. The training and prior
+    settings stay as `init` wrote them."""
     store = Store.open(root)
-    m = make_method(method, params, adapter)
+    dset = (store.info.get("defaults") or {}).get("set") or (
+        defaults.TINY if store.info["base"].get("kind") == "tiny" else defaults.SCALE_FREE)
+    d = defaults.resolve(method, dset)
+    m = make_method(method, {**d["method"], **(params or {})}, _adapter_with_defaults(d["adapter"], adapter))
     with store.writer():
         n = len(store.concepts())
         if n:

@@ -180,3 +180,14 @@ def test_no_prior_images_without_the_prior_loss_and_the_store_token_init(tmp_pat
     m = add_concept(tmp_path / "s", "alpha", make_photos(tmp_path / "p", n=2), class_word="dog")
     assert m["concepts"][0]["init_word"] == "ktn"
     assert not any(store.root.joinpath("priors").glob("*/done.json"))
+
+
+def test_set_method_takes_the_stores_defaults_set(tmp_path, sd15):
+    from edgecp.api import set_method
+
+    root = tmp_path / "s"
+    init_store(root, str(sd15), method="lora-sequential")
+    info = set_method(root, "ewc-dc").info
+    assert info["method"]["params"]["ewc_weight"] == 1e6 and info["method"]["params"]["dc_reduction"] == "sum"
+    info = set_method(root, "magmax", params=None, adapter={"rank": 32}).info
+    assert info["adapter"]["rank"] == 32 and info["adapter"]["init"] == "gaussian"  # 001's init, the user's rank
