@@ -9,8 +9,8 @@ from cli_util import assert_one_line_error, run_cli
 from conftest import make_photos, tree_snapshot
 from PIL import Image
 
-from edgecp.errors import EdgecpError
 from edgecp.diffusion import load_square
+from edgecp.errors import EdgecpError
 from edgecp.images import validate_images
 
 

@@ -171,7 +171,7 @@ def check_paper_cd(root):
     """The paper's CD (issue 10): base_delta is Kumari et al.'s merge of the stored (T_i, C_i); remove-concept
     re-merges the others exactly."""
     from edgecp.lifecycle import remove_concept
-    from edgecp.methods.custom_diffusion import CD_FILE, split_cd_tasks, merge_all
+    from edgecp.methods.custom_diffusion import CD_FILE, merge_all, split_cd_tasks
 
     v = root / "versions" / "v0003"
     tasks, reg = split_cd_tasks(load_file(str(v / CD_FILE)))

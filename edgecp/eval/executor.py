@@ -56,8 +56,16 @@ from edgecp.config import DEFAULT_METHOD
 from edgecp.errors import EdgecpError
 from edgecp.eval.bench import BenchConfig, load_sequence, run_method, summarize, view_size, write_outputs
 from edgecp.eval.features import load_features
+from edgecp.eval.layout import (
+    CONFIG_FILE,
+    RESULT_FILE,
+    WORKER_FILE,
+    eval_file,
+    real_file,
+    run_dir,
+    save_npz_atomic,
+)
 from edgecp.eval.stats import bench_statistics
-from edgecp.eval.layout import CONFIG_FILE, RESULT_FILE, WORKER_FILE, eval_file, real_file, run_dir, save_npz_atomic
 from edgecp.progress import Progress, emit  # events: phase "runs" counts runs, any other tasks
 
 RAY_FIX = "pip install 'edgecp[distributed]'"
