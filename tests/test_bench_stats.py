@@ -104,3 +104,17 @@ def test_torch_threads_are_restored_after_a_run():
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_bench_train_overrides_travel_in_the_config(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from cli_util import run_cli
+
+    from edgecp.eval.executor import config_from_dict
+
+    cfg = BenchConfig(train={"lr": 3e-4})
+    assert config_from_dict(json.loads(json.dumps(asdict(cfg)))).train == {"lr": 3e-4}  # saved and resumed as given
+    code, out, err = run_cli(capsys, "bench", "--preset", "paper", "--sequence", str(tmp_path / "none"),
+                             "--features", "tiny", "--train", "lr", "--estimate")
+    assert code != 0 and "--train" in err and "lr" in err  # not key=value: one line naming it

@@ -102,6 +102,8 @@ def bench(
                                                         "ddpm (000; the paper preset's).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads of every run (part of the config: every "
                                                         "executor computes the same numbers; default 2).")] = None,
+    train: Annotated[Optional[list[str]], typer.Option("--train", help="A training setting of every run's store, "
+                                                                      "key=value (e.g. lr=3e-4).")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p",
                                                        help="A method's hyperparameter, METHOD:key=value.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Finish the bench in this folder with the config it was "
@@ -139,6 +141,7 @@ def bench(
         "sequence": sequence, "tasks": tasks, "steps": steps, "n_gen": n_gen, "gen_steps": gen_steps,
         "base": base, "features": features, "class_word": class_word, "sampler": sampler, "threads": threads,
         "method_params": _method_params(param) if param else None,
+        "train": parse_kv(train, "--train") if train else None,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if resume is not None and (given or out_dir is not None or preset != "quick" or estimate):

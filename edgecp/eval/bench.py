@@ -80,6 +80,7 @@ class BenchConfig:
     dc_trials: int = 4  # (t, eps) trials per training image for the DC-score accuracy
     method_params: dict = field(default_factory=dict)  # method -> {hyperparameter: value}
     prior: dict = field(default_factory=dict)  # prior-preservation overrides (num_images, steps, prompt)
+    train: dict = field(default_factory=dict)  # training overrides of every run's store (lr, token_lr, batch_size ...)
     # the class word in a method's prompts: "paper" (000: for CD and TI only), "always" or "never"; the token's
     # embedding starts from the class word in every case
     class_word: str = "paper"
@@ -150,7 +151,7 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
     root = store_dir(out, method, seed)
     if not (root / "store.json").is_file():  # resume: a store exists (Store.create is atomic) with its tasks
         init_store(root, cfg.base, method=method, method_params=cfg.method_params.get(method, {}),
-                   train={"seed": seed, **({"steps": cfg.steps} if cfg.steps else {})}, prior=cfg.prior)
+                   train={**cfg.train, "seed": seed, **({"steps": cfg.steps} if cfg.steps else {})}, prior=cfg.prior)
     n = len(seq)
     learned = len(Store.open(root).concepts())  # tasks committed by an earlier, interrupted process
     gen: list[list[np.ndarray]] = []

@@ -50,6 +50,9 @@ S001 = "001 Sec. 4"
 TINY_VAL = "calibrated on the tiny world: docs/bench/issue10/validation.md (procedural sequence, seed 0)"
 TINY_SPEED = "edgecp's choice for the tiny world: the demo and tests need seconds (not validated)"
 MINE = "edgecp's choice"
+TINY_RATES = ("edgecp's choice for the tiny world, checked on the validation sequence: docs/bench/issue24/"
+              "validation-rates.md (its best, 3e-3 for LoRA and 3e-5 for CD, lie inside one seed's interval; not "
+              "adopted yet)")
 EWC_DERIVATION = ("scale-free: 000's 1e6 at SD 1.4 scale is about 0.8 in units of the task loss (b * D / L = "
                   "8 * 16384 / 0.1; methods/ewc.py); the tiny world's calibrated 10 is not carried to other bases")
 CLORA_DERIVATION = ("scale-free: strength x the task's starting loss per unit of L_forget (methods/clora.py); 000's "
@@ -102,7 +105,7 @@ def train_defaults(method: str, dset: str) -> dict[str, Setting]:
         token = 5e-3
         return {
             "steps": s(150, TINY_SPEED), "batch_size": s(4, TINY_SPEED), "grad_accum": s(1, TINY_SPEED),
-            "lr": s(lr, TINY_SPEED), "token_lr": s(token, TINY_SPEED),
+            "lr": s(lr, TINY_RATES), "token_lr": s(token, TINY_SPEED),
             "prior_weight": s(1.0, MINE + ": Custom Diffusion's prior_loss_weight 1.0"),
         }
     if method in ROWS_001:
