@@ -41,6 +41,7 @@ from edgecp.eval.bench import load_sequence
 from edgecp.eval.executor import all_runs, check_required
 from edgecp.generate import GenerateConfig, torch_generate
 from edgecp.memory import device_info, training_workload
+from edgecp.methods import defaults
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.model.base import resolve_base
 from edgecp.model.quant import load_planned, precision_of
@@ -141,13 +142,14 @@ def estimate(cfg, device: str | None = None, iterations: int = 3,
     cal = calibration or calibrate(cfg.base, device, iterations, progress=progress)
     shape = cal["shape"]
     s_iter, s_step, s_load = cal["seconds_per_iteration"], cal["seconds_per_image_step"], cal["seconds_per_load"]
-    prior = from_dict(PriorConfig, {**resolved_defaults(cfg.base, cfg.methods[0])[1]["prior"], **cfg.prior}, "prior")
+    dset, _ = resolved_defaults(cfg.base, cfg.methods[0])  # the base is resolved once, not per run
+    prior = from_dict(PriorConfig, {**defaults.resolve(cfg.methods[0], dset)["prior"], **cfg.prior}, "prior")
     res = cal["resolution"]
     train_s = cons_s = gen_s = load_s = 0.0
     steps: set[int] = set()  # the methods' iterations (the paper preset: each its paper's)
     store_bytes = 0
     for method_name, _seed in all_runs(cfg):
-        _, d = resolved_defaults(cfg.base, method_name)
+        d = defaults.resolve(method_name, dset)
         method = make_method(method_name, {**d["method"], **cfg.method_params.get(method_name, {})}, d["adapter"])
         train = replace(TrainConfig(**d["train"]), **({"steps": cfg.steps} if cfg.steps else {}))
         steps.add(train.steps)
