@@ -104,11 +104,11 @@ def test_tiny_keeps_its_calibrated_values(tmp_path):
     i = init_store(tmp_path / "t", "tiny", method="dsc-ewc-dc").info
     assert i["defaults"]["set"] == "tiny" and i["token_init"] is None
     assert {k: i["train"][k] for k in ("steps", "batch_size", "grad_accum", "lr", "token_lr")} == \
-        {"steps": 150, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "token_lr": 5e-3}
+        {"steps": 150, "batch_size": 4, "grad_accum": 1, "lr": 3e-3, "token_lr": 5e-3}  # validation-rates.md
     m = i["method"]["params"]
     assert m["ewc_strength"] == 10.0 and m["ewc_weight"] is None  # docs/bench/issue10/validation.md
     assert (m["dc_reduction"], m["teacher_reduction"], m["mse_reduction"]) == ("mean", "sum", "mean")
-    assert init_store(tmp_path / "cd", "tiny", method="custom-diffusion").info["train"]["lr"] == 1e-4
+    assert init_store(tmp_path / "cd", "tiny", method="custom-diffusion").info["train"]["lr"] == 3e-5
     assert init_store(tmp_path / "c", "tiny", method="c-lora").info["method"]["params"]["strength"] == 0.1
     # every source names a paper, the validation file, or says it is edgecp's choice
     for name in method_names():
