@@ -279,12 +279,14 @@ def onnx_providers(meta: dict) -> tuple[list[str] | None, str | None]:
 
 def generate_from_onnx(
     onnx_dir: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path, callback: StepCallback | None = None,
-    on_note: Callable[[str], None] | None = None, overwrite: bool = False,
+    on_note: Callable[[str], None] | None = None, overwrite: bool = False, update: str | Path | None = None,
 ) -> list[Path]:
     """ONNX backend: onnxruntime on an exported folder; imports no torch. `on_note(line)` hears why a listed GPU
     provider was not used (the runner then runs on the CPU). The images are labelled with the version the export
     holds (its edgecp.json). `out_dir` follows generate_from_store's rules, kept out of the store the export came
-    from (the store its edgecp.json names, and the one whose exports/ folder holds it)."""
+    from (the store its edgecp.json names, and the one whose exports/ folder holds it).
+    `update`: a concept update of that export (`edgecp export --update-for`): checked against it before anything runs
+    (`export.update_format.open_update`), its version, concepts and tensors used; the export folder is only read."""
     from edgecp.export.ort_runner import OnnxStableDiffusion  # lazy: onnxruntime (module docstring)
 
     onnx_dir = absolute(onnx_dir)  # a link is still refused as one below
@@ -294,6 +296,18 @@ def generate_from_onnx(
     meta, problems = read_export_meta(onnx_dir)
     if problems:
         raise EdgecpError(f"export '{onnx_dir}' is not intact: {problems[0]}; export again with `edgecp export`")
+    upd = None
+    if update is not None:
+        from edgecp.export.update_format import (  # lazy: numpy only, but with the runner's
+            UpdateError,
+            open_update,
+        )
+
+        try:  # the base was hashed just above
+            upd = open_update(onnx_dir, absolute(update), verify_base=False)
+        except UpdateError as e:
+            raise EdgecpError(str(e)) from None
+        meta = {**meta, "version": upd.version, "concepts": upd.concepts, "store": upd.manifest.get("store")}
     version = meta.get("version")
     if not isinstance(version, str) or not re.fullmatch(r"v[0-9]{4,}", version):
         raise EdgecpError(f"export '{onnx_dir}' records version {version!r}, not a version name such as v0003 (its "
@@ -307,7 +321,7 @@ def generate_from_onnx(
     if note and on_note:
         on_note(note)
     try:
-        runner = OnnxStableDiffusion(onnx_dir, providers=providers, reduce_memory=cfg.reduce_memory)
+        runner = OnnxStableDiffusion(onnx_dir, providers=providers, reduce_memory=cfg.reduce_memory, update=upd)
         if runner.provider_note and on_note:
             on_note(runner.provider_note)
         images = runner([expanded] * cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.size,

@@ -8,7 +8,8 @@ Choices the issue leaves open (also in docs/architecture.md):
 - `rollback VERSION` points HEAD at an existing version (older or newer); the versions above it stay until `gc`.
 - `gc` keeps every version reachable from HEAD (HEAD and its parents) and v0000, the empty store; `--keep N`
   keeps only HEAD and its N-1 nearest parents (and v0000). Versions left by a rollback, exports of deleted
-  versions, and incomplete exports are deleted. The bytes freed are reported.
+  versions (concept updates included: an update counts as its to-version), and incomplete exports are deleted. The
+  bytes freed are reported.
 - `remove-concept` makes a new version without the concept (history is append-only). Methods that store each
   concept's contribution apart remove it exactly; the others refuse unless told `--mode rollback` (HEAD goes to
   the version before the concept; the later concepts are named) or `--mode token-only` (the token and the image
@@ -28,6 +29,8 @@ from safetensors.torch import save
 
 from edgecp.config import AdapterConfig, from_dict
 from edgecp.errors import DamagedStoreError, EdgecpError
+from edgecp.export.update_format import MANIFEST as UPDATE_MANIFEST
+from edgecp.export.update_format import read_update
 from edgecp.integrity import EXPORT_META, WRITING_MARK, check_files, read_export_meta, tree_bytes
 from edgecp.methods import build_method, method_class, method_names
 from edgecp.personal import TOKENS_FILE, read_tensors
@@ -318,6 +321,9 @@ def verify(root: str | Path) -> dict:
             else:
                 foreign.append(f"exports/{d.name} was not written by edgecp")
             continue
+        if not d.is_symlink() and (d / UPDATE_MANIFEST).is_file() and not (d / EXPORT_META).exists():
+            problems += [f"exports/{d.name}: {x}" for x in read_update(d)[1]]  # a concept update
+            continue
         meta, bad = read_export_meta(d)
         if meta is None and not d.is_symlink() and not (d / EXPORT_META).exists():
             foreign.append(f"exports/{d.name} is not an edgecp export (no {EXPORT_META}); gc leaves it alone")
@@ -423,6 +429,9 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
             if d.name.startswith("."):
                 continue
             meta, _ = read_export_meta(d)
+            if meta is None and not d.is_symlink() and not (d / EXPORT_META).exists():
+                update, _ = read_update(d)  # a concept update: its version is the one it turns the base into
+                meta = {"version": update["to_version"]} if update else None
             if d.is_symlink() or not d.is_dir() or meta is None:
                 left_alone.append(f"exports/{d.name}")  # not provably edgecp's: never deleted
             elif meta.get("version") not in kept:

@@ -35,7 +35,8 @@ from pathlib import Path
 from edgecp.errors import EdgecpError
 from edgecp.integrity import EXPORT_META
 
-KINDS = ("onnx", "diffusers", "images")
+KINDS = ("onnx", "update", "diffusers", "images")
+UPDATE_MANIFEST = "update.json"  # an update folder's manifest (edgecp.export.update_format.MANIFEST)
 DESKTOP_FILES = ("Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed (besides dot-files)
 # what generate names its files: <prompt slug>-<version>-s<seed>[-onnx]-<index | grid>.png (edgecp.generate)
 IMAGE_NAME_RE = re.compile(r"[a-z0-9-]+-v[0-9]{4,}-s[0-9]+(-onnx)?-([0-9]+|grid)\.png")
@@ -65,6 +66,9 @@ def earlier_output(folder: Path, kind: str) -> bool:
     """`folder` holds what an earlier run of the same kind wrote (see the module docstring)."""
     if kind == "onnx":
         meta = folder / EXPORT_META
+        return meta.is_file() and not meta.is_symlink()
+    if kind == "update":
+        meta = folder / UPDATE_MANIFEST
         return meta.is_file() and not meta.is_symlink()
     if kind == "diffusers":
         return all(p.is_file() and not p.is_symlink() and p.suffix == ".safetensors" for p in folder.iterdir())
@@ -108,7 +112,8 @@ def check_output_dir(out: str | Path, store_root: str | Path | None = None, over
                 f"output folder {shown} holds files other than edgecp generate's images: pass --overwrite to write the "
                 "images into it anyway, or a new or empty --out"
             )
-        what = "ONNX export (no edgecp.json)" if kind == "onnx" else "diffusers export (files other than .safetensors)"
+        what = {"onnx": "ONNX export (no edgecp.json)", "update": "update (no update.json)"}.get(
+            kind, "diffusers export (files other than .safetensors)")
         if not overwrite:
             raise EdgecpError(f"output folder {shown} exists and is not empty: pass --overwrite to replace the earlier "
                               "export there, or a new or empty --out")

@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="Text prompt; <name> stands for a learned concept.")
     p.add_argument("--store", "-s", type=Path, help="The store folder (its newest intact export is used).")
     p.add_argument("--onnx-dir", type=Path, help="An ONNX export folder.")
+    p.add_argument("--update", type=Path, help="A concept update of the export in --onnx-dir (edgecp export --update-for).")
     p.add_argument("-n", type=int, default=4, help="Number of images.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the starting noise.")
     p.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM).")
@@ -46,6 +47,8 @@ def generate(argv: list[str]) -> None:
         raise EdgecpError(f"--backend '{a.backend}' needs the full install ({FULL_INSTALL}); this install runs --backend onnx")
     if a.store is None and a.onnx_dir is None:
         raise EdgecpError("no model given: pass --onnx-dir DIR (an `edgecp export` folder) or --store STORE")
+    if a.update is not None and a.onnx_dir is None:
+        raise EdgecpError("--update needs --onnx-dir BASE (the export the update was made for)")
     cfg = GenerateConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance, size=a.size,
                          reduce_memory=a.reduce_memory)
 
@@ -54,7 +57,7 @@ def generate(argv: list[str]) -> None:
         sys.stderr.flush()
 
     paths = generate_from_onnx(a.onnx_dir or find_export(a.store), a.prompt, cfg, a.out, callback=bar,
-                               on_note=lambda m: sys.stderr.write(f"note: {m}\n"))
+                               on_note=lambda m: sys.stderr.write(f"note: {m}\n"), update=a.update)
     print(f"wrote {len(paths) - 1} image(s) and a grid: {paths[-1]}")
 
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv or argv[0] in ("-h", "--help"):
-            print("usage: edgecp generate PROMPT --onnx-dir DIR [-n N] [--steps S] [--seed S] [--size PX] [--out DIR] [--reduce-memory]\n"
+            print("usage: edgecp generate PROMPT --onnx-dir DIR [--update UPD] [-n N] [--steps S] [--seed S] [--size PX] [--out DIR] [--reduce-memory]\n"
                   f"This is edgecp's lean device install; the other commands need {FULL_INSTALL}.")
             return
         if argv[0] != "generate":

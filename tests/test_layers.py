@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, int]] = [
 PACKAGE_INIT_LAYER = 6  # edgecp/__init__.py: imports nothing of edgecp
 # what the device runtime (`pip install 'edgecp[runtime]'`: numpy, pillow, tokenizers, onnxruntime) imports
 RUNTIME = ("edgecp.entry", "edgecp.runtime_cli", "edgecp.export.ort_runner", "edgecp.export.np_scheduler",
+           "edgecp.export.update_format",
            "edgecp.store", "edgecp.integrity", "edgecp.outputs", "edgecp.progress", "edgecp.sampling", "edgecp.heap",
            "edgecp.atomic")
 

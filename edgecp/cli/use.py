@@ -33,6 +33,8 @@ def generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("edgecp-out"),
     backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
     onnx_dir: Annotated[Optional[Path], typer.Option(help="An ONNX export folder (default: the store's newest export).")] = None,
+    update: Annotated[Optional[Path], typer.Option("--update", help="onnx backend: a concept update of the export in "
+                                                   "--onnx-dir (`edgecp export --update-for`).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch backend: cuda or cpu.")] = None,
     memory_budget: BudgetOpt = None,
     reduce_memory: Annotated[bool, typer.Option("--reduce-memory", help="onnx backend: hold one model at a time "
@@ -44,6 +46,7 @@ def generate(
     Examples:
       edgecp generate "a photo of <my-dog> on a beach" --store my-model -n 4
       edgecp generate "a photo of <my-dog> dog. Posing with <my-mug> mug" --store my-model --backend onnx
+      edgecp generate "a photo of <my-dog> dog" --backend onnx --onnx-dir base-export/ --update v0005-update/
     """
     # lazy: edgecp.generate loads the model stack (torch, onnxruntime), which `edgecp --help` must not load
     from edgecp.generate import GenerateConfig, find_export, generate_from_onnx, generate_from_store
@@ -53,6 +56,8 @@ def generate(
         raise EdgecpError(f"--backend '{backend}' is unknown: use torch or onnx")
     if reduce_memory and backend != "onnx":
         raise EdgecpError("--reduce-memory is for --backend onnx; the torch backend's memory is --memory-budget")
+    if update is not None and not (backend == "onnx" and onnx_dir):
+        raise EdgecpError("--update needs --backend onnx --onnx-dir BASE (the export the update was made for)")
     if store is None and not (backend == "onnx" and onnx_dir):
         raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
     if backend == "torch" and device is not None:
@@ -68,7 +73,7 @@ def generate(
                                         on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
         else:
             paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
-                                       overwrite=overwrite,
+                                       overwrite=overwrite, update=update,
                                        on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
                                                                    soft_wrap=True))
     out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
@@ -80,11 +85,14 @@ def export(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx or diffusers.")] = "onnx",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
+    update_for: Annotated[Optional[Path], typer.Option("--update-for", help="write only an update of this base export "
+                                                       "(an earlier version's, same profile) that the device holds.")] = None,
 ) -> None:
     """Export the current version: ONNX per device profile, or LoRA + embeddings for diffusers.
 
     Examples:
       edgecp export --store my-model --profile cpu-fp32
+      edgecp export --store my-model --profile cpu-fp32 --update-for my-model/exports/cpu-fp32-v0001
       edgecp export --store my-model --format diffusers --out my-lora/
     """
     if fmt == "diffusers":
@@ -93,6 +101,8 @@ def export(
 
         if out_dir is None:
             raise EdgecpError("--format diffusers needs --out DIR")
+        if update_for is not None:
+            raise EdgecpError("--update-for is for --format onnx: a diffusers LoRA is already one concept's size")
         files = export_diffusers(store, out_dir, overwrite=overwrite)
         out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
         return
@@ -102,8 +112,28 @@ def export(
     from edgecp.export.onnx_export import export_onnx
 
     with progress_bars() as bar:
-        report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total), overwrite=overwrite)
+        report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total),
+                             overwrite=overwrite, update_for=update_for)
     _print_export(report)
+
+
+def materialize(
+    base: Annotated[Path, typer.Argument(help="The base export the update was made for.")],
+    update: Annotated[Path, typer.Argument(help="The update folder (`edgecp export --update-for`).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The complete export folder to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier export in --out")] = False,
+) -> None:
+    """Write base + update as one complete export folder, for readers that know nothing of updates (optimum).
+
+    Example:
+      edgecp materialize base-export/ v0005-update/ --out v0005-full/
+    """
+    # lazy: onnx, which `edgecp --help` must not load
+    from edgecp.export.update import materialize as write_folder
+
+    meta = write_folder(base, update, out_dir, overwrite=overwrite)
+    out.print(f"wrote version {esc(meta.get('version'))} ({len(meta['files'])} files, byte for byte its full export) "
+              f"to [bold]{esc(out_dir)}[/]")
 
 
 def _print_export(report: dict) -> None:
@@ -116,6 +146,13 @@ def _print_export(report: dict) -> None:
         t.add_row(name, f"{r['max_abs_diff']:.2e}", f"{r['tolerance']:.1e}", f"{r['bytes'] / 1e6:.1f}",
                   f"{r['bytes'] / r['fp32_weight_bytes']:.2f}", *((r.get("quantization", ""),) if int8 else ()))
     out.print(t)
+    if report.get("update_refused"):
+        err.print(f"[yellow]note:[/] {esc(report['update_refused'])}", highlight=False, soft_wrap=True)
+    upd = report.get("update")
+    if upd:
+        out.print(f"update from {upd['from_version']}: {upd['bytes'] / 1e6:.2f} MB, {100 * upd['fraction']:.2f}% of the "
+                  f"full export's {upd['full_export_bytes'] / 1e6:.1f} MB; {esc(upd['why'])}", highlight=False,
+                  soft_wrap=True)
     for refused in report.get("refused_variants", []):
         out.print(f"{refused['quantization']} int8 refused ({esc(refused['refused'].split(';')[0])}): "
                   f"shipped {report['quantization']}", highlight=False)
@@ -156,4 +193,5 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
     app.command("export")(export)
+    app.command("materialize")(materialize)
     app.add_typer(profiles_app, name="profiles")

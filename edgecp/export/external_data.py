@@ -94,14 +94,53 @@ def append_tensor(t, raw: bytes, data) -> None:
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
-def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp16: frozenset[str] = frozenset()) -> None:
+# the typed field onnx keeps a tensor's values in when it has no raw_data (onnx.proto's TensorProto comments)
+TYPED_FIELD = {1: ("float_data", np.float32), 10: ("int32_data", np.uint16), 16: ("int32_data", np.uint16),
+               2: ("int32_data", np.uint8), 3: ("int32_data", np.int8), 4: ("int32_data", np.uint16),
+               5: ("int32_data", np.int16), 6: ("int32_data", np.int32), 9: ("int32_data", np.bool_),
+               7: ("int64_data", np.int64), 11: ("double_data", np.float64), 12: ("uint64_data", np.uint32),
+               13: ("uint64_data", np.uint64)}
+
+
+def set_bytes(t, raw: bytes) -> None:
+    """Replace an inline initializer's values by `raw` (little-endian bytes of its dtype), in the field it keeps them
+    in: `raw_data`, or its typed field (float16 as its bit patterns in int32_data), so that the proto is written as
+    it was but for the values."""
+    if t.HasField("raw_data"):
+        if len(t.raw_data) != len(raw):
+            raise ValueError(f"{t.name}: {len(raw)} bytes in place of {len(t.raw_data)}")
+        t.raw_data = raw
+        return
+    name, dtype = TYPED_FIELD[t.data_type]
+    values = np.frombuffer(raw, dtype=dtype)
+    box = getattr(t, name)
+    if len(box) != values.size:
+        raise ValueError(f"{t.name}: {values.size} values in place of {len(box)}")
+    del box[:]
+    box.extend(values.tolist())
+
+
+def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp16: frozenset[str] = frozenset(),
+                        overrides: dict[str, bytes] | None = None) -> None:
     """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
     self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
 
     `model`: the graph to write in place of src's (its external tensors still read from src's folder), e.g. one
     the optimizer rewrote without loading the weights. `fp16`: names of tensors the fp16 converter retyped to
-    float16 while their data was still fp32 in the external file (see `tensor_data`)."""
+    float16 while their data was still fp32 in the external file (see `tensor_data`). `overrides`: initializer name ->
+    the bytes to write in place of its own (a concept update's, same dtype and shape: `export.update.materialize`)."""
     model = onnx.load(str(src), load_external_data=False) if model is None else model
+    overrides = overrides or {}
+    for t in model.graph.initializer:
+        if t.name not in overrides:
+            continue
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            if info.length and info.length != len(overrides[t.name]):
+                raise ValueError(f"{t.name}: {len(overrides[t.name])} bytes in place of {info.length}")
+            inline(t, overrides[t.name])
+        else:  # the proto's fields as they were (byte-identical output), the bytes replaced
+            set_bytes(t, overrides[t.name])
     dst_dir.mkdir(parents=True, exist_ok=True)
     if not external:
         for t in all_tensors(model):

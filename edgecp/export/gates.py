@@ -86,19 +86,19 @@ def parity(path: Path, args, ref: tuple, inputs, profile: DeviceProfile, optimiz
 
 
 def image_gate(folder: Path, profile: DeviceProfile, ref: references.Job, is_tiny: bool,
-               on_step: Progress | None = None, optimization: str = "all") -> dict:
+               on_step: Progress | None = None, optimization: str = "all", update: Path | None = None) -> dict:
     """`ref`'s prompt, seed and steps through the export in `folder` (edgecp's onnxruntime runner, one session at a
     time) against `ref.image` (PyTorch's). `on_step` gets a ProgressEvent ("sample") after each denoising step.
 
     Speed beside it: the median step (UNet call with both halves of guidance, and the DDIM update) of this image
     against PyTorch's steps drawing `ref` (`ref.step_seconds`; PyTorch's side always runs fp32 on the CPU), on
     this machine, in this process, one after the other. A rough figure from few steps: `tools/bench_export.py`
-    times whole images."""
+    times whole images. `update`: draw through the export in `folder` with this concept update (base + update)."""
     try:
         # one session at a time: the export's peak stays one model's; the CPU memory arena kept but for fp16, whose
         # casts grow it, since without it fp32 runs slower and the speed is reported (docs/export/README.md)
         pipe = OnnxStableDiffusion(folder, providers=available_providers(profile.providers), optimization=optimization,
-                                   reduce_memory=True, arena=profile.precision != "fp16")
+                                   reduce_memory=True, arena=profile.precision != "fp16", update=update)
     except ValueError as e:  # e.g. a CUDA provider onnxruntime lists but cannot start: the runner names the fix
         raise EdgecpError(f"image gate of profile '{profile.name}': {str(e).splitlines()[0]}") from None
     h, w = ref.image.shape[:2]

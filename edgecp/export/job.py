@@ -9,6 +9,12 @@
     gate        the image gate
     write       edgecp.json, then the folder renamed into place
 
+With `update_for` (a base export of an earlier version of the same store and profile) the job builds the full export
+as above, then writes only what differs from the base (`export.update.make_update`) into a second temporary folder,
+draws the image gate through base + update instead of the full folder, and puts the update in place; the full export
+is not kept. A store whose concept tokens outgrew the base's personal table gets a full export instead, and the
+report says why (`update_refused`).
+
 Memory order: the text encoder's stage, then the UNet's (its DDIM loops and its export) while the text encoder and
 the VAE are parked on disk, then the VAE's; the small models are exported once the UNet is gone (torch's exporter
 holds a model under 2 GiB whole in memory, serialized), and onnxruntime's stages start only then, so no onnxruntime
@@ -19,6 +25,7 @@ lives; only a job whose models pass both gates renames it into place. A profile'
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import tempfile
@@ -52,11 +59,12 @@ from edgecp.export.ort_runner import cuda_usable
 from edgecp.export.parking import parked
 from edgecp.export.quantize import STATIC_MODELS, calibration_prompts, to_int8, to_int8_static
 from edgecp.export.trace import ModelSpec, model_specs, torch_onnx_export
+from edgecp.export.update import make_update, rewrite_manifest
 from edgecp.heap import trim_heap
-from edgecp.integrity import lock_dir, unlock_dir, write_export_meta
+from edgecp.integrity import WRITING_MARK, lock_dir, read_export_meta, unlock_dir, write_export_meta
 from edgecp.memory import release_memory
 from edgecp.model.base import stored_unet_dtype
-from edgecp.model.tokens import bake_tokens
+from edgecp.model.tokens import PERSONAL_ROWS, bake_tokens, personal_rows
 from edgecp.personal import PersonalModel, open_base
 from edgecp.profiles import DeviceProfile, load_profile
 from edgecp.progress import Progress, emit
@@ -79,9 +87,10 @@ class ModelState:
     seconds: float = 0.0
 
 
-def default_out(store: Store, profile: DeviceProfile, version: str) -> Path:
-    """STORE/exports/PROFILE-VERSION, when the profile's name can name a folder."""
-    name = f"{profile.name}-{version}"
+def default_out(store: Store, profile: DeviceProfile, version: str, base_version: str | None = None) -> Path:
+    """STORE/exports/PROFILE-VERSION (an update: PROFILE-VERSION-from-BASEVERSION), when the profile's name can name a
+    folder."""
+    name = f"{profile.name}-{version}" + (f"-from-{base_version}" if base_version else "")
     if not name.isprintable() or "/" in name or "\\" in name or name.startswith("."):
         raise EdgecpError(f"profile name '{profile.name}' cannot name a folder: give the profile a plain name "
                           "(letters, digits, '-'), or pass --out")
@@ -99,6 +108,8 @@ class ExportJob:
     model: PersonalModel
     threshold: int = EXTERNAL_DATA_MIN_BYTES  # fp32 weight bytes from which a model gets one model.onnx_data
     progress: ExportProgress | None = None
+    update_for: Path | None = None  # the base export an update is made for (None: a full export)
+    base_meta: dict | None = None   # its edgecp.json
     names: list[str] = field(init=False)
     gpu: bool = field(init=False)    # the export is verified on CUDA: CUDA-only fusions, fp16 checked there
     level: str = field(init=False)   # onnxruntime's optimization level of the gates' sessions
@@ -108,23 +119,44 @@ class ExportJob:
     report: dict = field(init=False)
     notes: list[str] = field(init=False)  # onnxruntime patches skipped or applied untested (export.ort_patches)
     tmp: Path = field(init=False)
+    update_tmp: Path | None = field(init=False, default=None)
 
     @classmethod
     def open(cls, store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
              progress: ExportProgress | None = None, external_data_min_bytes: int | None = None,
-             overwrite: bool = False) -> ExportJob:
+             overwrite: bool = False, update_for: str | Path | None = None) -> ExportJob:
         """The job for the store's HEAD (read once: that version is loaded and recorded), `out` checked before any
         model is loaded. The base loads in full precision on the CPU: an fp32 file stays mapped and is read as each
-        stage runs; a 16-bit UNet is converted tensor by tensor (diffusers would hold the file beside all of it)."""
+        stage runs; a 16-bit UNet is converted tensor by tensor (diffusers would hold the file beside all of it).
+        `update_for`: the base export an update is made for (`check_base`)."""
         profile = load_profile(profile_name)
         threshold = EXTERNAL_DATA_MIN_BYTES if external_data_min_bytes is None else external_data_min_bytes
         store = Store.open(outputs.absolute(store_root))
         version = store.head
-        out = outputs.check_output_dir(default_out(store, profile, version) if out is None else out, store.root,
-                                       overwrite=overwrite, allow_exports_subdir=True, kind="onnx")
+        base_dir = base_meta = None
+        refused = None
+        if update_for is not None:
+            base_dir = outputs.absolute(update_for)
+            base_meta = check_base(store, profile, base_dir)
+            n_tokens = len(store.manifest(version)["concepts"])
+            if n_tokens > base_meta["personal_token_rows"]:
+                refused = (f"version {version} has {n_tokens} concept tokens, more than the "
+                           f"{base_meta['personal_token_rows']} personal rows of base export '{base_dir}': this is a "
+                           f"full export (reserve {personal_rows(n_tokens)} rows); give it to the device as its new base")
+                base_dir = base_meta = None
+        kind = "update" if base_dir else "onnx"
+        default = default_out(store, profile, version, base_meta["version"] if base_meta else None)
+        out = outputs.check_output_dir(default if out is None else out, store.root, overwrite=overwrite,
+                                       allow_exports_subdir=True, kind=kind)
+        if base_dir is not None and (out == base_dir or base_dir in out.parents or out in base_dir.parents):
+            raise EdgecpError(f"--out '{out}' overlaps the base export '{base_dir}', which an update never writes to: "
+                              "pick another folder")
         stream = stored_unet_dtype(open_base(store)) not in (None, "F32")
         model = PersonalModel.load(store, version, device=CPU, stream=stream)
-        return cls(store, version, profile, out, model, threshold, progress)
+        job = cls(store, version, profile, out, model, threshold, progress, base_dir, base_meta)
+        if refused:
+            job.report["update_refused"] = refused
+        return job
 
     def __post_init__(self) -> None:
         profile = self.profile
@@ -140,6 +172,8 @@ class ExportJob:
                             for i, p in enumerate(calibration_prompts(self.concepts))] if self.static else []
         self.report = {"profile": profile.name, "precision": profile.precision, "providers": list(profile.providers),
                        "version": self.version, "models": {}}
+        if self.base_meta and self.int8:  # the base's int8 variant only: another one is another graph
+            self.profile = _with_quantization(profile, self.base_meta.get("quantization"))
         self.notes = []
 
     # -- what the profile asks for --------------------------------------------------------------------------------
@@ -188,13 +222,20 @@ class ExportJob:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}-", dir=self.out.parent))
         lock = lock_dir(self.tmp)  # recovery and gc leave a temporary export alone while its writer lives
+        lock_update = None
         try:
+            if self.update_for is not None:
+                self.update_tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}-", dir=self.out.parent))
+                lock_update = lock_dir(self.update_tmp)
             self.reference()
             self.ship()
             self.write()
         finally:
             unlock_dir(lock)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.update_tmp is not None:
+                unlock_dir(lock_update)
+                shutil.rmtree(self.update_tmp, ignore_errors=True)
         self.report["out"] = str(self.out)
         return self.report
 
@@ -218,7 +259,8 @@ class ExportJob:
     def reference_text_encoder(self) -> None:
         """Stage 1, the text encoder with its concept tokens baked: every prompt's embeddings."""
         self.stage("reference", "text_encoder", 0)
-        bake_tokens(self.comps.text_encoder)
+        self.report["personal_token_rows"] = bake_tokens(self.comps.text_encoder)
+        self.report["base_vocab"] = self.comps.text_encoder.get_input_embeddings().base_vocab
         self.comps.text_encoder.eval().float()
         references.encode(self.comps, [self.gate_job, *self.calibration])
         self.record("text_encoder")
@@ -319,6 +361,8 @@ class ExportJob:
             models[name]["fp32_weight_bytes"] = self.models[name].fp32_bytes
         self.report["models"] = models
         write_configs(self.tmp, self.comps, self.names)
+        if self.update_for is not None:
+            self.make_update(variant)
         self.gate()
 
     def build(self, name: str, variant: str | None, keep_raw: bool) -> dict:
@@ -387,8 +431,11 @@ class ExportJob:
         t0 = time.perf_counter()
         progress = self.progress
         on_step = (lambda ev: emit(progress, "image gate", ev.step, ev.total)) if progress else None
-        result = image_gate(self.tmp, self.profile, self.gate_job, self.store.info["base"].get("kind") == "tiny",
-                            on_step, self.level)
+        folder, update = (self.tmp, None) if self.update_for is None else (self.update_for, self.update_tmp)
+        result = image_gate(folder, self.profile, self.gate_job, self.store.info["base"].get("kind") == "tiny",
+                            on_step, self.level, update)
+        if update is not None:
+            result["through"] = "base export + update"
         result["seconds"] = round(time.perf_counter() - t0, 2)
         self.report["image_gate"] = result
         check_image_gate(result, self.profile)
@@ -401,6 +448,74 @@ class ExportJob:
         if self.notes:
             self.report["onnxruntime_patches_skipped"] = list(dict.fromkeys(self.notes))
         meta = {**self.report, "concepts": self.concepts, "base": self.store.info["base"], "store": str(self.store.root),
-                "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_export_meta(self.tmp, meta)
-        outputs.put_in_place(self.tmp, self.out)
+                "store_created": self.store.info.get("created"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.update_for is None:
+            write_export_meta(self.tmp, meta)
+            outputs.put_in_place(self.tmp, self.out)
+            return
+        rewrite_manifest(self.update_tmp, image_gate=self.report["image_gate"], export=meta)
+        (self.update_tmp / WRITING_MARK).unlink()
+        outputs.put_in_place(self.update_tmp, self.out)
+        self.update_tmp = None
+
+    def make_update(self, variant: str | None) -> None:
+        """What differs between the base export and the full export in tmp, into update_tmp (`make_update`); the
+        report's `update` entry: its bytes against the full export's, per model the tensors that changed, and why."""
+        for old in self.update_tmp.iterdir():  # an earlier variant's update; the writing mark stays
+            if old.name != WRITING_MARK:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        manifest = make_update(self.update_for, self.tmp, self.update_tmp, {
+            "store": str(self.store.root), "store_created": self.store.info.get("created"),
+            "profile": self.profile.name, "from_version": self.base_meta["version"], "to_version": self.version,
+            "concepts": self.concepts, "personal_token_rows": self.report["personal_token_rows"]})
+        self.report["update"] = {
+            "base": str(self.update_for), "from_version": self.base_meta["version"], "bytes": manifest["bytes"],
+            "full_export_bytes": manifest["full_export_bytes"],
+            "fraction": round(manifest["bytes"] / manifest["full_export_bytes"], 5),
+            "models": manifest["models"], "carried_files": manifest["carried_files"],
+            "why": update_why(manifest, self.store.info)}
+        if self.int8:  # which int8 path ran: static re-calibrates per version, so its scales travel in the update
+            qparams = sum(1 for t in manifest["tensors"] if t["name"].endswith(("_scale", "_zero_point")))
+            self.report["update"]["int8"] = (
+                f"{variant}: " + ("re-calibrated for this version; the update carries the "
+                                  f"{qparams} scales and zero points that changed" if variant == "static" else
+                                  "weights quantized per version, activations at run time: no calibration"))
+
+
+def check_base(store: Store, profile: DeviceProfile, base: Path) -> dict:
+    """The edgecp.json of `base`, an export that an update of `store` for `profile` can be made for: complete and
+    intact, of the same profile, the same store (its creation time) and the same base model, with a personal token
+    table (an export of this edgecp). EdgecpError in one line otherwise."""
+    meta, problems = read_export_meta(base)
+    if meta is None or problems:
+        raise EdgecpError(f"--update-for '{base}' is not a complete, intact ONNX export ({problems[0]}): pass the "
+                          "folder `edgecp export` wrote for the device")
+    if meta.get("profile") != profile.name:
+        raise EdgecpError(f"--update-for '{base}' is an export for profile {meta.get('profile')!r}, not "
+                          f"{profile.name!r}: pass --profile {meta.get('profile')} or that profile's base export")
+    if meta.get("base") != store.info["base"] or meta.get("store_created") != store.info.get("created"):
+        raise EdgecpError(f"--update-for '{base}' was exported from another store or base model ({meta.get('store')}): "
+                          f"an update joins two exports of the same store; pass an export of '{store.root}'")
+    if not isinstance(meta.get("personal_token_rows"), int):
+        raise EdgecpError(f"--update-for '{base}' has no personal token table (an export of an older edgecp): export "
+                          "it again with this edgecp and give the device that export as its base")
+    return meta
+
+
+def _with_quantization(profile: DeviceProfile, variant: str | None) -> DeviceProfile:
+    """`profile` restricted to the base export's int8 variant (static or dynamic)."""
+    if variant is None or variant not in profile.quantization:
+        return profile
+    return dataclasses.replace(profile, quantization=(variant,))
+
+
+def update_why(manifest: dict, info: dict) -> str:
+    """Why the update is as large as it is, in one sentence: the tensors that changed per model, and what the
+    store's method changes (its adapter's targets; methods with `base_delta` change full weights)."""
+    parts = [f"{name}: {m['tensors']} of {m['of']} tensors, {m['bytes'] / 1e6:.2f} MB"
+             for name, m in manifest["models"].items() if m["tensors"]]
+    adapter = info.get("adapter", {})
+    what = (f"method {info['method']['name']} trains a {adapter.get('kind', 'lora')} on "
+            f"{', '.join(adapter.get('targets', []))}, merged into those weights; the text encoder's personal token "
+            f"table ({PERSONAL_ROWS} rows per reserve) holds the concept tokens")
+    return f"{'; '.join(parts) or 'no tensor changed'} ({what})"

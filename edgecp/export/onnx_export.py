@@ -45,7 +45,7 @@ __all__ = [
 
 def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
                 progress: ExportProgress | None = None, external_data_min_bytes: int | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, update_for: str | Path | None = None) -> dict:
     """Export the store's current version for `profile_name`; returns the report (per model: parity, bytes,
     seconds, external data; the image gate). Refuses below the profile's tensor or image gate, leaving nothing.
 
@@ -58,5 +58,11 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     `progress` gets ProgressEvents whose phases are "reference <model>", "calibrate" per calibration step (static int8),
     "reference image" per gate-image step, then "<stage> <model>" (export, optimize, quantize, verify), each 0/1
     then 1/1, and "image gate" per denoising step.
+
+    `update_for`: a base export (an earlier version of this store, same profile) that the device holds: `out` (default
+    STORE/exports/PROFILE-VERSION-from-BASEVERSION) then receives only what differs from it (`export.update`), the
+    image gate is drawn through base + update, and the report's `update` says its bytes against the full export's.
+    A version whose concept tokens outgrew the base's personal table gets a full export (`update_refused` says why).
     """
-    return ExportJob.open(store_root, profile_name, out, progress, external_data_min_bytes, overwrite).run()
+    return ExportJob.open(store_root, profile_name, out, progress, external_data_min_bytes, overwrite,
+                          update_for).run()

@@ -20,7 +20,7 @@ import functools
 import json
 import mmap
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from tokenizers.models import BPE
 from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
 from edgecp.export.step_graph import STEP_GRAPH
+from edgecp.export.update_format import Update, UpdateError, open_update
 from edgecp.heap import trim_heap
 from edgecp.progress import Progress, emit
 from edgecp.sampling import initial_latents  # noqa: F401 (shared with PyTorch; re-exported)
@@ -185,11 +186,16 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def special_tokens(folder: Path) -> dict[str, str]:
+def _pick(folder: Path, overlay: Mapping[str, Path] | None, name: str) -> Path:
+    """folder/name, or the file an update carries in its place (``overlay``: file name -> path)."""
+    return (overlay or {}).get(name, folder / name)
+
+
+def special_tokens(folder: Path, overlay: Mapping[str, Path] | None = None) -> dict[str, str]:
     """pad/eos/bos/unk from ``tokenizer_config.json``, then ``special_tokens_map.json``, then CLIP's."""
     found: dict[str, str] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        cfg = read_json(folder / name)
+        cfg = read_json(_pick(folder, overlay, name))
         for key in ("pad_token", "eos_token", "bos_token", "unk_token"):
             token = _token_content(cfg.get(key))
             if token is not None and key not in found:
@@ -201,14 +207,15 @@ def special_tokens(folder: Path) -> dict[str, str]:
     return found
 
 
-def clip_tokenizer_from_vocab(folder: Path, tokens: dict[str, str]) -> Tokenizer:
+def clip_tokenizer_from_vocab(folder: Path, tokens: dict[str, str], overlay: Mapping[str, Path] | None = None
+                              ) -> Tokenizer:
     """CLIP's BPE tokenizer from ``vocab.json`` + ``merges.txt`` (folders saved without ``tokenizer.json``).
 
     Same pipeline as transformers' ``CLIPTokenizer``: NFC, whitespace squeeze, lowercase, CLIP's split regex,
     byte-level BPE with ``</w>`` word ends, ``<|startoftext|> ... <|endoftext|>`` around the ids.
     """
-    vocab = read_json(folder / "vocab.json", required=True)
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    vocab = read_json(_pick(folder, overlay, "vocab.json"), required=True)
+    lines = _pick(folder, overlay, "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
     bos, eos = tokens["bos_token"], tokens["eos_token"]
     tok = Tokenizer(
@@ -239,18 +246,21 @@ def clip_tokenizer_from_vocab(folder: Path, tokens: dict[str, str]) -> Tokenizer
     return tok
 
 
-def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokenizer, int]:
+def load_tokenizer(folder: Path, max_length: int | None = None, overlay: Mapping[str, Path] | None = None
+                   ) -> tuple[Tokenizer, int]:
     """The pipeline's tokenizer, padding and truncating to ``max_length`` (default: ``model_max_length``, 77).
+    ``overlay``: file name -> path of the files an update carries in place of the folder's.
 
     Returns (tokenizer, max_length). Ids equal transformers'
     ``tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids``.
     """
-    if (folder / "tokenizer.json").is_file():
-        tokens = special_tokens(folder)
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        tokens = special_tokens(folder)
-        tok = clip_tokenizer_from_vocab(folder, tokens)
+    pick = functools.partial(_pick, folder, overlay)
+    if pick("tokenizer.json").is_file():
+        tokens = special_tokens(folder, overlay)
+        tok = Tokenizer.from_file(str(pick("tokenizer.json")))
+    elif pick("vocab.json").is_file() and pick("merges.txt").is_file():
+        tokens = special_tokens(folder, overlay)
+        tok = clip_tokenizer_from_vocab(folder, tokens, overlay)
     else:
         raise FileNotFoundError(
             f"{folder} has neither tokenizer.json nor vocab.json + merges.txt; "
@@ -258,7 +268,7 @@ def load_tokenizer(folder: Path, max_length: int | None = None) -> tuple[Tokeniz
         )
     if max_length is None:
         max_length = int(
-            read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH)
+            read_json(pick("tokenizer_config.json")).get("model_max_length", DEFAULT_MAX_LENGTH)
         )
         if max_length > 100_000:  # transformers' "no limit" sentinel
             max_length = DEFAULT_MAX_LENGTH
@@ -465,8 +475,12 @@ class OnnxModel:
     """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
     def __init__(self, path: Path, providers: list[str], name: str, optimization: str = "all",
-                 open_now: bool = True, arena: bool = True, provider_options: dict[str, dict] | None = None):
-        """``provider_options``: provider name -> its options (e.g. CUDA's ``device_id``), for every session."""
+                 open_now: bool = True, arena: bool = True, provider_options: dict[str, dict] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
+        """``provider_options``: provider name -> its options (e.g. CUDA's ``device_id``), for every session.
+        ``initializers``: name -> array that every session uses in place of the graph's initializer of that name
+        (an update's tensors, checked against the graph by ``update_format.open_update``); onnxruntime then does not
+        read the graph's own copy of them (``SessionOptions.add_initializer``)."""
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
@@ -475,10 +489,17 @@ class OnnxModel:
         check_cpu_kernels(path, providers, name)  # a CUDA-only export on the CPU: one line, not NOT_IMPLEMENTED
         options = [dict((provider_options or {}).get(p, {})) for p in providers]
 
+        # onnxruntime reads these while the session lives: the values (and the arrays they wrap) stay referenced here
+        self._initializers = [(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
+                              for k, v in (initializers or {}).items()]
+
         def open_session() -> ort.InferenceSession:
+            opts = session_options(optimization, arena)
+            for k, v in self._initializers:
+                opts.add_initializer(k, v)
             try:
-                return ort.InferenceSession(str(path), sess_options=session_options(optimization, arena),
-                                            providers=providers, provider_options=options)
+                return ort.InferenceSession(str(path), sess_options=opts, providers=providers,
+                                            provider_options=options)
             except Exception as e:  # onnxruntime's NotImplemented: an operator the check above does not know
                 if type(e).__name__ != "NotImplemented" or set(providers) != {"CPUExecutionProvider"}:
                     raise
@@ -601,15 +622,25 @@ class OnnxStableDiffusion:
     A model with operators that onnxruntime's CPU provider has no kernel for (the CUDA-only fusions of a
     ``cuda-fp16`` export made where CUDA starts) is refused with an EdgecpError naming the profile to export instead
     when the sessions run on the CPU alone (``check_cpu_kernels``).
+
+    ``update``: a concept update of this export (a folder ``edgecp export --update-for`` wrote, or an
+    ``update_format.Update`` already checked): the sessions use its tensors in place of the base's initializers and
+    the tokenizer its files; the folder is only read. It is checked against the base before any session opens
+    (``update_format.open_update``: the base's model hashes, the update's files and each tensor's sha256, and each
+    tensor's name, dtype and shape against the base graph); any problem raises ValueError in one line.
     """
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
                  optimization: str = "all", reduce_memory: bool = False, arena: bool | None = None,
-                 device_id: int | None = None):
+                 device_id: int | None = None, update: str | Path | Update | None = None):
         self.folder = Path(folder)
         self.optimization = optimization
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder; pass the directory an ONNX export wrote")
+        try:  # checked before any session opens: a wrong base or a damaged update runs nothing
+            self.update = open_update(self.folder, update) if isinstance(update, (str, Path)) else update
+        except UpdateError as e:
+            raise ValueError(str(e)) from None
         explicit = providers is not None
         providers, self.provider_options = split_providers(providers if explicit else default_providers(), device_id)
         self.provider_note: str | None = None
@@ -625,8 +656,9 @@ class OnnxStableDiffusion:
         self.arena = not reduce_memory if arena is None else bool(arena)
         self._open_models(providers, explicit)
         self.tokenizer, self.max_length = load_tokenizer(
-            self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1)
-        )
+            self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1),
+            {rel.split("/", 1)[1]: path for rel, path in self.update.files.items() if rel.startswith("tokenizer/")}
+            if self.update else None)
         sample_shape = self.unet.shape("sample")
         self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
         self.default_size = self._default_size(sample_shape)
@@ -639,14 +671,14 @@ class OnnxStableDiffusion:
 
     def _read_configs(self) -> None:
         """model_index.json, the scheduler's config (checked now, not mid-generation) and the models' configs."""
-        self.model_index = read_json(self.folder / "model_index.json")
+        self.model_index = read_json(self.file("model_index.json"))
         # as diffusers' StableDiffusionPipeline samples with it (no x0 clipping, steps_offset 1; see ddim_config):
         # an optimum export of SD 2.x 768-v ships an Euler config without clip_sample, whose DDIM default is True
         self.scheduler_config = ddim_config(
-            read_json(self.folder / "scheduler" / "scheduler_config.json", required=True))
+            read_json(self.file("scheduler/scheduler_config.json"), required=True))
         NumpyDDIMScheduler.from_config(self.scheduler_config)  # fail now, not mid-generation
-        self.unet_config = read_json(self.folder / "unet" / "config.json")
-        self.vae_config = read_json(self.folder / "vae_decoder" / "config.json")
+        self.unet_config = read_json(self.file("unet/config.json"))
+        self.vae_config = read_json(self.file("vae_decoder/config.json"))
         self.scaling_factor = float(self.vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR))
         self.vae_scale_factor = 2 ** (
             len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1
@@ -660,9 +692,10 @@ class OnnxStableDiffusion:
         providers = self.providers
         now = not self.reduce_memory
         self.unet = OnnxModel(self.folder / "unet" / "model.onnx", providers, "unet", self.optimization, now,
-                              self.arena, self.provider_options)
+                              self.arena, self.provider_options, self.tensors("unet"))
         self.vae_decoder = OnnxModel(self.folder / "vae_decoder" / "model.onnx", providers, "vae_decoder",
-                                     self.optimization, now, self.arena, self.provider_options)
+                                     self.optimization, now, self.arena, self.provider_options,
+                                     self.tensors("vae_decoder"))
         self.text_encoder.require_inputs(["input_ids"])
         self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
@@ -672,6 +705,14 @@ class OnnxStableDiffusion:
                 f"unet/model.onnx also needs inputs {extra} (SDXL / LCM style); this runner supports "
                 f"Stable Diffusion 1.x / 2.x UNets with inputs {list(UNET_INPUTS)}"
             )
+
+    def file(self, rel: str) -> Path:
+        """A file of the export: the update's copy when it carries one (``update``), else the folder's."""
+        return self.update.file(self.folder, rel) if self.update else self.folder / rel
+
+    def tensors(self, model: str) -> dict[str, np.ndarray] | None:
+        """The update's initializers of `model` (None without an update)."""
+        return self.update.tensors.get(model) if self.update else None
 
     def _done_with(self, model: OnnxModel) -> None:
         if self.reduce_memory:
@@ -684,7 +725,7 @@ class OnnxStableDiffusion:
         # a GPU provider that cannot start logs errors: the library does not print
         with log_severity(4) if wants_gpu else contextlib.nullcontext():
             model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena,
-                              provider_options=self.provider_options)
+                              provider_options=self.provider_options, initializers=self.tensors("text_encoder"))
         started = model.providers
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in started:
             if explicit:
@@ -692,7 +733,7 @@ class OnnxStableDiffusion:
             self.provider_note = cuda_unusable_message() + "; running on the CPU"
             providers = [p for p in providers if p not in GPU_PROVIDERS] or ["CPUExecutionProvider"]
             model = OnnxModel(path, providers, "text_encoder", self.optimization, arena=self.arena,
-                              provider_options=self.provider_options)
+                              provider_options=self.provider_options, initializers=self.tensors("text_encoder"))
         self.providers = providers
         return model
 

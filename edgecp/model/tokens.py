@@ -86,12 +86,49 @@ def load_concept_tokens(tokenizer, text_encoder, concepts: list[dict], tensors: 
         add_concept_token(tokenizer, text_encoder, c["name"], tensors[c["token"]], trainable=False)
 
 
-def bake_tokens(text_encoder) -> None:
-    """Replace ConceptEmbedding by one plain nn.Embedding holding every row (for export)."""
+PERSONAL_ROWS = 64  # an export's reserve of personal token rows (edgecp's choice: 64 concepts, 197 KB at SD1.5 fp32)
+
+
+def personal_rows(n_tokens: int) -> int:
+    """Rows of the personal table an export with `n_tokens` concept tokens gets: PERSONAL_ROWS, or the next multiple
+    of it for a store that outgrew the reserve (its updates then need a new base export)."""
+    return max(1, -(-n_tokens // PERSONAL_ROWS)) * PERSONAL_ROWS
+
+
+class PersonalTokenTable(nn.Module):
+    """The exported token embedding: the base vocabulary's table (`base.weight`, V rows, identical in every version of
+    the store) and a fixed-size table of personal rows (`personal`, R rows; row i is token id V + i, unused rows
+    zero). A version's concepts change only `personal`, so an update of an export replaces that one tensor and never
+    the ~152 MB base table (issue 25). Ids >= V + R cannot come from the export's tokenizer."""
+
+    def __init__(self, base: nn.Embedding, rows: torch.Tensor, reserve: int):
+        super().__init__()
+        self.base = base
+        self.base_vocab = base.num_embeddings
+        personal = torch.zeros(reserve, base.embedding_dim, dtype=base.weight.dtype)
+        personal[: len(rows)] = rows.to(base.weight.dtype)
+        self.personal = nn.Parameter(personal, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids.clamp(max=self.base_vocab - 1))
+        rel = ids - self.base_vocab
+        new = self.personal[rel.clamp(min=0, max=self.personal.shape[0] - 1)]
+        return torch.where((rel >= 0)[..., None], new, out)
+
+
+def bake_tokens(text_encoder) -> int:
+    """Replace ConceptEmbedding by a PersonalTokenTable (for export): the base table plus `personal_rows(n)` rows, the
+    concept rows first. Returns the number of personal rows."""
     emb = text_encoder.get_input_embeddings()
     if isinstance(emb, ConceptEmbedding):
-        w = emb.weight.detach().clone()
-        plain = nn.Embedding(w.shape[0], w.shape[1], _weight=w)
-        plain.requires_grad_(False)
-        text_encoder.set_input_embeddings(plain)
-        text_encoder.config.vocab_size = w.shape[0]
+        base, rows = emb.base, [r.detach() for r in emb.rows]
+    elif isinstance(emb, PersonalTokenTable):
+        return emb.personal.shape[0]
+    else:
+        base, rows = emb, []
+    table = torch.stack(rows) if rows else torch.zeros(0, base.embedding_dim)
+    baked = PersonalTokenTable(base, table, personal_rows(len(rows)))
+    baked.requires_grad_(False)
+    text_encoder.set_input_embeddings(baked)
+    text_encoder.config.vocab_size = baked.base_vocab + baked.personal.shape[0]
+    return baked.personal.shape[0]

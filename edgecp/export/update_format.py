@@ -1,0 +1,291 @@
+"""A concept update of an ONNX export, as the device reads it: check it against the base export, then hand its
+tensors to onnxruntime. Torch-free and onnx-free (the device runtime: numpy, onnxruntime, tokenizers).
+
+An update folder (written by `edgecp export --profile P --update-for BASE`, `edgecp.export.update`):
+
+    UPD/update.json           the manifest (below)
+    UPD/tensors.safetensors   the initializers that differ from the base export's, keyed "<model>/<initializer name>"
+    UPD/files/<rel>           the other files that differ (the tokenizer's, with the version's concept tokens)
+
+update.json: `format` (FORMAT), `store`, `profile`, `from_version` (the base export's version) and `to_version`,
+`base` (relative path -> sha256 of each model file of the base export: model.onnx, model.onnx_data), `target` (the
+same of the full export of `to_version`, which `materialize` reproduces byte for byte), `tensors` (one entry per
+tensor: model, name, dtype, shape, sha256, bytes), `files` (relative path -> sha256 and bytes of every file of the
+update folder but update.json), `concepts`, `image_gate` (the gate drawn through base + update) and `export` (the
+full export's report, what its edgecp.json would hold).
+
+An update turns the base export into one version: updates are relative to the base, never chained, so a device
+holding the base and any one update can move to any version, back included. `open_update` refuses, in one line that
+names the problem, a base other than the one the update was made for, a damaged or truncated update, and a tensor
+whose model, name, dtype or shape does not match the base graph's initializer (onnxruntime would crash or silently
+ignore it). The base folder is only read.
+
+The tensors file is safetensors, read here by hand (8-byte header length, JSON header, raw data; 20 lines) because
+the device runtime does not install the `safetensors` package; the workstation writes it with `safetensors.numpy`
+and the tests check this reader against that library's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecp.integrity import check_files, read_export_meta, relative_problem
+
+FORMAT = "edgecp-update/1"
+MANIFEST = "update.json"
+TENSORS = "tensors.safetensors"
+FILES = "files"  # UPD/files/<rel>: whole files of the export that differ from the base's
+MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+MODEL_FILES = ("model.onnx", "model.onnx_data")
+
+# safetensors dtype <-> numpy <-> onnx TensorProto.DataType (the types an export's initializers use)
+ST_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
+            "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+ONNX_ST = {1: "F32", 10: "F16", 11: "F64", 3: "I8", 2: "U8", 5: "I16", 4: "U16", 6: "I32", 7: "I64", 9: "BOOL"}
+ST_ONNX = {v: k for k, v in ONNX_ST.items()}
+
+
+class UpdateError(ValueError):
+    """An update that cannot be used with this base: the message names the problem and the fix, in one line."""
+
+
+def sha256_bytes(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_files(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of the model files of an export (from its edgecp.json record; checked by the caller)."""
+    meta, _ = read_export_meta(folder)
+    files = (meta or {}).get("files", {})
+    return {rel: rec["sha256"] for rel, rec in sorted(files.items())
+            if rel.split("/")[0] in MODELS and rel.split("/")[-1] in MODEL_FILES and isinstance(rec, dict)}
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """name -> read-only array of a safetensors file, mapped (no copy of the data). Refuses a file whose header does
+    not parse or whose offsets leave the file (truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UpdateError(f"{path.name} is truncated ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise UpdateError(f"{path.name} is truncated: its header says {n} bytes, the file has {size - 8} after it")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise UpdateError(f"{path.name} has no readable safetensors header") from None
+    if not isinstance(header, dict):
+        raise UpdateError(f"{path.name} has no readable safetensors header")
+    start = 8 + n
+    buf = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    out = {}
+    for name, rec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = ST_NUMPY[rec["dtype"]], [int(d) for d in rec["shape"]], rec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UpdateError(f"{path.name}: tensor {name!r} has an unreadable header entry") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= b <= e <= size - start or e - b != count * np.dtype(dtype).itemsize:
+            raise UpdateError(f"{path.name}: tensor {name!r} lies outside the file (truncated or damaged)")
+        out[name] = buf[start + b:start + e].view(dtype).reshape(shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- onnx initializers
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _message(buf, start: int, end: int):
+    """(field, wire type, value) of one protobuf message: value is an int (varint) or the (start, end) of the bytes."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+            yield key >> 3, 0, v
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield key >> 3, 2, (i, i + n)
+            i += n
+        else:
+            raise UpdateError(f"protobuf wire type {wire} at byte {i}: not an ONNX model; export the base again")
+
+
+def graph_initializers(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (onnx data type, dims) of the main graph's initializers of an ONNX model file, read from a memory map
+    without the onnx package. onnx.proto: ModelProto.graph 7; GraphProto.initializer 5; TensorProto.dims 1 (packed or
+    not), .data_type 2, .name 8."""
+    out: dict[str, tuple[int, tuple[int, ...]]] = {}
+    if path.stat().st_size == 0:
+        return out
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field_no, wire, v in _message(buf, 0, len(buf)):
+            if field_no != 7 or wire != 2:
+                continue
+            for g_field, g_wire, gv in _message(buf, *v):
+                if g_field != 5 or g_wire != 2:
+                    continue
+                dims, dtype, name = [], 0, ""
+                for t_field, t_wire, tv in _message(buf, *gv):
+                    if t_field == 1 and t_wire == 0:
+                        dims.append(tv)
+                    elif t_field == 1 and t_wire == 2:  # packed dims
+                        i = tv[0]
+                        while i < tv[1]:
+                            d, i = _varint(buf, i)
+                            dims.append(d)
+                    elif t_field == 2 and t_wire == 0:
+                        dtype = tv
+                    elif t_field == 8 and t_wire == 2:
+                        name = bytes(buf[tv[0]:tv[1]]).decode("utf-8")
+                dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
+                out[name] = (dtype, tuple(dims))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the update
+
+
+@dataclass
+class Update:
+    """An update checked against its base: per model, initializer name -> array (mapped from the update's file),
+    the replacement files (relative path -> path in the update folder), and the manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["to_version"]
+
+    @property
+    def concepts(self) -> list[dict]:
+        return self.manifest.get("concepts", [])
+
+    def file(self, base: Path, rel: str) -> Path:
+        """The file `rel` of base + update: the update's copy when it carries one, else the base's."""
+        return self.files.get(rel, base / rel)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """update.json of an update folder, its shape checked (one line on anything else)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        raise UpdateError(f"'{folder}' is not an update folder (a folder `edgecp export --update-for` wrote)")
+    path = folder / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise UpdateError(f"'{folder}' has no {MANIFEST}: not an edgecp update (a full export is passed as --onnx-dir)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UpdateError(f"{folder / MANIFEST} cannot be read as JSON: copy the update again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UpdateError(f"{folder / MANIFEST} has format {got!r}, not {FORMAT!r}: make the update with this edgecp")
+    for key, kind in (("base", dict), ("target", dict), ("tensors", list), ("files", dict), ("to_version", str),
+                      ("from_version", str), ("profile", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise UpdateError(f"{folder / MANIFEST} has no valid '{key}': copy the update again")
+    return manifest
+
+
+def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
+    """The update in `folder`, checked against the base export in `base` before any tensor is used: the base is a
+    complete, intact edgecp export (`verify_base`: every file against its edgecp.json sha256) whose model files are
+    the ones the update was made for; every file of the update matches its recorded sha256 and size; every tensor
+    matches its manifest entry (dtype, shape, sha256) and an initializer of the base's graph of that model (name,
+    dtype, shape). Raises UpdateError naming the first problem."""
+    base, folder = Path(base), Path(folder)
+    manifest = read_manifest(folder)
+    meta, problems = read_export_meta(base)
+    if meta is None or (verify_base and problems):
+        raise UpdateError(f"base export '{base}' is not intact: {problems[0]}; copy the base export again")
+    have = model_files(base)
+    want = manifest["base"]
+    if have != want:
+        differ = sorted(set(have) ^ set(want)) or [r for r in sorted(want) if have.get(r) != want[r]]
+        raise UpdateError(
+            f"update '{folder}' was made for another base export ({manifest['profile']} {manifest['from_version']}): "
+            f"{differ[0]} differs in '{base}' (profile {meta.get('profile')}, version {meta.get('version')}); use "
+            "the base export it was made for, or make the update with --update-for this base")
+    problems = check_files(folder, manifest["files"])
+    if problems:
+        raise UpdateError(f"update '{folder}' is damaged: {problems[0]}; copy the update again")
+    update = Update(folder, manifest)
+    for rel in manifest["files"]:
+        if rel.startswith(FILES + "/"):
+            inner = rel[len(FILES) + 1:]
+            bad = relative_problem(inner)
+            if bad:
+                raise UpdateError(f"update '{folder}' names a file {bad}; copy the update again")
+            update.files[inner] = folder / rel
+    entries = manifest["tensors"]
+    arrays = read_safetensors(folder / TENSORS) if entries else {}
+    graphs: dict[str, dict] = {}
+    for e in entries:
+        try:
+            model, name, dtype, shape, digest = e["model"], e["name"], e["dtype"], tuple(e["shape"]), e["sha256"]
+        except (KeyError, TypeError):
+            raise UpdateError(f"{folder / MANIFEST}: a tensor entry is incomplete; copy the update again") from None
+        if model not in MODELS:
+            raise UpdateError(f"update tensor {name!r} is for model {model!r}, not one of {list(MODELS)}")
+        arr = arrays.get(f"{model}/{name}")
+        if arr is None:
+            raise UpdateError(f"update '{folder}' lacks tensor {model}/{name} that its manifest lists; copy it again")
+        if ST_ONNX.get(dtype) is None or arr.dtype != np.dtype(ST_NUMPY[dtype]) or tuple(arr.shape) != shape:
+            raise UpdateError(f"update tensor {model}/{name} is {arr.dtype}{list(arr.shape)}, its manifest says "
+                              f"{dtype}{list(shape)}; copy the update again")
+        if sha256_bytes(np.ascontiguousarray(arr)) != digest:
+            raise UpdateError(f"update tensor {model}/{name} does not match its sha256 (damaged); copy the update again")
+        if model not in graphs:
+            graphs[model] = graph_initializers(base / model / "model.onnx")
+        found = graphs[model].get(name)
+        if found is None:
+            raise UpdateError(f"update tensor {model}/{name} is not an initializer of '{base}/{model}/model.onnx': "
+                              "the update is for another export layout; make it again with --update-for this base")
+        if found != (ST_ONNX[dtype], shape):
+            raise UpdateError(f"update tensor {model}/{name} is {dtype}{list(shape)}, the base's is onnx type "
+                              f"{found[0]}{list(found[1])}: make the update again with --update-for this base")
+        update.tensors.setdefault(model, {})[name] = arr
+    return update
+
+
+def read_update(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """(update.json, problems) of an update folder, as `integrity.read_export_meta` for an export: problems is empty
+    when every recorded file matches (verify and gc use it for updates under STORE/exports)."""
+    try:
+        manifest = read_manifest(folder)
+    except UpdateError as e:
+        return None, [str(e)]
+    return manifest, check_files(Path(folder), manifest["files"])

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Concept updates of an export, measured (issue 25): bytes per concept against the full export, session opening,
+generation time, peak RSS on the device side, the image gate, and the update path's image against the full export's.
+
+    python tools/bench_update.py --base tiny --out /tmp/bu
+    python tools/bench_update.py --base /path/sd15 --methods lora-sequential --profiles cpu-fp32 --steps 2 \\
+        --resolution 128 --device-at 6 --out /tmp/bu-sd15
+
+Per method: a store on `--base` learns the six photo tasks one by one (`--steps` iterations each: the bytes of an
+update depend on which tensors a method changes, not on how long it trained; say so when quoting). Per profile: the
+base export is made of v0000 (the empty store, what a device holds first); after each concept, `edgecp export
+--update-for BASE` writes that version's update, relative to the base, never chained. At the concepts in
+`--device-at`, the full export of the version is made too, and a fresh process per side opens it (plain full
+export, and base + update) and draws one image (`--size`, `--gen-steps`), measuring the seconds to open the
+sessions, the seconds per image and the peak RSS (`resource.getrusage`); the two images are compared pixel by
+pixel. Writes OUT/bench_update.json and OUT/bench_update.md. What else ran on the machine is not measured: run it
+alone for timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+PROMPT = "a photo of <{}> {}"
+
+
+def probe(args) -> None:
+    """The device side in this (fresh) process: open the sessions, draw one image; JSON on stdout."""
+    from edgecp.export.ort_runner import OnnxStableDiffusion
+
+    t0 = time.perf_counter()
+    pipe = OnnxStableDiffusion(args.onnx_dir, providers=["CPUExecutionProvider"], update=args.update)
+    opened = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    img = pipe([args.prompt], steps=args.gen_steps, seed=0, height=args.size, width=args.size)[0]
+    image_s = time.perf_counter() - t1
+    img.save(args.png)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"open_s": round(opened, 3), "image_s": round(image_s, 3), "peak_rss": peak}))
+
+
+def run_probe(onnx_dir: Path, update: Path | None, prompt: str, size: int, gen_steps: int, png: Path) -> dict:
+    cmd = [sys.executable, __file__, "--probe", "--onnx-dir", str(onnx_dir), "--prompt", prompt, "--size", str(size),
+           "--gen-steps", str(gen_steps), "--png", str(png)] + (["--update", str(update)] if update else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--update", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", default="a photo", help=argparse.SUPPRESS)
+    ap.add_argument("--png", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--base", default="tiny")
+    ap.add_argument("--methods", default="dsc-ewc-dc,lora-sequential,custom-diffusion")
+    ap.add_argument("--profiles", default="cpu-fp32,cuda-fp16,edge-int8")
+    ap.add_argument("--concepts", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20, help="training iterations per concept")
+    ap.add_argument("--resolution", type=int, default=0, help="training resolution (0: the base's)")
+    ap.add_argument("--device-at", default="1,6", help="concepts after which the device side is measured")
+    ap.add_argument("--size", type=int, default=0, help="image side for the device measurement (0: the base's)")
+    ap.add_argument("--gen-steps", type=int, default=10)
+    ap.add_argument("--photo-size", type=int, default=64, help="side of the task photos written for training")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.probe:
+        return probe(args)
+
+    from edgecp.api import init_store
+    from edgecp.eval.sequences import six_tasks
+    from edgecp.export.onnx_export import export_onnx
+    from edgecp.store import Store
+    from edgecp.train import add_concept
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "bench_update.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": [], "device": []}
+    done = {(r["method"], r["profile"], r["concept"]) for r in results["rows"]}
+    profiles = args.profiles.split(",")
+    device_at = {int(k) for k in args.device_at.split(",") if k}
+    tasks = six_tasks()[: args.concepts]
+
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=1))
+        (out / "bench_update.md").write_text(table(results))
+
+    for method in args.methods.split(","):
+        work = out / method
+        store = work / "store"
+        train = {"steps": args.steps, **({"resolution": args.resolution} if args.resolution else {})}
+        if not store.exists():
+            init_store(store, args.base, method=method, train=train, prior={"num_images": 2, "steps": 2})
+        base = {}
+        for profile in profiles:
+            base[profile] = work / f"base-{profile}"
+            if not base[profile].exists():
+                t0 = time.perf_counter()
+                export_onnx(store, profile, base[profile])
+                print(f"{method} {profile}: base export {time.perf_counter() - t0:.0f} s", flush=True)
+        for k, task in enumerate(tasks, start=1):
+            if len(Store.open(store).manifest()["concepts"]) < k:
+                folder = work / "photos" / task.name / "train"
+                if not folder.exists():
+                    tasks[k - 1 : k].write(work / "photos", n_train=6, n_target=1, size=args.photo_size)
+                t0 = time.perf_counter()
+                add_concept(store, task.name, sorted(folder.iterdir()), class_word=task.class_word)
+                print(f"{method}: concept {k} ({task.name}) {time.perf_counter() - t0:.0f} s", flush=True)
+            for profile in profiles:
+                if (method, profile, k) in done:
+                    continue
+                upd = work / f"{profile}-v{k:04d}-update"
+                t0 = time.perf_counter()
+                report = export_onnx(store, profile, upd, update_for=base[profile])
+                u = report["update"]
+                row = {"method": method, "profile": profile, "concept": k, "update_bytes": u["bytes"],
+                       "full_export_bytes": u["full_export_bytes"], "fraction": u["fraction"],
+                       "models": u["models"], "carried_files": u["carried_files"], "why": u["why"],
+                       "gate_psnr_db": report["image_gate"]["psnr_db"], "quantization": report.get("quantization"),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                if k in device_at:
+                    full = work / f"full-{profile}-v{k:04d}"
+                    if not full.exists():
+                        export_onnx(store, profile, full)
+                    size = args.size or 0
+                    meta = json.loads((full / "edgecp.json").read_text())
+                    size = size or meta["image_gate"]["size"][0]
+                    prompt = PROMPT.format(task.name, task.class_word)
+                    sides = {}
+                    for side, folder, update in (("full", full, None), ("base+update", base[profile], upd)):
+                        sides[side] = run_probe(folder, update, prompt, size, args.gen_steps,
+                                                work / f"{profile}-v{k:04d}-{side}.png")
+                    from PIL import Image
+
+                    a = np.asarray(Image.open(work / f"{profile}-v{k:04d}-full.png"), dtype=np.int16)
+                    b = np.asarray(Image.open(work / f"{profile}-v{k:04d}-base+update.png"), dtype=np.int16)
+                    row["device"] = {**sides, "size": size, "gen_steps": args.gen_steps,
+                                     "max_pixel_diff": int(np.abs(a - b).max()),
+                                     "full_folder_bytes": dir_bytes(full)}
+                results["rows"].append(row)
+                done.add((method, profile, k))
+                print(f"{method} {profile} concept {k}: update {u['bytes'] / 1e6:.2f} MB = "
+                      f"{100 * u['fraction']:.2f}% of {u['full_export_bytes'] / 1e6:.1f} MB, gate "
+                      f"{row['gate_psnr_db']} dB" + (f", device {row['device']}" if "device" in row else ""),
+                      flush=True)
+                save()
+    save()
+
+
+def table(results: dict) -> str:
+    lines = ["| method | profile | concept | update MB | full export MB | % of full | UNet tensors | gate dB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        unet = r["models"].get("unet", {})
+        lines.append(f"| {r['method']} | {r['profile']} | {r['concept']} | {r['update_bytes'] / 1e6:.2f} | "
+                     f"{r['full_export_bytes'] / 1e6:.1f} | {100 * r['fraction']:.2f} | "
+                     f"{unet.get('tensors', 0)} of {unet.get('of', 0)} | {r['gate_psnr_db']} |")
+    dev = [r for r in results["rows"] if "device" in r]
+    if dev:
+        lines += ["", "| method | profile | concept | side | open s | s / image | peak RSS MB | max pixel diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in dev:
+            for side in ("full", "base+update"):
+                d = r["device"][side]
+                lines.append(f"| {r['method']} | {r['profile']} | {r['concept']} | {side} | {d['open_s']:.2f} | "
+                             f"{d['image_s']:.2f} | {d['peak_rss'] / 1e6:.0f} | {r['device']['max_pixel_diff']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
