@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from cli_util import assert_one_line_error, run_cli
@@ -29,8 +31,11 @@ def test_onnx_layout_and_parity(fp32_export, trained_store):
     top = sorted(f.name for f in fp32_export.iterdir())
     assert top == ["edgecp.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae_decoder",
                    "vae_encoder"]
-    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):  # small models: self-contained model.onnx
-        assert sorted(f.name for f in (fp32_export / part).iterdir()) == ["config.json", "model.onnx"], part
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):  # every initializer in model.onnx_data
+        assert sorted(f.name for f in (fp32_export / part).iterdir()) == ["config.json", "model.onnx",
+                                                                         "model.onnx_data"], part
+        graph = onnx.load(str(fp32_export / part / "model.onnx"), load_external_data=False).graph
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer), part
     assert sorted(f.name for f in (fp32_export / "tokenizer").iterdir()) == TOKENIZER_FILES
     assert json.loads((fp32_export / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
     index = json.loads((fp32_export / "model_index.json").read_text())
@@ -39,7 +44,7 @@ def test_onnx_layout_and_parity(fp32_export, trained_store):
     assert meta["version"] == "v0002" and [c["name"] for c in meta["concepts"]] == ["alpha", "beta"]
     for name, r in meta["models"].items():
         assert r["max_abs_diff"] < 1e-4, name  # fp32 is near-exact
-        assert r["external_data"] is False
+        assert r["external_data"] is True
     gate = meta["image_gate"]
     assert gate["prompt"] == "a photo of <alpha> dog" and gate["psnr_db"] >= gate["min_psnr_db"] == 40.0
     assert gate["evaluator_similarity"] > 0.99  # the tiny world's evaluator sees the same picture
@@ -146,7 +151,10 @@ def test_one_data_file_from_loose_external_files(tmp_path):
     assert offsets == {  # page-aligned, so onnxruntime can map the file instead of copying it
         "w1": {"location": "model.onnx_data", "offset": "0", "length": "8192"},
         "w2": {"location": "model.onnx_data", "offset": "8192", "length": "1024"},
-        "b": {}}  # under 1 KiB: back in the graph, where shape inference reads a Reshape's shape
+        "b": {"location": "model.onnx_data", "offset": "9216", "length": "32"}}  # small: 64-byte aligned (issue 25)
+    write_one_data_file(src / "model.onnx", tmp_path / "inter", True, small_inline=True)  # optimizer's intermediates
+    loaded = onnx.load(str(tmp_path / "inter" / "model.onnx"), load_external_data=False)
+    assert {t.name: len(t.external_data) for t in loaded.graph.initializer} == {"w1": 3, "w2": 3, "b": 0}
 
 
 def test_onnx_images_match_torch_images_for_the_same_seed(fp32_export, trained_store, tmp_path):
@@ -301,13 +309,13 @@ def test_a_16bit_base_is_read_tensor_by_tensor_for_export_to_the_same_weights(tr
 
 
 @pytest.mark.parametrize("profile", ["edge-int8", "cuda-fp16"])
-def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, profile):
-    """Written with one model.onnx_data per model (forced on the tiny model: the layout of SD1.5-scale exports):
+def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, profile, monkeypatch):
+    """Written with one model.onnx_data per model, as every export (the layout of SD1.5-scale exports):
     no intermediate file of the fp32 export or of the quantizer is left beside it."""
     from edgecp.generate import GenerateConfig, generate_from_onnx
 
     phases = []
-    report = export_onnx(trained_store, profile, tmp_path / profile, external_data_min_bytes=0,
+    report = export_onnx(trained_store, profile, tmp_path / profile,
                          progress=lambda ev: phases.append((ev.phase, ev.step, ev.total)))
     assert all(r["max_abs_diff"] <= r["tolerance"] for r in report["models"].values())
     assert ("vae_encoder" in report["models"]) == (profile != "edge-int8")
@@ -368,6 +376,42 @@ def test_reduced_precision_profiles_export_and_run(trained_store, tmp_path, prof
         assert len(notes) == 1 and "CUDAExecutionProvider" in notes[0] and "edgecp[cuda]" in notes[0], notes
     elif profile == "edge-int8":
         assert notes == []
+    check_update_parity(trained_store, tmp_path, profile, monkeypatch)
+
+
+def check_update_parity(trained_store, tmp_path, profile: str, monkeypatch) -> None:
+    """Issue 25 in this profile, with external data: an update of this export (v0002, the base) into v0001 gives the
+    UNet and text encoder outputs of v0001's full export (materialized, which checks its bytes against the full export
+    the update job built) within the profile's tolerance; only the changed tensors travel (int8: with the scales and
+    zero points the re-calibration moved)."""
+    import shutil
+
+    from edgecp.export.ort_runner import OnnxStableDiffusion
+    from edgecp.export.update import materialize
+    from edgecp.lifecycle import rollback
+
+    store = tmp_path / "store"
+    shutil.copytree(trained_store, store)
+    rollback(store, "v0001")
+    # static int8 of v0001 draws 29.6 dB at one torch thread (xdist), 30.8 at two: this is about parity, not the gate
+    import edgecp.export.job as job
+
+    monkeypatch.setattr(job, "load_profile", lambda name: dataclasses.replace(load_profile(name), min_psnr=25.0))
+    report = export_onnx(store, profile, tmp_path / "upd", update_for=tmp_path / profile)
+    upd = report["update"]
+    assert upd["models"]["vae_decoder"]["tensors"] == 0 and upd["models"]["text_encoder"]["tensors"] >= 1
+    assert upd["bytes"] < 0.25 * upd["full_export_bytes"]
+    assert ("int8" in upd) == (profile == "edge-int8") and upd.get("int8", "static").startswith("static")
+    materialize(tmp_path / profile, tmp_path / "upd", tmp_path / "full-v0001")
+    a = OnnxStableDiffusion(tmp_path / profile, providers=["CPUExecutionProvider"], update=tmp_path / "upd")
+    b = OnnxStableDiffusion(tmp_path / "full-v0001", providers=["CPUExecutionProvider"])
+    tol = load_profile(profile)
+    ta, tb = a.encode_text(["a photo of <alpha> dog"]), b.encode_text(["a photo of <alpha> dog"])
+    np.testing.assert_allclose(ta, tb, atol=tol.atol, rtol=tol.rtol)
+    lat = np.random.default_rng(0).standard_normal((1, a.latent_channels, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(a.predict_noise(lat, 500, ta), b.predict_noise(lat, 500, tb), atol=tol.atol,
+                               rtol=tol.rtol)
+    assert "<beta>" not in a.tokenizer.get_vocab()  # v0001 has <alpha> only
 
 
 def test_int8_variants_are_tried_in_order_and_the_refusals_reported(trained_store, tmp_path, capsys):

@@ -151,7 +151,7 @@ def test_export_with_relative_paths_edge_int8_then_overwrite(trained_store, tmp_
     (tmp_path / "fast-int8.toml").write_text(FAST_INT8)
     monkeypatch.chdir(tmp_path)
     store = os.path.relpath(trained_store, tmp_path)
-    report = export_onnx(store, "fast-int8.toml", "o8", external_data_min_bytes=0)
+    report = export_onnx(store, "fast-int8.toml", "o8")
     assert report["out"] == str(tmp_path / "o8") and report["quantization"] == "static"
     assert report["models"]["unet"]["quantization"] == "static"
     meta, problems = read_export_meta(tmp_path / "o8")

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=6)
     ap.add_argument("--steps", type=int, default=20, help="training iterations per concept")
     ap.add_argument("--resolution", type=int, default=0, help="training resolution (0: the base's)")
+    ap.add_argument("--grad-accum", type=int, default=0, help="gradient accumulation (0: the store's default)")
     ap.add_argument("--device-at", default="1,6", help="concepts after which the device side is measured")
     ap.add_argument("--size", type=int, default=0, help="image side for the device measurement (0: the base's)")
     ap.add_argument("--gen-steps", type=int, default=10)
@@ -104,7 +105,8 @@ def main() -> None:
     for method in args.methods.split(","):
         work = out / method
         store = work / "store"
-        train = {"steps": args.steps, **({"resolution": args.resolution} if args.resolution else {})}
+        train = {"steps": args.steps, **({"resolution": args.resolution} if args.resolution else {}),
+                 **({"grad_accum": args.grad_accum} if args.grad_accum else {})}
         if not store.exists():
             init_store(store, args.base, method=method, train=train, prior={"num_images": 2, "steps": 2})
         base = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.external_data_helper import (  # _get_all_tensors: onnx's own walk, private but stable since onnx 1.6
     ExternalDataInfo,
     _get_all_tensors,
@@ -25,10 +26,11 @@ from onnx.external_data_helper import (  # _get_all_tensors: onnx's own walk, pr
     uses_external_data,
 )
 
-EXTERNAL_DATA_MIN_BYTES = 1 << 30  # fp32 weights from which a model gets one model.onnx_data (protobuf: 2 GiB max)
 DATA_FILE = "model.onnx_data"      # optimum's and onnxruntime.transformers' name for the one external-data file
 ALIGN = 4096                       # page-aligned tensors: onnxruntime maps them instead of copying
-INLINE_MAX = 1024                  # smaller tensors stay in the graph (onnx's own size_threshold default)
+INLINE_MAX = 1024                  # smaller tensors: in the graph for intermediates; 64-byte aligned in the data file
+SMALL_ALIGN = 64
+TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
 def all_tensors(model):
@@ -80,11 +82,11 @@ def inline(t, raw: bytes) -> None:
     t.raw_data = raw
 
 
-def append_tensor(t, raw: bytes, data) -> None:
-    """`raw` at the next 4 KiB boundary of the open data file `data`, `t` pointing at it."""
+def append_tensor(t, raw: bytes, data, align: int = 4096) -> None:
+    """`raw` at the next `align` boundary of the open data file `data`, `t` pointing at it."""
     offset = data.tell()
-    if offset % ALIGN:
-        data.write(b"\0" * (ALIGN - offset % ALIGN))
+    if offset % align:
+        data.write(b"\0" * (align - offset % align))
         offset = data.tell()
     data.write(raw)
     del t.external_data[:]
@@ -121,9 +123,17 @@ def set_bytes(t, raw: bytes) -> None:
 
 
 def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp16: frozenset[str] = frozenset(),
-                        overrides: dict[str, bytes] | None = None) -> None:
+                        overrides: dict[str, bytes] | None = None, small_inline: bool = False) -> None:
     """`src` (a model.onnx, its weights inline or in any number of external files beside it) -> dst_dir/model.onnx,
-    self-contained, or with every tensor >= 1 KiB in one dst_dir/model.onnx_data when `external`.
+    self-contained, or with its initializers in one dst_dir/model.onnx_data when `external`.
+
+    External: every initializer of the main graph goes to the data file, the small ones too (a scale, a zero point),
+    but for small int64 ones (a Reshape's shape, a Slice's axes: onnxruntime's loader refuses them outside the graph,
+    and no concept changes them), so that a concept update can replace any of the others through onnxruntime's
+    `add_external_initializers` (issue 25; `add_initializer` shares a value with the session but leaves the graph's
+    own copy to the graph optimizer, which then folds the base's values). `small_inline`: tensors under 1 KiB stay
+    in the graph instead: the intermediates that onnxruntime.transformers' optimizer and quantizer read run shape
+    inference, which reads a Reshape's shape only from the graph (`weight_free`).
 
     `model`: the graph to write in place of src's (its external tensors still read from src's folder), e.g. one
     the optimizer rewrote without loading the weights. `fp16`: names of tensors the fp16 converter retyped to
@@ -147,15 +157,23 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp
             if uses_external_data(t):  # small enough to be one protobuf: every tensor inline
                 inline(t, tensor_data(t, src.parent, fp16))
     else:
+        # the main graph's initializers by name (a node attribute's tensor with an initializer's name is not expected)
+        # (int64 ones stay in the graph: shapes and axes, which onnxruntime's loader reads only from there)
+        initializers = {t.name for t in model.graph.initializer
+                        if t.name and t.data_type != onnx.TensorProto.INT64} if not small_inline else set()
         with open(dst_dir / DATA_FILE, "wb") as data:
             for t in all_tensors(model):
                 raw = tensor_data(t, src.parent, fp16) if uses_external_data(t) or len(t.raw_data) >= INLINE_MAX else None
+                if raw is None and t.name in initializers:
+                    raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                    for name in TYPED_FIELDS:
+                        t.ClearField(name)
                 if raw is None:
                     continue
-                if len(raw) < INLINE_MAX:  # a small tensor another writer put outside (a Reshape's shape): inline, as
-                    inline(t, raw)  # shape inference and onnxruntime's loader read it from the graph
+                if len(raw) < INLINE_MAX and t.name not in initializers:
+                    inline(t, raw)  # a small tensor another writer put outside (a Reshape's shape), for shape inference
                 else:
-                    append_tensor(t, raw, data)
+                    append_tensor(t, raw, data, ALIGN if len(raw) >= INLINE_MAX else SMALL_ALIGN)
                 del raw
     onnx.save_model(model, str(dst_dir / "model.onnx"))
 
@@ -165,7 +183,7 @@ def weight_free(src: Path, folder: Path):
     """`src`'s weights streamed into folder's one data file; yields the graph loaded without them, with the working
     directory at `folder`, against which onnx resolves an external tensor's location when a library step reads
     it, so only the weights a step reads come into memory."""
-    write_one_data_file(src, folder, external=True)  # every tensor >= 1 KiB in one file, streamed
+    write_one_data_file(src, folder, external=True, small_inline=True)  # every tensor >= 1 KiB in one file, streamed
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     cwd = Path.cwd()
     os.chdir(folder)

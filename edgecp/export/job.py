@@ -40,7 +40,7 @@ from edgecp import outputs, seeds
 from edgecp.adapters import lora
 from edgecp.errors import EdgecpError
 from edgecp.export import references
-from edgecp.export.external_data import EXTERNAL_DATA_MIN_BYTES, dir_bytes, weight_bytes, write_one_data_file
+from edgecp.export.external_data import dir_bytes, weight_bytes, write_one_data_file
 from edgecp.export.gates import (
     Refused,
     check_image_gate,
@@ -82,7 +82,7 @@ class ModelState:
     spec: ModelSpec
     args: tuple = ()
     ref: tuple = ()
-    external: bool = False  # written with one model.onnx_data
+    external: bool = True   # written with one model.onnx_data (every export since issue 25)
     fp32_bytes: int = 0     # the raw graph's initializers
     seconds: float = 0.0
 
@@ -106,7 +106,6 @@ class ExportJob:
     profile: DeviceProfile
     out: Path
     model: PersonalModel
-    threshold: int = EXTERNAL_DATA_MIN_BYTES  # fp32 weight bytes from which a model gets one model.onnx_data
     progress: ExportProgress | None = None
     update_for: Path | None = None  # the base export an update is made for (None: a full export)
     base_meta: dict | None = None   # its edgecp.json
@@ -123,14 +122,13 @@ class ExportJob:
 
     @classmethod
     def open(cls, store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
-             progress: ExportProgress | None = None, external_data_min_bytes: int | None = None,
-             overwrite: bool = False, update_for: str | Path | None = None) -> ExportJob:
+             progress: ExportProgress | None = None, overwrite: bool = False,
+             update_for: str | Path | None = None) -> ExportJob:
         """The job for the store's HEAD (read once: that version is loaded and recorded), `out` checked before any
         model is loaded. The base loads in full precision on the CPU: an fp32 file stays mapped and is read as each
         stage runs; a 16-bit UNet is converted tensor by tensor (diffusers would hold the file beside all of it).
         `update_for`: the base export an update is made for (`check_base`)."""
         profile = load_profile(profile_name)
-        threshold = EXTERNAL_DATA_MIN_BYTES if external_data_min_bytes is None else external_data_min_bytes
         store = Store.open(outputs.absolute(store_root))
         version = store.head
         base_dir = base_meta = None
@@ -153,7 +151,7 @@ class ExportJob:
                               "pick another folder")
         stream = stored_unet_dtype(open_base(store)) not in (None, "F32")
         model = PersonalModel.load(store, version, device=CPU, stream=stream)
-        job = cls(store, version, profile, out, model, threshold, progress, base_dir, base_meta)
+        job = cls(store, version, profile, out, model, progress, base_dir, base_meta)
         if refused:
             job.report["update_refused"] = refused
         return job
@@ -325,7 +323,6 @@ class ExportJob:
         self.stage("export", name, 1)
         graph = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # the graph only, no weights
         m.fp32_bytes = weight_bytes(graph, raw)
-        m.external = m.fp32_bytes >= self.threshold
         m.seconds = time.perf_counter() - t0
 
     def ship(self) -> None:

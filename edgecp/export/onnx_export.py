@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgecp.export.external_data import DATA_FILE, EXTERNAL_DATA_MIN_BYTES, dir_bytes, write_one_data_file
+from edgecp.export.external_data import DATA_FILE, dir_bytes, write_one_data_file
 from edgecp.export.gates import (
     CPU_ONLY_NOTE,
     GATE_SEED,
@@ -37,15 +37,15 @@ from edgecp.export.optimize import cpu_kept_fp32
 from edgecp.export.quantize import calibration_prompts
 
 __all__ = [
-    "CPU_ONLY_NOTE", "DATA_FILE", "EXTERNAL_DATA_MIN_BYTES", "GATE_SEED", "ExportJob", "ExportProgress",
+    "CPU_ONLY_NOTE", "DATA_FILE", "GATE_SEED", "ExportJob", "ExportProgress",
     "calibration_prompts", "cpu_kept_fp32", "dir_bytes", "export_onnx", "gate_prompt", "psnr", "refusal_advice",
     "step_ms", "verified_on", "write_one_data_file",
 ]
 
 
 def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str | Path | None = None,
-                progress: ExportProgress | None = None, external_data_min_bytes: int | None = None,
-                overwrite: bool = False, update_for: str | Path | None = None) -> dict:
+                progress: ExportProgress | None = None, overwrite: bool = False,
+                update_for: str | Path | None = None) -> dict:
     """Export the store's current version for `profile_name`; returns the report (per model: parity, bytes,
     seconds, external data; the image gate). Refuses below the profile's tensor or image gate, leaving nothing.
 
@@ -53,8 +53,8 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     working directory changed); outside the store or directly under STORE/exports/, not a file, empty unless
     `overwrite`, which replaces an earlier ONNX export there once the new one has passed its gates
     (`edgecp.outputs.check_output_dir`). HEAD is read once: that version is loaded and recorded.
-    `external_data_min_bytes` (default EXTERNAL_DATA_MIN_BYTES, 1 GiB; protobuf's hard limit is 2 GiB): fp32 weight
-    bytes from which a model is written with one model.onnx_data; 0 writes every model that way.
+    Every model is written as model.onnx + one model.onnx_data holding all its initializers (issue 25: a concept
+    update replaces any of them; until then only models of 1 GiB of fp32 weights were).
     `progress` gets ProgressEvents whose phases are "reference <model>", "calibrate" per calibration step (static int8),
     "reference image" per gate-image step, then "<stage> <model>" (export, optimize, quantize, verify), each 0/1
     then 1/1, and "image gate" per denoising step.
@@ -64,5 +64,4 @@ def export_onnx(store_root: str | Path, profile_name: str = "cpu-fp32", out: str
     image gate is drawn through base + update, and the report's `update` says its bytes against the full export's.
     A version whose concept tokens outgrew the base's personal table gets a full export (`update_refused` says why).
     """
-    return ExportJob.open(store_root, profile_name, out, progress, external_data_min_bytes, overwrite,
-                          update_for).run()
+    return ExportJob.open(store_root, profile_name, out, progress, overwrite, update_for).run()

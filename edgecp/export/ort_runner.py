@@ -471,6 +471,12 @@ class Arg:
     shape: list[Any]
 
 
+def ort_value(array: np.ndarray) -> ort.OrtValue:
+    """`array` as an OrtValue on the CPU, wrapped without a copy when it is C-contiguous (its memory must outlive the
+    value). Not `np.ascontiguousarray`, which turns a 0-d array (an int8 graph's scale) into shape [1]."""
+    return ort.OrtValue.ortvalue_from_numpy(array if array.flags.c_contiguous else np.array(array, order="C"))
+
+
 class OnnxModel:
     """One onnxruntime session: casts feeds to the declared dtypes, splits batches for a fixed-batch model."""
 
@@ -480,7 +486,8 @@ class OnnxModel:
         """``provider_options``: provider name -> its options (e.g. CUDA's ``device_id``), for every session.
         ``initializers``: name -> array that every session uses in place of the graph's initializer of that name
         (an update's tensors, checked against the graph by ``update_format.open_update``); onnxruntime then does not
-        read the graph's own copy of them (``SessionOptions.add_initializer``)."""
+        read the graph's own copy of them (``SessionOptions.add_external_initializers``: they enter the graph before
+        its optimizer runs; each must be an external-data initializer of the graph)."""
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the {name} of an exported folder is <folder>/{name}/model.onnx"
@@ -490,13 +497,12 @@ class OnnxModel:
         options = [dict((provider_options or {}).get(p, {})) for p in providers]
 
         # onnxruntime reads these while the session lives: the values (and the arrays they wrap) stay referenced here
-        self._initializers = [(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
-                              for k, v in (initializers or {}).items()]
+        self._initializers = [(k, ort_value(v)) for k, v in (initializers or {}).items()]
 
         def open_session() -> ort.InferenceSession:
             opts = session_options(optimization, arena)
-            for k, v in self._initializers:
-                opts.add_initializer(k, v)
+            if self._initializers:
+                opts.add_external_initializers([k for k, _ in self._initializers], [v for _, v in self._initializers])
             try:
                 return ort.InferenceSession(str(path), sess_options=opts, providers=providers,
                                             provider_options=options)

@@ -17,8 +17,11 @@ full export's report, what its edgecp.json would hold).
 An update turns the base export into one version: updates are relative to the base, never chained, so a device
 holding the base and any one update can move to any version, back included. `open_update` refuses, in one line that
 names the problem, a base other than the one the update was made for, a damaged or truncated update, and a tensor
-whose model, name, dtype or shape does not match the base graph's initializer (onnxruntime would crash or silently
-ignore it). The base folder is only read.
+whose model, name, dtype or shape does not match the base graph's initializer, or that the base keeps inside its graph
+(onnxruntime would crash, or silently ignore it). The base folder is only read. The runner hands the tensors to
+onnxruntime with `SessionOptions.add_external_initializers`, which puts them in the graph before its optimizer runs;
+`add_initializer` would only share them with the kernels, and an optimizer that reads an initializer's values (an
+fp16 UNet's attention fusion on the CPU, measured) would fold the base's.
 
 The tensors file is safetensors, read here by hand (8-byte header length, JSON header, raw data; 20 lines) because
 the device runtime does not install the `safetensors` package; the workstation writes it with `safetensors.numpy`
@@ -140,10 +143,11 @@ def _message(buf, start: int, end: int):
             raise UpdateError(f"protobuf wire type {wire} at byte {i}: not an ONNX model; export the base again")
 
 
-def graph_initializers(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+def graph_initializers(path: Path, external: dict[str, bool] | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:
     """name -> (onnx data type, dims) of the main graph's initializers of an ONNX model file, read from a memory map
-    without the onnx package. onnx.proto: ModelProto.graph 7; GraphProto.initializer 5; TensorProto.dims 1 (packed or
-    not), .data_type 2, .name 8."""
+    without the onnx package; `external` (if given) receives name -> whether its data is in an external file.
+    onnx.proto: ModelProto.graph 7; GraphProto.initializer 5; TensorProto.dims 1 (packed or not), .data_type 2,
+    .name 8, .data_location 14 (1: EXTERNAL)."""
     out: dict[str, tuple[int, tuple[int, ...]]] = {}
     if path.stat().st_size == 0:
         return out
@@ -154,7 +158,7 @@ def graph_initializers(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
             for g_field, g_wire, gv in _message(buf, *v):
                 if g_field != 5 or g_wire != 2:
                     continue
-                dims, dtype, name = [], 0, ""
+                dims, dtype, name, location = [], 0, "", 0
                 for t_field, t_wire, tv in _message(buf, *gv):
                     if t_field == 1 and t_wire == 0:
                         dims.append(tv)
@@ -167,8 +171,12 @@ def graph_initializers(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
                         dtype = tv
                     elif t_field == 8 and t_wire == 2:
                         name = bytes(buf[tv[0]:tv[1]]).decode("utf-8")
+                    elif t_field == 14 and t_wire == 0:
+                        location = tv
                 dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
                 out[name] = (dtype, tuple(dims))
+                if external is not None:
+                    external[name] = location == 1
     return out
 
 
@@ -253,6 +261,7 @@ def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
     entries = manifest["tensors"]
     arrays = read_safetensors(folder / TENSORS) if entries else {}
     graphs: dict[str, dict] = {}
+    outside: dict[str, dict[str, bool]] = {}
     for e in entries:
         try:
             model, name, dtype, shape, digest = e["model"], e["name"], e["dtype"], tuple(e["shape"]), e["sha256"]
@@ -269,7 +278,8 @@ def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
         if sha256_bytes(np.ascontiguousarray(arr)) != digest:
             raise UpdateError(f"update tensor {model}/{name} does not match its sha256 (damaged); copy the update again")
         if model not in graphs:
-            graphs[model] = graph_initializers(base / model / "model.onnx")
+            outside[model] = {}
+            graphs[model] = graph_initializers(base / model / "model.onnx", outside[model])
         found = graphs[model].get(name)
         if found is None:
             raise UpdateError(f"update tensor {model}/{name} is not an initializer of '{base}/{model}/model.onnx': "
@@ -277,6 +287,9 @@ def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
         if found != (ST_ONNX[dtype], shape):
             raise UpdateError(f"update tensor {model}/{name} is {dtype}{list(shape)}, the base's is onnx type "
                               f"{found[0]}{list(found[1])}: make the update again with --update-for this base")
+        if not outside[model][name]:
+            raise UpdateError(f"base export '{base}' keeps {model}/{name} inside its graph, where an update cannot "
+                              "replace it (an export of an older edgecp): export the base again with this edgecp")
         update.tensors.setdefault(model, {})[name] = arr
     return update
 
