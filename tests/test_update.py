@@ -79,7 +79,8 @@ def test_the_update_holds_the_merged_kv_and_the_personal_rows_only(pair, trained
     assert manifest["base"] == models_of(base)
 
 
-def test_two_exports_of_a_version_and_base_plus_update_are_byte_identical(pair, fp32_export_dir, tmp_path):
+def test_two_exports_of_a_version_and_base_plus_update_are_byte_identical(pair, fp32_export_dir, tmp_path, capsys,
+                                                                          monkeypatch):
     """The update job's full export of v0002 (from a copy of the store) and conftest's (from the store) give the same
     model bytes, which is what lets exports be compared; `materialize` reproduces them and leaves the base as it was."""
     from edgecp.export.update import materialize
@@ -90,6 +91,12 @@ def test_two_exports_of_a_version_and_base_plus_update_are_byte_identical(pair, 
     assert manifest["target"] == models_of(fp32_export_dir)
     meta = materialize(base, upd, tmp_path / "full")
     assert models_of(tmp_path / "full") == models_of(fp32_export_dir)
+    monkeypatch.chdir(tmp_path)  # the command, with relative paths
+    code, out, _ = run_cli(capsys, "materialize", os.path.relpath(base), os.path.relpath(upd), "--out", "cli")
+    assert code == 0 and "byte for byte its full export" in " ".join(out.split())
+    assert models_of(tmp_path / "cli") == models_of(fp32_export_dir)
+    code, _, err = run_cli(capsys, "materialize", base, upd, "--out", base / "inside")
+    assert_one_line_error(code, err, "overlaps the base export")
     assert {r for r in meta["files"]} == {r for r in hash_tree(fp32_export_dir) if r != "edgecp.json"}
     assert meta["version"] == "v0002"
     assert tree_snapshot(base) == before  # never written to
@@ -120,6 +127,7 @@ def test_the_lean_runtime_generates_with_an_update(pair, fp32_export_dir, tmp_pa
     from PIL import Image
 
     _, base, upd, _ = pair
+    before = tree_snapshot(base)
     block = ["torch", "diffusers", "transformers", "typer", "rich", "onnx", "safetensors", "peft", "click"]
     pre = f"import sys\nfor m in {block!r}: sys.modules[m] = None\nfrom edgecp.entry import main\n"
     args = ["generate", "a photo of <beta>", "-n", "1", "--steps", "2", "--size", "64"]
@@ -131,6 +139,7 @@ def test_the_lean_runtime_generates_with_an_update(pair, fp32_export_dir, tmp_pa
     u = np.asarray(Image.open(tmp_path / "u" / "a-photo-of-beta-v0002-s0-onnx-0.png"))
     f = np.asarray(Image.open(tmp_path / "f" / "a-photo-of-beta-v0002-s0-onnx-0.png"))
     np.testing.assert_array_equal(u, f)
+    assert tree_snapshot(base) == before  # the base is only read
 
 
 def _rewrite(upd: Path, tensors: dict[str, np.ndarray], edit) -> None:
