@@ -194,7 +194,7 @@ def test_a_wrong_base_or_a_damaged_update_runs_nothing(pair, fp32_export_dir, tm
 def test_update_for_refuses_other_bases_and_a_full_reserve_gives_a_full_export(pair, tmp_path, capsys):
     """Another profile's export, an export of an older edgecp (no personal table) or a damaged one: one line, before
     any model loads. A version with more tokens than the base's personal rows: a full export, and a note why."""
-    from edgecp.export.onnx_export import export_onnx
+    from edgecp.export.onnx_export import ExportJob
 
     root, base, _, _ = pair
 
@@ -218,9 +218,9 @@ def test_update_for_refuses_other_bases_and_a_full_reserve_gives_a_full_export(p
         assert_one_line_error(code, err, words)
         assert not (tmp_path / f"u-{folder.name}").exists()
     full = variant("full", lambda m: m.update(personal_token_rows=1))
-    report = export_onnx(root, "cpu-fp32", tmp_path / "grown", update_for=full)
-    assert "2 concept tokens, more than the 1 personal rows" in report["update_refused"]
-    assert (tmp_path / "grown" / "edgecp.json").is_file() and "update" not in report
+    job = ExportJob.open(root, "cpu-fp32", tmp_path / "grown", update_for=full)  # what run() then does: a full export
+    assert "2 concept tokens, more than the 1 personal rows" in job.report["update_refused"]
+    assert job.update_for is None and job.out == tmp_path / "grown"
 
 
 def test_verify_and_gc_know_an_update_under_exports(pair, tmp_path):

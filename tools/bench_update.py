@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--methods", default="dsc-ewc-dc,lora-sequential,custom-diffusion")
     ap.add_argument("--profiles", default="cpu-fp32,cuda-fp16,edge-int8")
     ap.add_argument("--concepts", type=int, default=6)
+    ap.add_argument("--limit", default="", help="PROFILE=N,...: updates of that profile for concepts 1..N only")
     ap.add_argument("--steps", type=int, default=20, help="training iterations per concept")
     ap.add_argument("--resolution", type=int, default=0, help="training resolution (0: the base's)")
     ap.add_argument("--grad-accum", type=int, default=0, help="gradient accumulation (0: the store's default)")
@@ -86,12 +87,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=0, help="image side for the device measurement (0: the base's)")
     ap.add_argument("--gen-steps", type=int, default=10)
     ap.add_argument("--photo-size", type=int, default=64, help="side of the task photos written for training")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.probe:
         return probe(args)
+    if args.out is None:
+        ap.error("--out is required")
 
     from edgecp.api import init_store
+    from edgecp.errors import EdgecpError
     from edgecp.eval.sequences import six_tasks
     from edgecp.export.onnx_export import export_onnx
     from edgecp.store import Store
@@ -104,6 +108,7 @@ def main() -> None:
     done = {(r["method"], r["profile"], r["concept"]) for r in results["rows"]}
     profiles = args.profiles.split(",")
     device_at = {int(k) for k in args.device_at.split(",") if k}
+    limit = {p: int(n) for p, n in (x.split("=") for x in args.limit.split(",") if x)}
     tasks = six_tasks()[: args.concepts]
 
     def save() -> None:
@@ -133,18 +138,26 @@ def main() -> None:
                 add_concept(store, task.name, sorted(folder.iterdir()), class_word=task.class_word)
                 print(f"{method}: concept {k} ({task.name}) {time.perf_counter() - t0:.0f} s", flush=True)
             for profile in profiles:
-                if (method, profile, k) in done:
+                if (method, profile, k) in done or k > limit.get(profile, k):
                     continue
                 upd = work / f"{profile}-v{k:04d}-update"
                 t0 = time.perf_counter()
-                report = export_onnx(store, profile, upd, update_for=base[profile])
+                try:
+                    report = export_onnx(store, profile, upd, update_for=base[profile])
+                except EdgecpError as e:  # the gate refused the base's variant for this version: recorded, not fatal
+                    results["rows"].append({"method": method, "profile": profile, "concept": k, "refused": str(e),
+                                            "seconds": round(time.perf_counter() - t0, 1)})
+                    done.add((method, profile, k))
+                    print(f"{method} {profile} concept {k}: refused: {e}", flush=True)
+                    save()
+                    continue
                 u = report["update"]
                 row = {"method": method, "profile": profile, "concept": k, "update_bytes": u["bytes"],
                        "full_export_bytes": u["full_export_bytes"], "fraction": u["fraction"],
                        "models": u["models"], "carried_files": u["carried_files"], "why": u["why"],
                        "gate_psnr_db": report["image_gate"]["psnr_db"], "quantization": report.get("quantization"),
                        "seconds": round(time.perf_counter() - t0, 1)}
-                if k in device_at:
+                if k in device_at or k == limit.get(profile):
                     full = work / f"full-{profile}-v{k:04d}"
                     if not full.exists():
                         export_onnx(store, profile, full)
@@ -177,6 +190,9 @@ def table(results: dict) -> str:
     lines = ["| method | profile | concept | update MB | full export MB | % of full | UNet tensors | gate dB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
+        if "refused" in r:
+            lines.append(f"| {r['method']} | {r['profile']} | {r['concept']} | refused: {r['refused'][:150]} | | | | |")
+            continue
         unet = r["models"].get("unet", {})
         lines.append(f"| {r['method']} | {r['profile']} | {r['concept']} | {r['update_bytes'] / 1e6:.2f} | "
                      f"{r['full_export_bytes'] / 1e6:.1f} | {100 * r['fraction']:.2f} | "

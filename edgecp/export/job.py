@@ -338,6 +338,11 @@ class ExportJob:
                 attempts.append({"quantization": variant, "refused": str(e).removeprefix("export refused: ")})
                 if k + 1 == len(variants):
                     tried = "; ".join(f"{a['quantization']}: {a['refused'].split(';')[0]}" for a in attempts[:-1])
+                    if self.update_for is not None and self.int8:  # held to the base's variant: say what else works
+                        raise EdgecpError(
+                            f"{str(e).split(';')[0]} with the base export's {variant} int8, which an update must keep: "
+                            f"make a full export (`edgecp export --profile {self.profile.name}`, which may fall back "
+                            "to another int8 variant) and give it to the device as its new base") from None
                     raise EdgecpError(str(e) + (f" (also refused: {tried})" if tried else "")) from None
                 for name in self.names:
                     shutil.rmtree(self.tmp / name, ignore_errors=True)
