@@ -143,7 +143,7 @@ def main() -> None:
                 upd = work / f"{profile}-v{k:04d}-update"
                 t0 = time.perf_counter()
                 try:
-                    report = export_onnx(store, profile, upd, update_for=base[profile])
+                    report = export_onnx(store, profile, upd, update_for=base[profile], overwrite=True)
                 except EdgecpError as e:  # the gate refused the base's variant for this version: recorded, not fatal
                     results["rows"].append({"method": method, "profile": profile, "concept": k, "refused": str(e),
                                             "seconds": round(time.perf_counter() - t0, 1)})
@@ -159,8 +159,7 @@ def main() -> None:
                        "seconds": round(time.perf_counter() - t0, 1)}
                 if k in device_at or k == limit.get(profile):
                     full = work / f"full-{profile}-v{k:04d}"
-                    if not full.exists():
-                        export_onnx(store, profile, full)
+                    export_onnx(store, profile, full, overwrite=True)
                     size = args.size or 0
                     meta = json.loads((full / "edgecp.json").read_text())
                     size = size or meta["image_gate"]["size"][0]
