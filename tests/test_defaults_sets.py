@@ -115,7 +115,7 @@ def test_tiny_keeps_its_calibrated_values(tmp_path):
         for sec, key, by_set in defaults.table(name):
             for dset, st in by_set.items():
                 if st is not None:
-                    assert any(w in st.source for w in ("validation.md", "edgecp's choice", "000 ", "001 ", "003 ",
+                    assert any(w in st.source for w in ("validation.md", "validation-rates.md", "edgecp's choice", "000 ", "001 ", "003 ",
                                                         "scale-free:")), (name, dset, sec, key, st.source)
 
 

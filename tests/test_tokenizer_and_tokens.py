@@ -1,7 +1,7 @@
 import torch
 
 from edgecp.model.tokenizer import VOCAB_SIZE, write_clip_tokenizer
-from edgecp.model.tokens import ConceptEmbedding, bake_tokens
+from edgecp.model.tokens import ConceptEmbedding, PersonalTokenTable, bake_tokens
 
 
 def test_clip_tokenizer_gives_the_real_clip_ids(tmp_path):
@@ -39,7 +39,10 @@ def test_bake_tokens_gives_the_same_embeddings(tmp_path):
     concept_embedding(te).add_row(torch.randn(8), trainable=False)
     ids = torch.tensor([[0, 20, 5, 1]])
     before = te(ids)[0]
-    bake_tokens(te)
-    assert isinstance(te.get_input_embeddings(), torch.nn.Embedding)
-    assert te.get_input_embeddings().num_embeddings == 21
+    base = te.get_input_embeddings().base.weight.detach().clone()
+    assert bake_tokens(te) == 64  # the export's personal table: 64 rows reserved (issue 25)
+    baked = te.get_input_embeddings()
+    assert isinstance(baked, PersonalTokenTable) and baked.personal.shape == (64, 8)
+    assert torch.equal(baked.base.weight, base) and te.config.vocab_size == 20 + 64  # the vocabulary table as it was
+    assert torch.count_nonzero(baked.personal[1:]) == 0  # unused rows are zero
     assert torch.allclose(te(ids)[0], before)
