@@ -77,6 +77,7 @@ def test_the_update_holds_the_merged_kv_and_the_personal_rows_only(pair, trained
     gate = manifest["image_gate"]
     assert gate["through"] == "base export + update" and gate["psnr_db"] >= gate["min_psnr_db"]
     assert manifest["base"] == models_of(base)
+    assert "unet: 14 of 286 tensors" in report["update"]["why"] and "a LORA adapter on attn2.to_k" in report["update"]["why"]
 
 
 def test_two_exports_of_a_version_and_base_plus_update_are_byte_identical(pair, fp32_export_dir, tmp_path, capsys,

@@ -517,7 +517,9 @@ def update_why(manifest: dict, info: dict) -> str:
     parts = [f"{name}: {m['tensors']} of {m['of']} tensors, {m['bytes'] / 1e6:.2f} MB"
              for name, m in manifest["models"].items() if m["tensors"]]
     adapter = info.get("adapter", {})
-    what = (f"method {info['method']['name']} trains a {adapter.get('kind', 'lora')} on "
-            f"{', '.join(adapter.get('targets', []))}, merged into those weights; the text encoder's personal token "
-            f"table ({PERSONAL_ROWS} rows per reserve) holds the concept tokens")
+    kind = adapter.get("kind")
+    trains = f"a {kind.upper()} adapter on" if kind in ("lora", "vera") else "the weights of"
+    what = (f"method {info['method']['name']} trains {trains} {', '.join(adapter.get('targets', []))}, merged into "
+            f"those weights; the text encoder's personal token table ({PERSONAL_ROWS} rows per reserve) holds the "
+            "concept tokens")
     return f"{'; '.join(parts) or 'no tensor changed'} ({what})"
