@@ -304,7 +304,7 @@ def generate_from_onnx(
         )
 
         try:  # the base was hashed just above
-            upd = open_update(onnx_dir, absolute(update), verify_base=False)
+            upd = open_update(onnx_dir, absolute(update), base_meta=meta)
         except UpdateError as e:
             raise EdgecpError(str(e)) from None
         meta = {**meta, "version": upd.version, "concepts": upd.concepts, "store": upd.manifest.get("store")}

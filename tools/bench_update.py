@@ -41,9 +41,9 @@ def probe(args) -> None:
     from edgecp.integrity import read_export_meta
 
     t0 = time.perf_counter()  # what `edgecp generate --backend onnx` checks first: every file's sha256
-    _, problems = read_export_meta(args.onnx_dir)
+    meta, problems = read_export_meta(args.onnx_dir)
     assert not problems, problems
-    update = open_update(args.onnx_dir, args.update, verify_base=False) if args.update else None
+    update = open_update(args.onnx_dir, args.update, base_meta=meta) if args.update else None
     verified = time.perf_counter() - t0
     t0 = time.perf_counter()
     pipe = OnnxStableDiffusion(args.onnx_dir, providers=["CPUExecutionProvider"], update=update)

@@ -30,7 +30,6 @@ DATA_FILE = "model.onnx_data"      # optimum's and onnxruntime.transformers' nam
 ALIGN = 4096                       # page-aligned tensors: onnxruntime maps them instead of copying
 INLINE_MAX = 1024                  # smaller tensors: in the graph for intermediates; 64-byte aligned in the data file
 SMALL_ALIGN = 64
-TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
 def all_tensors(model):
@@ -102,6 +101,15 @@ TYPED_FIELD = {1: ("float_data", np.float32), 10: ("int32_data", np.uint16), 16:
                5: ("int32_data", np.int16), 6: ("int32_data", np.int32), 9: ("int32_data", np.bool_),
                7: ("int64_data", np.int64), 11: ("double_data", np.float64), 12: ("uint64_data", np.uint32),
                13: ("uint64_data", np.uint64)}
+TYPED_FIELDS = tuple(dict.fromkeys(name for name, _ in TYPED_FIELD.values()))
+
+
+def tensor_bytes(t, folder: Path) -> bytes:
+    """An initializer's data as little-endian bytes of its dtype, wherever the proto keeps it: its external file,
+    `raw_data`, or a typed field (onnxruntime's quantizer writes zero points and scales as `int32_data` /
+    `float_data`), read by onnx's own `numpy_helper.to_array`."""
+    raw = tensor_data(t, folder)
+    return bytes(raw) if raw is not None else numpy_helper.to_array(t).tobytes()
 
 
 def set_bytes(t, raw: bytes) -> None:
@@ -165,7 +173,7 @@ def write_one_data_file(src: Path, dst_dir: Path, external: bool, model=None, fp
             for t in all_tensors(model):
                 raw = tensor_data(t, src.parent, fp16) if uses_external_data(t) or len(t.raw_data) >= INLINE_MAX else None
                 if raw is None and t.name in initializers:
-                    raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                    raw = tensor_bytes(t, src.parent)
                     for name in TYPED_FIELDS:
                         t.ClearField(name)
                 if raw is None:

@@ -464,9 +464,11 @@ class ExportJob:
         """What differs between the base export and the full export in tmp, into update_tmp (`make_update`); the
         report's `update` entry: its bytes against the full export's, per model the tensors that changed, and why."""
         for old in self.update_tmp.iterdir():  # an earlier variant's update; the writing mark stays
-            if old.name != WRITING_MARK:
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        manifest = make_update(self.update_for, self.tmp, self.update_tmp, {
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.name != WRITING_MARK:
+                old.unlink()
+        manifest = make_update(self.update_for, self.base_meta, self.tmp, self.update_tmp, {
             "store": str(self.store.root), "store_created": self.store.info.get("created"),
             "profile": self.profile.name, "from_version": self.base_meta["version"], "to_version": self.version,
             "concepts": self.concepts, "personal_token_rows": self.report["personal_token_rows"]})

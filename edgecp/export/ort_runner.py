@@ -34,6 +34,7 @@ from tokenizers.models import BPE
 
 from edgecp.errors import EdgecpError
 from edgecp.export.np_scheduler import NumpyDDIMScheduler, ddim_config
+from edgecp.export.protobuf import fields
 from edgecp.export.step_graph import STEP_GRAPH
 from edgecp.export.update_format import Update, UpdateError, open_update
 from edgecp.heap import trim_heap
@@ -302,36 +303,9 @@ def cpu_kernels() -> frozenset[tuple[str, str]]:
                      if k.provider == "CPUExecutionProvider")
 
 
-def _varint(buf, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
 def _fields(buf, start: int, end: int):
-    """(field number, value) of the length-delimited fields of one protobuf message in buf[start:end] (the value is
-    the (start, end) of the field's bytes); other wire types are skipped."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            yield key >> 3, (i, i + n)
-            i += n
-        else:
-            raise ValueError(f"protobuf wire type {wire} at byte {i}: the file is not an ONNX model; export it again")
+    """(field number, (start, end)) of the length-delimited fields of one protobuf message in buf[start:end]."""
+    return ((f, v) for f, wire, v in fields(buf, start, end) if wire == 2)
 
 
 @dataclass(frozen=True)

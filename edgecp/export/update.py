@@ -27,29 +27,28 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 from safetensors.numpy import save_file
 
 from edgecp import outputs
 from edgecp.atomic import write_json_atomic
 from edgecp.errors import EdgecpError
-from edgecp.export.external_data import DATA_FILE, tensor_data, write_one_data_file
+from edgecp.export.external_data import DATA_FILE, TYPED_FIELDS, tensor_bytes, write_one_data_file
 from edgecp.export.update_format import (
     FILES,
     FORMAT,
     MANIFEST,
-    MODEL_FILES,
     MODELS,
     ONNX_ST,
     ST_NUMPY,
     TENSORS,
     UpdateError,
+    is_model_file,
     model_files,
     open_update,
     read_manifest,
 )
-from edgecp.integrity import EXPORT_META, WRITING_MARK, hash_tree, read_export_meta, write_export_meta
+from edgecp.integrity import EXPORT_META, WRITING_MARK, hash_tree, write_export_meta
 
 
 class UpdateRefused(EdgecpError):
@@ -69,21 +68,10 @@ def _structure(model) -> bytes:
     that one update can join."""
     for t in model.graph.initializer:
         kind = "raw" if t.HasField("raw_data") or uses_external_data(t) else "typed"
-        for name in ("raw_data", "data_location", "float_data", "int32_data", "int64_data", "double_data",
-                     "uint64_data", "external_data"):
+        for name in ("raw_data", "data_location", "external_data", *TYPED_FIELDS):
             t.ClearField(name)
         t.doc_string = kind  # where the values live stays part of the structure (materialize writes them there)
     return model.SerializeToString(deterministic=True)
-
-
-def tensor_bytes(t, folder: Path) -> bytes:
-    """An initializer's data as little-endian bytes of its dtype, wherever the proto keeps it: its external file,
-    `raw_data`, or a typed field (onnxruntime's quantizer writes zero points and scales as `int32_data` /
-    `float_data`), read by onnx's own `numpy_helper.to_array`."""
-    raw = tensor_data(t, folder)
-    if raw is not None:
-        return bytes(raw)
-    return numpy_helper.to_array(t).tobytes()
 
 
 def _digests(path: Path) -> tuple[dict[str, str], bytes]:
@@ -120,10 +108,12 @@ def diff_model(base: Path, new: Path, name: str) -> Changed:
     return changed
 
 
-def make_update(base: Path, full: Path, out: Path, manifest: dict) -> dict:
-    """Write into `out` the update that turns the base export into the full export `full`; returns the manifest
-    (`manifest` gives store, profile, versions, concepts). Raises UpdateRefused where the two cannot be joined."""
-    base_files = model_files(base)
+def make_update(base: Path, base_meta: dict, full: Path, out: Path, manifest: dict) -> dict:
+    """Write into `out` the update that turns the base export (`base`, its checked edgecp.json `base_meta`) into the
+    full export `full`; returns the manifest (`manifest` gives store, profile, versions, concepts). Raises
+    UpdateRefused where the two cannot be joined."""
+    base_all = base_meta.get("files", {})
+    base_files = model_files(base_all)
     # the export's own files: not its writing mark, nor the raw graphs a later int8 variant may still need
     new_meta_files = {rel: rec for rel, rec in hash_tree(full, exclude=(EXPORT_META,)).items()
                       if not any(part.startswith(".") for part in rel.split("/"))}
@@ -140,15 +130,9 @@ def make_update(base: Path, full: Path, out: Path, manifest: dict) -> dict:
                             "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
             size += len(raw)
         per_model[name] = {"tensors": len(changed.tensors), "of": changed.total, "bytes": size}
-    base_meta, _ = read_export_meta(base)
-    base_all = (base_meta or {}).get("files", {})
-    carried = {}
-    for rel, rec in new_meta_files.items():
-        if rel.split("/")[0] in MODELS and rel.split("/")[-1] in MODEL_FILES:
-            continue
-        if base_all.get(rel, {}).get("sha256") != rec["sha256"]:
-            carried[rel] = rec
-    gone = sorted(r for r in base_all if r not in new_meta_files and r.split("/")[-1] not in MODEL_FILES)
+    carried = [rel for rel, rec in new_meta_files.items()
+               if not is_model_file(rel) and base_all.get(rel, {}).get("sha256") != rec["sha256"]]
+    gone = sorted(r for r in base_all if r not in new_meta_files and not is_model_file(r))
     if gone:
         raise UpdateRefused(f"the base export has {gone[0]}, which this version's export does not: make a full export")
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +142,7 @@ def make_update(base: Path, full: Path, out: Path, manifest: dict) -> dict:
         dst = out / FILES / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(full / rel, dst)
-    target = {rel: rec["sha256"] for rel, rec in new_meta_files.items()
-              if rel.split("/")[0] in MODELS and rel.split("/")[-1] in MODEL_FILES}
+    target = model_files(new_meta_files)
     manifest = {"format": FORMAT, **manifest, "base": base_files, "target": target, "tensors": entries,
                 "models": per_model, "carried_files": sorted(carried)}
     manifest["files"] = hash_tree(out, exclude=(MANIFEST, WRITING_MARK))
@@ -191,13 +174,12 @@ def materialize(base: str | Path, update: str | Path, out: str | Path, overwrite
     if out == base or base in out.parents or out in base.parents:
         raise EdgecpError(f"--out '{out}' overlaps the base export '{base}', which is never written to: pick "
                           "another folder")
-    meta, _ = read_export_meta(base)
+    meta = upd.base_meta
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         for rel in meta["files"]:
-            model = rel.split("/")[0]
-            if model in upd.tensors and rel.split("/")[-1] in MODEL_FILES:
+            if is_model_file(rel) and rel.split("/")[0] in upd.tensors:
                 continue
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +197,7 @@ def materialize(base: str | Path, update: str | Path, out: str | Path, overwrite
         export_meta = dict(upd.manifest.get("export") or {})
         export_meta.pop("files", None)
         written = write_export_meta(tmp, export_meta)
-        got = {rel: rec["sha256"] for rel, rec in written["files"].items()
-               if rel.split("/")[0] in MODELS and rel.split("/")[-1] in MODEL_FILES}
+        got = model_files(written["files"])
         if got != upd.manifest["target"]:
             bad = sorted(r for r in set(got) | set(upd.manifest["target"]) if got.get(r) != upd.manifest["target"].get(r))
             raise EdgecpError(f"materialized {bad[0]} does not match the full export the update recorded: nothing "

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecp.export.protobuf import fields, varint
 from edgecp.integrity import check_files, read_export_meta, relative_problem
 
 FORMAT = "edgecp-update/1"
@@ -63,12 +64,15 @@ def sha256_bytes(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_files(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of the model files of an export (from its edgecp.json record; checked by the caller)."""
-    meta, _ = read_export_meta(folder)
-    files = (meta or {}).get("files", {})
-    return {rel: rec["sha256"] for rel, rec in sorted(files.items())
-            if rel.split("/")[0] in MODELS and rel.split("/")[-1] in MODEL_FILES and isinstance(rec, dict)}
+def is_model_file(rel: str) -> bool:
+    """`rel` (a path relative to an export) is a model's graph or its data file: MODEL/model.onnx[_data]."""
+    parts = rel.split("/")
+    return parts[0] in MODELS and parts[-1] in MODEL_FILES
+
+
+def model_files(files: dict[str, dict]) -> dict[str, str]:
+    """relative path -> sha256 of the model files in an export's file record (its edgecp.json `files`)."""
+    return {rel: rec["sha256"] for rel, rec in sorted(files.items()) if is_model_file(rel) and isinstance(rec, dict)}
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
@@ -111,73 +115,48 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- onnx initializers
 
 
-def _varint(buf, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _message(buf, start: int, end: int):
-    """(field, wire type, value) of one protobuf message: value is an int (varint) or the (start, end) of the bytes."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            v, i = _varint(buf, i)
-            yield key >> 3, 0, v
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            yield key >> 3, 2, (i, i + n)
-            i += n
-        else:
-            raise UpdateError(f"protobuf wire type {wire} at byte {i}: not an ONNX model; export the base again")
-
-
 def graph_initializers(path: Path, external: dict[str, bool] | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:
     """name -> (onnx data type, dims) of the main graph's initializers of an ONNX model file, read from a memory map
-    without the onnx package; `external` (if given) receives name -> whether its data is in an external file.
-    onnx.proto: ModelProto.graph 7; GraphProto.initializer 5; TensorProto.dims 1 (packed or not), .data_type 2,
-    .name 8, .data_location 14 (1: EXTERNAL)."""
+    without the onnx package; `external` (if given) receives name -> whether its data is in an external file."""
     out: dict[str, tuple[int, tuple[int, ...]]] = {}
     if path.stat().st_size == 0:
         return out
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for field_no, wire, v in _message(buf, 0, len(buf)):
-            if field_no != 7 or wire != 2:
-                continue
-            for g_field, g_wire, gv in _message(buf, *v):
-                if g_field != 5 or g_wire != 2:
-                    continue
-                dims, dtype, name, location = [], 0, "", 0
-                for t_field, t_wire, tv in _message(buf, *gv):
-                    if t_field == 1 and t_wire == 0:
-                        dims.append(tv)
-                    elif t_field == 1 and t_wire == 2:  # packed dims
-                        i = tv[0]
-                        while i < tv[1]:
-                            d, i = _varint(buf, i)
-                            dims.append(d)
-                    elif t_field == 2 and t_wire == 0:
-                        dtype = tv
-                    elif t_field == 8 and t_wire == 2:
-                        name = bytes(buf[tv[0]:tv[1]]).decode("utf-8")
-                    elif t_field == 14 and t_wire == 0:
-                        location = tv
-                dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
-                out[name] = (dtype, tuple(dims))
+        try:
+            for name, dtype, dims, outside in _initializers(buf):
+                out[name] = (dtype, dims)
                 if external is not None:
-                    external[name] = location == 1
+                    external[name] = outside
+        except ValueError as e:
+            raise UpdateError(f"'{path}': {e}") from None
     return out
+
+
+def _initializers(buf):
+    """(name, data type, dims, external) per initializer of the main graph. onnx.proto: ModelProto.graph 7;
+    GraphProto.initializer 5; TensorProto.dims 1 (packed or not), .data_type 2, .name 8, .data_location 14
+    (1: EXTERNAL)."""
+    graphs = [v for f, wire, v in fields(buf, 0, len(buf)) if f == 7 and wire == 2]
+    for graph in graphs:
+        for g_field, g_wire, tensor in fields(buf, *graph):
+            if g_field != 5 or g_wire != 2:
+                continue
+            dims, dtype, name, location = [], 0, "", 0
+            for t_field, t_wire, tv in fields(buf, *tensor):
+                if t_field == 1 and t_wire == 0:
+                    dims.append(tv)
+                elif t_field == 1:  # packed dims
+                    k = tv[0]
+                    while k < tv[1]:
+                        d, k = varint(buf, k)
+                        dims.append(d)
+                elif (t_field, t_wire) == (2, 0):
+                    dtype = tv
+                elif (t_field, t_wire) == (8, 2):
+                    name = bytes(buf[tv[0]:tv[1]]).decode("utf-8")
+                elif (t_field, t_wire) == (14, 0):
+                    location = tv
+            yield name, dtype, tuple(d - (1 << 64) if d >= 1 << 63 else d for d in dims), location == 1
 
 
 # ---------------------------------------------------------------------------------------------- the update
@@ -190,6 +169,7 @@ class Update:
 
     folder: Path
     manifest: dict[str, Any]
+    base_meta: dict[str, Any]  # the base export's edgecp.json, checked
     tensors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -228,18 +208,21 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
+def open_update(base: Path, folder: Path, base_meta: dict[str, Any] | None = None) -> Update:
     """The update in `folder`, checked against the base export in `base` before any tensor is used: the base is a
-    complete, intact edgecp export (`verify_base`: every file against its edgecp.json sha256) whose model files are
+    complete, intact edgecp export (every file against its edgecp.json sha256, unless the caller already checked it
+    and passes its edgecp.json as `base_meta`: the base is hashed once) whose model files are
     the ones the update was made for; every file of the update matches its recorded sha256 and size; every tensor
     matches its manifest entry (dtype, shape, sha256) and an initializer of the base's graph of that model (name,
     dtype, shape). Raises UpdateError naming the first problem."""
     base, folder = Path(base), Path(folder)
     manifest = read_manifest(folder)
-    meta, problems = read_export_meta(base)
-    if meta is None or (verify_base and problems):
-        raise UpdateError(f"base export '{base}' is not intact: {problems[0]}; copy the base export again")
-    have = model_files(base)
+    meta = base_meta
+    if meta is None:
+        meta, problems = read_export_meta(base)
+        if meta is None or problems:
+            raise UpdateError(f"base export '{base}' is not intact: {problems[0]}; copy the base export again")
+    have = model_files(meta.get("files", {}))
     want = manifest["base"]
     if have != want:
         differ = sorted(set(have) ^ set(want)) or [r for r in sorted(want) if have.get(r) != want[r]]
@@ -250,7 +233,7 @@ def open_update(base: Path, folder: Path, verify_base: bool = True) -> Update:
     problems = check_files(folder, manifest["files"])
     if problems:
         raise UpdateError(f"update '{folder}' is damaged: {problems[0]}; copy the update again")
-    update = Update(folder, manifest)
+    update = Update(folder, manifest, meta)
     for rel in manifest["files"]:
         if rel.startswith(FILES + "/"):
             inner = rel[len(FILES) + 1:]
