@@ -14,7 +14,7 @@ from edgecp.images import MAX_IMAGES
 from edgecp.memory import given_device_info, resolve_device
 from edgecp.methods import build_method, defaults, method_class
 from edgecp.model.base import base_sha256, resolve_base
-from edgecp.model.single_file import config_folder, detect_family
+from edgecp.model.single_file import config_folder, detect_family, load_token_rows
 from edgecp.personal import open_base
 from edgecp.planner import parse_bytes
 from edgecp.scoped import quiet_libraries
@@ -140,6 +140,7 @@ def family_of(spec) -> tuple[str, Path | None]:
         return "tiny", spec.path / "unet"
     if spec.kind == "single_file":
         family = detect_family(spec.path)
+        load_token_rows(spec.path)  # a checkpoint edgecp exported: its concept rows must agree with its metadata
         return family, config_folder(family) / "unet"
     unet_config = spec.path / "unet" if spec.path is not None and spec.path.is_dir() else None
     return base_family(unet_config), unet_config

@@ -13,7 +13,8 @@ Rules (`check_output_dir`), each refusal one line naming the path and the fix:
 - an existing folder must be empty, except:
   - exports, with `overwrite=True`: the folder is replaced whole once the new export has passed its gates (the old
     one is renamed aside, the new one renamed into place, the old one deleted), but only when it holds an earlier
-    export of the same kind (ONNX: an `edgecp.json`; diffusers: nothing but `.safetensors` files). Our choice, not
+    export of the same kind (ONNX: an `edgecp.json`; diffusers: nothing but `.safetensors` files; webui and
+    checkpoint: their `edgecp-export.json` naming that format). Our choice, not
     the issue's: `--overwrite` is a request to replace an earlier export, and deleting any other folder (a typo'd
     `--out ~/Documents`) is refused even then;
   - images (`generate`, our choice): a folder that holds nothing but images named as generate names them
@@ -26,6 +27,7 @@ Rules (`check_output_dir`), each refusal one line naming the path and the fix:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,7 +37,8 @@ from pathlib import Path
 from edgecp.errors import EdgecpError
 from edgecp.integrity import EXPORT_META
 
-KINDS = ("onnx", "update", "diffusers", "images")
+KINDS = ("onnx", "update", "diffusers", "webui", "checkpoint", "images")
+TOOLS_REPORT = "edgecp-export.json"  # the report of a webui or checkpoint export (edgecp.export.webui.REPORT)
 UPDATE_MANIFEST = "update.json"  # an update folder's manifest (edgecp.export.update_format.MANIFEST)
 DESKTOP_FILES = ("Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed (besides dot-files)
 # what generate names its files: <prompt slug>-<version>-s<seed>[-onnx]-<index | grid>.png (edgecp.generate)
@@ -72,6 +75,12 @@ def earlier_output(folder: Path, kind: str) -> bool:
         return meta.is_file() and not meta.is_symlink()
     if kind == "diffusers":
         return all(p.is_file() and not p.is_symlink() and p.suffix == ".safetensors" for p in folder.iterdir())
+    if kind in ("webui", "checkpoint"):
+        report = folder / TOOLS_REPORT
+        try:
+            return not report.is_symlink() and json.loads(report.read_text()).get("format") == kind
+        except (OSError, ValueError, AttributeError):
+            return False
     if kind == "images":
         return all(p.name.startswith(".") or p.name in DESKTOP_FILES
                    or p.is_file() and not p.is_symlink() and IMAGE_NAME_RE.fullmatch(p.name) for p in folder.iterdir())
@@ -112,7 +121,9 @@ def check_output_dir(out: str | Path, store_root: str | Path | None = None, over
                 f"output folder {shown} holds files other than edgecp generate's images: pass --overwrite to write the "
                 "images into it anyway, or a new or empty --out"
             )
-        what = {"onnx": "ONNX export (no edgecp.json)", "update": "update (no update.json)"}.get(
+        what = {"onnx": "ONNX export (no edgecp.json)", "update": "update (no update.json)",
+                "webui": f"webui export (no {TOOLS_REPORT} of one)",
+                "checkpoint": f"checkpoint export (no {TOOLS_REPORT} of one)"}.get(
             kind, "diffusers export (files other than .safetensors)")
         if not overwrite:
             raise EdgecpError(f"output folder {shown} exists and is not empty: pass --overwrite to replace the earlier "

@@ -5,7 +5,7 @@ import pytest
 import torch
 from cli_util import assert_one_line_error, run_cli
 from conftest import make_photos
-from ldm_layout import pipeline_to_single_file
+from edgecp.model.ldm_layout import pipeline_to_single_file
 from safetensors.numpy import save_file
 
 from edgecp.errors import EdgecpError

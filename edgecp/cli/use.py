@@ -83,18 +83,29 @@ def export(
     store: StoreOpt,
     profile: Annotated[str, typer.Option(help="Device profile name or .toml path; see `edgecp profiles`.")] = "cpu-fp32",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="onnx or diffusers.")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx, diffusers, webui (kohya LoRA + embeddings for "
+                                     "AUTOMATIC1111 / ComfyUI / InvokeAI) or checkpoint (one single-file model).")] = "onnx",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
     update_for: Annotated[Optional[Path], typer.Option("--update-for", help="write only an update of this base export "
                                                        "(an earlier version's, same profile) that the device holds.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="webui: every layer's LoRA rank (default: each layer's "
+                                                "from --max-error).")] = None,
+    max_error: Annotated[float, typer.Option("--max-error", help="webui: largest relative Frobenius error of a "
+                                             "layer's factored change.")] = 0.01,
+    precision: Annotated[str, typer.Option("--precision", help="webui / checkpoint: fp16 or fp32 tensors.")] = "fp16",
 ) -> None:
-    """Export the current version: ONNX per device profile, or LoRA + embeddings for diffusers.
+    """Export the current version: ONNX per device profile, LoRA + embeddings for diffusers or for the desktop
+    tools, or one single-file checkpoint.
 
     Examples:
       edgecp export --store my-model --profile cpu-fp32
       edgecp export --store my-model --profile cpu-fp32 --update-for my-model/exports/cpu-fp32-v0001
       edgecp export --store my-model --format diffusers --out my-lora/
+      edgecp export --store my-model --format webui --out my-webui/
+      edgecp export --store my-model --format checkpoint --out my-checkpoint/
     """
+    if fmt in ("webui", "checkpoint"):
+        return _export_tools(store, fmt, out_dir, overwrite, update_for, rank, max_error, precision)
     if fmt == "diffusers":
         # lazy: the diffusers exporter loads torch and diffusers, which `edgecp --help` must not load
         from edgecp.export.diffusers_format import export_diffusers
@@ -107,7 +118,7 @@ def export(
         out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
         return
     if fmt != "onnx":
-        raise EdgecpError(f"--format '{fmt}' is unknown: use onnx or diffusers")
+        raise EdgecpError(f"--format '{fmt}' is unknown: use onnx, diffusers, webui or checkpoint")
     # lazy: the ONNX exporter loads torch and onnx, which `edgecp --help` must not load
     from edgecp.export.onnx_export import export_onnx
 
@@ -115,6 +126,40 @@ def export(
         report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total),
                              overwrite=overwrite, update_for=update_for)
     _print_export(report)
+
+
+def _export_tools(store, fmt: str, out_dir, overwrite: bool, update_for, rank, max_error: float, precision: str):
+    if out_dir is None:
+        raise EdgecpError(f"--format {fmt} needs --out DIR")
+    if update_for is not None:
+        raise EdgecpError(f"--update-for is for --format onnx: pass --format {fmt} without it")
+    if fmt == "checkpoint" and rank is not None:
+        raise EdgecpError("--rank is for --format webui: a checkpoint holds the merged weights, whole")
+    with progress_bars() as bar:
+        progress = lambda ev: bar(ev.phase, ev.step, ev.total)  # noqa: E731
+        if fmt == "webui":
+            # lazy: these exporters load torch and diffusers, which `edgecp --help` must not load
+            from edgecp.export.webui import export_webui
+
+            report = export_webui(store, out_dir, overwrite=overwrite, rank=rank, max_error=max_error,
+                                  precision=precision, progress=progress)
+        else:
+            from edgecp.export.checkpoint import export_checkpoint
+
+            report = export_checkpoint(store, out_dir, overwrite=overwrite, precision=precision, progress=progress)
+    check = report["image_check"]
+    if fmt == "webui":
+        lo = report["lora"]
+        ranks = f"rank {lo['rank_min']}" if lo["rank_min"] == lo["rank_max"] else f"ranks {lo['rank_min']}-{lo['rank_max']}"
+        out.print(f"wrote [bold]{esc(report['out'])}[/]: {esc(lo['file'])} ({lo['bytes'] / 1e6:.2f} MB, {lo['layers']} "
+                  f"layers, {ranks}, largest layer error {lo['max_relative_error']:.2%}; {esc(lo['why'])}) and "
+                  f"{len(report['embeddings'])} embedding(s)")
+    else:
+        ck = report["checkpoint"]
+        out.print(f"wrote [bold]{esc(report['out'])}[/]: {esc(ck['file'])} ({ck['bytes'] / 1e6:.1f} MB, "
+                  f"{ck['precision']}, {ck['sd_version']}) and {len(report['embeddings'])} embedding(s)")
+    out.print(f"read back by {esc(check['reader'])}: gate image {check['psnr_db']} dB against edgecp's own model; "
+              f"trigger words and prompts in {esc(report['out'])}/HOW-TO-USE.txt")
 
 
 def materialize(

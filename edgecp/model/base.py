@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers.utils import logging as transformers_logging
 
 from edgecp.errors import EdgecpError
-from edgecp.model.single_file import config_folder, detect_family
+from edgecp.model.single_file import config_folder, detect_family, install_token_rows, load_token_rows
 from edgecp.model.tiny import ensure_tiny_model
 from edgecp.paths import edgecp_home
 from edgecp.sampling import ddim_config  # one rule for PyTorch and the runner (re-exported here)
@@ -220,6 +220,8 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
         raise
     except Exception as e:
         raise load_error(spec, e) from e
+    if spec.kind == "single_file":  # a checkpoint edgecp exported: its concepts' tokens become base words
+        install_token_rows(pipe.tokenizer, pipe.text_encoder, load_token_rows(spec.path), f"base file '{spec.path}'")
     scheduler = ddim_scheduler(pipe.scheduler.config)
     for m in (pipe.text_encoder, pipe.vae, pipe.unet):
         m.requires_grad_(False)

@@ -14,6 +14,12 @@ Whether an SD 2.x checkpoint predicts v or epsilon is not in its weights. Like d
 stable-diffusion-2-1), edgecp assumes v-prediction at 768 px, unless the file name says `base` or `512`
 (e.g. `v2-1_512-ema-pruned.safetensors`, `sd2-base.safetensors`): our choice, stated here and in the README.
 SDXL, inpainting, and anything else are refused with the reason, before a store is written.
+
+Concept tokens: a checkpoint that `edgecp export --format checkpoint` wrote carries its concepts' token rows under
+`edgecp_token_rows.<token>` (the text encoder's table keeps the base vocabulary's shape, which every desktop tool
+needs; those tools ignore keys they do not know). `load_token_rows` reads them back, and the base loader adds the
+tokens to the tokenizer and the rows to the table, in the file's order (`edgecp_tokens` in its metadata): a store made
+on the checkpoint knows the concepts as words of its base.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import json
+
+import torch
 from safetensors import safe_open
 
 from edgecp.errors import EdgecpError
@@ -36,6 +45,41 @@ UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 V2_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # (out, 1024) in SD 2.x
 V1_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, 768) in SD 1.x
 XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+
+
+TOKEN_ROWS = "edgecp_token_rows."  # key prefix of a concept token's row in a checkpoint edgecp wrote
+TOKENS_META = "edgecp_tokens"  # metadata: the JSON list of those tokens in id order
+
+
+def load_token_rows(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """(token, row) in the file's order for a checkpoint `edgecp export --format checkpoint` wrote; [] otherwise.
+    The metadata's list and the keys must agree (one line naming the file when they do not)."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = {k for k in f.keys() if k.startswith(TOKEN_ROWS)}  # noqa: SIM118 (safe_open is not iterable)
+        if not keys:
+            return []
+        try:
+            tokens = json.loads((f.metadata() or {}).get(TOKENS_META, "null"))
+        except ValueError:
+            tokens = None
+        if not isinstance(tokens, list) or sorted(TOKEN_ROWS + str(t) for t in tokens) != sorted(keys):
+            raise EdgecpError(f"base file '{path}' holds concept token rows that its '{TOKENS_META}' metadata does not "
+                              "list: the file was edited or damaged; export the checkpoint again")
+        return [(t, f.get_tensor(TOKEN_ROWS + t).float()) for t in tokens]
+
+
+def install_token_rows(tokenizer, text_encoder, rows: list[tuple[str, torch.Tensor]], where: str) -> None:
+    """Add each token to the tokenizer and its row to the end of the text encoder's table (ids must agree)."""
+    if not rows:
+        return
+    start = len(tokenizer)
+    if tokenizer.add_tokens([t for t, _ in rows]) != len(rows):
+        raise EdgecpError(f"{where}: a concept token it carries is already a word of its tokenizer: the file was "
+                          "edited or damaged; export the checkpoint again")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[start:] = torch.stack([r for _, r in rows]).to(table)
 
 
 def _header(path: Path) -> dict[str, list[int]]:

@@ -1,6 +1,14 @@
 """diffusers -> original (LDM) single-file layout, for any UNet/VAE size: what diffusers'
-`scripts/convert_diffusers_to_original_stable_diffusion.py` does for SD 1.x, generalised to the tiny base's
-block counts so a small single-file checkpoint can be made offline for the tests."""
+`scripts/convert_diffusers_to_original_stable_diffusion.py` does (a script in diffusers' repository, not in the
+package: hence written here), generalised to the tiny base's block counts.
+
+Text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.text_model.*`; SD 2.x's OpenCLIP under
+`cond_stage_model.model.*` (q/k/v joined into `in_proj_*`, `resblocks`, `ln_final`, `positional_embedding`), the
+layout diffusers' `convert_open_clip_checkpoint` reads. SD 2.x checkpoints carry OpenCLIP's 24 layers; diffusers
+(and so edgecp) keeps 23, the penultimate layer's output being what SD 2.x conditions on: the 24th, never used, is
+not written (our choice, stated in docs/export).
+
+Used by `edgecp export --format checkpoint` and by the tests, which make small single-file checkpoints offline."""
 
 from __future__ import annotations
 
@@ -72,6 +80,29 @@ def vae_to_ldm(state: dict, cfg: dict) -> dict:
     return out
 
 
+def text_encoder_to_ldm(state: dict, openclip: bool) -> dict:
+    """A transformers CLIPTextModel state dict -> the original layout (SD 1.x CLIP, or SD 2.x OpenCLIP)."""
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}  # transformers 5
+    if not openclip:
+        return {"cond_stage_model.transformer." + k: v for k, v in state.items() if not k.endswith("position_ids")}
+    p, out = "cond_stage_model.model.", {}
+    out[p + "token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
+    out[p + "positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
+    out[p + "ln_final.weight"] = state["text_model.final_layer_norm.weight"]
+    out[p + "ln_final.bias"] = state["text_model.final_layer_norm.bias"]
+    n = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers."))
+    for i in range(n):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat([state[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            out[dst + f"attn.out_proj.{kind}"] = state[f"{src}self_attn.out_proj.{kind}"]
+            out[dst + f"ln_1.{kind}"] = state[f"{src}layer_norm1.{kind}"]
+            out[dst + f"ln_2.{kind}"] = state[f"{src}layer_norm2.{kind}"]
+            out[dst + f"mlp.c_fc.{kind}"] = state[f"{src}mlp.fc1.{kind}"]
+            out[dst + f"mlp.c_proj.{kind}"] = state[f"{src}mlp.fc2.{kind}"]
+    return out
+
+
 def pipeline_to_single_file(folder, out) -> None:
     """A diffusers SD folder -> one .safetensors file in the original layout (UNet, VAE, CLIP text encoder)."""
     import json
@@ -85,7 +116,6 @@ def pipeline_to_single_file(folder, out) -> None:
     sd.update(unet_to_ldm(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")), cfg))
     vcfg = json.loads((folder / "vae" / "config.json").read_text())
     sd.update(vae_to_ldm(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")), vcfg))
-    for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items():
-        k = k if k.startswith("text_model.") else "text_model." + k  # transformers 5 saves without the prefix
-        sd["cond_stage_model.transformer." + k] = v
+    sd.update(text_encoder_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")),
+                                  openclip=cfg["cross_attention_dim"] == 1024))
     save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, str(out))
