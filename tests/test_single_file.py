@@ -5,10 +5,10 @@ import pytest
 import torch
 from cli_util import assert_one_line_error, run_cli
 from conftest import make_photos
-from edgecp.model.ldm_layout import pipeline_to_single_file
 from safetensors.numpy import save_file
 
 from edgecp.errors import EdgecpError
+from edgecp.model.ldm_layout import pipeline_to_single_file
 from edgecp.model.single_file import CONFIGS, V1_KEY, V2_KEY, XL_KEY, config_folder, detect_family
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"

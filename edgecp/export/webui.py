@@ -63,7 +63,14 @@ from edgecp.adapters.lora import ADAPTER_NAME, lora_modules
 from edgecp.errors import EdgecpError
 from edgecp.export.diffusers_format import concept_file_names
 from edgecp.export.gates import gate_prompt, psnr
-from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, PersonalModel, effective_adapter, read_tensors
+from edgecp.personal import (
+    ADAPTER_FILE,
+    DELTA_FILE,
+    TOKENS_FILE,
+    PersonalModel,
+    effective_adapter,
+    read_tensors,
+)
 from edgecp.progress import emit
 from edgecp.store import Store, check_plain_name
 

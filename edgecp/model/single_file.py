@@ -24,11 +24,10 @@ on the checkpoint knows the concepts as words of its base.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
-
-import json
 
 import torch
 from safetensors import safe_open
