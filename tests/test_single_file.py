@@ -42,6 +42,15 @@ def _fake_checkpoint(path, **shapes):
     return path
 
 
+def test_a_family_edgecp_wrote_in_the_metadata_wins_over_the_file_name(tmp_path):
+    sd2 = {UNET_KEY: (320, 4, 3, 3), V2_KEY: (320, 1024)}
+    path = tmp_path / "my-model.safetensors"  # the name alone says v-prediction (768)
+    save_file({k: np.zeros(s, dtype=np.uint8) for k, s in sd2.items()}, str(path), metadata={"edgecp_family": "sd2-base"})
+    assert detect_family(path) == "sd2-base"
+    save_file({k: np.zeros(s, dtype=np.uint8) for k, s in sd2.items()}, str(path), metadata={"edgecp_family": "nope"})
+    assert detect_family(path) == "sd2-v"
+
+
 def test_the_family_is_read_from_the_header_and_unusable_checkpoints_are_refused(tmp_path):
     sd1 = {UNET_KEY: (320, 4, 3, 3), V1_KEY: (320, 768)}
     sd2 = {UNET_KEY: (320, 4, 3, 3), V2_KEY: (320, 1024)}

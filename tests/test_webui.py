@@ -39,6 +39,26 @@ def test_rank_and_error_of_the_svd_factors_by_hand():
     assert factor(delta, 1, 0.01, torch.float32)["relative_error"] == pytest.approx(np.sqrt(26.0101 / 126.0101), rel=1e-4)
 
 
+def test_the_bound_holds_after_rounding_or_is_refused_and_the_files_names_stay_the_exports():
+    from types import SimpleNamespace
+
+    from edgecp.export.webui import file_stem
+
+    torch.manual_seed(0)
+    delta = torch.randn(40, 30) @ torch.diag(torch.logspace(0, -3, 30)) @ torch.randn(30, 30)
+    for dtype, bound in ((torch.float16, 0.01), (torch.float32, 1e-5)):
+        f = factor(delta, None, bound, dtype)
+        assert f["relative_error"] <= bound  # measured on the cast factors
+        if f["rank"] > 1:  # and no smaller rank meets it
+            assert factor(delta, f["rank"] - 1, bound, dtype)["relative_error"] > bound
+    with pytest.raises(EdgecpError, match="cannot be met in fp16") as e:
+        factor(delta, None, 1e-6, torch.float16)  # fp16 rounding alone is ~1e-4 of the change
+    assert "--precision fp32" in str(e.value) and "\n" not in str(e.value)
+    for name, stem in (("my-model", "my-model"), ("embeddings", "edgecp"), ("Edgecp-Export", "edgecp"),
+                       ("HOW-TO-USE", "edgecp"), (".hidden", "edgecp")):
+        assert file_stem(SimpleNamespace(root=Path("/x") / name)) == stem
+
+
 def test_openclip_layout_is_what_diffusers_reads_back():
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -154,6 +174,13 @@ def test_webui_export_of_a_lora_store(trained_store, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", "--store", trained_store, "--format", "checkpoint", "--out", out,
                            "--overwrite")
     assert_one_line_error(code, err, "no earlier edgecp checkpoint export")
+    for args, needles in ((["--format", "webui", "--profile", "cpu-fp32"], ["--profile is for --format onnx"]),
+                          (["--format", "onnx", "--rank", "4"], ["--rank is for --format webui"]),
+                          (["--format", "diffusers", "--precision", "fp32"], ["--precision is for"]),
+                          (["--format", "checkpoint", "--max-error", "0.1"], ["--max-error is for --format webui"])):
+        code, _, err = run_cli(capsys, "export", "--store", trained_store, "--out", tmp_path / "x", *args)
+        assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "x").exists()
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     code, _, err = run_cli(capsys, "export", "--store", trained_store, "--format", "webui", "--out",
                            trained_store / "versions" / "w")
@@ -212,6 +239,12 @@ def test_a_change_a_lora_cannot_carry_is_refused_in_one_line():
         with pytest.raises(EdgecpError, match="cannot carry") as e:
             check_linear(unet, {key: torch.zeros(1, 1)}, "cns")
         assert key in str(e.value) and "\n" not in str(e.value)
+    from edgecp.adapters import lora
+    from edgecp.config import AdapterConfig
+
+    lora.attach(unet, AdapterConfig(kind="lora", rank=2, alpha=2.0, targets=("proj_in",)))  # a 1x1 conv here
+    with pytest.raises(EdgecpError, match="adapts .*proj_in.*cannot carry"):
+        check_linear(unet, {}, "lora-sequential")
 
 
 def test_checkpoint_round_trip(trained_store, tmp_path, capsys, monkeypatch):
@@ -252,6 +285,18 @@ def test_checkpoint_round_trip(trained_store, tmp_path, capsys, monkeypatch):
     a = np.asarray(torch_generate(model.comps, prompt, cfg, "cpu")[0], dtype=np.int16)
     b = np.asarray(torch_generate(theirs.comps, prompt, cfg, "cpu")[0], dtype=np.int16)
     assert np.abs(a - b).max() <= 1
+    # a store on the checkpoint learns on: its checkpoint carries the base's tokens and its own, the base's size kept
+    from edgecp.train import add_concept
+
+    add_concept(new, "gamma", make_photos(tmp_path / "g", seed=3), class_word="cat")
+    code, _, err = run_cli(capsys, "export", "--store", new, "--format", "checkpoint", "--out", tmp_path / "ck2")
+    assert code == 0, err
+    ck2 = json.loads((tmp_path / "ck2" / "edgecp-export.json").read_text())["checkpoint"]
+    assert ck2["tokens"] == ["<alpha>", "<beta>", "<gamma>"] and ck2["family"] == "tiny"
+    with safe_open(str(tmp_path / "ck2" / "new.safetensors"), framework="pt") as f:
+        table = f.get_slice("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight").get_shape()
+        assert f.metadata()["edgecp_family"] == "tiny"
+    assert table[0] == len(pipe.tokenizer)
     # a checkpoint whose token rows its metadata does not list is refused at init, in one line
     with safe_open(str(ckpt), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

@@ -1,5 +1,5 @@
-"""The commands that use a store's model: generate (PyTorch or onnxruntime), export (ONNX per device profile, or
-diffusers), profiles (the device profiles export reads).
+"""The commands that use a store's model: generate (PyTorch or onnxruntime), export (ONNX per device profile,
+diffusers, the desktop tools' files, a single-file checkpoint), profiles (the device profiles export reads).
 
 Registered on the main app by `register(app)`; each parses, calls ONE library function and renders.
 """
@@ -81,7 +81,8 @@ def generate(
 
 def export(
     store: StoreOpt,
-    profile: Annotated[str, typer.Option(help="Device profile name or .toml path; see `edgecp profiles`.")] = "cpu-fp32",
+    profile: Annotated[Optional[str], typer.Option(help="Device profile name or .toml path; see `edgecp profiles` "
+                                                   "(default cpu-fp32).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE/exports/PROFILE-VERSION).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx, diffusers, webui (kohya LoRA + embeddings for "
                                      "AUTOMATIC1111 / ComfyUI / InvokeAI) or checkpoint (one single-file model).")] = "onnx",
@@ -90,9 +91,10 @@ def export(
                                                        "(an earlier version's, same profile) that the device holds.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="webui: every layer's LoRA rank (default: each layer's "
                                                 "from --max-error).")] = None,
-    max_error: Annotated[float, typer.Option("--max-error", help="webui: largest relative Frobenius error of a "
-                                             "layer's factored change.")] = 0.01,
-    precision: Annotated[str, typer.Option("--precision", help="webui / checkpoint: fp16 or fp32 tensors.")] = "fp16",
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="webui: largest relative Frobenius error "
+                                                       "of a layer's factored change (default 0.01).")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="webui / checkpoint: fp16 (default) or "
+                                                     "fp32 tensors.")] = None,
 ) -> None:
     """Export the current version: ONNX per device profile, LoRA + embeddings for diffusers or for the desktop
     tools, or one single-file checkpoint.
@@ -104,8 +106,14 @@ def export(
       edgecp export --store my-model --format webui --out my-webui/
       edgecp export --store my-model --format checkpoint --out my-checkpoint/
     """
+    if fmt in ("webui", "checkpoint", "diffusers") and profile is not None:
+        raise EdgecpError(f"--profile is for --format onnx: pass --format {fmt} without it")
     if fmt in ("webui", "checkpoint"):
         return _export_tools(store, fmt, out_dir, overwrite, update_for, rank, max_error, precision)
+    for flag, value in (("--rank", rank), ("--max-error", max_error), ("--precision", precision)):
+        if value is not None:
+            raise EdgecpError(f"{flag} is for --format webui or checkpoint, not --format {fmt}: leave it out")
+    profile = profile or "cpu-fp32"
     if fmt == "diffusers":
         # lazy: the diffusers exporter loads torch and diffusers, which `edgecp --help` must not load
         from edgecp.export.diffusers_format import export_diffusers
@@ -133,15 +141,20 @@ def _export_tools(store, fmt: str, out_dir, overwrite: bool, update_for, rank, m
         raise EdgecpError(f"--format {fmt} needs --out DIR")
     if update_for is not None:
         raise EdgecpError(f"--update-for is for --format onnx: pass --format {fmt} without it")
-    if fmt == "checkpoint" and rank is not None:
-        raise EdgecpError("--rank is for --format webui: a checkpoint holds the merged weights, whole")
+    if fmt == "checkpoint" and (rank is not None or max_error is not None):
+        flag = "--rank" if rank is not None else "--max-error"
+        raise EdgecpError(f"{flag} is for --format webui: a checkpoint holds the merged weights, whole")
+    precision = precision or "fp16"
     with progress_bars() as bar:
         progress = lambda ev: bar(ev.phase, ev.step, ev.total)  # noqa: E731
         if fmt == "webui":
             # lazy: these exporters load torch and diffusers, which `edgecp --help` must not load
             from edgecp.export.webui import export_webui
 
-            report = export_webui(store, out_dir, overwrite=overwrite, rank=rank, max_error=max_error,
+            from edgecp.export.webui import DEFAULT_MAX_ERROR
+
+            report = export_webui(store, out_dir, overwrite=overwrite, rank=rank,
+                                  max_error=DEFAULT_MAX_ERROR if max_error is None else max_error,
                                   precision=precision, progress=progress)
         else:
             from edgecp.export.checkpoint import export_checkpoint

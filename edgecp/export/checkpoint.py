@@ -4,7 +4,8 @@ models folder.
     OUT/NAME.safetensors        UNet (`model.diffusion_model.*`, the adapter and every base change merged), VAE
                                 (`first_stage_model.*`), text encoder (SD 1.x CLIP `cond_stage_model.transformer.*` or
                                 SD 2.x OpenCLIP `cond_stage_model.model.*`), fp16 by default; the concept tokens'
-                                rows under `edgecp_token_rows.<token>` (metadata `edgecp_tokens` lists them)
+                                rows under `edgecp_token_rows.<token>` (metadata `edgecp_tokens` lists them), and
+                                the family in `edgecp_family` (SD 2.x's prediction type is not in its weights)
     OUT/embeddings/<trigger>.safetensors, OUT/HOW-TO-USE.txt, OUT/edgecp-export.json   as `--format webui` writes them
 
 **The tokens.** A single file has no tokenizer, so no desktop tool can learn a new word from it, and a text encoder
@@ -23,6 +24,7 @@ below `webui.MIN_PSNR` the export is refused.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -42,44 +44,56 @@ from edgecp.export.webui import (
     HOW_TO,
     MIN_PSNR,
     REPORT,
+    SAI_ARCH,
     base_model_version,
     concept_rows,
+    family_of,
     file_stem,
     gate_image,
     how_to_use,
     write_embeddings,
 )
 from edgecp.model.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from edgecp.model.single_file import TOKEN_ROWS, TOKENS_META
-from edgecp.personal import PersonalModel
+from edgecp.model.single_file import FAMILY_META, TOKEN_ROWS, TOKENS_META, load_token_rows
+from edgecp.personal import PersonalModel, open_base
 from edgecp.progress import emit
 from edgecp.store import Store
 
-ARCH = {"SD1": "stable-diffusion-v1", "SD2": "stable-diffusion-v2", "Unknown": "edgecp-tiny"}
-
-
-def text_encoder_state(text_encoder) -> dict[str, torch.Tensor]:
-    """The text encoder's weights with the base vocabulary's table only (the concept rows are written apart)."""
+def text_encoder_state(text_encoder, vocab: int) -> dict[str, torch.Tensor]:
+    """The text encoder's weights with the first `vocab` rows of its table (the family's vocabulary: the rows of
+    tokens a checkpoint base carried and the concept rows are written apart)."""
     out = {}
     for k, v in text_encoder.state_dict().items():
         if ".token_embedding.rows." in k:
             continue
-        out[k.replace(".token_embedding.base.", ".token_embedding.")] = v
+        k = k.replace(".token_embedding.base.", ".token_embedding.")
+        out[k] = v[:vocab] if k.endswith("token_embedding.weight") else v
     return out
 
 
-def checkpoint_tensors(model: PersonalModel, rows: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: PersonalModel, carried: list[tuple[str, torch.Tensor]], rows: list,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The merged model in the original layout; `carried`: the token rows the store's base (an edgecp checkpoint)
+    already carried, kept before the store's own concepts."""
     comps = model.comps
     if lora.has_adapter(comps.unet):
         lora.merge(comps.unet)
+    vocab = concept_embedding_base_rows(comps.text_encoder) - len(carried)
     sd = unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))
     sd.update(vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config)))
-    sd.update(text_encoder_to_ldm(text_encoder_state(comps.text_encoder),
+    sd.update(text_encoder_to_ldm(text_encoder_state(comps.text_encoder, vocab),
                                   openclip=comps.unet.config.cross_attention_dim == 1024))
     sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    for token, row in carried:
+        sd[TOKEN_ROWS + token] = row.reshape(-1).to(dtype).contiguous()
     for c, _trig, row in rows:
         sd[TOKEN_ROWS + c["token"]] = row[0].to(dtype).contiguous()
     return sd
+
+
+def concept_embedding_base_rows(text_encoder) -> int:
+    emb = text_encoder.get_input_embeddings()
+    return int(getattr(emb, "base_vocab", emb.weight.shape[0]))
 
 
 def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool = False, precision: str = "fp16",
@@ -96,19 +110,24 @@ def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool =
     out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind="checkpoint")
     rows = concept_rows(store, version)
     emit(progress, "load", 0, 3)
+    spec = open_base(store)
+    carried = load_token_rows(spec.path) if spec.kind == "single_file" else []  # a checkpoint base's own tokens
     model = PersonalModel.load(store, version, device=torch.device("cpu"))
     prompt = gate_prompt([c for c, _, _ in rows])
     ours = gate_image(model.comps, prompt)
-    _, _, sd_version = base_model_version(model.comps.unet.config.cross_attention_dim)
+    family = family_of(model.comps)
+    _, _, sd_version = base_model_version(family)
     emit(progress, "write", 1, 3)
-    tensors = checkpoint_tensors(model, rows, DTYPES[precision])
+    tensors = checkpoint_tensors(model, carried, rows, DTYPES[precision])  # peak: the fp32 model and this copy
     del model
+    gc.collect()
     stem = file_stem(store)
     method = store.info["method"]["name"]
-    meta = {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCH[sd_version],
-            "modelspec.title": stem, "modelspec.trigger_phrase": ", ".join(c["token"] for c, _, _ in rows),
-            TOKENS_META: json.dumps([c["token"] for c, _, _ in rows]), "edgecp_version": __version__,
-            "edgecp_method": method, "edgecp_store_version": version}
+    tokens = [t for t, _ in carried] + [c["token"] for c, _, _ in rows]
+    meta = {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": SAI_ARCH[family],
+            "modelspec.title": stem, "modelspec.trigger_phrase": ", ".join(tokens), TOKENS_META: json.dumps(tokens),
+            FAMILY_META: family, "edgecp_version": __version__, "edgecp_method": method,
+            "edgecp_store_version": version}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -117,8 +136,8 @@ def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool =
         del tensors
         files = [ckpt.name, *write_embeddings(tmp, rows)]
         (tmp / HOW_TO).write_text(how_to_use(stem, rows, sd_version, lora=False)
-                                  + f"\nedgecp: edgecp init --store NEW --base {ckpt.name}   (the concepts' tokens "
-                                    "come with it: " + ", ".join(c["token"] for c, _, _ in rows) + ")\n")
+                                  + f"\nedgecp: edgecp init NEW-STORE --base {ckpt.name}   (the concepts' tokens "
+                                    "come with it: " + ", ".join(tokens) + ")\n")
         emit(progress, "check", 2, 3)
         try:
             theirs = gate_image(load_components(BaseSpec("single_file", str(ckpt), ckpt)), prompt)
@@ -135,7 +154,7 @@ def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool =
         report = {"format": "checkpoint", "store": str(store.root), "version": version, "method": method,
                   "checkpoint": {"file": ckpt.name, "bytes": ckpt.stat().st_size, "sha256": digest.hexdigest(),
                                  "precision": precision, "sd_version": sd_version,
-                                 "tokens": [c["token"] for c, _, _ in rows]},
+                                 "family": family, "tokens": tokens},
                   "embeddings": [{"concept": c["name"], "trigger": t, "file": f"embeddings/{t}.safetensors"}
                                  for c, t, _ in rows],
                   "image_check": check, "files": [*files, HOW_TO, REPORT],

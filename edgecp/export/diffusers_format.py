@@ -26,7 +26,7 @@ from edgecp.store import Store, check_plain_name
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights / load_lora_weights use
 
 
-def concept_file_names(concepts: list[dict], where: str) -> list[str]:
+def concept_file_names(concepts: list[dict], where: str, reserved: tuple[str, ...] = (LORA_FILE,)) -> list[str]:
     """The textual-inversion file name of each concept, `<name>.safetensors`, each name checked first: a name read
     from a store file becomes a file name only when it is a plain name (one path component: no '/', '\\', '..',
     NUL, not hidden; `edgecp.store.check_plain_name`), so a hand-edited manifest (`../escaped`, `/abs/victim`) can
@@ -41,7 +41,7 @@ def concept_file_names(concepts: list[dict], where: str) -> list[str]:
                                     "damaged); run `edgecp verify --store STORE`")
         names.append(name)
     files = [f"{n}.safetensors" for n in names]
-    if LORA_FILE in files:
+    if LORA_FILE in reserved and LORA_FILE in files:
         raise EdgecpError(f"concept '{LORA_FILE.removesuffix('.safetensors')}' would overwrite the LoRA file "
                           f"{LORA_FILE} of a diffusers export: remove the concept and learn it again under another name")
     return files

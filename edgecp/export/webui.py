@@ -48,6 +48,7 @@ seed and steps) is drawn through them and through edgecp's own model: the PSNR g
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -82,6 +83,7 @@ EMBEDDINGS = "embeddings"
 HOW_TO = "HOW-TO-USE.txt"
 TRIGGER = "edgecp-{}"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 BASE_NAMES = {"SD1": "Stable Diffusion 1.x", "SD2": "Stable Diffusion 2.x"}
 
 
@@ -94,13 +96,25 @@ def kohya_key(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def base_model_version(cross_attention_dim: int) -> tuple[str, str, str]:
-    """(kohya's ss_base_model_version, SAI modelspec architecture, AUTOMATIC1111's "sd version") of a base."""
-    if cross_attention_dim == 768:
-        return "sd_v1", "stable-diffusion-v1/lora", "SD1"
-    if cross_attention_dim == 1024:
-        return "sd_v2", "stable-diffusion-v2/lora", "SD2"
-    return f"edgecp_tiny_{cross_attention_dim}", "edgecp-tiny/lora", "Unknown"
+def family_of(comps) -> str:
+    """sd1 | sd2-base | sd2-v | tiny: the single-file family of a loaded base (SD 2.x by its prediction type)."""
+    dim = comps.unet.config.cross_attention_dim
+    if dim == 768:
+        return "sd1"
+    if dim == 1024:
+        return "sd2-v" if comps.scheduler.config.get("prediction_type") == "v_prediction" else "sd2-base"
+    return "tiny"
+
+
+SAI_ARCH = {"sd1": "stable-diffusion-v1", "sd2-base": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+            "tiny": "edgecp-tiny"}  # SAI model spec architectures; the tiny base is edgecp's own
+
+
+def base_model_version(family: str) -> tuple[str, str, str]:
+    """(kohya's ss_base_model_version, SAI modelspec architecture of a LoRA, AUTOMATIC1111's "sd version")."""
+    kohya = {"sd1": "sd_v1", "sd2-base": "sd_v2", "sd2-v": "sd_v2"}.get(family, "edgecp_tiny")
+    a1111 = {"sd1": "SD1", "sd2-base": "SD2", "sd2-v": "SD2"}.get(family, "Unknown")
+    return kohya, SAI_ARCH[family] + "/lora", a1111
 
 
 # ----------------------------------------------------------------------------------------- the weight changes
@@ -123,15 +137,34 @@ def factor(delta: torch.Tensor, rank: int | None, max_error: float, dtype: torch
     whose cast factors meet `max_error` (fp16 rounding can add a rank to what the singular values alone say)."""
     d = delta.double()
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = min(rank, len(s)) if rank else rank_for_error(s, max_error)
-    while True:  # the bound holds for the cast factors: one more rank while rounding pushes the error over it
+
+    def at(r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         root = (s[:r] * r / SVD_ALPHA).sqrt()  # a reader applies (alpha / rank) * up @ down
         up = (u[:, :r] * root).to(dtype).contiguous()
         down = (root[:, None] * vh[:r]).to(dtype).contiguous()
-        err = relative_error(d, SVD_ALPHA / r * up.double() @ down.double())
-        if rank or err <= max_error or r == len(s):
-            break
-        r += 1
+        return up, down, relative_error(d, SVD_ALPHA / r * up.double() @ down.double())
+
+    if rank:
+        r = min(rank, len(s))
+        up, down, err = at(r)
+    else:  # the bound holds for the cast factors: the smallest rank from the singular values up that meets it
+        lo, hi = rank_for_error(s, max_error), len(s)
+        up, down, err = at(lo)
+        if err > max_error:
+            best = at(hi)
+            if best[2] > max_error:
+                raise EdgecpError(f"--max-error {max_error:g} cannot be met in {DTYPE_NAMES[dtype]}: even at full rank "
+                                  f"a layer's factors are {best[2]:.2g} off after rounding; pass --precision fp32 or "
+                                  "a larger --max-error")
+            while hi - lo > 1:  # err(lo) > bound >= err(hi); the error falls as the rank grows
+                mid = (lo + hi) // 2
+                if at(mid)[2] <= max_error:
+                    hi = mid
+                else:
+                    lo = mid
+            up, down, err = at(hi)
+            lo = hi
+        r = lo
     return {"down": down, "up": up, "alpha": SVD_ALPHA, "rank": r, "full_rank": int(min(d.shape)),
             "relative_error": err}
 
@@ -154,8 +187,16 @@ def adapter_changes(unet) -> dict[str, torch.Tensor]:
 
 
 def check_linear(unet, deltas: dict[str, torch.Tensor], method: str) -> None:
-    """Every stored base change must be the weight of one of the UNet's linear layers: what a LoRA carries."""
+    """Every stored base change, and every adapted layer, must be one of the UNet's linear layers: what a LoRA
+    carries (an adapter on a convolution, `--targets proj_in` on SD 1.x, is refused like a convolution's delta)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     modules = dict(unet.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, BaseTunerLayer) and not isinstance(m.get_base_layer(), torch.nn.Linear):
+            raise EdgecpError(f"method '{method}' adapts '{name}' ({type(m.get_base_layer()).__name__}), which a LoRA "
+                              "file cannot carry (it holds changes of linear layers only): use --format onnx or "
+                              "--format checkpoint")
     for key, d in deltas.items():
         module = modules.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
         base = getattr(module, "base_layer", module)
@@ -182,7 +223,7 @@ def lora_tensors(model: PersonalModel, store: Store, version: str, rank: int | N
             down, up = a.to(dtype).contiguous(), b.to(dtype).contiguous()
             k = kohya_key(m)
             tensors.update({f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up,
-                            f"{k}.alpha": torch.tensor(float(adapter.alpha), dtype=dtype)})
+                            f"{k}.alpha": torch.tensor(float(adapter.alpha))})  # fp32: readers call .item()
             modules[m] = {"rank": adapter.rank, "full_rank": int(min(b.shape[0], a.shape[1])),
                           "relative_error": relative_error(scale * b.double() @ a.double(),
                                                            scale * up.double() @ down.double())}
@@ -201,7 +242,7 @@ def lora_tensors(model: PersonalModel, store: Store, version: str, rank: int | N
         f = factor(changes[m], rank, max_error, dtype)
         k = kohya_key(m)
         tensors.update({f"{k}.lora_down.weight": f["down"], f"{k}.lora_up.weight": f["up"],
-                        f"{k}.alpha": torch.tensor(f["alpha"], dtype=dtype)})
+                        f"{k}.alpha": torch.tensor(f["alpha"])})
         modules[m] = {key: f[key] for key in ("rank", "full_rank", "relative_error")}
     what = ("a VeRA adapter" if adapter.kind == "vera" else "full-weight changes" if not state
             else "a LoRA plus full-weight changes" if deltas else "a LoRA reduced to a lower rank")
@@ -216,17 +257,20 @@ def lora_tensors(model: PersonalModel, store: Store, version: str, rank: int | N
 def concept_rows(store: Store, version: str) -> list[tuple[dict, str, torch.Tensor]]:
     """(concept, trigger word, its (1, D) fp32 row) per concept, names checked as file names first."""
     concepts = store.manifest(version)["concepts"]
-    concept_file_names(concepts, f"store '{store.root}', {version}/manifest.json")  # plain, distinct names
+    concept_file_names(concepts, f"store '{store.root}', {version}/manifest.json", reserved=())  # plain, distinct
     tokens = read_tensors(store.version_dir(version), TOKENS_FILE)
     return [(c, trigger_of(c["name"]), tokens[c["token"]].float().reshape(1, -1).contiguous()) for c in concepts]
 
 
 def file_stem(store: Store) -> str:
-    """The LoRA's file name: the store folder's name when it is a plain name, else 'edgecp'."""
+    """The LoRA's file name: the store folder's name when it is a plain name that is not one of the export's own
+    names (edgecp-export, HOW-TO-USE, embeddings), else 'edgecp'."""
     try:
-        return check_plain_name(store.root.name, "store folder name")
+        stem = check_plain_name(store.root.name, "store folder name")
     except EdgecpError:
         return "edgecp"
+    reserved = {REPORT.removesuffix(".json"), HOW_TO.removesuffix(".txt"), EMBEDDINGS}
+    return "edgecp" if stem.lower() in {r.lower() for r in reserved} else stem
 
 
 def how_to_use(stem: str, rows: list, sd_version: str, lora: bool = True) -> str:
@@ -339,14 +383,17 @@ def export_webui(store_root: str | Path, out: str | Path, overwrite: bool = Fals
     model = PersonalModel.load(store, version, device=torch.device("cpu"))
     emit(progress, "factor", 1, 3)
     tensors, lora = lora_tensors(model, store, version, rank, max_error, DTYPES[precision])
-    ss_version, arch, sd_version = base_model_version(model.comps.unet.config.cross_attention_dim)
+    family = family_of(model.comps)
+    ss_version, arch, sd_version = base_model_version(family)
     ours = gate_image(model.comps, gate_prompt([c for c, _, _ in rows]))
     del model  # the reader check loads the base again: one model in memory at a time
+    gc.collect()  # a VeRA UNet and its PeftModel refer to each other: freed by the collector only
     stem = file_stem(store)
     ranks = sorted({m["rank"] for m in lora["modules"].values()})
     method = store.info["method"]["name"]
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": ss_version,
-            "ss_v2": str(sd_version == "SD2"), "ss_output_name": stem,
+            "ss_v2": str(sd_version == "SD2"), "ss_v_parameterization": str(family == "sd2-v"),
+            "ss_output_name": stem,
             "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic" if ranks else "0",
             "ss_network_alpha": str(float(tensors[next(k for k in tensors if k.endswith(".alpha"))])) if tensors else "0",
             "ss_tag_frequency": json.dumps({"edgecp": {t: 1 for _, t, _ in rows}}),
@@ -384,7 +431,8 @@ def export_webui(store_root: str | Path, out: str | Path, overwrite: bool = Fals
                   "image_check": check, "files": [*files, f"{stem}.json", HOW_TO, REPORT],
                   "seconds": round(time.perf_counter() - t0, 1)}
         if check["psnr_db"] < MIN_PSNR:
-            fix = ("pass a larger --rank or leave it out" if rank else "pass a smaller --max-error or a --rank")
+            fix = ("pass --precision fp32" if lora["path"] != "svd" else "pass a larger --rank or leave it out"
+                   if rank else "pass a smaller --max-error")
             raise EdgecpError(f"the LoRA file read by diffusers draws the gate image at {check['psnr_db']} dB against "
                               f"edgecp's own model, below {MIN_PSNR} dB: {fix} (largest layer error "
                               f"{report['lora']['max_relative_error']:.2%})")

@@ -12,7 +12,8 @@ The family is read from the checkpoint's header (key names and two tensor shapes
 - `tiny`: the embedded tiny world's architecture (cross-attention 64), e.g. `--base tiny` saved as one file.
 Whether an SD 2.x checkpoint predicts v or epsilon is not in its weights. Like diffusers (which defaults to
 stable-diffusion-2-1), edgecp assumes v-prediction at 768 px, unless the file name says `base` or `512`
-(e.g. `v2-1_512-ema-pruned.safetensors`, `sd2-base.safetensors`): our choice, stated here and in the README.
+(e.g. `v2-1_512-ema-pruned.safetensors`, `sd2-base.safetensors`): our choice, stated here and in the README. A
+checkpoint edgecp exported names its family in its metadata (`edgecp_family`), which wins over the file name.
 SDXL, inpainting, and anything else are refused with the reason, before a store is written.
 
 Concept tokens: a checkpoint that `edgecp export --format checkpoint` wrote carries its concepts' token rows under
@@ -48,6 +49,7 @@ XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
 
 TOKEN_ROWS = "edgecp_token_rows."  # key prefix of a concept token's row in a checkpoint edgecp wrote
 TOKENS_META = "edgecp_tokens"  # metadata: the JSON list of those tokens in id order
+FAMILY_META = "edgecp_family"  # metadata: the family of a checkpoint edgecp wrote (SD 2.x: v or epsilon)
 
 
 def load_token_rows(path: Path) -> list[tuple[str, torch.Tensor]]:
@@ -61,7 +63,8 @@ def load_token_rows(path: Path) -> list[tuple[str, torch.Tensor]]:
             tokens = json.loads((f.metadata() or {}).get(TOKENS_META, "null"))
         except ValueError:
             tokens = None
-        if not isinstance(tokens, list) or sorted(TOKEN_ROWS + str(t) for t in tokens) != sorted(keys):
+        if (not isinstance(tokens, list) or not all(isinstance(t, str) and t == t.lower() for t in tokens)
+                or sorted(TOKEN_ROWS + t for t in tokens) != sorted(keys)):
             raise EdgecpError(f"base file '{path}' holds concept token rows that its '{TOKENS_META}' metadata does not "
                               "list: the file was edited or damaged; export the checkpoint again")
         return [(t, f.get_tensor(TOKEN_ROWS + t).float()) for t in tokens]
@@ -72,6 +75,10 @@ def install_token_rows(tokenizer, text_encoder, rows: list[tuple[str, torch.Tens
     if not rows:
         return
     start = len(tokenizer)
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if any(r.shape != (width,) for _, r in rows) or start != text_encoder.get_input_embeddings().weight.shape[0]:
+        raise EdgecpError(f"{where}: its concept token rows do not fit its text encoder (width {width}): the file was "
+                          "edited or damaged; export the checkpoint again")
     if tokenizer.add_tokens([t for t, _ in rows]) != len(rows):
         raise EdgecpError(f"{where}: a concept token it carries is already a word of its tokenizer: the file was "
                           "edited or damaged; export the checkpoint again")
@@ -79,6 +86,14 @@ def install_token_rows(tokenizer, text_encoder, rows: list[tuple[str, torch.Tens
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         table[start:] = torch.stack([r for _, r in rows]).to(table)
+    assert [tokenizer.convert_tokens_to_ids(t) for t, _ in rows] == list(range(start, len(tokenizer)))
+
+
+def _written_family(path: Path) -> str | None:
+    """The family a checkpoint edgecp exported names in its metadata (None for any other file)."""
+    with safe_open(str(path), framework="numpy") as f:
+        family = (f.metadata() or {}).get(FAMILY_META)
+    return family if family in FAMILIES else None
 
 
 def _header(path: Path) -> dict[str, list[int]]:
@@ -100,6 +115,9 @@ def detect_family(path: Path) -> str:
     if UNET_KEY not in keys:
         raise EdgecpError(f"{what} is not a Stable Diffusion checkpoint in the original single-file layout (no "
                           f"{UNET_KEY}): pass an SD 1.x/2.x .safetensors checkpoint or a diffusers folder")
+    family = _written_family(path)
+    if family is not None and keys[UNET_KEY][1] == 4:
+        return family
     if keys[UNET_KEY][1] != 4:
         raise EdgecpError(f"{what} has a UNet with {keys[UNET_KEY][1]} input channels (an inpainting or "
                           "depth model): edgecp supports text-to-image SD 1.x/2.x checkpoints (4 channels)")
