@@ -149,9 +149,7 @@ def _export_tools(store, fmt: str, out_dir, overwrite: bool, update_for, rank, m
         progress = lambda ev: bar(ev.phase, ev.step, ev.total)  # noqa: E731
         if fmt == "webui":
             # lazy: these exporters load torch and diffusers, which `edgecp --help` must not load
-            from edgecp.export.webui import export_webui
-
-            from edgecp.export.webui import DEFAULT_MAX_ERROR
+            from edgecp.export.webui import DEFAULT_MAX_ERROR, export_webui
 
             report = export_webui(store, out_dir, overwrite=overwrite, rank=rank,
                                   max_error=DEFAULT_MAX_ERROR if max_error is None else max_error,

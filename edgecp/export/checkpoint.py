@@ -59,6 +59,7 @@ from edgecp.personal import PersonalModel, open_base
 from edgecp.progress import emit
 from edgecp.store import Store
 
+
 def text_encoder_state(text_encoder, vocab: int) -> dict[str, torch.Tensor]:
     """The text encoder's weights with the first `vocab` rows of its table (the family's vocabulary: the rows of
     tokens a checkpoint base carried and the concept rows are written apart)."""
