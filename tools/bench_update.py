@@ -126,6 +126,9 @@ def main() -> None:
         for profile in profiles:
             base[profile] = work / f"base-{profile}"
             if not base[profile].exists():
+                if Store.open(store).manifest()["concepts"]:  # the base export is v0000's, the empty store's
+                    raise SystemExit(f"{method}: no base export for {profile} and the store already has concepts: "
+                                     "a new profile needs a new --out (the base is made of the empty store)")
                 t0 = time.perf_counter()
                 export_onnx(store, profile, base[profile])
                 print(f"{method} {profile}: base export {time.perf_counter() - t0:.0f} s", flush=True)
