@@ -14,7 +14,10 @@ base export is made of v0000 (the empty store, what a device holds first); after
 export, and base + update) and draws one image (`--size`, `--gen-steps`), measuring the seconds to open the
 sessions, the seconds per image and the peak RSS (`resource.getrusage`); the two images are compared pixel by
 pixel. Writes OUT/bench_update.json and OUT/bench_update.md. What else ran on the machine is not measured: run it
-alone for timings.
+alone for timings, or re-run only the device side alone afterwards:
+
+    python tools/bench_update.py --methods lora-sequential --reprobe cpu-fp32=6 --repeats 2 --size 256 \
+        --gen-steps 5 --out /tmp/bu-sd15
 """
 
 from __future__ import annotations
@@ -87,12 +90,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=0, help="image side for the device measurement (0: the base's)")
     ap.add_argument("--gen-steps", type=int, default=10)
     ap.add_argument("--photo-size", type=int, default=64, help="side of the task photos written for training")
+    ap.add_argument("--reprobe", default="", help="PROFILE=K: only the device side again, for concept K's full "
+                    "export and update already in OUT (run it alone), `--repeats` times per side")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.probe:
         return probe(args)
     if args.out is None:
         ap.error("--out is required")
+    if args.reprobe:
+        return reprobe(args)
 
     from edgecp.api import init_store
     from edgecp.errors import EdgecpError
@@ -186,6 +194,36 @@ def main() -> None:
                       flush=True)
                 save()
     save()
+
+
+def reprobe(args) -> None:
+    """The device side of concept K again (alone, `--repeats` per side), into OUT/bench_update.json's "reprobes"."""
+    from PIL import Image
+
+    from edgecp.eval.sequences import six_tasks
+
+    profile, k = args.reprobe.split("=")
+    k = int(k)
+    out = args.out.resolve()
+    results_file = out / "bench_update.json"
+    results = json.loads(results_file.read_text())
+    task = six_tasks()[k - 1]
+    prompt = PROMPT.format(task.name, task.class_word)
+    for method in args.methods.split(","):
+        work = out / method
+        sides: dict = {}
+        for _ in range(args.repeats):
+            for side, folder, update in (("full", work / f"full-{profile}-v{k:04d}", None),
+                                         ("base+update", work / f"base-{profile}", work / f"{profile}-v{k:04d}-update")):
+                png = work / f"reprobe-{profile}-v{k:04d}-{side}.png"
+                sides.setdefault(side, []).append(run_probe(folder, update, prompt, args.size or 256, args.gen_steps, png))
+        a, b = (np.asarray(Image.open(work / f"reprobe-{profile}-v{k:04d}-{s}.png"), dtype=np.int16)
+                for s in ("full", "base+update"))
+        row = {"method": method, "profile": profile, "concept": k, "size": args.size or 256,
+               "gen_steps": args.gen_steps, **sides, "max_pixel_diff": int(np.abs(a - b).max())}
+        results.setdefault("reprobes", []).append(row)
+        print(json.dumps(row), flush=True)
+        results_file.write_text(json.dumps(results, indent=1))
 
 
 def table(results: dict) -> str:
