@@ -28,7 +28,7 @@ from edgecp.progress import Progress, emit
 from edgecp.prompts import expand
 from edgecp.sampling import initial_latents
 from edgecp.scoped import quiet_libraries
-from edgecp.store import Store
+from edgecp.store import Store, check_version_name
 
 StepCallback = Progress  # ProgressEvent("sample", step, total) after each denoising step
 MAX_IMAGES = 10_000  # images per call, as config.MAX_PRIOR_IMAGES (priors are drawn through GenerateConfig)
@@ -192,9 +192,10 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
 def generate_from_store(
     store_root: str | Path, prompt: str, cfg: GenerateConfig, out_dir: str | Path,
     device: str | None = None, callback: StepCallback | None = None, memory_budget=None, on_plan=None,
-    overwrite: bool = False,
+    overwrite: bool = False, version: str | None = None,
 ) -> list[Path]:
-    """PyTorch backend: the store's current version; files are named after prompt, version and seed.
+    """PyTorch backend: the store's current version, or `version` (any complete one: comparing versions needs no
+    rollback); files are named after prompt, version and seed.
 
     HEAD is read once, first: the version it names is the one loaded and the one in the file names, even if a
     `rollback` moves HEAD while the model loads. `out_dir` may not be inside the store, and a non-empty folder that
@@ -210,7 +211,15 @@ def generate_from_store(
     store_root = absolute(store_root)
     out_dir = check_output_dir(out_dir, store_root, overwrite=overwrite, kind="images")
     store = Store.open(store_root)
-    version = store.head  # read once: loaded, and named in the files, whatever HEAD says later
+    if version is None:
+        version = store.head  # read once: loaded, and named in the files, whatever HEAD says later
+    else:
+        check_version_name(version)
+        versions = store.versions()
+        if version not in versions:
+            span = f"{versions[0]} .. {versions[-1]}" if versions else "no complete version"
+            raise EdgecpError(f"--version {version} does not exist in store '{store.root}': it has {span} (see "
+                              f"`edgecp history --store {store.root}`)")
     expanded = expand(prompt, store.manifest(version)["concepts"])
     dev = torch.device(device) if device else default_device()
     plan = plan_generate(store, cfg, dev, memory_budget)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from cli_util import assert_one_line_error, run_cli
 from conftest import make_photos, tree_snapshot
@@ -84,6 +85,30 @@ def test_generate_torch_names_files_after_version_and_seed(trained_store, tmp_pa
     assert a.size == (64, 64)
     code, _, err = run_cli(capsys, "generate", "a photo of <zeta>", "--store", trained_store, "--steps", "1")
     assert_one_line_error(code, err, "unknown concept <zeta>", "<alpha>, <beta>")
+    # --version: any complete version, no rollback; its concepts, its name in the files, HEAD untouched
+    head = (trained_store / "HEAD").read_text()
+    code, _, err = run_cli(capsys, "generate", "a photo of <alpha>", "--store", trained_store, "-n", "2", "--steps",
+                           "2", "--seed", "3", "--out", tmp_path / "v1", "--version", "v0001")
+    assert code == 0, err
+    v1 = sorted(p.name for p in (tmp_path / "v1").iterdir())
+    assert v1 == [f"a-photo-of-alpha-v0001-s3-{s}.png" for s in ("0", "1", "grid")]
+    code, _, err = run_cli(capsys, "generate", "a photo of <alpha>", "--store", trained_store, "-n", "2", "--steps",
+                           "2", "--seed", "3", "--out", tmp_path / "v2")
+    assert code == 0, err
+    older = np.asarray(Image.open(tmp_path / "v1" / v1[0]), dtype=np.int16)
+    newer = np.asarray(Image.open(tmp_path / "v2" / "a-photo-of-alpha-v0002-s3-0.png"), dtype=np.int16)
+    assert np.abs(older - newer).max() > 0  # lora-sequential trained on: v0001's <alpha> is not v0002's
+    assert (trained_store / "HEAD").read_text() == head
+    for args, needles in ((["--version", "v0009"], ["--version v0009 does not exist", "v0000 .. v0002"]),
+                          (["--version", "latest"], ["'latest' is not a version name"]),
+                          (["--version", "v0001", "--backend", "onnx"], ["--version is for --backend torch"])):
+        code, _, err = run_cli(capsys, "generate", "a photo of <alpha>", "--store", trained_store, "--steps", "1",
+                               "--out", tmp_path / "bad", *args)
+        assert_one_line_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "generate", "a photo of <beta>", "--store", trained_store, "--steps", "1",
+                           "--out", tmp_path / "bad", "--version", "v0001")
+    assert_one_line_error(code, err, "unknown concept <beta>")  # v0001 had only <alpha>
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_profiles_and_methods_commands(capsys):

@@ -40,11 +40,14 @@ def generate(
     reduce_memory: Annotated[bool, typer.Option("--reduce-memory", help="onnx backend: hold one model at a time "
                                                 "(peak: the UNet, not all three; seconds of loading per image).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
+    version: Annotated[Optional[str], typer.Option("--version", help="torch backend: draw from this version, e.g. "
+                                                   "v0002 (default: HEAD); see `edgecp history`.")] = None,
 ) -> None:
     """Generate images, with PyTorch or with onnxruntime on an export.
 
     Examples:
       edgecp generate "a photo of <my-dog> on a beach" --store my-model -n 4
+      edgecp generate "a photo of <my-dog> on a beach" --store my-model -n 4 --version v0001
       edgecp generate "a photo of <my-dog> dog. Posing with <my-mug> mug" --store my-model --backend onnx
       edgecp generate "a photo of <my-dog> dog" --backend onnx --onnx-dir base-export/ --update v0005-update/
     """
@@ -58,6 +61,9 @@ def generate(
         raise EdgecpError("--reduce-memory is for --backend onnx; the torch backend's memory is --memory-budget")
     if update is not None and not (backend == "onnx" and onnx_dir):
         raise EdgecpError("--update needs --backend onnx --onnx-dir BASE (the export the update was made for)")
+    if version is not None and backend != "torch":
+        raise EdgecpError("--version is for --backend torch: an export holds the version it was made from (its "
+                          "edgecp.json says which)")
     if store is None and not (backend == "onnx" and onnx_dir):
         raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
     if backend == "torch" and device is not None:
@@ -69,7 +75,7 @@ def generate(
         cb = lambda ev: bar(f"sample ({backend})", ev.step, ev.total)  # noqa: E731
         if backend == "torch":
             paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
-                                        memory_budget=memory_budget, overwrite=overwrite,
+                                        memory_budget=memory_budget, overwrite=overwrite, version=version,
                                         on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
         else:
             paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
