@@ -46,18 +46,17 @@ from edgecp.export.webui import (
     REPORT,
     SAI_ARCH,
     base_model_version,
-    concept_rows,
     family_of,
     file_stem,
     gate_image,
     how_to_use,
+    open_export,
     write_embeddings,
 )
 from edgecp.model.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from edgecp.model.single_file import FAMILY_META, TOKEN_ROWS, TOKENS_META, load_token_rows
 from edgecp.personal import PersonalModel, open_base
 from edgecp.progress import emit
-from edgecp.store import Store
 
 
 def text_encoder_state(text_encoder, vocab: int) -> dict[str, torch.Tensor]:
@@ -103,13 +102,8 @@ def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool =
     the embedding files and HOW-TO-USE.txt. Written beside `out` and renamed into place: a refusal leaves nothing."""
     from edgecp.model.base import BaseSpec, load_components
 
-    if precision not in DTYPES:
-        raise EdgecpError(f"--precision '{precision}' is unknown: use fp16 or fp32")
     t0 = time.perf_counter()
-    store = Store.open(outputs.absolute(store_root))
-    version = store.check_version()
-    out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind="checkpoint")
-    rows = concept_rows(store, version)
+    store, version, out, rows = open_export(store_root, out, overwrite, "checkpoint", precision)
     emit(progress, "load", 0, 3)
     spec = open_base(store)
     carried = load_token_rows(spec.path) if spec.kind == "single_file" else []  # a checkpoint base's own tokens

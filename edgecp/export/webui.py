@@ -360,6 +360,17 @@ def reader_check(store: Store, ours: np.ndarray, rows: list, lora_file: Path | N
 # ----------------------------------------------------------------------------------------- the export
 
 
+def open_export(store_root: str | Path, out: str | Path, overwrite: bool, kind: str, precision: str):
+    """(store, version, out, concept rows) for a webui or checkpoint export: the precision checked, HEAD read once
+    and its files checked, `out` checked (`outputs.check_output_dir`), the concepts' names checked as file names."""
+    if precision not in DTYPES:
+        raise EdgecpError(f"--precision '{precision}' is unknown: use fp16 or fp32")
+    store = Store.open(outputs.absolute(store_root))
+    version = store.check_version()
+    out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind=kind)
+    return store, version, out, concept_rows(store, version)
+
+
 def export_webui(store_root: str | Path, out: str | Path, overwrite: bool = False, rank: int | None = None,
                  max_error: float = DEFAULT_MAX_ERROR, precision: str = "fp16", progress=None) -> dict:
     """The store's current version (HEAD read once) as the desktop tools' files in `out` (module docstring).
@@ -372,13 +383,8 @@ def export_webui(store_root: str | Path, out: str | Path, overwrite: bool = Fals
     if not isinstance(max_error, (int, float)) or not 0.0 < max_error < 1.0:
         raise EdgecpError(f"--max-error {max_error!r} is out of range: use a fraction above 0 and below 1 "
                           f"(default {DEFAULT_MAX_ERROR})")
-    if precision not in DTYPES:
-        raise EdgecpError(f"--precision '{precision}' is unknown: use fp16 or fp32")
     t0 = time.perf_counter()
-    store = Store.open(outputs.absolute(store_root))
-    version = store.check_version()
-    out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind="webui")
-    rows = concept_rows(store, version)
+    store, version, out, rows = open_export(store_root, out, overwrite, "webui", precision)
     emit(progress, "load", 0, 3)
     model = PersonalModel.load(store, version, device=torch.device("cpu"))
     emit(progress, "factor", 1, 3)
