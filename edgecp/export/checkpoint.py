@@ -25,7 +25,6 @@ below `webui.MIN_PSNR` the export is refused.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import shutil
 import tempfile
@@ -53,6 +52,7 @@ from edgecp.export.webui import (
     open_export,
     write_embeddings,
 )
+from edgecp.integrity import sha256_file
 from edgecp.model.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from edgecp.model.single_file import FAMILY_META, TOKEN_ROWS, TOKENS_META, load_token_rows
 from edgecp.personal import PersonalModel, open_base
@@ -140,14 +140,10 @@ def export_checkpoint(store_root: str | Path, out: str | Path, overwrite: bool =
             raise EdgecpError(f"the checkpoint cannot be read back as a base, so it is not written: {e}; this base's "
                               "layout has no single-file form edgecp reads (SD 1.x, SD 2.x and the tiny base "
                               "do): use --format webui or --format diffusers") from None
-        digest = hashlib.sha256()
-        with open(ckpt, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
         check = {"prompt": prompt, "psnr_db": round(psnr(ours, theirs), 2), "min_psnr_db": MIN_PSNR,
                  "reader": "diffusers from_single_file + the token rows, as `edgecp init --base` loads it"}
         report = {"format": "checkpoint", "store": str(store.root), "version": version, "method": method,
-                  "checkpoint": {"file": ckpt.name, "bytes": ckpt.stat().st_size, "sha256": digest.hexdigest(),
+                  "checkpoint": {"file": ckpt.name, "bytes": ckpt.stat().st_size, "sha256": sha256_file(ckpt),
                                  "precision": precision, "sd_version": sd_version,
                                  "family": family, "tokens": tokens},
                   "embeddings": [{"concept": c["name"], "trigger": t, "file": f"embeddings/{t}.safetensors"}

@@ -319,7 +319,8 @@ def gate_image(comps, prompt: str) -> np.ndarray:
 
 
 def diffusers_reads(store: Store, lora_file: Path | None, emb_files: list[tuple[str, Path]]):
-    """A fresh base with the written files loaded by diffusers' own loaders (the reader a user of diffusers runs)."""
+    """(components, pipeline) of a fresh base with the written files loaded by diffusers' own loaders (the reader a
+    user of diffusers runs)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -337,23 +338,26 @@ def diffusers_reads(store: Store, lora_file: Path | None, emb_files: list[tuple[
         for trig, f in emb_files:
             pipe.load_textual_inversion(str(f), token=trig)
     comps.text_encoder, comps.unet = pipe.text_encoder, pipe.unet
-    return comps
+    return comps, pipe
 
 
 def reader_check(store: Store, ours: np.ndarray, rows: list, lora_file: Path | None, emb_dir: Path) -> dict:
     """The image gate's prompt through diffusers' reading of the files against `ours` (edgecp's own image of it,
     `gate_image(model.comps, gate_prompt(concepts))`): PSNR. One base is held at a time."""
     ours_prompt = gate_prompt([c for c, _, _ in rows])
-    theirs_prompt = ours_prompt
-    for c, trig, _ in rows[:1]:
-        theirs_prompt = ours_prompt.replace(c["token"], trig)
+    theirs_prompt = ours_prompt.replace(rows[0][0]["token"], rows[0][1]) if rows else ours_prompt
     embeddings = [(t, emb_dir / f"{t}.safetensors") for _, t, _ in rows]
-    theirs = gate_image(diffusers_reads(store, lora_file, embeddings), theirs_prompt)
+    comps, pipe = diffusers_reads(store, lora_file, embeddings)
+    theirs = gate_image(comps, theirs_prompt)
     check = {"prompt": ours_prompt, "reader_prompt": theirs_prompt, "psnr_db": round(psnr(ours, theirs), 2),
              "reader": "diffusers load_lora_weights + load_textual_inversion", "min_psnr_db": MIN_PSNR}
     if lora_file is not None:  # how far the image moves without the LoRA: what the PSNR above can tell apart
-        without = gate_image(diffusers_reads(store, None, embeddings), theirs_prompt)
-        check["without_lora_psnr_db"] = round(psnr(ours, without), 2)
+        from edgecp.model.base import quiet_loading
+
+        with quiet_loading():
+            pipe.unload_lora_weights()  # the same base and embeddings, the LoRA layers removed: no second load
+        comps.unet = pipe.unet
+        check["without_lora_psnr_db"] = round(psnr(ours, gate_image(comps, theirs_prompt)), 2)
     return check
 
 
