@@ -6,17 +6,23 @@ BIN     = $(VENV)/bin
 # optimum's own environment (optimum-onnx pins transformers < 4.58), for the test that loads an export with it
 OPTIMUM = .venv-optimum
 
-.PHONY: install demo test lint clean
+.PHONY: install install-test demo test lint clean
 
-install: $(VENV)/.installed
+# the demo needs edgecp[full] only; the tests add pytest, ruff, bitsandbytes and ray on top of it (edgecp[test])
+install: $(VENV)/.installed-full
+install-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed-full: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[full]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-full pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-demo: install
+demo: $(VENV)/.installed-full
 	$(BIN)/edgecp demo
 
 $(OPTIMUM)/.installed: requirements-optimum.txt
@@ -25,10 +31,10 @@ $(OPTIMUM)/.installed: requirements-optimum.txt
 	$(OPTIMUM)/bin/python -m pip install -q -r requirements-optimum.txt
 	touch $@
 
-test: install $(OPTIMUM)/.installed
+test: $(VENV)/.installed-test $(OPTIMUM)/.installed
 	EDGECP_OPTIMUM_PYTHON=$(CURDIR)/$(OPTIMUM)/bin/python $(BIN)/python -m pytest
 
-lint: install
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check edgecp tests tools
 
 clean:

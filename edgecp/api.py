@@ -225,6 +225,7 @@ def concepts_summary(root: str | Path) -> dict:
         "adapter": store.info["adapter"],
         "bytes": store.disk_bytes(),
         "n_param": m.get("n_param"),
+        "check": m.get("check"),  # the forgetting check when HEAD's concept was added (edgecp/forgetting.py)
         "concepts": [
             {k: c.get(k) for k in ("name", "token", "class_word", "task", "steps", "seconds", "metrics",
                                    "seconds_per_iteration")}

@@ -22,18 +22,20 @@ Choices the issue leaves open (also in docs/architecture.md):
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from safetensors.torch import save
 
+from edgecp import resumable
 from edgecp.config import AdapterConfig, from_dict
 from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.export.update_format import MANIFEST as UPDATE_MANIFEST
 from edgecp.export.update_format import read_update
 from edgecp.integrity import EXPORT_META, WRITING_MARK, check_files, read_export_meta, tree_bytes
 from edgecp.methods import build_method, method_class, method_names
-from edgecp.personal import TOKENS_FILE, read_tensors
+from edgecp.personal import RECORD_FILE, TOKENS_FILE, read_tensors
 from edgecp.store import MANIFEST, STORE_FILE, VERSION_RE, Store, check_version_name, link_problem
 
 REMOVE_MODES = ("exact", "token-only", "rollback")
@@ -107,10 +109,19 @@ def history(root: str | Path) -> dict:
             "method": (m.get("method") or store.info["method"])["name"],
             "concepts": [c["name"] for c in m["concepts"]], "bytes": store.disk_bytes(v), "head": v == head,
             "removed": m.get("removed", []),
+            **({"check": m["check"]} if m.get("check") else {}),
         })
     events = [e for e in store.reflog() if e.get("action") in ("rollback", "remove-concept", "gc")]
+    try:
+        waiting = resumable.pending(store)
+    except DamagedStoreError as e:
+        waiting = {"damaged": str(e)}
     return {"store": str(store.root), "head": head, "versions": rows, "events": events,
-            "bytes": tree_bytes(store.root / "versions")}
+            "bytes": tree_bytes(store.root / "versions"),
+            "pending": None if not waiting else (waiting if "damaged" in waiting else {
+                "name": waiting["name"], "head": waiting["head"], "checkpoint": waiting["checkpoint"],
+                "steps": waiting["train"]["steps"], "images": len(waiting["images"]),
+                "line": pending_line(store, waiting)})}
 
 
 # -- rollback -----------------------------------------------------------------------------------------------
@@ -339,7 +350,23 @@ def verify(root: str | Path) -> dict:
                              "purges them)")
             else:
                 foreign.append(f"staging/{p.name} was not put there by edgecp")
+    try:
+        waiting = resumable.pending(store)
+    except DamagedStoreError as e:
+        waiting = None
+        problems.append(str(e))
+    if waiting:
+        notes.append(pending_line(store, waiting))
     return _verdict(store, problems, notes, intact, foreign, info_problem)
+
+
+def pending_line(store: Store, p: dict) -> str:
+    """One line on a pending resumable concept: what it keeps, and the two ways out."""
+    at = f"iteration {p['checkpoint']} of {p['train']['steps']}" if p.get("checkpoint") is not None else \
+        "no checkpoint yet"
+    return (f"concept '{p['name']}' is pending (resumable, started on {p['head']}, {at}); its {len(p['images'])} "
+            f"photo(s) stay staged in {resumable.FOLDER}/ until it commits: continue with `edgecp add-concept "
+            f"--resume --store {store.root}`, or delete them with `edgecp add-concept --abandon --store {store.root}`")
 
 
 def _verdict(store: Store, problems: list[str], notes: list[str], intact: list[str], foreign: list[str],
@@ -456,3 +483,66 @@ def gc(root: str | Path, keep: int | None = None, dry_run: bool = False) -> dict
     return result
 
 
+
+
+# -- training record ------------------------------------------------------------------------------------------------
+def concept_version(store: Store, name: str) -> str:
+    """The version that added concept `name` (the oldest version holding it whose parent does not)."""
+    for v in store.versions():
+        try:
+            m = store.manifest(v)
+        except DamagedStoreError:
+            continue
+        if name in [c["name"] for c in m["concepts"]] and name not in _names(store, m.get("parent")):
+            return v
+    known = sorted({n for v in store.versions() for n in _names(store, v)})
+    raise EdgecpError(f"no version of '{store.root}' added a concept '{name}': its concepts are "
+                      f"{', '.join(known) or 'none'} (see `edgecp history`)")
+
+
+def training_record(root: str | Path, name: str) -> dict:
+    """The loss curves of concept `name`'s training (per phase, with what each number is) and its version."""
+    store = Store.open(root)
+    v = concept_version(store, name)
+    store.check_version(v)  # the record is one of the version's hashed files
+    m = store.manifest(v)
+    if RECORD_FILE not in (m.get("files") or {}):
+        raise EdgecpError(f"version {v} (concept '{name}') has no training record: it was written by an older "
+                          "edgecp, before records were kept")
+    record = json.loads((store.version_dir(v) / RECORD_FILE).read_text())
+    entry = next(c for c in m["concepts"] if c["name"] == name)
+    return {"version": v, "concept": name, "metrics": entry.get("metrics", {}), **record}
+
+
+def plot_record(root: str | Path, name: str, out: str | Path) -> Path:
+    """Draw concept `name`'s loss curves, one panel per phase, to `out` (.png) with matplotlib's object API
+    (no pyplot: nothing of matplotlib's global state changes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise EdgecpError(f"--plot '{out}' must be a .png file path")
+    rec = training_record(root, name)
+    phases = rec["phases"]
+    fig = Figure(figsize=(6, 2.6 * max(len(phases), 1)), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (phase, p) in enumerate(phases.items()):
+        ax = fig.add_subplot(len(phases), 1, i + 1)
+        y = p["values"]
+        ax.plot(range(1, len(y) + 1), y, lw=0.8, label="per iteration")
+        if len(y) >= 10:
+            w = max(len(y) // 20, 2)
+            smooth = [sum(y[max(0, j - w + 1): j + 1]) / len(y[max(0, j - w + 1): j + 1]) for j in range(len(y))]
+            ax.plot(range(1, len(y) + 1), smooth, lw=1.6, label=f"mean of {w}")
+        ax.set_title(f"<{name}> {phase}: {p['metric']}", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    fx = rec.get("metrics", {})
+    if "loss_fixed_before" in fx:
+        fig.suptitle(f"{rec['version']}: fixed-timestep loss {fx['loss_fixed_before']:.4f} -> "
+                     f"{fx['loss_fixed_after']:.4f}", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

@@ -42,7 +42,8 @@ TOOLS_REPORT = "edgecp-export.json"  # the report of a webui or checkpoint expor
 UPDATE_MANIFEST = "update.json"  # an update folder's manifest (edgecp.export.update_format.MANIFEST)
 DESKTOP_FILES = ("Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed (besides dot-files)
 # what generate names its files: <prompt slug>-<version>-s<seed>[-onnx]-<index | grid>.png (edgecp.generate)
-IMAGE_NAME_RE = re.compile(r"[a-z0-9-]+-v[0-9]{4,}-s[0-9]+(-onnx)?-([0-9]+|grid)\.png")
+IMAGE_NAME_RE = re.compile(r"[a-z0-9-]+-v[0-9]{4,}-s[0-9]+(-onnx)?-([0-9]+|grid)\.png"
+                           r"|[a-z0-9-]+-step[0-9]{5,}-s[0-9]+-[0-9]+\.png")  # generate's; add-concept's samples
 
 
 

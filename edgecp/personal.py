@@ -19,6 +19,7 @@ from edgecp.store import Store
 
 ADAPTER_FILE = "adapter.safetensors"
 TOKENS_FILE = "tokens.safetensors"
+RECORD_FILE = "training_record.json"  # each concept's loss curves per phase (train.py writes, lifecycle reads)
 DELTA_FILE = "base_delta.safetensors"  # changed base tensors (module.weight -> W - W_base), for merging methods
 
 
@@ -71,8 +72,16 @@ class PersonalModel:
 
         `stream` (full precision): the UNet is read tensor by tensor (`edgecp.model.quant.stream_unet`) instead of
         by diffusers, whose fp32 load of an fp16 file holds the mapped fp16 file beside the fp32 copy of everything."""
-        device = torch.device(device) if device is not None else default_device()
         version = store.check_version(version)  # refuse files that fail the hashes the manifest recorded
+        return cls.from_folder(store, store.version_dir(version), store.manifest(version), device, plan, stream)
+
+    @classmethod
+    def from_folder(cls, store: Store, vdir: Path, manifest: dict, device: torch.device | None = None,
+                    plan=None, stream: bool = False) -> PersonalModel:
+        """The model of a version's files in `vdir` with its `manifest`, not necessarily committed yet: the
+        forgetting check draws from a version before it is sealed (`edgecp.forgetting`). The caller checks the
+        files (`load` does, against the sealed manifest)."""
+        device = torch.device(device) if device is not None else default_device()
         spec = open_base(store)
         if plan is None and not stream:
             comps = load_components(spec)
@@ -80,11 +89,10 @@ class PersonalModel:
             keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
             precision = quant.precision_of(plan) if plan is not None else quant.Precision("fp32")
             comps = quant.load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
-        vdir = store.version_dir(version)
-        concepts = store.manifest(version)["concepts"]
+        concepts = manifest["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
         fold_base_delta(comps.unet, vdir)
-        adapter = effective_adapter(store, version)
+        adapter = adapter_of(store, manifest)
         state = read_tensors(vdir, ADAPTER_FILE)
         if state:
             lora.attach(comps.unet, adapter)
@@ -131,8 +139,13 @@ def fold_base_delta(unet, version_dir: Path | None) -> dict[str, torch.Tensor]:
 
 def effective_adapter(store: Store, version: str | None = None) -> AdapterConfig:
     """The store's adapter at the rank the version holds (task LoRAs concatenated by C-LoRA / LoRA merge)."""
+    return adapter_of(store, store.manifest(version))
+
+
+def adapter_of(store: Store, manifest: dict) -> AdapterConfig:
+    """`effective_adapter` of a manifest (a version not committed yet)."""
     adapter = from_dict(AdapterConfig, store.info["adapter"], "adapter")
-    rank = store.manifest(version).get("adapter_rank")
+    rank = manifest.get("adapter_rank")
     if rank and rank != adapter.rank:
         adapter = lora.with_rank(adapter, rank)
     return adapter

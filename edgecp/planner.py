@@ -512,8 +512,10 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
         raise EdgecpError(
             f"{what} is below the smallest plan for {work.resolution} px ({fmt_bytes(smallest.peak)} with "
             f"{smallest.weights} weights, micro-batch {smallest.micro_batch}, DC chunk {smallest.dc_chunk}): "
-            f"pass --memory-budget {_round_up(smallest.peak / HEADROOM)} or more, or lower the resolution with "
-            "--train resolution=..."
+            f"pass --memory-budget {_round_up(smallest.peak / HEADROOM)} or more"
+            + (", or pin fewer --plan settings" if force else "")
+            + f", or train at a lower resolution: `edgecp plan --resolution {max(32, work.resolution // 16 * 8)}` shows "
+            "what fits, and a store's resolution is set when it is made (`edgecp init DIR --train resolution=N`)"
         )
     return best[1]
 

@@ -12,18 +12,32 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ProgressEvent:
     """`step` of `total` done in `phase` (train, fisher, dsc, consolidate, load, priors, encode, commit, sample,
-    "<stage> <model>" of an export, "image gate", runs/tasks of a bench, ...); `loss` where a phase has one."""
+    "<stage> <model>" of an export, "image gate", runs/tasks of a bench, ...); `loss` where a phase has one, and
+    `metric`, what that number is in words ("denoising loss", "DC-EWC loss (Eq. 5)", ...), for a display."""
 
     phase: str
     step: int
     total: int
     loss: float | None = None
+    metric: str | None = None
 
 
 Progress = Callable[[ProgressEvent], None]
 
 
-def emit(progress: Progress | None, phase: str, step: int, total: int, loss: float | None = None) -> None:
-    """Send one event to `progress` (nothing when it is None)."""
+# what each phase's number is, when the emitter does not say (a display prints "<metric> <value>")
+METRICS = {
+    "train": "denoising loss (one batch)",
+    "fisher": "DC-EWC loss (000 Eq. 5: denoising + delta x signed cross-entropies; can be negative)",
+    "dsc": "DSC loss (000 Eq. 6: distillation + noise matching)",
+}
+
+
+def emit(progress: Progress | None, phase: str, step: int, total: int, loss: float | None = None,
+         metric: str | None = None) -> None:
+    """Send one event to `progress` (nothing when it is None); `metric` defaults to METRICS[phase] when a loss is
+    given."""
     if progress is not None:
-        progress(ProgressEvent(phase, step, total, loss))
+        if loss is not None and metric is None:
+            metric = METRICS.get(phase, "loss")
+        progress(ProgressEvent(phase, step, total, loss, metric))

@@ -21,6 +21,7 @@ CNS_IMPORTANCE = 31  # CNS's Taylor importance batches
 REFERENCE_LOSS = 613  # C-LoRA/CNS's L_0: the task's denoising loss at its start (phases.reference_loss)
 FISHER = 7919  # the EWC / EWC DC Fisher phase
 DSC = 104729  # the DSC phase
+CHECK = 1299709  # the forgetting check's DC trials (t, noise) of earlier concept `index` (edgecp/forgetting.py)
 
 # -- numpy generators of a run: numpy_stream(seed, STREAM, *keys) ---------------------------------------------------
 TRAIN_VIEWS = 1  # a benchmark concept's training views (crops, flips, jitter, procedural draws), keyed by concept

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgecp.atomic import fsync_dir, write_json_atomic
@@ -57,6 +57,7 @@ TMP_VERSION_RE = re.compile(r"\.(tmp|trash)-v[0-9]{4,}-[A-Za-z0-9_]+")
 TMP_HEAD_RE = re.compile(r"\.HEAD\.[0-9a-f]{32}")
 TMP_PRIOR_RE = re.compile(r"\.[0-9a-f]{16}-[A-Za-z0-9_]+")
 STAGING_RE = re.compile(r"[0-9a-f]{12}")
+TMP_RESUMABLE_RE = re.compile(r"\.resumable-(tmp|trash)-[A-Za-z0-9_-]+")  # edgecp/resumable.py's half-made / deleted
 
 
 def _write_json_durable(path: Path, data: dict) -> None:
@@ -444,7 +445,8 @@ class Store:
             d = r / folder
             return [p for p in d.iterdir() if pattern.fullmatch(p.name)] if d.is_dir() else []
 
-        out = [p for p in r.iterdir() if TMP_HEAD_RE.fullmatch(p.name)] if r.is_dir() else []
+        out = [p for p in r.iterdir() if TMP_HEAD_RE.fullmatch(p.name) or TMP_RESUMABLE_RE.fullmatch(p.name)] \
+            if r.is_dir() else []
         out += matching("versions", TMP_VERSION_RE) + matching("priors", TMP_PRIOR_RE) + matching("staging", STAGING_RE)
         out += [p for p in (r / "exports").glob(".*") if p.is_symlink() or is_abandoned_export(p)]
         return out
@@ -605,7 +607,8 @@ class Store:
                 events.append(e)
         return events
 
-    def _write_version(self, name: str, files: dict[str, bytes | Path], manifest: dict) -> Path:
+    def _write_version(self, name: str, files: dict[str, bytes | Path], manifest: dict,
+                       before_seal: Callable[[Path], dict] | None = None) -> Path:
         versions = self.root / "versions"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=versions))
         recorded = {}
@@ -622,6 +625,12 @@ class Store:
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
             recorded[fname] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
+        if before_seal is not None:  # e.g. the forgetting check: reads the files, adds to the manifest
+            manifest = {**manifest, **before_seal(tmp)}
+            for fname, rec in recorded.items():  # what it read is what is sealed
+                if sha256_file(tmp / fname) != rec["sha256"]:
+                    raise DamagedStoreError(f"'{fname}' changed while the version was being written: nothing was "
+                                            "committed; retry")
         _write_json_durable(tmp / MANIFEST, {**manifest, "files": recorded, "sealed": True})
         digest = sha256_file(tmp / MANIFEST)
         with open(tmp / MANIFEST_SUM, "w") as f:
@@ -634,8 +643,13 @@ class Store:
         fsync_dir(versions)
         return final
 
-    def commit(self, files: dict[str, bytes | Path], manifest: dict) -> str:
+    def commit(self, files: dict[str, bytes | Path], manifest: dict,
+               before_seal: Callable[[Path], dict] | None = None) -> str:
         """Write a new version and make it current, atomically. Call inside `writer()`.
+
+        `before_seal(folder)` runs when the files are written in the version's temporary folder and before its
+        manifest is: what it returns is added to the manifest (the forgetting check draws from the new version's
+        files there). A failure in it commits nothing (recovery removes the temporary folder).
 
         The manifest gets version, parent, time and the sha256 of every file. `removed` (concepts removed with
         traces left in the model) carries over from the parent unless the new manifest sets it."""
@@ -651,7 +665,12 @@ class Store:
                 manifest["removed"] = removed
         _write_json_durable(self.root / PENDING, {"version": name, "parent": parent})
         fsync_dir(self.root)
-        self._write_version(name, files, manifest)
+        try:
+            self._write_version(name, files, manifest, before_seal)
+        except BaseException:  # nothing committed: the temporary folder and the .pending mark go now
+            with contextlib.suppress(Exception):
+                self.recover()
+            raise
         self.set_head(name)
         (self.root / PENDING).unlink(missing_ok=True)
         return name

@@ -4,15 +4,14 @@ import math
 
 import pytest
 from cli_util import assert_one_line_error, run_cli
+from conftest import SMALL_BENCH
 
 from edgecp.eval.bench import BenchConfig, parse_methods
 from edgecp.eval.executor import run_bench
 
 
 def _cfg(**kw):  # features: BenchConfig's default, "tiny" (the shipped evaluator)
-    return BenchConfig(**{"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2, "n_train": 2,
-                          "n_target": 3, "n_gen": 2, "gen_steps": 2, "dc_trials": 1,
-                          "prior": {"num_images": 2, "steps": 2}, **kw})
+    return BenchConfig(**{**SMALL_BENCH, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def _ray_task_pids() -> list[int]:
     return pids
 
 
-def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
+def test_ray_executor_gives_the_serial_metrics(reference, tmp_path, monkeypatch):
     """Two runs as Ray tasks on a local 2-CPU cluster; one worker is SIGKILLed mid-run, Ray retries its task, which
     resumes from the run's last committed task. The metrics are the serial bench's."""
     import threading
@@ -134,8 +134,18 @@ def test_ray_executor_gives_the_serial_metrics(reference, tmp_path):
                     return
             time.sleep(0.02)
 
+    # the workers start at 2 torch threads and the config (CFG) says 1: its threads must reach them (issue 24)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # torch reads it after OMP_NUM_THREADS (conftest sets both to 1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster: two workers
     try:
+        @ray.remote(num_cpus=1)
+        def worker_threads():
+            import torch
+
+            return torch.get_num_threads()
+
+        assert ray.get(worker_threads.remote()) == 2 != CFG["threads"]
         logs = []
         executor = RayExecutor(num_cpus=1, max_retries=2)
         killer = threading.Thread(target=kill_a_worker)

@@ -56,12 +56,14 @@ def test_every_relative_link_resolves(doc):
     assert broken == []
 
 
-def test_every_edgecp_command_line_parses():
+def test_every_edgecp_command_line_parses(monkeypatch):
     """Each line is parsed by the CLI's click command, down to the subcommand (options, arguments, types); a path the
-    example assumes need not exist."""
+    example assumes need not exist. A line without --store assumes one is set ($EDGECP_STORE, docs/guide/store.md)."""
     import typer
 
     from edgecp.cli import app
+
+    monkeypatch.setenv("EDGECP_STORE", "my-model")
 
     group = typer.main.get_command(app)  # typer may bring its own copy of click: duck-typed below
     lines = commands("edgecp ")

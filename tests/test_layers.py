@@ -19,14 +19,14 @@ LAYERS: list[tuple[str, int]] = [
     ("edgecp.cli", 1), ("edgecp.entry", 1), ("edgecp.runtime_cli", 1),
     ("edgecp.__main__", 1), ("edgecp.demo", 1),
     ("edgecp.api", 2), ("edgecp.train", 2), ("edgecp.generate", 2), ("edgecp.export", 2), ("edgecp.eval", 2),
-    ("edgecp.lifecycle", 2), ("edgecp.priors", 2),
+    ("edgecp.lifecycle", 2), ("edgecp.priors", 2), ("edgecp.forgetting", 2),
     ("edgecp.methods", 3),
     ("edgecp.consolidation", 4), ("edgecp.adapters", 4), ("edgecp.model", 4), ("edgecp.personal", 4),
-    ("edgecp.world", 4), ("edgecp.images", 4), ("edgecp.memory", 4), ("edgecp.diffusion", 4),
+    ("edgecp.world", 4), ("edgecp.images", 4), ("edgecp.memory", 4), ("edgecp.diffusion", 4), ("edgecp.resumable", 4),
     ("edgecp.planner", 5), ("edgecp.store", 5), ("edgecp.config", 5), ("edgecp.errors", 5), ("edgecp.integrity", 5),
     ("edgecp.profiles", 5), ("edgecp.render", 5), ("edgecp.outputs", 5), ("edgecp.prompts", 5), ("edgecp.paths", 5),
     ("edgecp.scaling", 5), ("edgecp.scoped", 5), ("edgecp.seeds", 5), ("edgecp.progress", 5), ("edgecp.atomic", 5),
-    ("edgecp.heap", 5), ("edgecp.sampling", 5),
+    ("edgecp.heap", 5), ("edgecp.sampling", 5), ("edgecp.captions", 5),
 ]
 PACKAGE_INIT_LAYER = 6  # edgecp/__init__.py: imports nothing of edgecp
 # what the device runtime (`pip install 'edgecp[runtime]'`: numpy, pillow, tokenizers, onnxruntime) imports

@@ -35,11 +35,26 @@ def _three_concepts(tmp_path, method, **params):
     return root
 
 
+@pytest.fixture(scope="module")
+def three_concepts(tmp_path_factory):
+    """_three_concepts(method) trained once per module: c-lora's and lora-merge's stores serve both the every-method
+    test and the test of what the method keeps, which only read them (custom-diffusion's check removes a concept:
+    no other test reads that store)."""
+    stores = {}
+
+    def get(method):
+        if method not in stores:
+            stores[method] = _three_concepts(tmp_path_factory.mktemp("three"), method)
+        return stores[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_every_method_learns_three_concepts_and_generates(tmp_path, method):
+def test_every_method_learns_three_concepts_and_generates(tmp_path, method, three_concepts):
     from edgecp.generate import GenerateConfig, generate_from_store
 
-    root = _three_concepts(tmp_path, method)
+    root = three_concepts(method)
     v = root / "versions" / "v0003"
     stems = {p.name.removesuffix(".safetensors") for p in v.glob("*.safetensors")}
     assert stems == {"tokens"} | ({"adapter"} if method not in NO_ADAPTER else set()) | EXPECTED_FILES[method]
@@ -68,8 +83,8 @@ def test_every_method_learns_three_concepts_and_generates(tmp_path, method):
         assert all(r["max_abs_diff"] < 1e-4 for r in report["models"].values())
 
 
-def test_clora_keeps_earlier_task_loras_frozen_and_stacked(tmp_path):
-    root = _three_concepts(tmp_path, "c-lora")
+def test_clora_keeps_earlier_task_loras_frozen_and_stacked(three_concepts):
+    root = three_concepts("c-lora")
     v1 = load_file(str(root / "versions" / "v0001" / "adapter.safetensors"))
     v3 = load_file(str(root / "versions" / "v0003" / "adapter.safetensors"))
     tasks = lora.split_lora(v3, 16)
@@ -79,8 +94,8 @@ def test_clora_keeps_earlier_task_loras_frozen_and_stacked(tmp_path):
     assert json.loads((root / "versions" / "v0003" / "manifest.json").read_text())["adapter_rank"] == 48
 
 
-def test_lora_merge_is_the_mean_of_the_task_deltas(tmp_path):
-    root = _three_concepts(tmp_path, "lora-merge")
+def test_lora_merge_is_the_mean_of_the_task_deltas(three_concepts):
+    root = three_concepts("lora-merge")
     v2 = load_file(str(root / "versions" / "v0002" / "adapter.safetensors"))
     v3 = load_file(str(root / "versions" / "v0003" / "adapter.safetensors"))
     t2 = lora.split_lora(v2, 16, [0.5, 0.5])

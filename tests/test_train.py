@@ -17,9 +17,9 @@ def test_lora_sequential_starts_task_n_from_the_lora_of_task_n_minus_1(store_cop
     seen = {}
     real = train._train_loop
 
-    def spy(ctx, method, progress):
+    def spy(ctx, method, progress, *rest):
         seen["start"] = lora.adapter_state(ctx.comps.unet)
-        return real(ctx, method, progress)
+        return real(ctx, method, progress, *rest)
 
     monkeypatch.setattr(train, "_train_loop", spy)
     prev = load_file(str(store_copy / "versions" / "v0002" / "adapter.safetensors"))

@@ -34,20 +34,29 @@ methods_app = typer.Typer(help="The continual strategies a store can use.", invo
 
 @methods_app.callback()
 def methods(ctx: typer.Context) -> None:
-    """List the continual strategies a store can use, and how `remove-concept` works with each."""
+    """List the continual strategies a store can use: what each does and costs, how `remove-concept` works with
+    it, which to pick when unsure."""
     if ctx.invoked_subcommand:
         return
     # lazy: edgecp.methods loads torch, which `edgecp --help` must not load
+    from edgecp.config import DEFAULT_METHOD
     from edgecp.methods import method_class, method_names
 
     t = Table()
-    t.add_column("method")
-    t.add_column("what it does")
-    t.add_column("remove-concept")
+    t.add_column("method", no_wrap=True)
+    t.add_column("what it does, what it costs (the paper's name)", overflow="fold")
+    t.add_column("remove-concept", max_width=14 if out.is_terminal else None)  # the description gets the room
     for name in method_names():
         cls = method_class(name)
-        t.add_row(name, cls.summary, "exact" if cls.removal == "exact" else "token-only or rollback")
+        t.add_row(f"{name} (default)" if name == DEFAULT_METHOD else name,
+                  f"{esc(cls.summary)}\n[dim]({esc(cls.paper)})[/]",
+                  "exact" if cls.removal == "exact" else "token-only or rollback")
     out.print(t)
+    exact = [n for n in method_names() if method_class(n).removal == "exact"]
+    out.print(f"Unsure? Keep the default, {DEFAULT_METHOD}. To take a concept out exactly later, choose "
+              f"{', '.join(exact[:-1])} or {exact[-1]} (the others remove its word, or roll back). "
+              "The method is fixed once the store holds a concept; `edgecp methods show NAME` gives its settings.",
+              highlight=False, soft_wrap=True)
 
 
 @methods_app.command("show")

@@ -6,54 +6,106 @@ Registered on the main app by `register(app)`; each parses, calls ONE library fu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from edgecp.cli.common import JsonOpt, StoreOpt
+from edgecp.cli.common import JsonOpt, StoreOpt, console, table
+from edgecp.errors import EdgecpError
 from edgecp.render import esc
 
-out = Console(soft_wrap=True)  # long paths stay on one line
-err = Console(stderr=True, soft_wrap=True)
+out = console(soft_wrap=True)  # long paths stay on one line (and on no line break where output is not a terminal)
+err = console(stderr=True, soft_wrap=True)
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} B"
 
 
-def history_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
-    """The store's versions: what each did, when, with which method, how many bytes; HEAD marked.
+def history_cmd(
+    store: StoreOpt,
+    concept: Annotated[Optional[str], typer.Argument(
+        help="A concept: its training record (loss per iteration of each phase) instead of the versions.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="With a concept: draw its loss curves to this .png.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The store's versions: what each did, when, with which method, how many bytes, what the forgetting check
+    found; HEAD marked; a pending resumable concept. With a concept: its training record.
 
     Examples:
       edgecp history --store my-model
       edgecp history --store my-model --json
+      edgecp history my-dog --store my-model --plot dog.png
     """
     # lazy: edgecp.lifecycle loads the model stack (torch), which `edgecp --help` must not load
-    from edgecp.lifecycle import history
+    from edgecp.lifecycle import history, plot_record, training_record
 
+    if concept is not None:
+        rec = training_record(store, concept)
+        if as_json:
+            out.print_json(json.dumps(rec))
+        else:
+            fx = rec.get("metrics", {})
+            out.print(f"<{esc(concept)}> was added in {rec['version']}; fixed-timestep loss "
+                      f"{fx.get('loss_fixed_before', float('nan')):.4f} -> {fx.get('loss_fixed_after', float('nan')):.4f}",
+                      highlight=False)
+            for phase, p in rec["phases"].items():
+                v = p["values"]
+                out.print(f"  {phase}: {len(v)} iterations of {esc(p['metric'])}: first {v[0]:.4f}, last {v[-1]:.4f}, "
+                          f"mean of the last tenth {sum(v[-max(len(v) // 10, 1):]) / max(len(v) // 10, 1):.4f}",
+                          highlight=False)
+        if plot is not None:
+            out.print(f"wrote {esc(plot_record(store, concept, plot))}", highlight=False)
+        return
+    if plot is not None:
+        raise EdgecpError("--plot draws one concept's training: name it, e.g. `edgecp history my-dog --plot dog.png`")
     h = history(store)
     if as_json:
         out.print_json(json.dumps(h))
         return
-    t = Table(title=f"{esc(h['store'])} - HEAD {h['head'] or '(damaged)'} - {_mb(h['bytes'])} in versions")
-    for col in ("", "version", "parent", "committed", "what", "method", "concepts", "bytes"):
-        t.add_column(col)
+    t = table(f"{esc(h['store'])} - HEAD {h['head'] or '(damaged)'} - {_mb(h['bytes'])} in versions", on=out)
+    # a timestamp is never cut ("2026-12-06T19:..."): shown "date time", on one line where there is room; on a
+    # terminal under 110 columns its column is the time's width, so it breaks between date and time only (a fixed
+    # width: rich's shrinking ignores a column's min_width). The other columns fold there (an unbreakable word
+    # would otherwise shrink its column to nothing). HEAD is marked in the version's cell: the table fits 80 columns
+    stamp = 13 if out.is_terminal and out.width < 110 else None
+    for col in ("version", "parent", "committed", "what", "method", "concepts", "bytes", "forgetting check"):
+        t.add_column(col, overflow="fold", width=stamp if col == "committed" else None)
     for r in h["versions"]:
-        mark = "HEAD" if r["head"] else ""
+        version = f"{r['version']} [bold](HEAD)[/]" if r["head"] else r["version"]
         if r.get("damaged"):
-            t.add_row(mark, r["version"], "?", "?", "[red]damaged: run edgecp verify[/]", "", "", _mb(r["bytes"]))
+            t.add_row(version, "?", "?", "[red]damaged: run edgecp verify[/]", "", "", _mb(r["bytes"]), "")
             continue
-        t.add_row(mark, r["version"], r["parent"] or "-", r["committed"] or "-", esc(r["what"]), r["method"],
-                  esc(", ".join(r["concepts"]) or "-"), _mb(r["bytes"]))
+        t.add_row(version, r["parent"] or "-", (r["committed"] or "-").replace("T", " ", 1),
+                  esc(r["what"]), r["method"], esc(", ".join(r["concepts"]) or "-"), _mb(r["bytes"]),
+                  _check_cell(r.get("check")))
     out.print(t)
+    if h.get("pending"):
+        p = h["pending"]
+        err.print(f"[yellow]pending:[/] {esc(p.get('line') or p.get('damaged'))}", highlight=False)
     for e in h["events"]:
         if e.get("action") == "gc":
             out.print(f"{e.get('time', '')}  gc deleted {', '.join(e.get('deleted', [])) or 'no version'}")
         else:
             what = f"remove-concept {esc(e.get('concept'))} --mode rollback: " if e.get("action") == "remove-concept" else ""
             out.print(f"{e.get('time', '')}  {what}HEAD {e.get('from')} -> {e.get('to')}")
+
+
+def _check_cell(chk: dict | None) -> str:
+    """The forgetting check of a version in a few words: the largest drift, and who drifted past the threshold."""
+    if not chk:
+        return "-"
+    if chk.get("off"):
+        return "off"
+    rows = chk.get("concepts") or []
+    if not rows:
+        return "-"
+    worst = max(rows, key=lambda r: r["drift"])
+    cell = f"max drift {worst['drift']:.3f} <{esc(worst['name'])}>"
+    if chk.get("warn"):
+        cell += f" [yellow]warned: {esc(', '.join(chk['warn']))}[/]"
+    return cell
 
 
 def rollback_cmd(

@@ -10,26 +10,36 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgecp.cli.common import BudgetOpt, StoreOpt, out, parse_kv
+from edgecp.cli.common import BudgetOpt, StoreOpt, err, out, parse_kv
 from edgecp.config import DEFAULT_METHOD
 from edgecp.render import esc
+
+# the methods whose `remove-concept` is exact, named in `init --help` without importing them (torch); a test checks
+# them against the method classes
+EXACT_REMOVAL = ("lora-merge", "c-lora", "custom-diffusion", "textual-inversion")
+FIXED_METHOD_NOTE = ("the method cannot change once the store holds a concept: `edgecp set-method` works only "
+                     "before the first add-concept")
 
 
 def init(
     store: Annotated[Path, typer.Argument(help="A new, empty folder for the store.")],
     base: Annotated[str, typer.Option(help="'tiny' (embedded), a diffusers folder, a .safetensors file, or a hub id.")] = "tiny",
     method: Annotated[Optional[str], typer.Option(
-        help="Continual strategy (default dsc-ewc-dc, paper 000's method); see `edgecp methods`.")] = None,
+        help=f"How earlier concepts are kept while new ones are learned. Unsure: keep the default, {DEFAULT_METHOD} "
+             "(about twice the training time of the plainest method, lora-sequential). To remove a concept exactly "
+             f"later: {', '.join(EXACT_REMOVAL)}. Smallest: textual-inversion (learns only a word per concept). "
+             "`edgecp methods` says what each does and costs. Fixed once the store holds a concept.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method hyperparameter key=value (repeat).")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="lora or vera (default: the method's).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Adapter rank (default 16).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated UNet module suffixes (default attn2.to_k,attn2.to_v).")] = None,
-    train: Annotated[Optional[list[str]], typer.Option("--train", help="Training default key=value (steps, lr, grad_accum, ...).")] = None,
+    train: Annotated[Optional[list[str]], typer.Option("--train", help="Training default key=value (steps, lr, resolution, grad_accum, ...).")] = None,
     prior_prompt: Annotated[Optional[str], typer.Option(help="The prior prompt c_0 for prior preservation.")] = None,
     prior_images: Annotated[Optional[int], typer.Option(help="How many prior images the base generates once.")] = None,
     memory_budget: BudgetOpt = None,
 ) -> None:
-    """Create a store: one personal model on one base.
+    """Create a store: one personal model on one base, with the method that keeps its earlier concepts (fixed once
+    it holds a concept; `edgecp methods` compares them).
 
     Examples:
       edgecp init my-model --base tiny
@@ -47,9 +57,10 @@ def init(
     s = init_store(store, base, method or DEFAULT_METHOD, parse_kv(param, "--param"), adapter_d,
                    parse_kv(train, "--train"), prior, memory_budget=memory_budget)
     chosen = s.info["method"]["name"]
-    why = " (the default: paper 000's EWC + DSC with DC scores; --method picks another)" if method is None else ""
+    why = " (the default; `edgecp methods` compares the others)" if method is None else ""
     out.print(f"created store [bold]{esc(s.root)}[/] on base '{esc(s.info['base']['locator'])}' "
-              f"(sha256 {s.info['base']['sha256'][:12]}), method {chosen}{why}")
+              f"(sha256 {s.info['base']['sha256'][:12]}), method {chosen}{why}", soft_wrap=True)
+    err.print(f"[yellow]note:[/] {FIXED_METHOD_NOTE}", highlight=False, soft_wrap=True)
 
 
 def set_method_cmd(

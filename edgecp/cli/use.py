@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from edgecp import profiles
-from edgecp.cli.common import BudgetOpt, StoreOpt, err, out, progress_bars
+from edgecp.cli.common import BudgetOpt, StoreOpt, err, out, progress_bars, resolve_store
 from edgecp.errors import EdgecpError
 from edgecp.render import esc
 
@@ -24,7 +24,8 @@ profiles_app = typer.Typer(help="Device profiles for `edgecp export`.", invoke_w
 
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text prompt; <name> stands for a learned concept.")],
-    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="The store folder.")] = None,
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="The store folder (default: $EDGECP_STORE, else "
+                                                  "the current folder if it is a store; not needed with --onnx-dir).")] = None,
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
     steps: Annotated[int, typer.Option(help="Sampling steps (DDIM).")] = 25,
@@ -42,6 +43,8 @@ def generate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into an existing non-empty --out folder")] = False,
     version: Annotated[Optional[str], typer.Option("--version", help="torch backend: draw from this version, e.g. "
                                                    "v0002 (default: HEAD); see `edgecp history`.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="torch backend: also print the memory plan (printed "
+                                          "anyway when a memory budget is set, here or at init).")] = False,
 ) -> None:
     """Generate images, with PyTorch or with onnxruntime on an export.
 
@@ -64,8 +67,8 @@ def generate(
     if version is not None and backend != "torch":
         raise EdgecpError("--version is for --backend torch: an export holds the version it was made from (its "
                           "edgecp.json says which)")
-    if store is None and not (backend == "onnx" and onnx_dir):
-        raise EdgecpError("no model given: pass --store STORE (or --backend onnx --onnx-dir DIR)")
+    if not (backend == "onnx" and onnx_dir):
+        store = resolve_store(store, " (or --backend onnx --onnx-dir DIR)")
     if backend == "torch" and device is not None:
         # lazy: edgecp.memory loads torch, which `edgecp --help` must not load
         from edgecp.memory import resolve_device
@@ -76,13 +79,19 @@ def generate(
         if backend == "torch":
             paths = generate_from_store(store, prompt, cfg, out_dir, device=device, callback=cb,
                                         memory_budget=memory_budget, overwrite=overwrite, version=version,
-                                        on_plan=lambda p: out.print(p.line(), markup=False, highlight=False, soft_wrap=True))
+                                        on_plan=lambda p: _print_plan(p, verbose))
         else:
             paths = generate_from_onnx(onnx_dir or find_export(store), prompt, cfg, out_dir, callback=cb,
                                        overwrite=overwrite, update=update,
                                        on_note=lambda m: err.print(f"[yellow]note:[/] {esc(m)}", highlight=False,
                                                                    soft_wrap=True))
-    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]")
+    out.print(f"wrote {len(paths) - 1} image(s) and a grid: [bold]{esc(paths[-1])}[/]", soft_wrap=True)
+
+
+def _print_plan(plan, verbose: bool) -> None:
+    """generate's memory plan: with --verbose, or when a budget is set (--memory-budget, or the store's from init)."""
+    if verbose or plan.budget:
+        out.print(plan.line(), markup=False, highlight=False, soft_wrap=True)
 
 
 def export(
@@ -122,14 +131,14 @@ def export(
     profile = profile or "cpu-fp32"
     if fmt == "diffusers":
         # lazy: the diffusers exporter loads torch and diffusers, which `edgecp --help` must not load
-        from edgecp.export.diffusers_format import export_diffusers
+        from edgecp.export.diffusers_format import export_diffusers, how_to_load
 
         if out_dir is None:
             raise EdgecpError("--format diffusers needs --out DIR")
         if update_for is not None:
             raise EdgecpError("--update-for is for --format onnx: a diffusers LoRA is already one concept's size")
         files = export_diffusers(store, out_dir, overwrite=overwrite)
-        out.print(f"wrote {len(files)} file(s) to [bold]{esc(out_dir)}[/] (load with load_lora_weights / load_textual_inversion)")
+        _print_diffusers(len(files), out_dir, how_to_load(store, files))
         return
     if fmt != "onnx":
         raise EdgecpError(f"--format '{fmt}' is unknown: use onnx, diffusers, webui or checkpoint")
@@ -140,6 +149,18 @@ def export(
         report = export_onnx(store, profile, out_dir, progress=lambda ev: bar(ev.phase, ev.step, ev.total),
                              overwrite=overwrite, update_for=update_for)
     _print_export(report)
+
+
+def _print_diffusers(n_files: int, out_dir: Path, usage: dict) -> None:
+    """A diffusers export: where, the words of each concept for a prompt, and Python that loads it (plain text, so
+    that it can be copied: no markup, no wrapping)."""
+    out.print(f"wrote {n_files} file(s) to [bold]{esc(out_dir)}[/]", soft_wrap=True)
+    if usage["tokens"]:
+        words = "; ".join(f"{t['words']} for {t['name']}" for t in usage["tokens"])
+        out.print(f"in a prompt, write: {words} (e.g. \"{usage['tokens'][0]['prompt']}\")", markup=False,
+                  highlight=False, soft_wrap=True)
+    out.print("load it with diffusers (Python):", markup=False, highlight=False)
+    out.print(usage["code"], markup=False, highlight=False, soft_wrap=True)
 
 
 def _export_tools(store, fmt: str, out_dir, overwrite: bool, update_for, rank, max_error: float, precision: str):

@@ -31,6 +31,7 @@ from edgecp.errors import EdgecpError
 from edgecp.eval import metrics
 from edgecp.eval.layout import SAMPLES_FILE, eval_file, run_dir, save_npz_atomic, store_dir
 from edgecp.eval.sequences import folder_sequence, procedural_sequence, six_tasks
+from edgecp.forgetting import CheckConfig
 from edgecp.generate import GenerateConfig, torch_generate
 from edgecp.methods import method_class, method_names
 from edgecp.model.base import resolve_base
@@ -167,7 +168,8 @@ def run_method(cfg: BenchConfig, method: str, seed: int, seq, data: Path, real, 
             tick(f"learn <{concept.name}>", i)
             train.add_concept(root, concept.name, [data / concept.name / "train"],  # via the module: tests wrap it
                               class_word=concept.class_word if named else None,
-                        init_word=None if own_init else concept.class_word)
+                              init_word=None if own_init else concept.class_word,
+                              check=CheckConfig(images=0))  # the bench measures forgetting itself
         seconds = time.perf_counter() - t
         if saved.is_file():  # resume: this task's evaluation was saved by an earlier process
             row, images_last, seconds = _load_eval(saved)

@@ -3,6 +3,9 @@ textual-inversion file per concept token for `load_textual_inversion`.
 
     pipe.load_lora_weights(OUT)                                   # pytorch_lora_weights.safetensors
     pipe.load_textual_inversion(OUT / "<name>.safetensors")      # one per concept, token "<name>"
+
+`how_to_load` gives that code for one export, on the store's base, with each concept's prompt words (the CLI prints
+it after the export).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from edgecp import outputs
 from edgecp.adapters.lora import concat_loras, peft_config, with_rank
 from edgecp.config import AdapterConfig
 from edgecp.errors import DamagedStoreError, EdgecpError
+from edgecp.model.tiny import tiny_path
 from edgecp.personal import ADAPTER_FILE, DELTA_FILE, TOKENS_FILE, effective_adapter, read_tensors
+from edgecp.prompts import expand
 from edgecp.store import Store, check_plain_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights / load_lora_weights use
@@ -89,6 +94,38 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / f for f in written]
+
+
+def how_to_load(store_root: str | Path, files: list[Path]) -> dict:
+    """How to use the diffusers export whose files `export_diffusers` returned: each concept's token and the words
+    to write in a prompt ("a photo of <alpha> dog": the token, then the class word), and Python that loads the
+    export on the store's base with diffusers (`from_pretrained`, or `from_single_file` for a .safetensors base).
+    Reads store.json and HEAD's manifest; loads no model. {"tokens": [{name, token, words, prompt}], "code": str}."""
+    store = Store.open(outputs.absolute(store_root))
+    concepts = store.manifest()["concepts"]
+    written = {Path(f).name: Path(f) for f in files}
+    base = store.info["base"]
+    if base.get("kind") == "tiny":
+        load = f"StableDiffusionPipeline.from_pretrained({str(tiny_path())!r})  # edgecp's embedded tiny base"
+    elif base.get("kind") == "single_file":
+        load = f"StableDiffusionPipeline.from_single_file({base['locator']!r})"
+    else:
+        load = f"StableDiffusionPipeline.from_pretrained({base['locator']!r})"
+    lines = ["from diffusers import StableDiffusionPipeline", "", f"pipe = {load}"]
+    if LORA_FILE in written:
+        lines.append(f"pipe.load_lora_weights({str(written[LORA_FILE].parent)!r})")
+    tokens = []
+    for c in concepts:
+        f = written.get(f"{c['name']}.safetensors")
+        if f is None:
+            continue
+        words = expand(f"<{c['name']}>", [c])  # the token, then the class word
+        tokens.append({"name": c["name"], "token": c["token"], "words": words, "prompt": f"a photo of {words}"})
+        lines.append(f"pipe.load_textual_inversion({str(f)!r})  # token {c['token']}")
+    if tokens:
+        lines.append(f"image = pipe({tokens[0]['prompt']!r}).images[0]")
+        lines.append(f"image.save({tokens[0]['name'] + '.png'!r})")
+    return {"tokens": tokens, "code": "\n".join(lines)}
 
 
 def delta_to_lora(deltas: dict, scaling: float, rtol: float = 1e-6) -> dict:

@@ -57,7 +57,9 @@ class Method:
     """Base class: LoRA sequential behaviour (continue the previous adapter, no penalty, no consolidation)."""
 
     name: ClassVar[str] = ""
+    # what the method does and costs, in plain words, for `edgecp methods`; `paper`: the paper's name for it
     summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     adapter_kind: ClassVar[str] = "lora"  # the adapter the method requires
     default_rank: ClassVar[int] = 16

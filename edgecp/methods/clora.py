@@ -40,7 +40,9 @@ def previous_manifest(ctx: TaskContext) -> dict:
 
 class CLora(Method):
     name = "c-lora"
-    summary = "a new LoRA per task, earlier ones frozen in, self-regularization on occupied spots (000's C-LoRA, Eq. 2)"
+    summary = ("a new adapter per concept, penalised where earlier ones changed the model: a little extra work per "
+               "step, and the store grows with each concept")
+    paper = "000 C-LoRA (Eq. 2)"
     Params = CLoraParams
 
     def prepare(self, ctx: TaskContext) -> None:

@@ -76,7 +76,9 @@ def taylor_importance(ctx: TaskContext, params: dict[str, torch.nn.Parameter], l
 
 class Cns(CustomDiffusionSequential):
     name = "cns"
-    summary = "train only concept neurons of K/V: top 30% per row by importance minus general neurons (003's CNS)"
+    summary = ("trains only the few key/value weights that matter to this concept and not to images in general: a "
+               "short selection pass before training")
+    paper = "003 CNS (concept neurons, top 30% per row)"
     Params = CnsParams
     bench_class_word = True  # 003's prompts name the class after the token: "A <new3> dog"
     needs_prior_images = True  # the general importance reads them

@@ -60,7 +60,9 @@ def prompt_rows(tokenizer, prompts: list[str]) -> list[int]:
 
 class CustomDiffusionSequential(Method):
     name = "custom-diffusion-sequential"
-    summary = "train the cross-attention K/V projections + token, task after task (sequential CD, no merge)"
+    summary = ("keeps training the model's cross-attention key/value weights for every concept: no protection of "
+               "earlier concepts, larger files than an adapter")
+    paper = "000 CD sequential (Kumari et al. 2023)"
     adapter_kind = "none"
     bench_class_word = True  # 000 evaluates CD with the concept name after the token
 
@@ -110,7 +112,9 @@ def merge_all(tasks: list[dict[str, torch.Tensor]], reg_cov: torch.Tensor) -> di
 
 class CustomDiffusion(CustomDiffusionSequential):
     name = "custom-diffusion"
-    summary = "K/V + token per task from the base, merged by Kumari et al.'s constrained closed form (000's CD)"
+    summary = ("trains the cross-attention key/value weights per concept from the base and merges them in one "
+               "closed-form step: no extra training, larger files than an adapter")
+    paper = "000 CD (Kumari et al. 2023, constrained merge)"
     removal = "exact"  # re-merge without the concept's (T_i, C_i)
 
     def prepare(self, ctx: TaskContext) -> None:
@@ -173,7 +177,9 @@ class CustomDiffusion(CustomDiffusionSequential):
 
 class CdEwc(EwcMixin, CustomDiffusionSequential):
     name = "cd-ewc"
-    summary = "sequential Custom Diffusion + online EWC on the K/V weights (000's CD EWC baseline)"
+    summary = ("custom-diffusion-sequential, held back where earlier concepts need its weights (EWC): an extra pass "
+               "of 1/5 of the training steps")
+    paper = "000 CD EWC"
     Params = EwcParams
 
     def anchor(self, ctx: TaskContext) -> dict[str, torch.Tensor]:

@@ -67,7 +67,9 @@ def write_pool(pool: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 class Dsc(Method):
     name = "dsc"
-    summary = "one LoRA, after each task distilled from itself and a random earlier task's LoRA (000's DSC, Algo 3)"
+    summary = ("one adapter, after each concept distilled towards itself and a copy kept from an earlier concept: an "
+               "extra pass of 1/5 of the training steps, and a stored adapter copy per concept")
+    paper = "000 DSC (Algo 3)"
     Params = DscParams
 
     def prepare(self, ctx: TaskContext) -> None:
@@ -107,12 +109,15 @@ class Dsc(Method):
 
 class DscEwc(EwcMixin, Dsc):
     name = "dsc-ewc"
-    summary = "Algo 4 without DC Fisher: EWC penalty -> DSC -> Fisher from the denoising loss"
+    summary = "dsc and lora-ewc together: two extra passes of 1/5 of the training steps, an adapter copy per concept"
+    paper = "000 Algo 4 with the denoising-loss Fisher"
     Params = DscEwcParams
 
 
 class DscEwcDc(EwcMixin, Dsc):
     name = "dsc-ewc-dc"
-    summary = "Algo 4, 000's full method: EWC penalty -> DSC -> Fisher with DC scores"
+    summary = ("the default: dsc and ewc-dc together, the DC-score paper's own method; about twice lora-sequential's "
+               "training time on the tiny bench, and an adapter copy per concept")
+    paper = "000's full method (Algo 4)"
     Params = DscEwcDcParams
     use_dc = True

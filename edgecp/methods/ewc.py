@@ -129,12 +129,16 @@ class EwcMixin:
 
 class LoraEwc(EwcMixin, Method):
     name = "lora-ewc"
-    summary = "one LoRA + online EWC penalty, Fisher from the denoising loss (000's LoRA EWC)"
+    summary = ("one adapter, held back where earlier concepts need its weights (EWC): an extra pass of 1/5 of the "
+               "training steps, and one more adapter-sized file")
+    paper = "000 LoRA EWC"
     Params = EwcParams
 
 
 class EwcDc(LoraEwc):
     name = "ewc-dc"
-    summary = "one LoRA + online EWC whose Fisher uses DC scores over k concepts (000's EWC DC, Algo 2)"
+    summary = ("lora-ewc, but it finds what earlier concepts need by checking that the model still tells them apart "
+               "(DC scores): the same extra pass, heavier")
+    paper = "000 EWC DC (Algo 2)"
     Params = EwcDcParams
     use_dc = True

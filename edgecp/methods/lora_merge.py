@@ -30,7 +30,9 @@ class LoraMergeParams:
 
 class LoraMerge(Method):
     name = "lora-merge"
-    summary = "a fresh LoRA per task from the base, merged with equal weights (000's LoRA merge, task arithmetic)"
+    summary = ("trains a separate adapter per concept from the base and averages them: no extra training, but the "
+               "store grows with each concept and concepts can blur into each other")
+    paper = "000 LoRA merge (task arithmetic)"
     Params = LoraMergeParams
 
     def _weights(self, n: int) -> list[float]:

@@ -11,4 +11,6 @@ from edgecp.methods.base import Method
 
 class LoraSequential(Method):
     name = "lora-sequential"
-    summary = "one LoRA continued from task to task, no consolidation (000's LoRA sequential, 001's naive)"
+    summary = ("keeps training one small adapter (LoRA) for every concept: the fastest and smallest, but a new concept "
+               "can overwrite earlier ones")
+    paper = "000 LoRA sequential; 001 naive continual LoRA"

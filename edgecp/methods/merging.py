@@ -31,7 +31,9 @@ def lora_weight_deltas(unet, scaling: float) -> dict[str, torch.Tensor]:
 
 class MergeReinit(Method):
     name = "merge-reinit"
-    summary = "fuse each task's LoRA into the weights, start a fresh LoRA (001's merge & initialization)"
+    summary = ("folds each concept's adapter into the model and starts a fresh one for the next: no extra training, "
+               "files of a fixed size")
+    paper = "001 merge & initialization"
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
@@ -45,7 +47,9 @@ class MergeReinit(Method):
 
 class MergeOrthogonal(MergeReinit):
     name = "merge-orthogonal"
-    summary = "merge & re-init with each new A orthogonal (SVD) to the accumulated A (001's orthogonal init)"
+    summary = ("merge-reinit, each new adapter started in directions the earlier ones did not use: no extra "
+               "training")
+    paper = "001 merge & orthogonal initialization"
 
     def prepare(self, ctx: TaskContext) -> None:
         super().prepare(ctx)
@@ -66,7 +70,9 @@ class MergeOrthogonal(MergeReinit):
 
 class MagMax(Method):
     name = "magmax"
-    summary = "fresh LoRA per task on base + selected LoRA, then element-wise max-magnitude selection of A and B (001)"
+    summary = ("a fresh adapter per concept, then, weight by weight, the larger of the old and the new value is "
+               "kept: no extra training")
+    paper = "001 MagMax (magnitude-based selection)"
 
     def prepare(self, ctx: TaskContext) -> None:
         selected = read_tensors(ctx.prev_dir, ADAPTER_FILE)

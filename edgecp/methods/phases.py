@@ -89,8 +89,8 @@ def predictor(unet, override: dict[str, torch.Tensor] | None = None):
     return lambda x, t, c: torch.func.functional_call(unet, override, (x, t, c)).sample
 
 
-def _report(progress, phase: str, i: int, n: int, loss: float | None) -> None:
-    emit(progress, phase, i, n, loss)
+def _report(progress, phase: str, i: int, n: int, loss: float | None, metric: str | None = None) -> None:
+    emit(progress, phase, i, n, loss, metric)
 
 
 def effective_batch(ctx: TaskContext) -> int:
@@ -104,10 +104,11 @@ def latent_elements(ctx: TaskContext) -> int:
 
 
 @torch.no_grad()
-def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4) -> float:
+def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4, text: torch.Tensor | None = None) -> float:
     """The task's denoising loss (per-element mean) at its start: the first `images` training latents (posterior
     means) under c_n, at `timesteps` evenly spaced t (stratified, so one number with little Monte-Carlo noise),
-    noise from a fixed generator. The loss scale of the scale-free penalties (C-LoRA, CNS)."""
+    noise from a fixed generator. The loss scale of the scale-free penalties (C-LoRA, CNS), and add-concept's
+    fixed-timestep loss before and after training (`text`: c_n encoded earlier, when the text encoder has left)."""
 
     sched = ctx.noise_scheduler
     x0 = ctx.instance.mean[:images] * ctx.instance.scale
@@ -117,8 +118,9 @@ def reference_loss(ctx: TaskContext, timesteps: int = 8, images: int = 4) -> flo
     rows = x0.repeat(timesteps, 1, 1, 1)
     t = ts.repeat_interleave(x0.shape[0]).to(rows.device)
     noise = torch.randn(rows.shape, generator=gen).to(rows)
-    with autocast(ctx):
-        text = encode_text(ctx.comps, [ctx.prompt], ctx.device).float()
+    if text is None:
+        with autocast(ctx):
+            text = encode_text(ctx.comps, [ctx.prompt], ctx.device).float()
     step = ctx.plan.micro_batch if ctx.plan is not None else ctx.train.batch_size
     losses = []
     for i in range(0, rows.shape[0], step):
@@ -170,7 +172,8 @@ def fisher_phase(ctx: TaskContext, params: dict[str, torch.nn.Parameter], iterat
                 summed = [g if a is None else (a if g is None else a + g) for a, g in zip(summed, grads)]
                 total += loss.item() / accum
             acc.add_grads([None if g is None else g / accum for g in summed])
-            _report(progress, "fisher", it + 1, iterations, total)
+            _report(progress, "fisher", it + 1, iterations, total,
+                    None if use_dc else "denoising loss (EWC's Fisher phase, no DC)")
     ctx.extra["fisher_seconds_per_iter"] = (time.perf_counter() - t0) / iterations
     ctx.extra["fisher_loss"] = sum(denoise) / max(len(denoise), 1)
     return acc.mean()

@@ -11,7 +11,9 @@ from edgecp.methods.base import Method, TaskContext
 
 class TextualInversion(Method):
     name = "textual-inversion"
-    summary = "only the new token's embedding is trained (000's TI baseline)"
+    summary = ("learns only a new word per concept and never changes the image model: nothing earlier is forgotten, "
+               "but it captures the least detail; a few KB per concept")
+    paper = "000 TI (Gal et al. 2023)"
     adapter_kind = "none"
     removal = "exact"  # the concept is its token; dropping the token leaves what never learned it
     bench_class_word = True  # 000 evaluates TI with the concept name after the token

@@ -9,20 +9,24 @@ from edgecp.methods.lora_sequential import LoraSequential
 
 class VeraSequential(LoraSequential):
     name = "vera-sequential"
-    summary = "VeRA (rank 256) continued from task to task, no consolidation (000 App. G.1)"
+    summary = ("lora-sequential with a VeRA adapter (shared random matrices, far fewer trained numbers): no "
+               "protection of earlier concepts; --format diffusers cannot export it")
+    paper = "000 App. G.1 (VeRA, rank 256)"
     adapter_kind = "vera"
     default_rank = 256
 
 
 class VeraEwc(LoraEwc):
     name = "vera-ewc"
-    summary = "VeRA + online EWC, Fisher from the denoising loss (000 App. G.1)"
+    summary = "lora-ewc with a VeRA adapter: the same extra pass; --format diffusers cannot export it"
+    paper = "000 App. G.1 (VeRA EWC)"
     adapter_kind = "vera"
     default_rank = 256
 
 
 class VeraEwcDc(EwcDc):
     name = "vera-ewc-dc"
-    summary = "VeRA + online EWC with DC-score Fisher (000 App. G.1)"
+    summary = "ewc-dc with a VeRA adapter: the same extra pass; --format diffusers cannot export it"
+    paper = "000 App. G.1 (VeRA EWC DC)"
     adapter_kind = "vera"
     default_rank = 256
