@@ -117,7 +117,7 @@ def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_step
                         samples=SampleConfig(50, out / "samples", steps=gen_steps) if i == 0 else None,
                         contact_sheet=out / "forgetting-check.png" if purge else None,
                         progress=lambda ev, n=name: bar(f"learn <{n}>" if ev.phase == "train" else ev.phase,
-                                                        ev.step, ev.total, ev.loss))
+                                                        ev.step, ev.total, ev.loss, metric=ev.metric))
         timings[name] = round(time.perf_counter() - t, 1)
         after = _draw(store, m["version"], f"a photo of <{name}>", gcfg, bar)
         rows.append((f"<{name}>", views, before, after))
@@ -128,8 +128,10 @@ def run_demo(out: str | Path = "edgecp-demo", steps: int | None = None, gen_step
             f"{fx['loss_fixed_after']:.4f}; staged copies left: {len(staged)}; "
             f"source photos left: {len(left)}/{len(photos)}{' (--purge-source)' if purge else ''}")
         for r in m["check"]["concepts"]:
+            warned = (f": past the threshold; `edgecp rollback {m['check']['from']} --store {store}` would undo "
+                      f"<{name}>") if r["name"] in m["check"]["warn"] else ""
             say(f"  forgetting check: <{r['name']}> drift {r['drift']:.3f} (1 - SSIM, warns above "
-                f"{m['check']['threshold']:g}), DC {r['dc_before']:.2f} -> {r['dc_after']:.2f}")
+                f"{m['check']['threshold']:g}), DC {r['dc_before']:.2f} -> {r['dc_after']:.2f}{warned}")
         checks[name] = m["check"]
     learning = _learning_sheet(rows, out / "learning.png")
     say(f"what learning did (training views | before | after): {learning}")

@@ -230,6 +230,7 @@ def _commit_without(store: Store, m: dict, name: str, mode: str) -> str:
     recorded = m.get("files")
     names = sorted(recorded) if recorded is not None else sorted(
         f.name for f in vdir.iterdir() if f.is_file() and not f.is_symlink() and f.name != MANIFEST)
+    names = [n for n in names if n != RECORD_FILE]  # the record is the training of the version that added a concept
     for fname in names:
         f = vdir / fname
         if f.suffix == ".safetensors":

@@ -191,7 +191,7 @@ def test_read_only_store_is_one_line(store_copy, capsys, monkeypatch, code_, nee
 def test_full_disk_is_one_line_and_the_store_is_unchanged(store_copy, tmp_path, capsys, monkeypatch):
     from edgecp.store import Store
 
-    def full(self, files, manifest):
+    def full(self, files, manifest, before_seal=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root / "versions" / ".tmp-v0003-x"))
 
     monkeypatch.setattr(Store, "commit", full)

@@ -37,7 +37,7 @@ def folder_bytes(d: Path) -> int:
 
 def run_method(method: str, steps: int, work: Path, tick) -> dict:
     from edgecp.api import init_store
-    from edgecp.demo import CONCEPTS, write_demo_photos
+    from edgecp.demo import CONCEPTS, write_demo_photos, write_toy_photos
     from edgecp.store import Store
     from edgecp.train import add_concept
 
@@ -45,7 +45,8 @@ def run_method(method: str, steps: int, work: Path, tick) -> dict:
     init_store(root, "tiny", method=method, train={"steps": steps})
     per_task = []
     for i, (name, image, word) in enumerate(CONCEPTS):
-        photos = write_demo_photos(work / "photos" / name, image, seed=i)
+        photos = (write_toy_photos(work / "photos" / name, seed=i) if image is None
+                  else write_demo_photos(work / "photos" / name, image, seed=i))
         m = add_concept(root, name, photos, class_word=word)
         per_task.append(m["concepts"][-1]["seconds_per_iteration"])
         tick()
