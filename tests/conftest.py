@@ -123,7 +123,7 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-# test_bench.py's smallest bench, shared by test_bench.py and test_bench_resume.py (one run for both).
+# test_bench.py's smallest bench, shared by test_bench.py, test_bench_resume.py and test_bench_stats.py (one run).
 # threads 1: BenchConfig's default 2 beside the other xdist worker oversubscribes the 2 cores (a bench took 160 s at
 # 2 threads, 25 s at 1); the Ray test starts its workers at 2 threads, so the config's 1 must still reach them
 SMALL_BENCH = {"methods": ("lora-sequential", "ewc-dc"), "tasks": 2, "steps": 2, "n_train": 2, "n_target": 3,
