@@ -77,7 +77,8 @@ def _is_int(v: object) -> bool:
 
 def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: StepCallback | None = None,
                    plan=None) -> list:
-    """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline.
+    """`cfg.n` images of one (already expanded) prompt with diffusers' StableDiffusionPipeline (on SDXL its
+    StableDiffusionXLPipeline, which encodes with both encoders and passes its own time ids).
 
     Under a memory `plan` (see edgecp/planner.py): its autocast, `plan.micro_batch` images per call, VAE slicing.
     The plan's autocast covers the text encoder and the UNet only: the pipeline returns latents and the VAE decodes
@@ -87,9 +88,9 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     """
     # lazy: torch and diffusers stay off the device runtime (module docstring)
     import torch
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-    from edgecp.model.base import ddim_scheduler
+    from edgecp.model.base import ddim_scheduler, pipeline_for
     from edgecp.model.quant import autocast_for
 
     size = cfg.size or comps.resolution
@@ -98,10 +99,7 @@ def torch_generate(comps, prompt: str, cfg: GenerateConfig, device, callback: St
     scheduler = comps.scheduler
     if cfg.sampler is not None:
         scheduler = ddim_scheduler(comps.scheduler.config, {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.sampler])
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = pipeline_for(comps, scheduler)  # StableDiffusionPipeline, or StableDiffusionXLPipeline on SDXL
     pipe.set_progress_bar_config(disable=True)
     lat = size // comps.vae_scale
     latents = torch.from_numpy(

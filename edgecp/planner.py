@@ -151,12 +151,15 @@ class UNetShape:
     sample_size: int = 64
     linear_projection: bool = False  # Transformer2DModel's proj_in/proj_out are Linear (SD 2.x), not 1x1 convs
     transformer_layers: int = 1  # BasicTransformerBlocks per Transformer2DModel (the largest, where it varies)
+    level_layers: tuple[int, ...] = ()  # BasicTransformerBlocks per Transformer2DModel at each level (SDXL: 1, 2, 10)
 
     @classmethod
     def from_config(cls, cfg: dict) -> UNetShape:
         lpb = cfg.get("layers_per_block", 2)
+        n_levels = len(cfg["block_out_channels"])
         tl = cfg.get("transformer_layers_per_block", 1) or 1
-        tl = tl if isinstance(tl, int) else max(x if isinstance(x, int) else max(x) for x in tl)
+        per_level = [tl] * n_levels if isinstance(tl, int) else list(tl)
+        per_level = tuple(int(x if isinstance(x, int) else max(x)) for x in per_level)
         return cls(
             block_out_channels=tuple(cfg["block_out_channels"]),
             layers_per_block=lpb if isinstance(lpb, int) else max(lpb),
@@ -164,11 +167,18 @@ class UNetShape:
             in_channels=cfg.get("in_channels", 4),
             sample_size=cfg.get("sample_size") or 64,
             linear_projection=bool(cfg.get("use_linear_projection", False)),
-            transformer_layers=int(tl),
+            transformer_layers=max(per_level),
+            level_layers=per_level,
         )
 
+    def layers_at(self, level: int) -> int:
+        """Transformer depth at `level` (the mid block takes the last level's, as diffusers builds it)."""
+        return self.level_layers[level] if self.level_layers else self.transformer_layers
+
     def units(self, latent: int) -> tuple[float, float, float]:
-        """(U_resnet, U_attention, largest attention level's C*h^2) in elements for a latent side `latent`."""
+        """(U_resnet, U_attention, largest attention level's C*h^2) in elements for a latent side `latent`. U_attention
+        counts each Transformer2DModel once per BasicTransformerBlock it holds (SDXL's 10-deep lowest level: 10x);
+        SD 1.x/2.x have one everywhere."""
         u_res = u_attn = biggest = 0.0
         last = len(self.block_out_channels) - 1
         for level, c in enumerate(self.block_out_channels):
@@ -177,17 +187,18 @@ class UNetShape:
             n_down, n_up = self.layers_per_block, self.layers_per_block + 1
             u_res += (n_down + n_up) * area
             if self.attention_levels[level]:
-                u_attn += (n_down + n_up) * area
+                u_attn += (n_down + n_up) * area * self.layers_at(level)
                 biggest = max(biggest, area)
             if level == last:  # mid block: two ResNets and one transformer
                 u_res += 2 * area
-                u_attn += area
+                u_attn += area * self.layers_at(level)
                 biggest = max(biggest, area)
         return u_res, u_attn, biggest or max(c * max(1, latent // 2**i) ** 2 for i, c in enumerate(self.block_out_channels))
 
-    def transformer_blocks(self, latent: int) -> list[tuple[int, int, int]]:
-        """(channels C, tokens h^2, BasicTransformerBlocks) per UNet level with attention, as `units` counts them:
-        layers_per_block down and layers_per_block + 1 up per attention level, the mid block at the last level."""
+    def transformer_blocks(self, latent: int) -> list[tuple[int, int, int, int]]:
+        """(channels C, tokens h^2, BasicTransformerBlocks, Transformer2DModels) per UNet level with attention, as
+        `units` counts them: layers_per_block down and layers_per_block + 1 up per attention level, the mid block at
+        the last level."""
         out = []
         last = len(self.block_out_channels) - 1
         for level, c in enumerate(self.block_out_channels):
@@ -195,7 +206,7 @@ class UNetShape:
             n = (2 * self.layers_per_block + 1) if self.attention_levels[level] else 0
             n += 1 if level == last else 0
             if n:
-                out.append((c, h * h, n * self.transformer_layers))
+                out.append((c, h * h, n * self.layers_at(level), n))
         return out
 
 
@@ -275,10 +286,18 @@ class Plan:
         """fp16 compute trains with loss scaling (edgecp/scaling.py); bf16 and fp32 need none."""
         return self.compute == "fp16"
 
+    @property
+    def vae_dtype(self) -> str:
+        """The VAE's precision under this plan: bf16 in bf16 plans, else fp32, never fp16 (SD's and SDXL's VAEs
+        overflow there: activations past 65504; diffusers' SDXL VAE config says `force_upcast`)."""
+        return "bf16" if self.compute == "bf16" else "fp32"
+
     def line(self) -> str:
         w = {"fp32": "fp32 base", "bf16": "bf16 base", "fp16": "fp16 base"}.get(self.weights)
         w = w or f"8-bit base ({self.backend}; convs/norms {self.compute}, adapted layers fp32)"
         parts = [w, f"{self.compute} autocast" if self.compute != "fp32" else "no autocast"]
+        if self.compute != "fp32":  # model/quant.py and generate.decode_latents hold and run the VAE so
+            parts.append(f"VAE {self.vae_dtype}" + (" (SD/SDXL VAEs overflow in fp16)" if self.compute == "fp16" else ""))
         if self.loss_scaling and self.purpose != "generate":
             parts.append("loss scaling")
         if self.purpose == "generate":
@@ -344,11 +363,11 @@ def _bnb_retained(shape: BaseShape, latent: int, rows: int, compute: str, ckpt: 
     attn2.to_k/to_v are adapter targets and stay full precision (no 8-bit layer)."""
     b = _bytes(compute)
     total = 0.0
-    for c, tokens, blocks in shape.unet.transformer_blocks(latent):
+    for c, tokens, blocks, models in shape.unet.transformer_blocks(latent):
         per_token = 3 * 4 * c + (2 * b * c if ckpt else 0) + 4 * 4 * c
         total += blocks * tokens * per_token
         if shape.unet.linear_projection:
-            total += (blocks // shape.unet.transformer_layers) * tokens * 2 * 4 * c
+            total += models * tokens * 2 * 4 * c
     return rows * total
 
 

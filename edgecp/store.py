@@ -251,6 +251,18 @@ class Store:
         return store
 
     # -- reading --------------------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """The base's family as `init` recorded it (tiny, sd1, sd2, sdxl, ...; "other" for a store without one)."""
+        return str((self.info.get("defaults") or {}).get("family") or "other")
+
+    def refuse_sdxl(self, what: str) -> None:
+        """One line for the exports SDXL does not have yet (issue 28: generation and training work on SDXL)."""
+        if self.family == "sdxl":
+            raise EdgecpError(
+                f"{what} of an SDXL store is not built yet: generate with `edgecp generate --store {self.root}` "
+                "(PyTorch), or export from an SD 1.x/2.x store")
+
     def head_or_none(self) -> str | None:
         """What HEAD names, or None when HEAD is missing, empty or not a version name (a damaged store)."""
         try:

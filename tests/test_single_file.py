@@ -9,7 +9,15 @@ from safetensors.numpy import save_file
 
 from edgecp.errors import EdgecpError
 from edgecp.model.ldm_layout import pipeline_to_single_file
-from edgecp.model.single_file import CONFIGS, V1_KEY, V2_KEY, XL_KEY, config_folder, detect_family
+from edgecp.model.single_file import (
+    CONFIGS,
+    V1_KEY,
+    V2_KEY,
+    XL_KEY,
+    XL_REFINER_KEY,
+    config_folder,
+    detect_family,
+)
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -57,8 +65,12 @@ def test_the_family_is_read_from_the_header_and_unusable_checkpoints_are_refused
     assert detect_family(_fake_checkpoint(tmp_path / "v1-5.safetensors", **sd1)) == "sd1"
     assert detect_family(_fake_checkpoint(tmp_path / "v2-1_768-ema.safetensors", **sd2)) == "sd2-v"
     assert detect_family(_fake_checkpoint(tmp_path / "v2-1_512-ema.safetensors", **sd2)) == "sd2-base"
+    assert detect_family(_fake_checkpoint(tmp_path / "xl.safetensors", **{UNET_KEY: (320, 4, 3, 3), XL_KEY: (1280,)})) \
+        == "sdxl"  # issue 28
     for name, shapes, needle in (
-        ("xl.safetensors", {**sd1, XL_KEY: (1280,)}, "SDXL"),
+        ("xl-inpaint.safetensors", {UNET_KEY: (320, 9, 3, 3), XL_KEY: (1280,)}, "SDXL UNet with 9 input channels"),
+        ("xl-refiner.safetensors", {UNET_KEY: (384, 4, 3, 3), XL_REFINER_KEY: (1280,)}, "SDXL refiner"),
+        ("xl-no-unet.safetensors", {XL_KEY: (1280,)}, "SDXL checkpoint without a UNet"),
         ("inpaint.safetensors", {UNET_KEY: (320, 9, 3, 3), V1_KEY: (320, 768)}, "9 input channels"),
         ("other.safetensors", {"x": (2,)}, "not a Stable Diffusion checkpoint"),
     ):
@@ -95,7 +107,20 @@ def test_a_single_file_base_works_offline_and_init_refuses_an_unusable_one(tmp_p
     assert code == 0, err
     code, _, err = run_cli(capsys, "add-concept", "dog", *make_photos(tmp_path / "p", n=1), "--store", store)
     assert code == 0, err
-    xl = _fake_checkpoint(tmp_path / "sdxl.safetensors", **{UNET_KEY: (320, 4, 3, 3), XL_KEY: (1280,)})
-    code, _, err = run_cli(capsys, "init", tmp_path / "s2", "--base", xl)
-    assert_one_line_error(code, err, "SDXL", "1.x and 2.x")
+    refiner = _fake_checkpoint(tmp_path / "refiner.safetensors", **{UNET_KEY: (384, 4, 3, 3), XL_REFINER_KEY: (1280,)})
+    code, _, err = run_cli(capsys, "init", tmp_path / "s2", "--base", refiner)
+    assert_one_line_error(code, err, "SDXL refiner", "pass the SDXL base")
     assert not (tmp_path / "s2").exists()
+
+
+def test_sdxl_config_folder_has_both_offline_tokenizers_and_the_pipeline_configs():
+    from transformers import CLIPTokenizer
+
+    d = config_folder("sdxl")
+    first = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
+    second = CLIPTokenizer.from_pretrained(d / "tokenizer_2", local_files_only=True)
+    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")
+    assert first("a photo").input_ids == second("a photo").input_ids == [49406, 320, 1125, 49407]
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert (d / sub / "config.json").is_file(), sub
+    assert (d / "scheduler" / "scheduler_config.json").is_file()

@@ -3,7 +3,8 @@
 Every measured row is a fresh `edgecp add-concept` process (the CLI, as a user runs it), so its peak is that
 process's own: `ru_maxrss` of the child on the CPU, `torch.cuda.max_memory_allocated` (recorded in the manifest) on
 CUDA. The store first learns `--history` concepts (so that EWC DC's Fisher call holds its full k = 5 concepts and
-DSC has teachers); each measured row then learns one more concept on a copy of that store.
+DSC has teachers); each measured row then learns one more concept on a copy of that store. The forgetting check is
+off (`--check-images 0`): it runs after training, loads two more models, and is not what the plan budgets.
 
     python tools/make_sd_fixture.py --out /tmp/sd15
     python tools/bench_memory.py --base /tmp/sd15 --resolution 256 --rows none,int8 --out docs/memory/cpu-256.json
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgecp-bench-memory"))
     ap.add_argument("--out", type=Path, default=None, help="JSON results")
+    ap.add_argument("--prior-steps", type=int, default=None,
+                    help="sampling steps of the one prior image (default: the defaults set's, 50 on SD bases)")
     args = ap.parse_args()
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -87,13 +90,20 @@ def main() -> None:
     done, t_all = 0, time.perf_counter()
     for method in methods:
         base_store = args.work / f"{method}-history"
-        init = ["init", str(base_store), "--base", args.base, "--method", method, "--prior-images", "1"]
-        for t in train:
-            init += ["--train", t]
-        _run(init, env)
+        if args.prior_steps is None:
+            init = ["init", str(base_store), "--base", args.base, "--method", method, "--prior-images", "1"]
+            for t in train:
+                init += ["--train", t]
+            _run(init, env)
+        else:  # the CLI has no flag for the prior's sampling steps: the library's init, in a child as well
+            code = ("import json, sys; from edgecp.api import init_store; init_store(sys.argv[1], sys.argv[2], "
+                    "method=sys.argv[3], train={k: json.loads(v) for k, v in (kv.split('=') for kv in sys.argv[5:])}, "
+                    "prior={'num_images': 1, 'steps': int(sys.argv[4])})")
+            subprocess.run([sys.executable, "-c", code, str(base_store), args.base, method, str(args.prior_steps),
+                            *train], env=env, check=True, capture_output=True)
         for i in range(args.history):  # build the history with the smallest plan, quickly
             _run(["add-concept", f"c{i}", str(photos[i]), "--store", str(base_store), "--class-word", "dog",
-                  "--steps", "1", "--device", args.device, "--plan", "weights=int8"], env)
+                  "--steps", "1", "--device", args.device, "--plan", "weights=int8", "--check-images", "0"], env)
             done += 1
             _progress(done, total, t_all, f"{method}: history {i + 1}/{args.history}")
         for row in rows:
@@ -101,7 +111,7 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
             shutil.copytree(base_store, store)
             rss, wall, out = _run(["add-concept", "new", str(photos[-1]), "--store", str(store), "--class-word", "dog",
-                                   "--device", args.device, *_row_flags(row)], env)
+                                   "--device", args.device, "--check-images", "0", *_row_flags(row)], env)
             head = (store / "HEAD").read_text().strip()
             manifest = json.loads((store / "versions" / head / "manifest.json").read_text())
             c = manifest["concepts"][-1]

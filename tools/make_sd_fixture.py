@@ -8,6 +8,8 @@ model (UNet 859.5 M, text encoder 123.1 M, VAE 83.7 M); the images it makes are 
     python tools/make_sd_fixture.py --out /tmp/sd15            # about 1 minute, 4.3 GB (fp32, like the hub folder)
     edgecp init /tmp/s --base /tmp/sd15 --train resolution=256
 
+`--preset sdxl` writes SDXL base 1.0's architecture (two text encoders, 2.6 B-parameter UNet; about 1 minute,
+13.9 GB fp32), `sdxl-mini` the same layout narrowed for the tests (a few MB).
 `--preset sd15-mini` writes the same architecture family at a fraction of the width, for quicker smoke tests.
 `--preset sd2-v` / `sd2-v-mini` write SD 2.x 768-v's layout (linear projections, per-block heads, OpenCLIP-H's
 text tower, the hub's Euler v-prediction scheduler file without `clip_sample`), full size or at a fifth of the width.
@@ -59,8 +61,48 @@ SD2V_SCHEDULER = {
     "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "use_karras_sigmas": False,
 }
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0's config files): three levels, 1/2/10 transformer layers,
+# linear projections, cross-attention over both encoders' hidden states (768 + 1280), added text + time conditioning
+# (pooled 1280 + 6 time ids x 256 Fourier features = 2816), the VAE's 0.13025 scaling, and CLIP ViT-bigG's text tower
+# with its projection as the second encoder. Parameter counts: UNet 2,567.5 M, text encoders 123.1 M + 694.7 M.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT = {**SD15_TEXT, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # as the hub's config says
+SDXL_TEXT_2 = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+# SDXL's layout narrowed for the tests: the same three levels, the 1/2/2 transformer depths standing in for 1/2/10,
+# two encoders of different widths (64 and 96, projection 96; the second 10 layers deep), pooled + 6 x 16 time features
+SDXL_MINI = (
+    {**SDXL_UNET, "block_out_channels": (32, 64, 128), "attention_head_dim": (1, 2, 4),
+     "transformer_layers_per_block": (1, 2, 2), "cross_attention_dim": 160, "addition_time_embed_dim": 16,
+     "projection_class_embeddings_input_dim": 96 + 6 * 16, "sample_size": 32},
+    {**SDXL_VAE, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
+    {**SDXL_TEXT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+     "projection_dim": 64},
+    # 10 layers: diffusers recognises an SDXL single file by its second encoder's 10th block
+    {**SDXL_TEXT_2, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 10, "num_attention_heads": 2,
+     "projection_dim": 96},
+)
 PRESETS = {
     "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
+    "sdxl": (SDXL_UNET, SDXL_VAE, SDXL_TEXT, SDXL_TEXT_2),
+    "sdxl-mini": SDXL_MINI,
     "sd2-v": (SD2V_UNET, SD15_VAE, SD2V_TEXT),
     # SD 2.x's layout at a fifth of the width: per-block head counts kept distinct (2, 4, 8, 8 heads of 32)
     "sd2-v-mini": (
@@ -84,12 +126,13 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
     """Build each component from its config (random weights from `seed`), save it, free it. Returns counts."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from edgecp.model.tiny import SD_SCHEDULER_CONFIG
     from edgecp.model.tokenizer import write_clip_tokenizer
 
-    unet_cfg, vae_cfg, text_cfg = PRESETS[preset]
+    unet_cfg, vae_cfg, text_cfg, *second = PRESETS[preset]
+    xl = bool(second)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -98,7 +141,7 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
         ("unet", lambda: UNet2DConditionModel(**unet_cfg)),
         ("vae", lambda: AutoencoderKL(**vae_cfg)),
         ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**text_cfg))),
-    )
+    ) + ((("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**second[0]))),) if xl else ())
     for i, (name, build) in enumerate(builders):
         t0 = time.perf_counter()
         torch.manual_seed(seed + i)
@@ -108,8 +151,13 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
         del model
         log(f"{name}: {counts[name] / 1e6:.1f} M parameters, {time.perf_counter() - t0:.1f} s")
     write_clip_tokenizer(partial / "tokenizer")
+    if xl:  # SDXL's second tokenizer is OpenCLIP's: the same vocabulary, padded with "!"
+        write_clip_tokenizer(partial / "tokenizer_2", pad_token="!")
     sd2 = preset.startswith("sd2")
-    if sd2:
+    if xl:
+        (partial / "scheduler").mkdir()
+        (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER, indent=2))
+    elif sd2:
         (partial / "scheduler").mkdir()
         (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2V_SCHEDULER, indent=2))
     else:
@@ -123,6 +171,15 @@ def write_fixture(out: Path, preset: str = "sd15", seed: int = 0, log=print) -> 
     }
     if sd2:
         index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    if xl:
+        index = {
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+            "feature_extractor": [None, None], "image_encoder": [None, None],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        }
     (partial / "model_index.json").write_text(json.dumps(index, indent=2))
     (partial / "fixture.json").write_text(json.dumps({"preset": preset, "seed": seed, "parameters": counts}, indent=2))
     shutil.rmtree(out, ignore_errors=True)

@@ -58,6 +58,7 @@ def export_diffusers(store_root: str | Path, out: str | Path, overwrite: bool = 
     folder unless `overwrite` (which replaces an earlier diffusers export: `edgecp.outputs.check_output_dir`). The
     files are written to a temporary folder beside `out` and renamed into place: a refusal leaves nothing."""
     store = Store.open(outputs.absolute(store_root))
+    store.refuse_sdxl("the diffusers export")
     version = store.check_version()
     out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind="diffusers")
     adapter = effective_adapter(store, version)

@@ -130,6 +130,7 @@ class ExportJob:
         `update_for`: the base export an update is made for (`check_base`)."""
         profile = load_profile(profile_name)
         store = Store.open(outputs.absolute(store_root))
+        store.refuse_sdxl("the ONNX export")
         version = store.head
         base_dir = base_meta = None
         refused = None

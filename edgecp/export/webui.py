@@ -370,6 +370,7 @@ def open_export(store_root: str | Path, out: str | Path, overwrite: bool, kind: 
     if precision not in DTYPES:
         raise EdgecpError(f"--precision '{precision}' is unknown: use fp16 or fp32")
     store = Store.open(outputs.absolute(store_root))
+    store.refuse_sdxl(f"the {kind} export")
     version = store.check_version()
     out = outputs.check_output_dir(out, store.root, overwrite=overwrite, kind=kind)
     return store, version, out, concept_rows(store, version)

@@ -21,6 +21,13 @@ from safetensors import safe_open
 from transformers.utils import logging as transformers_logging
 
 from edgecp.errors import EdgecpError
+from edgecp.model.sdxl import (
+    DualTextEncoder,
+    DualTokenizer,
+    install_packed_conditioning,
+    is_sdxl_config,
+    pool_at_end_of_text,
+)
 from edgecp.model.single_file import config_folder, detect_family, install_token_rows, load_token_rows
 from edgecp.model.tiny import ensure_tiny_model
 from edgecp.paths import edgecp_home
@@ -28,7 +35,7 @@ from edgecp.sampling import ddim_config  # one rule for PyTorch and the runner (
 from edgecp.scoped import progress_bars_off, quiet_libraries
 from edgecp.store import sha256_file
 
-COMPONENT_DIRS = ("unet", "vae", "text_encoder")
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL only
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,15 @@ def _download_hub(repo_id: str) -> Path:
             "when offline, pass a local diffusers folder or a .safetensors file with --base"
         ) from e
     return Path(folder)
+
+
+def is_sdxl_folder(path: Path) -> bool:
+    """Whether a diffusers folder is an SDXL pipeline, by its UNet's architecture (added text and time conditioning),
+    not by the pipeline class its model_index.json names."""
+    try:
+        return is_sdxl_config(json.loads((path / "unet" / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def weight_files(spec: BaseSpec) -> list[Path]:
@@ -173,7 +189,9 @@ def ddim_scheduler(config, cls=None):
 
 @dataclass
 class Components:
-    """The pieces of a Stable Diffusion pipeline that edgecp trains and exports."""
+    """The pieces of a Stable Diffusion pipeline that edgecp trains and exports. On SDXL `tokenizer` is a
+    `DualTokenizer` and `text_encoder` a `DualTextEncoder` (both encoders; `model/sdxl.py`), and the UNet takes the
+    packed conditioning they make."""
 
     tokenizer: object
     text_encoder: object
@@ -189,11 +207,44 @@ class Components:
     def resolution(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale
 
+    @property
+    def sdxl(self) -> bool:
+        return isinstance(self.text_encoder, DualTextEncoder) or is_sdxl_config(self.unet.config)
+
+
+def sdxl_components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler) -> Components:
+    """An SDXL pipeline's pieces as edgecp's Components: the two encoders joined, the UNet taking packed conditioning."""
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    install_packed_conditioning(unet, vae_scale)
+    pool_at_end_of_text(text_encoder, tokenizer)
+    pool_at_end_of_text(text_encoder_2, tokenizer_2)
+    return Components(DualTokenizer(tokenizer, tokenizer_2), DualTextEncoder(text_encoder, text_encoder_2), vae, unet,
+                      scheduler)
+
+
+def pipeline_for(comps: Components, scheduler):
+    """diffusers' text-to-image pipeline around `comps` (no safety checker): StableDiffusionPipeline, or
+    StableDiffusionXLPipeline on SDXL, where the pipeline encodes prompts with both encoders itself (their token
+    tables carry the concept rows) and passes its own time ids."""
+    if comps.sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        te = comps.text_encoder
+        return StableDiffusionXLPipeline(
+            vae=comps.vae, text_encoder=te.text_encoder, text_encoder_2=te.text_encoder_2,
+            tokenizer=comps.tokenizer.first, tokenizer_2=comps.tokenizer.second, unet=comps.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    return StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
 
 def load_error(spec: BaseSpec, e: Exception) -> EdgecpError:
     """The one-line error for a base that diffusers or transformers could not load."""
     return EdgecpError(
-        f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x pipeline: {type(e).__name__}: "
+        f"could not load base '{spec.locator}' as a Stable Diffusion 1.x/2.x/XL pipeline: {type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}"
     )
 
@@ -206,11 +257,22 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
         # the base's own scheduler (replaced below) may say clip_sample true or steps_offset 0: diffusers' notice
         # about it is not the user's business
         with scheduler_notices_silenced(), quiet_loading():
-            if spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
+            if spec.kind == "single_file" and detect_family(spec.path) == "sdxl":
+                from diffusers import StableDiffusionXLPipeline
+
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    str(spec.path), config=str(config_folder("sdxl")), local_files_only=True, torch_dtype=dtype,
+                    use_safetensors=True,
+                )
+            elif spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
                     torch_dtype=dtype, safety_checker=None, use_safetensors=True,
                 )
+            elif is_sdxl_folder(spec.path):
+                from diffusers import StableDiffusionXLPipeline
+
+                pipe = StableDiffusionXLPipeline.from_pretrained(str(spec.path), dtype=dtype, use_safetensors=True)
             else:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(spec.path), dtype=dtype, safety_checker=None, feature_extractor=None,
@@ -220,10 +282,16 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
         raise
     except Exception as e:
         raise load_error(spec, e) from e
-    if spec.kind == "single_file":  # a checkpoint edgecp exported: its concepts' tokens become base words
+    # a checkpoint edgecp exported: its concepts' tokens become base words (SD 1.x/2.x: edgecp writes no SDXL file yet)
+    if spec.kind == "single_file" and getattr(pipe, "text_encoder_2", None) is None:
         install_token_rows(pipe.tokenizer, pipe.text_encoder, load_token_rows(spec.path), f"base file '{spec.path}'")
     scheduler = ddim_scheduler(pipe.scheduler.config)
-    for m in (pipe.text_encoder, pipe.vae, pipe.unet):
-        m.requires_grad_(False)
-        m.eval()
+    encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    for m in (*encoders, pipe.vae, pipe.unet):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    if encoders[1] is not None:
+        return sdxl_components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae,
+                               pipe.unet, scheduler)
     return Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler)

@@ -25,6 +25,8 @@ def _map_prefixes(unet_cfg: dict) -> list[tuple[str, str]]:
          ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
          ("mid_block.attentions.0.", "middle_block.1.")]
     m += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
+    if unet_cfg.get("addition_embed_type") == "text_time":  # SDXL's pooled-text + time-ids embedding
+        m += [("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]
     for i in range(n):
         down_attn = unet_cfg["down_block_types"][i].startswith("CrossAttn")
         up_attn = unet_cfg["up_block_types"][i].startswith("CrossAttn")
@@ -80,12 +82,19 @@ def vae_to_ldm(state: dict, cfg: dict) -> dict:
     return out
 
 
-def text_encoder_to_ldm(state: dict, openclip: bool) -> dict:
-    """A transformers CLIPTextModel state dict -> the original layout (SD 1.x CLIP, or SD 2.x OpenCLIP)."""
-    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}  # transformers 5
+def text_encoder_to_ldm(state: dict, openclip: bool, prefix: str | None = None) -> dict:
+    """A transformers CLIPTextModel state dict -> the original layout (SD 1.x CLIP, or SD 2.x OpenCLIP). `prefix`:
+    where the encoder lives (SDXL: `conditioner.embedders.0.transformer.` for CLIP, `conditioner.embedders.1.model.`
+    for OpenCLIP, whose `text_projection` is stored transposed, x @ P, as diffusers' converter reads it)."""
+    projection = state.get("text_projection.weight")
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
+             if not k.startswith("text_projection.")}  # transformers 5
     if not openclip:
-        return {"cond_stage_model.transformer." + k: v for k, v in state.items() if not k.endswith("position_ids")}
-    p, out = "cond_stage_model.model.", {}
+        p = prefix or "cond_stage_model.transformer."
+        return {p + k: v for k, v in state.items() if not k.endswith("position_ids")}
+    p, out = prefix or "cond_stage_model.model.", {}
+    if projection is not None:
+        out[p + "text_projection"] = projection.T.contiguous()
     out[p + "token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
     out[p + "positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
     out[p + "ln_final.weight"] = state["text_model.final_layer_norm.weight"]
@@ -104,7 +113,7 @@ def text_encoder_to_ldm(state: dict, openclip: bool) -> dict:
 
 
 def pipeline_to_single_file(folder, out) -> None:
-    """A diffusers SD folder -> one .safetensors file in the original layout (UNet, VAE, CLIP text encoder)."""
+    """A diffusers SD folder -> one .safetensors file in the original layout (UNet, VAE, the text encoder(s))."""
     import json
     from pathlib import Path
 
@@ -116,6 +125,12 @@ def pipeline_to_single_file(folder, out) -> None:
     sd.update(unet_to_ldm(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")), cfg))
     vcfg = json.loads((folder / "vae" / "config.json").read_text())
     sd.update(vae_to_ldm(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")), vcfg))
-    sd.update(text_encoder_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")),
-                                  openclip=cfg["cross_attention_dim"] == 1024))
+    if (folder / "text_encoder_2").is_dir():  # SDXL: both encoders under `conditioner.embedders`
+        sd.update(text_encoder_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")), openclip=False,
+                                      prefix="conditioner.embedders.0.transformer."))
+        sd.update(text_encoder_to_ldm(load_file(str(folder / "text_encoder_2" / "model.safetensors")), openclip=True,
+                                      prefix="conditioner.embedders.1.model."))
+    else:
+        sd.update(text_encoder_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")),
+                                      openclip=cfg["cross_attention_dim"] == 1024))
     save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, str(out))

@@ -35,11 +35,19 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from edgecp.errors import EdgecpError
 from edgecp.memory import compact_allocator
-from edgecp.model.base import Components, ddim_scheduler, load_components, load_error, quiet_loading
+from edgecp.model.base import (
+    Components,
+    ddim_scheduler,
+    is_sdxl_folder,
+    load_components,
+    load_error,
+    quiet_loading,
+    sdxl_components,
+)
 
 BACKENDS = ("torchao", "bitsandbytes")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -250,7 +258,14 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
                 tokenizer = CLIPTokenizer.from_pretrained(spec.path / "tokenizer")
                 text_encoder = CLIPTextModel.from_pretrained(spec.path / "text_encoder", dtype=text_dtype,
                                                              use_safetensors=True)
-                vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32  # fp16 overflows in SD's VAE
+                sdxl = is_sdxl_folder(spec.path)
+                if sdxl:  # the second encoder, with its pooled projection (model/sdxl.py)
+                    tokenizer_2 = CLIPTokenizer.from_pretrained(spec.path / "tokenizer_2")
+                    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                        spec.path / "text_encoder_2", dtype=text_dtype, use_safetensors=True)
+                # fp16 overflows in SD's VAE, and in SDXL's (activations past 65504; diffusers upcasts it for the
+                # same reason, `force_upcast`): fp32, or bf16 (fp32's range) in bf16 plans
+                vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32
                 vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
                 scheduler = ddim_scheduler(DDIMScheduler.load_config(spec.path / "scheduler"))  # as load_components
                 unet = stream_unet(spec.path, precision, device)
@@ -261,7 +276,9 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
             raise
         except Exception as e:
             raise load_error(spec, e) from e
-    for m in (text_encoder, vae, unet):
+    for m in (text_encoder, vae, unet, *([text_encoder_2] if sdxl else [])):
         m.requires_grad_(False)
         m.eval()
+    if sdxl:
+        return sdxl_components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler)
     return Components(tokenizer, text_encoder, vae, unet, scheduler)

@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from edgecp.model.base import BaseSpec
+from edgecp.model.single_file import CONFIGS, XL_KEY
 from edgecp.planner import BaseShape, UNetShape
 
 # The SD 1.x UNet layout (diffusers' UNet2DConditionModel defaults), used when a single-file checkpoint has no
@@ -16,7 +17,7 @@ SD1_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
 SD_VAE_CHANNELS = (128, 256, 512, 512)
 _SINGLE_FILE_PREFIX = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text",
-                       "conditioner.embedders.0.": "text"}
+                       "conditioner.embedders.0.": "text", "conditioner.embedders.1.": "text"}
 
 
 def _header(path: Path) -> dict[str, list[int]]:
@@ -66,6 +67,8 @@ def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.
                     parts[comp][key.removeprefix(prefix)] = shape
                     break
         unet_cfg, vae_channels, single = SD1_UNET, SD_VAE_CHANNELS, True
+        if XL_KEY in _header(spec.path):  # SDXL's block structure differs from SD 1.x/2.x: its shipped config
+            unet_cfg = json.loads((CONFIGS / "sdxl" / "unet" / "config.json").read_text())
     else:
         def tensors(comp: str) -> dict[str, list[int]]:
             out: dict[str, list[int]] = {}
@@ -74,7 +77,10 @@ def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.
                     out.update(_header(f))
             return out
 
-        parts = {"unet": tensors("unet"), "vae": tensors("vae"), "text": tensors("text_encoder")}
+        # SDXL's second text encoder counts with the first: both are held, and trained through when the token is
+        parts = {"unet": tensors("unet"), "vae": tensors("vae"),
+                 "text": {**{f"1.{k}": v for k, v in tensors("text_encoder").items()},
+                          **{f"2.{k}": v for k, v in tensors("text_encoder_2").items()}}}
         unet_cfg = json.loads((spec.path / "unet" / "config.json").read_text())
         vae_channels = tuple(json.loads((spec.path / "vae" / "config.json").read_text())["block_out_channels"])
         single = False

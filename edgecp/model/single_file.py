@@ -9,12 +9,14 @@ The family is read from the checkpoint's header (key names and two tensor shapes
 - `sd1`: SD 1.x (CLIP ViT-L/14 text encoder, cross-attention 768), epsilon prediction, 512 px;
 - `sd2-v`: SD 2.x (OpenCLIP ViT-H text encoder, cross-attention 1024), v-prediction, 768 px (2.0 / 2.1);
 - `sd2-base`: SD 2.x base, epsilon prediction, 512 px;
+- `sdxl`: SDXL base 1.0 (CLIP ViT-L and OpenCLIP ViT-bigG under `conditioner.embedders.0/1`), 1024 px, epsilon;
+  the SDXL refiner and inpainting UNets are refused;
 - `tiny`: the embedded tiny world's architecture (cross-attention 64), e.g. `--base tiny` saved as one file.
 Whether an SD 2.x checkpoint predicts v or epsilon is not in its weights. Like diffusers (which defaults to
 stable-diffusion-2-1), edgecp assumes v-prediction at 768 px, unless the file name says `base` or `512`
 (e.g. `v2-1_512-ema-pruned.safetensors`, `sd2-base.safetensors`): our choice, stated here and in the README. A
 checkpoint edgecp exported names its family in its metadata (`edgecp_family`), which wins over the file name.
-SDXL, inpainting, and anything else are refused with the reason, before a store is written.
+Inpainting, the SDXL refiner and anything else are refused with the reason, before a store is written.
 
 Concept tokens: a checkpoint that `edgecp export --format checkpoint` wrote carries its concepts' token rows under
 `edgecp_token_rows.<token>` (the text encoder's table keeps the base vocabulary's shape, which every desktop tool
@@ -39,12 +41,13 @@ from edgecp.model.tokenizer import write_clip_tokenizer
 from edgecp.paths import edgecp_home
 
 CONFIGS = Path(__file__).parent / "assets" / "sd-configs"
-FAMILIES = ("sd1", "sd2-base", "sd2-v", "tiny")
+FAMILIES = ("sd1", "sd2-base", "sd2-v", "sdxl", "tiny")
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 V2_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # (out, 1024) in SD 2.x
 V1_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, 768) in SD 1.x
-XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+XL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"  # diffusers' xl_base key
+XL_REFINER_KEY = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"
 
 
 TOKEN_ROWS = "edgecp_token_rows."  # key prefix of a concept token's row in a checkpoint edgecp wrote
@@ -107,11 +110,20 @@ def _header(path: Path) -> dict[str, list[int]]:
 
 
 def detect_family(path: Path) -> str:
-    """sd1 | sd2-base | sd2-v for a single-file checkpoint; refuses what edgecp cannot load, naming why."""
+    """sd1 | sd2-base | sd2-v | sdxl | tiny for a single-file checkpoint; refuses what edgecp cannot load, naming why."""
     keys = _header(path)
     what = f"base file '{path}'"
+    if XL_REFINER_KEY in keys:
+        raise EdgecpError(f"{what} is the SDXL refiner (one OpenCLIP encoder, no CLIP ViT-L), which refines another "
+                          "model's latents: pass the SDXL base checkpoint")
+    if XL_KEY in keys and UNET_KEY in keys:
+        if keys[UNET_KEY][1] != 4:
+            raise EdgecpError(f"{what} is an SDXL UNet with {keys[UNET_KEY][1]} input channels (inpainting): edgecp "
+                              "supports text-to-image SDXL (4 channels)")
+        return "sdxl"
     if XL_KEY in keys:
-        raise EdgecpError(f"{what} is an SDXL checkpoint: edgecp supports Stable Diffusion 1.x and 2.x")
+        raise EdgecpError(f"{what} is an SDXL checkpoint without a UNet in the original layout: pass the whole "
+                          "single-file checkpoint or a diffusers folder")
     if UNET_KEY not in keys:
         raise EdgecpError(f"{what} is not a Stable Diffusion checkpoint in the original single-file layout (no "
                           f"{UNET_KEY}): pass an SD 1.x/2.x .safetensors checkpoint or a diffusers folder")
@@ -147,6 +159,8 @@ def config_folder(family: str) -> Path:
     shutil.copytree(CONFIGS / family, tmp)
     # SD 2.x's OpenCLIP tokenizer pads with "!" (id 0); SD 1.x pads with <|endoftext|>
     write_clip_tokenizer(tmp / "tokenizer", pad_token="!" if family.startswith("sd2") else "<|endoftext|>")
+    if family == "sdxl":  # SDXL's second tokenizer is OpenCLIP's, padding with "!"
+        write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
     try:
         tmp.rename(d)
     except OSError:  # another process made it first

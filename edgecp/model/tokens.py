@@ -30,6 +30,10 @@ class ConceptEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:  # for code that reads `.weight` (e.g. tied heads, resizing)
         return torch.cat([self.base.weight, *[r[None] for r in self.rows]]) if len(self.rows) else self.base.weight
 
+    def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The frozen table's rows `ids` (SDXL's `DualConceptEmbedding`: both tables' rows, concatenated)."""
+        return self.base.weight[ids]
+
     def add_row(self, vec: torch.Tensor, trainable: bool) -> int:
         # fp32 master row even when the frozen table is held in 16 bits (a memory plan)
         row = vec.detach().clone().to(device=self.base.weight.device, dtype=torch.float32)
@@ -60,8 +64,7 @@ def word_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise EdgecpError(f"class word '{word}' has no tokens: pass a plain word such as 'dog'")
-    table = concept_embedding(text_encoder).base.weight
-    return table[torch.tensor(ids)].mean(0)
+    return concept_embedding(text_encoder).base_rows(torch.tensor(ids)).mean(0)
 
 
 def add_concept_token(tokenizer, text_encoder, name: str, init: torch.Tensor, trainable: bool) -> int:
