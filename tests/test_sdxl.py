@@ -214,11 +214,16 @@ def test_sdxl_exports_are_refused_in_one_line(sdxl_base, tmp_path):
 
     root = tmp_path / "s"
     init_store(root, str(sdxl_base), method="lora-sequential", train={"steps": 1, "resolution": 64})
+    from edgecp.export.checkpoint import export_checkpoint
+    from edgecp.export.webui import export_webui
+
     for call in (lambda: export_onnx(root, "cpu-fp32", tmp_path / "o"),
-                 lambda: export_diffusers(root, tmp_path / "d")):
+                 lambda: export_diffusers(root, tmp_path / "d"),
+                 lambda: export_webui(root, tmp_path / "w"),
+                 lambda: export_checkpoint(root, tmp_path / "c")):
         with pytest.raises(EdgecpError, match="SDXL store is not built yet"):
             call()
-    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / d).exists() for d in "odwc")
 
 
 def test_sdxl_single_file_is_read_offline_and_matches_the_folder(sdxl_base, comps, tmp_path, monkeypatch):
