@@ -150,8 +150,8 @@ class UNetShape:
     in_channels: int = 4
     sample_size: int = 64
     linear_projection: bool = False  # Transformer2DModel's proj_in/proj_out are Linear (SD 2.x), not 1x1 convs
-    transformer_layers: int = 1  # BasicTransformerBlocks per Transformer2DModel (the largest, where it varies)
-    level_layers: tuple[int, ...] = ()  # BasicTransformerBlocks per Transformer2DModel at each level (SDXL: 1, 2, 10)
+    level_layers: tuple[int, ...] = ()  # BasicTransformerBlocks per Transformer2DModel at each level (SDXL: 1, 2, 10;
+    #                                     empty: 1 everywhere, as SD 1.x/2.x)
 
     @classmethod
     def from_config(cls, cfg: dict) -> UNetShape:
@@ -167,13 +167,12 @@ class UNetShape:
             in_channels=cfg.get("in_channels", 4),
             sample_size=cfg.get("sample_size") or 64,
             linear_projection=bool(cfg.get("use_linear_projection", False)),
-            transformer_layers=max(per_level),
             level_layers=per_level,
         )
 
     def layers_at(self, level: int) -> int:
         """Transformer depth at `level` (the mid block takes the last level's, as diffusers builds it)."""
-        return self.level_layers[level] if self.level_layers else self.transformer_layers
+        return self.level_layers[level] if self.level_layers else 1
 
     def units(self, latent: int) -> tuple[float, float, float]:
         """(U_resnet, U_attention, largest attention level's C*h^2) in elements for a latent side `latent`. U_attention

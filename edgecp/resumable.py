@@ -28,6 +28,7 @@ survives it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgecp.atomic import fsync_dir, write_json_atomic
+from edgecp.atomic import fsync_dir, write_atomic, write_json_atomic
 from edgecp.captions import SUFFIX as CAPTION_SUFFIX
 from edgecp.errors import DamagedStoreError, EdgecpError
 from edgecp.integrity import sha256_file
@@ -151,36 +152,35 @@ def read_checkpoint_meta(d: Path) -> dict | None:
 
 
 def write_checkpoint(d: Path, tensors: dict, meta: dict) -> None:
-    """The tensors file under a new name, then checkpoint.json naming it (renamed into place), then the older
-    tensors files go: a crash at any point leaves the previous checkpoint or the new one, whole."""
-    from safetensors.torch import save_file
+    """The tensors file under a new name (`atomic.write_atomic`), then checkpoint.json naming it, then the older
+    tensors files go: a crash at any point leaves the previous checkpoint or the new one, whole. The sha256 is of the
+    bytes written, computed in memory: the file is not read back."""
+    from safetensors.torch import save
 
     name = f"checkpoint-{meta['step']:06d}-{time.time_ns() % 10**9:09d}.safetensors"
-    tmp = d / f".{name}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.rename(tmp, d / name)
-    write_json_atomic(d / CKPT_META, {**meta, "file": name, "sha256": sha256_file(d / name),
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    write_atomic(d / name, lambda f: f.write(data))
+    write_json_atomic(d / CKPT_META, {**meta, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
                                       "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    fsync_dir(d)
     for old in d.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
 def read_checkpoint(d: Path) -> tuple[dict, dict] | None:
-    """(tensors, meta) of the last checkpoint, its bytes checked; None when none was written."""
-    from safetensors.torch import load_file
+    """(tensors, meta) of the last checkpoint, its bytes checked; None when none was written. The file is read once:
+    the bytes that are hashed are the bytes that are loaded."""
+    from safetensors.torch import load
 
     meta = read_checkpoint_meta(d)
     if meta is None:
         return None
     f = d / meta["file"]
-    if not f.is_file() or f.is_symlink() or sha256_file(f) != meta.get("sha256"):
+    data = f.read_bytes() if f.is_file() and not f.is_symlink() else None
+    if data is None or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise DamagedStoreError(f"the checkpoint '{f}' does not match checkpoint.json: drop the concept with "
                                 "`edgecp add-concept --abandon` and start again")
-    return load_file(str(f)), meta
+    return load(data), meta
 
 
 def trainer_state(trainer, step: int, losses: list[float], extra: dict) -> tuple[dict, dict]:

@@ -225,7 +225,7 @@ def add_concept(
     if purge_source:  # what was and was not deleted (copies, links, hard links), for the CLI
         entry = manifest["concepts"][-1]
         manifest["purged"] = purge_sources(given, {i["sha256"] for i in entry["images"]})
-        purge_captions(manifest["purged"], entry["images"], paths, captions)
+        purge_captions(manifest["purged"], paths, captions)
     _write_sheet(manifest, run)
     return manifest
 
@@ -312,7 +312,7 @@ def _image_records(paths: list[Path], captions: list[str | None]) -> list[dict]:
     return out
 
 
-def purge_captions(purged: dict, records: list[dict], paths: list[Path], captions: list[str | None]) -> None:
+def purge_captions(purged: dict, paths: list[Path], captions: list[str | None]) -> None:
     """Delete the caption beside each deleted photo when it still holds the caption that was learned."""
     deleted = set(purged["deleted"])
     for p, c in zip(paths, captions):
@@ -494,7 +494,6 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
     losses, fixed_before = _train_loop(ctx, method, emit, run, previous + [entry_prompt])
     record["train"] = losses
     t_train = time.perf_counter() - t_start
-    fixed_text = None
     with torch.no_grad(), autocast(ctx):
         fixed_text = encode_text(comps, [ctx.prompt], device).detach().float()
     if plan.offload:  # consolidation needs only the concepts' embeddings: cache them, drop the text encoder
@@ -604,14 +603,13 @@ class Trainer:
                     rows = torch.cat([rows, torch.arange(b + start, b + start + m)])
                 with autocast(ctx):
                     if self.prompts is None:
-                        text_n = encode_text(ctx.comps, [ctx.prompt], ctx.device)
-                        text_n = text_n.expand(m, -1, -1)
+                        text = encode_text(ctx.comps, [ctx.prompt], ctx.device)
+                        text = text.expand(m, -1, -1)
                     else:  # captions: each row's own prompt
-                        text_n = encode_text(ctx.comps, [self.prompts[int(i)] for i in idx[start:start + m]],
+                        text = encode_text(ctx.comps, [self.prompts[int(i)] for i in idx[start:start + m]],
                                              ctx.device)
                     if ctx.token_row is None:
-                        text_n = text_n.detach()
-                    text = text_n
+                        text = text.detach()
                     if with_prior:
                         text = torch.cat([text, self.prior_text.expand(m, -1, -1)])
                     per_row = denoise_loss(ctx.comps.unet, ctx.noise_scheduler, latents[rows], text, gen,
@@ -685,7 +683,7 @@ def _train_loop(ctx: TaskContext, method, emit, run: RunOptions | None = None,
         fixed_before = meta["loss_fixed_before"]
         emit("train", start, steps)
     else:
-        fixed_before = _fixed_loss(ctx, trainer)
+        fixed_before = _fixed_loss(ctx)
     d = run.checkpoint_dir
 
     def checkpoint(step: int) -> None:
@@ -697,7 +695,7 @@ def _train_loop(ctx: TaskContext, method, emit, run: RunOptions | None = None,
     if d is not None and run.resume is None:
         checkpoint(0)  # the initial state: a resume before the first periodic checkpoint starts from exactly it
     if run.samples is not None and start == 0:
-        _samples(ctx, trainer, run.samples, 0, concepts)
+        _samples(ctx, run.samples, 0, concepts)
     with resumable.deferred_signals() if d is not None else contextlib.nullcontext({}) as caught:
         for step in range(start, steps):
             loss = trainer.step()
@@ -707,7 +705,7 @@ def _train_loop(ctx: TaskContext, method, emit, run: RunOptions | None = None,
             emit("train", step + 1, steps, loss)
             done = step + 1
             if run.samples is not None and (done % run.samples.every == 0 or done == steps):
-                _samples(ctx, trainer, run.samples, done, concepts)
+                _samples(ctx, run.samples, done, concepts)
             if d is not None and (done % run.checkpoint_every == 0 or done == steps or caught):
                 checkpoint(done)
             if caught:
@@ -725,7 +723,7 @@ def _train_loop(ctx: TaskContext, method, emit, run: RunOptions | None = None,
     return losses, fixed_before
 
 
-def _fixed_loss(ctx: TaskContext, trainer: Trainer) -> float:
+def _fixed_loss(ctx: TaskContext) -> float:
     """`phases.reference_loss` with the UNet in eval mode (no dropout draws from the global generator)."""
     unet = ctx.comps.unet
     was = unet.training
@@ -736,7 +734,7 @@ def _fixed_loss(ctx: TaskContext, trainer: Trainer) -> float:
         unet.train(was)
 
 
-def _samples(ctx: TaskContext, trainer: Trainer, cfg: SampleConfig, step: int, concepts: list[dict] | None) -> None:
+def _samples(ctx: TaskContext, cfg: SampleConfig, step: int, concepts: list[dict] | None) -> None:
     """Draw the sample prompts with the model as it is at `step`, into cfg.out_dir; the training's generators and
     modes are as before after it."""
     from edgecp.generate import GenerateConfig, slug, torch_generate

@@ -102,15 +102,14 @@ def child(args) -> None:
                                "seconds": c["seconds"]}))
 
 
-def _photos(folder: Path, n: int = 3) -> Path:
-    import numpy as np
-    from PIL import Image
+def _tool(name: str):
+    """A sibling script of tools/ as a module (make_sd_fixture's presets, bench_memory's photos)."""
+    import importlib.util
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (320, 320, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _spawn(argv: list[str], timeout: float) -> tuple[dict | None, float, str]:
@@ -146,20 +145,17 @@ def environment(device: str) -> dict:
 
 def run(args) -> dict:
     sys.path.insert(0, str(ROOT))
-    import importlib.util
-
     from edgecp.api import init_store
 
-    spec = importlib.util.spec_from_file_location("make_sd_fixture", ROOT / "tools" / "make_sd_fixture.py")
-    fixture = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixture)
+    fixture = _tool("make_sd_fixture")
+    photos_of = _tool("bench_memory")._photos  # 3 random 320 px photos per seed, as bench_memory learns them
     t_start = time.perf_counter()
     device = "cpu" if args.dry_run else "cuda"
     work = Path(args.work or tempfile.mkdtemp(prefix="edgecp-device-check-"))
     work.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(device), "dry_run": args.dry_run, "rows_per_family": ROWS,
               "budget_seconds": args.budget_seconds, "rows": [], "not_reached": [], "fixtures": {}}
-    photos = [_photos(work / "photos0"), _photos(work / "photos1")]
+    photos = [photos_of(work / f"photos{i}", 3, i) for i in range(2)]
     sizes = DRY if args.dry_run else FAMILIES
     last_row = 0.0
     for family in args.families.split(","):

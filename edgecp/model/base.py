@@ -209,7 +209,7 @@ class Components:
 
     @property
     def sdxl(self) -> bool:
-        return isinstance(self.text_encoder, DualTextEncoder) or is_sdxl_config(self.unet.config)
+        return is_sdxl_config(self.unet.config)
 
 
 def sdxl_components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler) -> Components:
@@ -257,7 +257,8 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
         # the base's own scheduler (replaced below) may say clip_sample true or steps_offset 0: diffusers' notice
         # about it is not the user's business
         with scheduler_notices_silenced(), quiet_loading():
-            if spec.kind == "single_file" and detect_family(spec.path) == "sdxl":
+            family = detect_family(spec.path) if spec.kind == "single_file" else None
+            if family == "sdxl":
                 from diffusers import StableDiffusionXLPipeline
 
                 pipe = StableDiffusionXLPipeline.from_single_file(
@@ -266,7 +267,7 @@ def load_components(spec: BaseSpec, dtype=None) -> Components:
                 )
             elif spec.kind == "single_file":  # configs and tokenizer from edgecp's own files: no network
                 pipe = StableDiffusionPipeline.from_single_file(
-                    str(spec.path), config=str(config_folder(detect_family(spec.path))), local_files_only=True,
+                    str(spec.path), config=str(config_folder(family)), local_files_only=True,
                     torch_dtype=dtype, safety_checker=None, use_safetensors=True,
                 )
             elif is_sdxl_folder(spec.path):

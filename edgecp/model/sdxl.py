@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import BatchEncoding
 
-from edgecp.model.tokens import ConceptEmbedding
+from edgecp.model.tokens import ConceptEmbedding, lookup
 
 TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
 
@@ -167,14 +167,8 @@ class _RowView(nn.Module):
         return self.base.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids.clamp(max=self.base_vocab - 1))
         rows = self._owner[0].rows
-        if len(rows) == 0:
-            return out
-        extra = torch.stack(list(rows))[:, self.lo : self.hi]
-        rel = ids - self.base_vocab
-        new = extra[rel.clamp(min=0, max=len(rows) - 1)].to(out.dtype)
-        return torch.where((rel >= 0)[..., None], new, out)
+        return lookup(self.base, ids, torch.stack(list(rows))[:, self.lo : self.hi] if len(rows) else None)
 
 
 class DualConceptEmbedding(ConceptEmbedding):
@@ -188,7 +182,6 @@ class DualConceptEmbedding(ConceptEmbedding):
         super().__init__(base1)
         self.base_2 = base2
         d1, d2 = base1.embedding_dim, base2.embedding_dim
-        self.widths = (d1, d2)
         first.set_input_embeddings(_RowView(base1, self, 0, d1))
         second.set_input_embeddings(_RowView(base2, self, d1, d1 + d2))
 

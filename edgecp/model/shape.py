@@ -61,13 +61,14 @@ def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.
     assert spec.path is not None
     if spec.path.is_file():
         parts: dict[str, dict[str, list[int]]] = {"unet": {}, "vae": {}, "text": {}}
-        for key, shape in _header(spec.path).items():
+        header = _header(spec.path)
+        for key, shape in header.items():
             for prefix, comp in _SINGLE_FILE_PREFIX.items():
                 if key.startswith(prefix):
                     parts[comp][key.removeprefix(prefix)] = shape
                     break
         unet_cfg, vae_channels, single = SD1_UNET, SD_VAE_CHANNELS, True
-        if XL_KEY in _header(spec.path):  # SDXL's block structure differs from SD 1.x/2.x: its shipped config
+        if XL_KEY in header:  # SDXL's block structure differs from SD 1.x/2.x: its shipped config
             unet_cfg = json.loads((CONFIGS / "sdxl" / "unet" / "config.json").read_text())
     else:
         def tensors(comp: str) -> dict[str, list[int]]:

@@ -41,13 +41,19 @@ class ConceptEmbedding(nn.Module):
         return self.base_vocab + len(self.rows) - 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids.clamp(max=self.base_vocab - 1))  # (B, T, D)
-        if len(self.rows) == 0:
-            return out
-        extra = torch.stack(list(self.rows))  # (n, D)
-        rel = ids - self.base_vocab
-        new = extra[rel.clamp(min=0, max=len(self.rows) - 1)].to(out.dtype)
-        return torch.where((rel >= 0)[..., None], new, out)
+        return lookup(self.base, ids, torch.stack(list(self.rows)) if len(self.rows) else None)
+
+
+def lookup(base: nn.Embedding, ids: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) embeddings of `ids`: the frozen `base` table below its vocabulary size V, row `id - V` of `extra`
+    (n, D) from V on (None: no rows yet)."""
+    vocab = base.num_embeddings
+    out = base(ids.clamp(max=vocab - 1))
+    if extra is None:
+        return out
+    rel = ids - vocab
+    new = extra[rel.clamp(min=0, max=extra.shape[0] - 1)].to(out.dtype)
+    return torch.where((rel >= 0)[..., None], new, out)
 
 
 def concept_embedding(text_encoder) -> ConceptEmbedding:
