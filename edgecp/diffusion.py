@@ -30,8 +30,9 @@ class LatentSet:
         return (self.mean[idx] + self.std[idx] * noise) * self.scale
 
 
-ENCODE_CHUNK = 1  # images per VAE call when caching latents (with its mirror image: 2 rows): SD's encoder at 512 px
-# holds a large activation per row, and encoding is once per task, so one at a time costs nothing that counts
+ENCODE_CHUNK = 1  # images per VAE call when caching latents, and the mirror images in a call of their own: the
+# encoder holds about 5 values per pixel-channel of its widest level per row (tools/count_activations.py: 1.5 GB for
+# one 1024 px row of SDXL's VAE in bf16), and encoding is once per task, so one row at a time costs nothing that counts
 
 
 def load_square(path: Path, size: int) -> torch.Tensor:
@@ -44,19 +45,17 @@ def load_square(path: Path, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(comps, paths: list[Path], size: int, device, flip: bool, chunk: int = ENCODE_CHUNK) -> LatentSet:
-    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`), `chunk` images per call."""
-    means, stds = [], []
+    """VAE posterior (mean, std) of each image (and of its mirror image when `flip`, in a call of its own), `chunk`
+    images per call; the order: every image, then every mirror image."""
+    plain, flipped = [], []  # (mean, std) per call
     for i in range(0, len(paths), chunk):
         px = torch.stack([load_square(p, size) for p in paths[i:i + chunk]])
-        if flip:
-            px = torch.cat([px, px.flip(-1)])
-        dist = comps.vae.encode(px.to(device, comps.vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    if flip:  # the order of one call: every image, then every mirror image
-        means = [m[: len(m) // 2] for m in means] + [m[len(m) // 2:] for m in means]
-        stds = [s[: len(s) // 2] for s in stds] + [s[len(s) // 2:] for s in stds]
-    return LatentSet(torch.cat(means), torch.cat(stds), float(comps.vae.config.scaling_factor))
+        for j, rows in enumerate([px, px.flip(-1)] if flip else [px]):
+            dist = comps.vae.encode(rows.to(device, comps.vae.dtype)).latent_dist
+            (flipped if j else plain).append((dist.mean.float(), dist.std.float()))
+    pairs = plain + flipped  # every image, then every mirror image
+    return LatentSet(torch.cat([m for m, _ in pairs]), torch.cat([s for _, s in pairs]),
+                     float(comps.vae.config.scaling_factor))
 
 
 def draw_noise(latents: torch.Tensor, scheduler, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from edgecp.store import Store
 ADAPTER_FILE = "adapter.safetensors"
 TOKENS_FILE = "tokens.safetensors"
 RECORD_FILE = "training_record.json"  # each concept's loss curves per phase (train.py writes, lifecycle reads)
+KV = ("attn2.to_k", "attn2.to_v")  # cross-attention K/V: what Custom Diffusion and CNS train
 DELTA_FILE = "base_delta.safetensors"  # changed base tensors (module.weight -> W - W_base), for merging methods
 
 
@@ -86,9 +87,12 @@ class PersonalModel:
         if plan is None and not stream:
             comps = load_components(spec)
         else:
-            keep = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + ("attn2.to_k", "attn2.to_v")
+            # the adapter's targets are never 8-bit; with stored base-weight changes to fold in (Custom Diffusion, CNS,
+            # the merging methods: on the targets or K/V) they stay fp32, where a 16-bit weight would round them away
+            targets = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + KV
+            keep = targets if (vdir / DELTA_FILE).is_file() else ()
             precision = quant.precision_of(plan) if plan is not None else quant.Precision("fp32")
-            comps = quant.load_planned(spec, replace(precision, keep=keep), device)  # the index too: cuda:1 quantizes there
+            comps = quant.load_planned(spec, replace(precision, keep=keep, plain=targets), device)  # cuda:1 quantizes there
         concepts = manifest["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
         fold_base_delta(comps.unet, vdir)

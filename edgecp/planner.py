@@ -5,8 +5,9 @@ A pure module: no model is loaded and nothing is measured here (`base_shape` rea
 whose predicted peak fits the budget; `predict_training` gives the peak of every phase of one plan.
 
 What a plan decides (each knob keeps the mathematics of training unchanged):
-- the frozen weights: fp32, 16-bit (bf16 where the device has it, else fp16) or 8-bit Linear weights (bitsandbytes
-  on CUDA, torchao on the CPU), with autocast to the 16-bit dtype; adapters and token rows stay fp32 masters;
+- the frozen weights: fp32, 16-bit (bf16 where the device has it, else fp16) or 8-bit Linear weights (torchao; on
+  CUDA bitsandbytes when `--plan backend=bitsandbytes` pins it), with autocast to the 16-bit dtype; adapters and
+  token rows stay fp32 masters;
 - gradient checkpointing;
 - the micro-batch: a training iteration of `batch_size` images becomes `batch_size / micro_batch` UNet calls whose
   gradients add up (an exact split of the same per-row loss);
@@ -51,7 +52,10 @@ named terms that `Plan.cuda_terms` keeps per phase and `edgecp plan` prints (`cu
   (`torch.cuda.mem_get_info`) plus what this process's allocator already holds on a present GPU: other processes
   count. mem_get_info makes this process's context first, so on a present GPU the context reserve is counted twice
   (our choice, on the safe side: lazily loaded kernels grow the context during the run).
-The activation coefficients are the CPU's (fitted on the CPU's resident set); they were not measured on a GPU.
+The CUDA activation coefficients (`CUDA_ACTIVATIONS`, issue 28) are not the CPU's: those were fitted on the resident
+set, which carries glibc's heap and mapped pages, while the allocator counts live tensor bytes. tools/
+count_activations.py counts exactly those on the CPU for one step of the same program (bf16 autocast, checkpointing,
+SDPA) on three bases (docs/memory/counted-activations.md); the coefficients are that fit rounded up by about 10%. They were not measured on a GPU.
 """
 
 from __future__ import annotations
@@ -63,13 +67,42 @@ from dataclasses import asdict, dataclass, field, replace
 from edgecp.errors import EdgecpError
 
 GB = 1e9
-# Fitted coefficients (see the module docstring); values per activation element of a row.
-ACT_FULL = 28.0  # no checkpointing: values kept per C*h^2 of every block
-ACT_SAVED = 8.0  # checkpointing: block inputs and skips kept per C*h^2
-ACT_BLOCK = 80.0  # checkpointing: the largest block recomputed with its gradients
-ACT_INFER = 6.0  # no grad: live values per C*h^2 of the largest level (sampling)
-VAE_DECODE = 24.0  # VAE decoder, per pixel-channel of its first (widest, full-resolution) level, fp32
-VAE_ENCODE = 12.0
+
+
+@dataclass(frozen=True)
+class Activations:
+    """The activation model's coefficients for one device kind (module docstring), in values of the compute dtype per
+    element of the UNet's structure (C*h^2) of one row, except the VAE's, per pixel-channel of its widest level."""
+
+    full: float  # no checkpointing: values kept per C*h^2 of every block
+    saved: float  # checkpointing: block inputs and skips kept per C*h^2
+    block: float  # checkpointing: the largest block recomputed with its gradients, per C*h^2 of that level
+    infer_u: float  # no grad: values alive per C*h^2 of every block (the skips the up path reads)
+    infer: float  # no grad: values per C*h^2 of the largest attention level
+    decode: float  # VAE decoder (one image); bytes on the CPU, values of the VAE's dtype on CUDA
+    encode: float  # VAE encoder, per image
+    vae_in_values: bool  # decode/encode count values of the VAE's dtype (else bytes, whatever the dtype)
+
+    def vae_bytes(self, which: str, vae_dtype: str) -> float:
+        per = self.decode if which == "decode" else self.encode
+        return per * _bytes(vae_dtype) if self.vae_in_values else per
+
+
+# The CPU's: fitted on peak RSS (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory/README.md), so they
+# carry glibc's heap and the resident pages with them.
+CPU_ACTIVATIONS = Activations(full=28.0, saved=8.0, block=80.0, infer_u=0.0, infer=6.0, decode=24.0, encode=12.0,
+                              vae_in_values=False)
+# CUDA's: what `torch.cuda.max_memory_allocated` counts is the bytes of live tensors, which
+# tools/count_activations.py counts on the CPU (a dispatch mode over one step of the same program: bf16 autocast,
+# checkpointing, SDPA) for the tiny base, the sdxl-mini and the SDXL fixtures (docs/memory/counted-activations.md).
+# Fitted on those counts, then rounded up by about 10%; not measured on a GPU.
+CUDA_ACTIVATIONS = Activations(full=18.0, saved=0.83, block=64.0, infer_u=0.17, infer=26.0, decode=6.6, encode=5.5,
+                               vae_in_values=True)
+ACTIVATIONS = {"cpu": CPU_ACTIVATIONS, "cuda": CUDA_ACTIVATIONS}
+# the CPU's coefficients by their earlier names (tests and tools read them)
+ACT_FULL, ACT_SAVED, ACT_BLOCK, ACT_INFER = (CPU_ACTIVATIONS.full, CPU_ACTIVATIONS.saved, CPU_ACTIVATIONS.block,
+                                             CPU_ACTIVATIONS.infer)
+VAE_DECODE, VAE_ENCODE = CPU_ACTIVATIONS.decode, CPU_ACTIVATIONS.encode
 RUNTIME_CPU = 0.50 * GB  # python + torch + diffusers + transformers + peft resident (measured)
 RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context: a named term instead
 CUDA_CONTEXT = 0.5 * GB  # context reserve (module docstring: our number, not measured here)
@@ -216,7 +249,7 @@ class BaseShape:
     unet_conv: int
     unet_linear: int  # nn.Linear weights (8-bit in an int8 plan), adapter targets excluded
     unet_other: int  # norms, biases, embeddings
-    unet_target: int  # base weights of the adapter's target layers (always full precision)
+    unet_target: int  # base weights of the adapter's target layers (never 8-bit; fp32 when `target_fp32`)
     unet_linear_rows: int  # output rows of the quantizable Linears (one fp32 scale each when 8-bit)
     text: int
     vae: int
@@ -226,6 +259,9 @@ class BaseShape:
     largest_tensor: int = 0  # elements
     target_in_out: tuple[tuple[int, int], ...] = ()  # (in, out) of each adapted layer
     single_file: bool = False
+    target_fp32: bool = True  # the method changes the targets' base weights: they stay fp32 (model/quant.py)
+    text_linear: int = 0  # text encoders' nn.Linear weights (8-bit in an int8 plan)
+    text_linear_rows: int = 0
 
     @property
     def unet_params(self) -> int:
@@ -275,6 +311,7 @@ class Plan:
     predicted: dict = field(default_factory=dict)  # phase -> bytes
     purpose: str = "train"  # train | generate (micro_batch is then the images per UNet call)
     cuda_terms: dict = field(default_factory=dict)  # CUDA: phase -> {term: bytes} within `predicted` (CUDA_TERMS)
+    target_dtype: str = "fp32"  # the adapted layers' base weights (BaseShape.target_fp32, else `compute`)
 
     @property
     def peak(self) -> int:
@@ -293,7 +330,7 @@ class Plan:
 
     def line(self) -> str:
         w = {"fp32": "fp32 base", "bf16": "bf16 base", "fp16": "fp16 base"}.get(self.weights)
-        w = w or f"8-bit base ({self.backend}; convs/norms {self.compute}, adapted layers fp32)"
+        w = w or f"8-bit base ({self.backend}; convs/norms {self.compute}, adapted layers {self.target_dtype})"
         parts = [w, f"{self.compute} autocast" if self.compute != "fp32" else "no autocast"]
         if self.compute != "fp32":  # model/quant.py and generate.decode_latents hold and run the VAE so
             parts.append(f"VAE {self.vae_dtype}" + (" (SD/SDXL VAEs overflow in fp16)" if self.compute == "fp16" else ""))
@@ -326,17 +363,30 @@ def unet_weight_bytes(shape: BaseShape, weights: str, compute: str) -> float:
     if weights == "fp32":
         return 4.0 * shape.unet_params
     lin = shape.unet_linear + 4 * shape.unet_linear_rows if weights == "int8" else _bytes(compute) * shape.unet_linear
-    return lin + _bytes(compute) * (shape.unet_conv + shape.unet_other) + 4 * shape.unet_target
+    target = (4 if shape.target_fp32 else _bytes(compute)) * shape.unet_target
+    return lin + _bytes(compute) * (shape.unet_conv + shape.unet_other) + target
 
 
-def _activation_bytes(shape: BaseShape, latent: int, rows: int, ckpt: bool, compute: str, grad: bool = True) -> float:
+def text_weight_bytes(shape: BaseShape, weights: str, compute: str) -> float:
+    """The text encoders as model/quant.load_planned holds them: fp32, 16-bit, or 8-bit Linear layers with one fp32
+    scale per output row and the rest (token embeddings, norms) in 16 bits."""
+    if weights == "fp32":
+        return 4.0 * shape.text
+    if weights == "int8":
+        return shape.text_linear + 4.0 * shape.text_linear_rows + _bytes(compute) * (shape.text - shape.text_linear)
+    return _bytes(compute) * shape.text
+
+
+def _activation_bytes(shape: BaseShape, latent: int, rows: int, ckpt: bool, compute: str, grad: bool = True,
+                      kind: str = "cpu") -> float:
+    a = ACTIVATIONS[kind]
     u_res, u_attn, biggest = shape.unet.units(latent)
     b = _bytes(compute)
     if not grad:
-        return rows * ACT_INFER * biggest * b
+        return rows * (a.infer_u * (u_res + u_attn) + a.infer * biggest) * b
     if ckpt:
-        return rows * (ACT_SAVED * (u_res + u_attn) * b + ACT_BLOCK * biggest * b)
-    return rows * ACT_FULL * (u_res + u_attn) * b
+        return rows * (a.saved * (u_res + u_attn) * b + a.block * biggest * b)
+    return rows * a.full * (u_res + u_attn) * b
 
 
 def _runtime(device: DeviceInfo) -> float:
@@ -393,7 +443,8 @@ def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan:
 def _load_transient(shape: BaseShape, device: DeviceInfo, plan: Plan) -> float:
     """Bytes in flight while the base loads, counted on the device whose memory is planned."""
     if device.kind == "cuda":  # the streaming batch and a single file's fp32 pipeline stay in host memory
-        return 2.0 * shape.largest_tensor if plan.weights == "int8" else 0.0  # bitsandbytes' fp16 copy, one layer
+        # bitsandbytes' fp16 copy of one layer (it quantizes on the GPU); torchao quantizes on the host
+        return 2.0 * shape.largest_tensor if plan.weights == "int8" and plan.backend == "bitsandbytes" else 0.0
     transient = STREAM_TRANSIENT + 4.0 * shape.largest_tensor
     if shape.single_file:  # from_single_file materialises the fp32 pipeline before it is converted
         transient += 4.0 * (shape.unet_params + shape.text + shape.vae)
@@ -404,10 +455,10 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
                            plan: Plan) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(predicted peak per phase, CUDA terms per phase ({} on the CPU)) of add-concept under `plan`."""
     latent = work.resolution // shape.vae_scale
-    cbytes = _bytes(plan.compute)
     unet = unet_weight_bytes(shape, plan.weights, plan.compute)
-    text = (4 if plan.weights == "fp32" else cbytes) * shape.text
-    vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
+    text = text_weight_bytes(shape, plan.weights, plan.compute)
+    vae = _bytes(plan.vae_dtype) * shape.vae
+    act = ACTIVATIONS[device.kind]
     runtime = _runtime(device)
     # trainable state: fp32 master + grad + two AdamW moments
     state = 16.0 * (work.adapter_params + work.base_params_trained)
@@ -419,13 +470,13 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
     if work.priors_to_generate:
         sample_rows = 2 * min(plan.micro_batch, work.priors_to_generate)  # guidance doubles the rows
         out["priors"] = runtime + unet + text + vae + max(
-            _activation_bytes(shape, latent, sample_rows, False, plan.compute, grad=False),
-            VAE_DECODE * vae_px)  # VAE slicing: one image at a time
-    out["encode"] = runtime + unet + text + vae + VAE_ENCODE * vae_px * 2  # one image and its mirror
+            _activation_bytes(shape, latent, sample_rows, False, plan.compute, grad=False, kind=device.kind),
+            act.vae_bytes("decode", plan.vae_dtype) * vae_px)  # VAE slicing: one image at a time
+    out["encode"] = runtime + unet + text + vae + act.vae_bytes("encode", plan.vae_dtype) * vae_px  # one row a call
     resident = unet + (text if work.trains_token or not plan.offload else 0) + (0 if plan.offload else vae)
     train_rows = work.phase_rows.get("train", 2) * plan.micro_batch
     out["train"] = runtime + resident + state + _activation_bytes(shape, latent, train_rows, plan.gradient_checkpointing,
-                                                                  plan.compute)
+                                                                  plan.compute, kind=device.kind)
     if bnb:
         retained["train"] = _bnb_retained(shape, latent, train_rows, plan.compute, plan.gradient_checkpointing)
     consolidate_resident = unet + (0 if plan.offload else text + vae)
@@ -436,7 +487,7 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
         rows = min(plan.dc_chunk, per_image * work.batch_size)
         extra = 4.0 * 2 * work.adapter_params if phase == "fisher" else state  # accumulator + grads / optimizer
         out[phase] = runtime + consolidate_resident + extra + _activation_bytes(
-            shape, latent, rows, plan.gradient_checkpointing, plan.compute)
+            shape, latent, rows, plan.gradient_checkpointing, plan.compute, kind=device.kind)
         if bnb:
             retained[phase] = _bnb_retained(shape, latent, rows, plan.compute, plan.gradient_checkpointing)
     return _with_cuda_terms(device, out, retained)
@@ -450,23 +501,28 @@ def predict_generation_terms(shape: BaseShape, resolution: int, batch: int, devi
     """(predicted peak per phase, CUDA terms per phase) of generation under `plan` (no gradient: nothing retained)."""
     latent = resolution // shape.vae_scale
     unet = unet_weight_bytes(shape, plan.weights, plan.compute)
-    text = (4 if plan.weights == "fp32" else _bytes(plan.compute)) * shape.text
-    vae = (2.0 if plan.compute == "bf16" else 4.0) * shape.vae
+    text = text_weight_bytes(shape, plan.weights, plan.compute)
+    vae = _bytes(plan.vae_dtype) * shape.vae
     runtime = _runtime(device)
     vae_px = shape.vae_channels[0] * resolution**2
+    decode = ACTIVATIONS[device.kind].vae_bytes("decode", plan.vae_dtype) * vae_px
     out = {
         "load": runtime + unet + text + vae + _load_transient(shape, device, plan),
-        "sample": runtime + unet + text + vae + _activation_bytes(shape, latent, 2 * batch, False, plan.compute, grad=False),
-        "decode": runtime + unet + text + vae + VAE_DECODE * vae_px * (1 if plan.vae_slicing else batch),
+        "sample": runtime + unet + text + vae + _activation_bytes(shape, latent, 2 * batch, False, plan.compute,
+                                                                  grad=False, kind=device.kind),
+        "decode": runtime + unet + text + vae + decode * (1 if plan.vae_slicing else batch),
     }
     return _with_cuda_terms(device, out, {})
 
 
 # -- enumeration ---------------------------------------------------------------------------------------------------
 def _precisions(shape: BaseShape, device: DeviceInfo) -> list[tuple[str, str | None, str]]:
+    """The precisions to try, fastest backend first for equal weights. 8-bit: torchao on both devices (on CUDA its
+    weight-only int8 runs a 16-bit GEMM on a dequantized copy of each weight, freed with its block under
+    checkpointing); bitsandbytes only when `--plan backend=bitsandbytes` pins it on CUDA, since its retained inputs
+    (module docstring) make it the larger plan at every size. Which is faster on a GPU was not measured here."""
     half = "bf16" if device.bf16 or device.kind == "cpu" else "fp16"
-    backend = "bitsandbytes" if device.kind == "cuda" else "torchao"
-    return [("fp32", None, "fp32"), (half, None, half), ("int8", backend, half)]
+    return [("fp32", None, "fp32"), (half, None, half), ("int8", "torchao", half)]
 
 
 def _speed(device: DeviceInfo, shape: BaseShape, weights: str) -> float:
@@ -496,7 +552,8 @@ def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo, force: dic
                     speed *= 1.0 + 0.08 * (work.batch_size // micro - 1)
                     speed *= 1.0 if chunk >= consolidation_rows else CHUNK_COST + 0.02 * (consolidation_rows // chunk)
                     yield speed, Plan(device.kind, weights, backend, compute, ckpt, micro,
-                                      work.grad_accum * (work.batch_size // micro), chunk)
+                                      work.grad_accum * (work.batch_size // micro), chunk,
+                                      target_dtype="fp32" if shape.target_fp32 else compute)
 
 
 def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: int | None = None,
@@ -559,7 +616,8 @@ def plan_generation(shape: BaseShape, resolution: int, n: int, device: DeviceInf
     best, smallest = None, None
     for weights, backend, compute in _precisions(shape, device):
         for batch in sorted({min(n, 4), *[b for b in (2, 1) if b < min(n, 4)]}, reverse=True):
-            plan = Plan(device.kind, weights, backend, compute, False, batch, 1, 1, budget=budget, purpose="generate")
+            plan = Plan(device.kind, weights, backend, compute, False, batch, 1, 1, budget=budget, purpose="generate",
+                        target_dtype="fp32" if shape.target_fp32 else compute)
             predicted, terms = predict_generation_terms(shape, resolution, batch, device, plan)
             plan = replace(plan, predicted=predicted, cuda_terms=terms)
             speed = _speed(device, shape, weights) * (1 + 0.05 * (4 // batch))

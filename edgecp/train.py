@@ -59,8 +59,7 @@ from edgecp.memory import (
 from edgecp.methods import build_method
 from edgecp.methods.base import TaskContext
 from edgecp.methods.phases import autocast, checkpointing, concept_texts, reference_loss
-from edgecp.model.quant import load_planned, precision_of
-from edgecp.model.shape import base_shape
+from edgecp.model.quant import load_planned
 from edgecp.model.tokens import (
     add_concept_token,
     concept_embedding,
@@ -367,7 +366,7 @@ def plan_add_concept(store, spec, train_cfg: TrainConfig, device: torch.device, 
     """The memory plan add-concept will run (no model loaded): `edgecp plan` shows the same. `info` describes the
     device instead of asking it (`edgecp plan --gpu-memory`: a GPU that is not here)."""
     method = _store_method(store)
-    shape = base_shape(spec, method.keep_full_precision())
+    shape = method.base_shape(spec)
     resolution = train_cfg.resolution or shape.unet.sample_size * shape.vae_scale
     prior_cfg = stored_prior(store.info["prior"])
     cached = (store.prior_dir(prior_key(store.info["base"]["sha256"], prior_cfg, resolution)) / "done.json").exists()
@@ -409,7 +408,7 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
             report(progress, phase, i, n, loss, metric)
 
         emit("load", 0, 1)
-        precision = replace(precision_of(plan), keep=method.keep_full_precision())
+        precision = method.precision(plan)
         comps = load_planned(spec, precision, device)  # the full device: cuda:1 quantizes on GPU 1
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)

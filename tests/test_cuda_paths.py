@@ -222,8 +222,9 @@ def test_bitsandbytes_quantizes_on_the_gpu_the_model_goes_to(fake_bnb):
     from edgecp.model.quant import Precision, convert_, load_planned
 
     comps = load_planned(resolve_base("tiny"), Precision("int8", "bitsandbytes", "fp16"), torch.device("cuda", 1))
-    n_linear = sum(isinstance(m, _FakeLinear8bitLt) for m in comps.unet.modules())
-    assert n_linear > 10 and fake_bnb == [torch.device("cuda", 1)] * n_linear
+    n_unet = sum(isinstance(m, _FakeLinear8bitLt) for m in comps.unet.modules())
+    n_text = sum(isinstance(m, _FakeLinear8bitLt) for m in comps.text_encoder.modules())  # 8-bit too (issue 28)
+    assert n_unet > 10 and n_text > 5 and fake_bnb == [torch.device("cuda", 1)] * (n_unet + n_text)
     fake_bnb.clear()
     convert_(torch.nn.Sequential(torch.nn.Linear(4, 4)), Precision("int8", "bitsandbytes", "fp16"), "cuda:1")
     assert fake_bnb == [torch.device("cuda", 1)]  # the single-file path (convert_ in place)

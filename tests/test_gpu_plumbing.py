@@ -451,14 +451,21 @@ def test_plan_command_prints_and_records_the_cuda_terms(tmp_path, capsys):
                              "--plan", "weights=int8", "--json")
     assert code == 0, err
     plan = json.loads(out)
-    assert plan["backend"] == "bitsandbytes" and plan["loss_scaling"] is True  # capability 7.5 assumed: fp16
-    for phase, peak in plan["predicted"].items():
-        t = plan["cuda_terms"][phase]
+    # CUDA's 8-bit default is torchao (nothing retained); bitsandbytes when pinned, with its retained inputs
+    assert plan["backend"] == "torchao" and plan["loss_scaling"] is True  # capability 7.5 assumed: fp16
+    assert plan["cuda_terms"]["train"]["bitsandbytes_retained_inputs"] == 0
+    code, out, err = run_cli(capsys, "plan", "--store", root, "--device", "cuda", "--gpu-memory", "8GB",
+                             "--plan", "weights=int8", "--plan", "backend=bitsandbytes", "--json")
+    assert code == 0, err
+    bnb = json.loads(out)
+    assert bnb["backend"] == "bitsandbytes" and bnb["peak"] > plan["peak"]
+    for phase, peak in bnb["predicted"].items():
+        t = bnb["cuda_terms"][phase]
         assert t["context_reserve"] == 500_000_000 and t["fragmentation_margin"] > 0
         assert peak > sum(t.values())
-    assert plan["cuda_terms"]["train"]["bitsandbytes_retained_inputs"] > 0
+    assert bnb["cuda_terms"]["train"]["bitsandbytes_retained_inputs"] > 0
     code, out, err = run_cli(capsys, "plan", "--store", root, "--device", "cuda", "--gpu-memory", "8GB",
-                             "--gpu-capability", "8.6", "--plan", "weights=int8")
+                             "--gpu-capability", "8.6", "--plan", "weights=int8", "--plan", "backend=bitsandbytes")
     assert code == 0, err
     flat = " ".join(out.split())
     for name in ("context", "reserve", "fragmentation", "margin", "bitsandbytes", "retained", "inputs"):

@@ -66,6 +66,37 @@ def test_planned_base_is_smaller_close_and_keeps_adapted_layers(precision):
     assert ((got - want).norm() / want.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("name", ["lora-sequential", "c-lora", "custom-diffusion"])
+def test_frozen_targets_are_16_bit_unless_the_method_changes_them(name, weights):
+    """A LoRA method's frozen targets are held in the plan's 16-bit dtype (autocast casts them there at every call)
+    with fp32 adapter masters; C-LoRA folds adapters into them and Custom Diffusion trains them: fp32. No target is
+    ever 8-bit, and the text encoder's Linears are 8-bit in an int8 plan. The planner's byte counts (from the
+    headers) match what the loaded model holds (`weight_bytes`, which reads the tensors)."""
+    from edgecp.methods import build_method, method_class
+    from edgecp.planner import Plan, text_weight_bytes, unet_weight_bytes
+
+    none = method_class(name).adapter_kind == "none"
+    method = build_method(name, {}, AdapterConfig(kind="none") if none else AdapterConfig(rank=2, alpha=2.0))
+    spec = resolve_base("tiny")
+    plan = Plan("cpu", weights, "torchao" if weights == "int8" else None, "bf16", True, 1, 1, 1)
+    comps = load_planned(spec, method.precision(plan))
+    fp32 = name != "lora-sequential"
+    targets = method.adapted_layers()
+    for n, m in comps.unet.named_modules():
+        if n.endswith(targets):
+            assert not hasattr(m.weight, "__tensor_flatten__"), n  # never 8-bit
+            assert m.weight.dtype == (torch.float32 if fp32 else torch.bfloat16), n
+    text_linears = [m for m in comps.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert text_linears and all(hasattr(m.weight, "__tensor_flatten__") == (weights == "int8") for m in text_linears)
+    shape = method.base_shape(spec)
+    assert weight_bytes(comps.unet) == pytest.approx(unet_weight_bytes(shape, weights, "bf16"), rel=0.01)
+    assert weight_bytes(comps.text_encoder) == pytest.approx(text_weight_bytes(shape, weights, "bf16"), rel=0.01)
+    if name == "lora-sequential":
+        lora.attach(comps.unet, AdapterConfig(rank=2, alpha=2.0))
+        assert {p.dtype for p in lora.adapter_parameters(comps.unet).values()} == {torch.float32}
+
+
 def _lora_unet():
     comps = load_components(resolve_base("tiny"))
     lora.attach(comps.unet, AdapterConfig(rank=4, alpha=4.0), seed=0)

@@ -77,3 +77,49 @@ def test_merge_bench_pools_runs_of_several_folders(tmp_path):
     assert list(merged["summary"]) == ["m1", "m2"]
     assert merged["summary"]["m1"]["A_MMD"]["mean"] == 0.015 and abs(merged["summary"]["m1"]["A_MMD"]["std"] - 0.005) < 1e-12
     assert merged["summary"]["m2"]["A_MMD"] == {"mean": 0.03, "std": 0.0}
+
+
+def test_live_bytes_counts_new_storages_once_and_drops_dead_ones():
+    """By hand: 1000 fp32 (4000 B) and 500 bf16 (1000 B) alive together, then the first dies and a view of the
+    second adds nothing; a view of a tensor made before counting adds nothing either."""
+    LiveBytes = _load("count_activations").LiveBytes
+    w = torch.ones(4096)
+    with LiveBytes(w) as meter:
+        a = torch.zeros(1000)
+        b = torch.zeros(500, dtype=torch.bfloat16)
+        assert meter.live == 5000
+        del a
+        assert meter.live == 1000
+        b.view(10, 50).t()
+        w.view(64, 64).t()
+        c = torch.empty(250)
+        assert meter.live == 2000
+        del b, c
+    assert meter.peak == 5000 and meter.live == 0
+
+
+def test_cuda_activation_coefficients_cover_the_counted_bytes_on_the_tiny_base(tmp_path):
+    """The planner's CUDA activation model (fitted on counts of the tiny, sdxl-mini and SDXL bases) against a fresh
+    count on the tiny base, for training with checkpointing, sampling and the VAE: never below it, and within 40%
+    (the tiny VAE's encoder holds 4 values a row, SDXL's 5)."""
+    import json
+
+    from edgecp.model.base import resolve_base
+    from edgecp.model.shape import base_shape
+    from edgecp.planner import CUDA_ACTIVATIONS, _activation_bytes
+
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    assert _load("count_activations").main(["--base", "tiny", "--resolution", "128", "--phases", "train,sample,vae",
+                                            "--out", str(out), "--md", str(md)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    shape = base_shape(resolve_base("tiny"))
+    latent = 128 // shape.vae_scale
+    for counted, predicted in [
+        (row["train_counted_bytes"], _activation_bytes(shape, latent, 1, True, "bf16", kind="cuda")),
+        (row["sample_counted_bytes"], _activation_bytes(shape, latent, 2, False, "bf16", grad=False, kind="cuda")),
+        (row["decode_counted_bytes"], CUDA_ACTIVATIONS.vae_bytes("decode", "bf16") * row["vae_px"]),
+        (row["encode_counted_bytes"], CUDA_ACTIVATIONS.vae_bytes("encode", "bf16") * row["vae_px"]),
+    ]:
+        assert counted <= predicted <= 1.4 * counted, (counted, predicted)
+    assert row["predicted"]["cuda"]["train"] == _activation_bytes(shape, latent, 1, True, "bf16", kind="cuda")
+    assert md.read_text().count("\n| ") == 5  # the separator, then one line per phase

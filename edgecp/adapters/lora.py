@@ -22,7 +22,7 @@ from peft import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 
 from edgecp.config import AdapterConfig
 from edgecp.errors import EdgecpError
@@ -50,6 +50,9 @@ def attach(unet, cfg: AdapterConfig, seed: int = 0) -> None:
             unet.__dict__[_PEFT_KEY] = get_peft_model(unet, peft_config(cfg), adapter_name=ADAPTER_NAME)
         else:
             inject_adapter_in_model(peft_config(cfg), unet, adapter_name=ADAPTER_NAME)
+            # peft makes the adapter in its base layer's dtype; a 16-bit frozen target (model/quant.py) must still get
+            # fp32 masters, as get_peft_model's autocast_adapter_dtype gives VeRA above
+            cast_adapter_dtype(unet, ADAPTER_NAME)
             if cfg.init == "gaussian":
                 with torch.no_grad():
                     for name, p in adapter_parameters(unet).items():

@@ -44,8 +44,7 @@ from edgecp.memory import device_info, training_workload
 from edgecp.methods import defaults
 from edgecp.methods.base import LatentSet, TaskContext
 from edgecp.model.base import resolve_base
-from edgecp.model.quant import load_planned, precision_of
-from edgecp.model.shape import base_shape
+from edgecp.model.quant import load_planned
 from edgecp.model.tokens import add_concept_token, concept_embedding, token_of, word_embedding
 from edgecp.personal import default_device
 from edgecp.planner import fmt_bytes, plan_training
@@ -79,7 +78,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
     method = make_method("lora-sequential", d["method"], d["adapter"])
     train = replace(TrainConfig(**d["train"]), steps=iterations, seed=seeds.CALIBRATION_RUN)
     accum, train = train.grad_accum, replace(train, grad_accum=1)  # timed: one batch; an iteration is `accum` of them
-    shape = base_shape(spec, method.keep_full_precision())
+    shape = method.base_shape(spec)
     resolution = shape.unet.sample_size * shape.vae_scale
     work = training_workload(method, shape, train, resolution, 0, 4, 0, 0)
     plan = plan_training(shape, work, device_info(dev), None, None)
@@ -90,7 +89,7 @@ def calibrate(base: str, device: str | None = None, iterations: int = 3, warmup:
 
     tick("load", 0, 1)
     t = time.perf_counter()
-    comps = load_planned(spec, replace(precision_of(plan), keep=method.keep_full_precision()), dev)
+    comps = load_planned(spec, method.precision(plan), dev)
     for m in (comps.text_encoder, comps.vae, comps.unet):
         m.to(dev)
     t_load = time.perf_counter() - t

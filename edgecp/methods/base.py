@@ -16,10 +16,13 @@ from typing import ClassVar
 import torch
 
 from edgecp.adapters import lora
-from edgecp.config import AdapterConfig, TrainConfig
+from edgecp.config import AdapterConfig, TrainConfig, replace
 from edgecp.diffusion import LatentSet
 from edgecp.model.base import Components
+from edgecp.model.quant import Precision, precision_of
+from edgecp.model.shape import base_shape
 from edgecp.personal import ADAPTER_FILE, fold_base_delta, read_tensors
+from edgecp.planner import BaseShape
 from edgecp.progress import Progress
 
 
@@ -70,6 +73,8 @@ class Method:
     bench_class_word: ClassVar[bool] = False
     # whether the method reads the prior images itself (then they are drawn even with prior_weight 0)
     needs_prior_images: ClassVar[bool] = False
+    # whether the method writes into its adapted layers' base weights (trains them, or folds adapters into them)
+    changes_base: ClassVar[bool] = False
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params
@@ -119,9 +124,24 @@ class Method:
             return sum(r * (i + o) for i, o in target_in_out), 0
         return 0, 0
 
+    def adapted_layers(self) -> tuple[str, ...]:
+        """UNet layers the method adapts or trains: never 8-bit in a plan (peft wraps a plain nn.Linear)."""
+        return () if self.adapter_kind == "none" else tuple(self.adapter.targets)
+
     def keep_full_precision(self) -> tuple[str, ...]:
-        """UNet layers whose base weights stay fp32 in a 16/8-bit plan: those the method adapts or trains."""
-        return tuple(self.adapter.targets)
+        """UNet layers whose base weights stay fp32 in a 16/8-bit plan: the adapted layers when the method changes
+        their base weights (`changes_base`: trains them, or folds adapters into them, where a 16-bit weight would
+        round a small update away). Otherwise a frozen target is held in the plan's 16-bit dtype, which autocast
+        casts it to at every call anyway (model/quant.py)."""
+        return self.adapted_layers() if self.changes_base else ()
+
+    def precision(self, plan) -> Precision:
+        """How a memory plan holds the frozen base for this method (model/quant.py)."""
+        return replace(precision_of(plan), keep=self.keep_full_precision(), plain=self.adapted_layers())
+
+    def base_shape(self, spec) -> BaseShape:
+        """The base's shape as the planner counts it for this method: its adapted layers, fp32 or not."""
+        return base_shape(spec, self.adapted_layers(), bool(self.keep_full_precision()))
 
     def consolidate(self, ctx: TaskContext, progress: Progress | None = None) -> None:
         return None

@@ -43,6 +43,7 @@ class CLora(Method):
     summary = ("a new adapter per concept, penalised where earlier ones changed the model: a little extra work per "
                "step, and the store grows with each concept")
     paper = "000 C-LoRA (Eq. 2)"
+    changes_base = True  # folds earlier adapters into the base weights
     Params = CLoraParams
 
     def prepare(self, ctx: TaskContext) -> None:

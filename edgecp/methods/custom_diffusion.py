@@ -27,6 +27,7 @@ from edgecp.methods.ewc import EwcMixin, EwcParams
 from edgecp.methods.phases import autocast, concept_texts
 from edgecp.personal import (
     DELTA_FILE,
+    KV,
     encode_text,
     fold_base_delta,
     join_tasks,
@@ -36,7 +37,7 @@ from edgecp.personal import (
 )
 from edgecp.progress import emit
 
-KV_TARGETS = ("attn2.to_k", "attn2.to_v")
+KV_TARGETS = KV
 CD_FILE = "cd_merge.safetensors"  # per concept: T_i of every K/V layer and C_i; the regulariser covariance
 
 _SUBJECTS = ["a dog", "a city street", "a bowl of fruit", "a mountain lake", "an old car", "a child", "a forest",
@@ -65,6 +66,7 @@ class CustomDiffusionSequential(Method):
     paper = "000 CD sequential (Kumari et al. 2023)"
     adapter_kind = "none"
     bench_class_word = True  # 000 evaluates CD with the concept name after the token
+    changes_base = True  # trains its K/V base weights
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
@@ -82,7 +84,7 @@ class CustomDiffusionSequential(Method):
     def trainable_numbers(self, target_in_out: tuple[tuple[int, int], ...]) -> tuple[int, int]:
         return 0, sum(i * o for i, o in target_in_out)  # the full K/V matrices
 
-    def keep_full_precision(self) -> tuple[str, ...]:
+    def adapted_layers(self) -> tuple[str, ...]:
         return KV_TARGETS
 
     def weight_deltas(self, ctx: TaskContext) -> dict[str, torch.Tensor]:

@@ -5,13 +5,18 @@ every export keep using the original full-precision weights):
 - `fp32`: the weights as stored.
 - `bf16` / `fp16`: every UNet and text-encoder weight held in 16 bits, run under autocast (diffusers' LoRA training
   scripts do the same with `--mixed_precision`).
-- `int8`: as 16-bit, and every UNet `nn.Linear` swapped for an 8-bit weight-only layer: torchao's
-  `Int8WeightOnlyConfig` on the CPU, bitsandbytes' `Linear8bitLt` on CUDA (the faster backend on each in the
-  measurements of docs/memory/README.md). Those libraries quantize `Linear` only, so convolutions (about half of
-  SD 1.5's UNet weights) and norms stay in 16 bits.
-- In every plan the adapter's target layers (by default cross-attention K/V, 2% of SD 1.5's UNet) keep their
-  full-precision base weights: Custom Diffusion and CNS train them directly, merge-and-reinit folds LoRAs into them,
-  and the adapter's update is added to an unrounded base. Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
+- `int8`: as 16-bit, and every UNet and text-encoder `nn.Linear` swapped for an 8-bit weight-only layer: torchao's
+  `Int8WeightOnlyConfig` (the faster CPU backend in docs/memory/README.md; on CUDA the planner's default too, since
+  bitsandbytes' `Linear8bitLt`, the other backend, keeps its inputs until backward: planner.py), quantized on the
+  host and moved with the model. Those libraries quantize `Linear` only, so convolutions (about half of SD 1.5's
+  UNet weights) and norms stay in 16 bits.
+- The adapter's target layers (by default cross-attention K/V, 2% of SD 1.5's UNet; 13% of SDXL's) are never
+  8-bit: peft wraps a plain `nn.Linear` (`Precision.plain`). They keep full-precision base weights only for the
+  methods that change those weights (`Precision.keep`, `Method.keep_full_precision`): Custom Diffusion and CNS train
+  them, C-LoRA, merge-and-reinit and MagMax fold LoRAs into them, and a bf16 weight would round a small update away
+  (8 bits of mantissa). For the other methods a frozen target only feeds its adapter's input, and autocast casts an
+  fp32 weight to the 16-bit dtype at every call anyway: it is held in that dtype (our choice; it saves 0.68 GB on
+  SDXL, whose K/V read 2048-wide text). Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
   fp32 affine parameters beside 16-bit inputs). The VAE of a diffusers folder is held in bf16 in bf16 plans and
   stays fp32 otherwise (SD's VAE overflows in fp16; a single file's VAE stays fp32); plans drop it from memory once
   the latents are cached.
@@ -103,7 +108,8 @@ class Precision:
     weights: str = "fp32"  # fp32 | bf16 | fp16 | int8
     backend: str | None = None  # int8 only: torchao | bitsandbytes
     compute: str = "fp32"  # fp32 | bf16 | fp16
-    keep: tuple[str, ...] = ()  # module-name suffixes kept in full precision (the adapter's targets)
+    keep: tuple[str, ...] = ()  # module-name suffixes kept in full precision (targets whose base weights change)
+    plain: tuple[str, ...] = ()  # module-name suffixes never 8-bit (the adapter's targets: peft wraps nn.Linear)
 
     def __post_init__(self) -> None:
         if self.weights not in ("fp32", "bf16", "fp16", "int8"):
@@ -111,6 +117,11 @@ class Precision:
         if (self.weights == "int8") != (self.backend is not None):
             raise EdgecpError(f"an 8-bit backend goes with int8 weights only (weights={self.weights}, backend={self.backend})")
         object.__setattr__(self, "keep", tuple(self.keep))
+        object.__setattr__(self, "plain", tuple(self.plain))
+
+    def quantizes(self, name: str) -> bool:
+        """Whether the `nn.Linear` called `name` becomes 8-bit under this precision."""
+        return self.weights == "int8" and not _keep(name, self.keep) and not _keep(name, self.plain)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,7 +154,7 @@ def convert_(model: nn.Module, precision: Precision, device: str | torch.device 
                 setattr(module, pname, nn.Parameter(p.data.to(precision.dtype), requires_grad=False))
     if precision.weights == "int8":
         for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and not _keep(name, precision.keep):
+            if isinstance(module, nn.Linear) and precision.quantizes(name):
                 _set_submodule(model, name, quantize_linear(module, precision.backend, device))
     return model
 
@@ -218,7 +229,7 @@ def _load_batch(unet, batch, keep, float_dtype, pending, precision, device) -> N
                 if not left:
                     del pending[mod_name]
                     module = unet.get_submodule(mod_name)
-                    if precision.weights == "int8" and isinstance(module, nn.Linear) and not _keep(mod_name, keep):
+                    if isinstance(module, nn.Linear) and precision.quantizes(mod_name):
                         _set_submodule(unet, mod_name, quantize_linear(module, precision.backend, device))
 
 
@@ -241,16 +252,18 @@ def weight_bytes(model: nn.Module) -> int:
 def load_planned(spec, precision: Precision, device: str | torch.device = "cpu"):
     """The base's Components held in `precision` (see the module docstring). The VAE of a diffusers folder is fp32,
     or bf16 in bf16 plans (never fp16: SD's VAE overflows in it); a single file's pipeline comes from
-    `load_components` in fp32 and only its UNet and text encoder are converted, so its VAE stays fp32. `device`:
-    where the model will run, with its index (`cuda:1`): 8-bit layers are made there (`quantize_linear`)."""
+    `load_components` in fp32 and only its UNet and text encoders are converted, so its VAE stays fp32. The text
+    encoders follow the plan's weights, 8-bit Linear layers included (their token embeddings, which hold the concept
+    rows, stay 16-bit). `device`: where the model will run, with its index (`cuda:1`): 8-bit layers are made there
+    (`quantize_linear`)."""
     if precision.weights == "int8":
         check_backend(precision.backend)
+    text_precision = Precision(precision.weights, precision.backend, precision.compute)
     with compact_allocator():
         if spec.path is None or spec.path.is_file():  # single file: diffusers builds the fp32 pipeline first
             comps = load_components(spec)
             convert_(comps.unet, precision, device)
-            convert_(comps.text_encoder, Precision(precision.weights if precision.weights != "int8" else precision.compute,
-                                                   None, precision.compute))
+            convert_(comps.text_encoder, text_precision, device)
             return comps
         text_dtype = torch.float32 if precision.weights == "fp32" else precision.dtype
         try:
@@ -258,11 +271,13 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
                 tokenizer = CLIPTokenizer.from_pretrained(spec.path / "tokenizer")
                 text_encoder = CLIPTextModel.from_pretrained(spec.path / "text_encoder", dtype=text_dtype,
                                                              use_safetensors=True)
+                convert_(text_encoder, text_precision, device)
                 sdxl = is_sdxl_folder(spec.path)
                 if sdxl:  # the second encoder, with its pooled projection (model/sdxl.py)
                     tokenizer_2 = CLIPTokenizer.from_pretrained(spec.path / "tokenizer_2")
                     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                         spec.path / "text_encoder_2", dtype=text_dtype, use_safetensors=True)
+                    convert_(text_encoder_2, text_precision, device)
                 # fp16 overflows in SD's VAE, and in SDXL's (activations past 65504; diffusers upcasts it for the
                 # same reason, `force_upcast`): fp32, or bf16 (fp32's range) in bf16 plans
                 vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32

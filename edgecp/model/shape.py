@@ -56,8 +56,22 @@ def _count(tensors: dict[str, list[int]], targets: tuple[str, ...]) -> dict:
     return c
 
 
-def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")) -> BaseShape:
-    """Counts by kind of the UNet's weights, text encoder and VAE sizes, the UNet's block structure."""
+def _text_linear(tensors: dict[str, list[int]]) -> tuple[int, int]:
+    """(weights, output rows) of the text encoders' Linear layers: 2-D weights that are no embedding table (a single
+    file's fused `in_proj_weight` becomes q/k/v Linears in diffusers; OpenCLIP's bare `text_projection` matrix and
+    `positional_embedding` have no `weight` suffix)."""
+    n = rows = 0
+    for key, shape in tensors.items():
+        if len(shape) == 2 and key.endswith("weight") and "embedding" not in key:
+            n += _numel(shape)
+            rows += shape[0]
+    return n, rows
+
+
+def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v"),
+               target_fp32: bool = True) -> BaseShape:
+    """Counts by kind of the UNet's weights, text encoder and VAE sizes, the UNet's block structure. `targets`: the
+    layers the method adapts; `target_fp32`: whether it keeps their base weights fp32 (Method.keep_full_precision)."""
     assert spec.path is not None
     if spec.path.is_file():
         parts: dict[str, dict[str, list[int]]] = {"unet": {}, "vae": {}, "text": {}}
@@ -86,11 +100,13 @@ def base_shape(spec: BaseSpec, targets: tuple[str, ...] = ("attn2.to_k", "attn2.
         vae_channels = tuple(json.loads((spec.path / "vae" / "config.json").read_text())["block_out_channels"])
         single = False
     u = _count(parts["unet"], targets)
+    text_linear, text_rows = _text_linear(parts["text"])
     return BaseShape(
         unet_conv=u["conv"], unet_linear=u["linear"], unet_other=u["other"], unet_target=u["target"],
         unet_linear_rows=u["rows"], text=sum(_numel(s) for s in parts["text"].values()),
         vae=sum(_numel(s) for s in parts["vae"].values()), vae_channels=vae_channels,
         vae_scale=2 ** (len(vae_channels) - 1), unet=UNetShape.from_config(unet_cfg),
         largest_tensor=max(u["largest"], max((_numel(s) for s in parts["text"].values()), default=0)),
-        target_in_out=tuple(u["target_io"]), single_file=single,
+        target_in_out=tuple(u["target_io"]), single_file=single, target_fp32=target_fp32,
+        text_linear=text_linear, text_linear_rows=text_rows,
     )
