@@ -89,7 +89,7 @@ class PersonalModel:
         else:
             # the adapter's targets are never 8-bit; with stored base-weight changes to fold in (Custom Diffusion, CNS,
             # the merging methods: on the targets or K/V) they stay fp32, where a 16-bit weight would round them away
-            targets = tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + KV
+            targets = generation_targets(store)
             keep = targets if (vdir / DELTA_FILE).is_file() else ()
             precision = quant.precision_of(plan) if plan is not None else quant.Precision("fp32")
             comps = quant.load_planned(spec, replace(precision, keep=keep, plain=targets), device)  # cuda:1 quantizes there
@@ -108,6 +108,11 @@ class PersonalModel:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return encode_text(self.comps, prompts, self.device)
+
+
+def generation_targets(store: Store) -> tuple[str, ...]:
+    """The layers a generation plan never makes 8-bit: the adapter's targets and K/V (where stored changes fold in)."""
+    return tuple(from_dict(AdapterConfig, store.info["adapter"], "adapter").targets) + KV
 
 
 def split_tasks(flat: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:

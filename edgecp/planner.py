@@ -19,8 +19,8 @@ What a plan decides (each knob keeps the mathematics of training unchanged):
 The peak model (bytes):
     peak(phase) = runtime + resident weights(phase) + trainable state + activations(rows, resolution) + transients
 Activations come from the UNet's structure: U = sum over its ResNet and transformer blocks of C_l * h_l^2 (channels
-times latent area at that level). Without checkpointing a row keeps ACT_FULL * U values for the backward pass; with
-checkpointing it keeps ACT_SAVED * U plus one block's recomputation, ACT_BLOCK * max_l(C_l h_l^2). The coefficients
+times latent area at that level). Without checkpointing a row keeps `full` * U values for the backward pass; with
+checkpointing it keeps `saved` * U plus one block's recomputation, `block` * max_l(C_l h_l^2) (`Activations`). The CPU's
 were fitted on measured peaks (tools/bench_memory.py on the SD 1.5-sized fixture; docs/memory/README.md) and are
 checked against the tiny base by tests/test_planner.py.
 
@@ -99,10 +99,6 @@ CPU_ACTIVATIONS = Activations(full=28.0, saved=8.0, block=80.0, infer_u=0.0, inf
 CUDA_ACTIVATIONS = Activations(full=18.0, saved=0.83, block=64.0, infer_u=0.17, infer=26.0, decode=6.6, encode=5.5,
                                vae_in_values=True)
 ACTIVATIONS = {"cpu": CPU_ACTIVATIONS, "cuda": CUDA_ACTIVATIONS}
-# the CPU's coefficients by their earlier names (tests and tools read them)
-ACT_FULL, ACT_SAVED, ACT_BLOCK, ACT_INFER = (CPU_ACTIVATIONS.full, CPU_ACTIVATIONS.saved, CPU_ACTIVATIONS.block,
-                                             CPU_ACTIVATIONS.infer)
-VAE_DECODE, VAE_ENCODE = CPU_ACTIVATIONS.decode, CPU_ACTIVATIONS.encode
 RUNTIME_CPU = 0.50 * GB  # python + torch + diffusers + transformers + peft resident (measured)
 RUNTIME_CUDA = 0.0  # torch.cuda.max_memory_allocated excludes the CUDA context: a named term instead
 CUDA_CONTEXT = 0.5 * GB  # context reserve (module docstring: our number, not measured here)
@@ -525,6 +521,10 @@ def _precisions(shape: BaseShape, device: DeviceInfo) -> list[tuple[str, str | N
     return [("fp32", None, "fp32"), (half, None, half), ("int8", "torchao", half)]
 
 
+def _target_dtype(shape: BaseShape, compute: str) -> str:
+    return "fp32" if shape.target_fp32 else compute
+
+
 def _speed(device: DeviceInfo, shape: BaseShape, weights: str) -> float:
     """Relative iteration time of a precision (lower is faster)."""
     if device.kind == "cpu" and shape.unet_params < SMALL_UNET:
@@ -553,7 +553,7 @@ def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo, force: dic
                     speed *= 1.0 if chunk >= consolidation_rows else CHUNK_COST + 0.02 * (consolidation_rows // chunk)
                     yield speed, Plan(device.kind, weights, backend, compute, ckpt, micro,
                                       work.grad_accum * (work.batch_size // micro), chunk,
-                                      target_dtype="fp32" if shape.target_fp32 else compute)
+                                      target_dtype=_target_dtype(shape, compute))
 
 
 def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: int | None = None,
@@ -617,7 +617,7 @@ def plan_generation(shape: BaseShape, resolution: int, n: int, device: DeviceInf
     for weights, backend, compute in _precisions(shape, device):
         for batch in sorted({min(n, 4), *[b for b in (2, 1) if b < min(n, 4)]}, reverse=True):
             plan = Plan(device.kind, weights, backend, compute, False, batch, 1, 1, budget=budget, purpose="generate",
-                        target_dtype="fp32" if shape.target_fp32 else compute)
+                        target_dtype=_target_dtype(shape, compute))
             predicted, terms = predict_generation_terms(shape, resolution, batch, device, plan)
             plan = replace(plan, predicted=predicted, cuda_terms=terms)
             speed = _speed(device, shape, weights) * (1 + 0.05 * (4 // batch))

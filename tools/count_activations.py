@@ -11,12 +11,14 @@ CUDA runs, with three known differences, all small at these sizes: the CPU's SDP
 saved tensors, output and log-sum-exp), cuBLAS/cuDNN workspaces are not seen, and CUDA rounds each block to 512
 bytes.
 
-What one step is: the frozen UNet in bf16 (norms fp32), a LoRA of the given rank on the given targets (peft, fp32),
+What one step is: the frozen UNet as a bf16 plan holds it (`model/quant.load_planned`: norms fp32), the project's
+LoRA of the given rank on the given targets (`adapters/lora.attach`, fp32 masters),
 gradient checkpointing on, `rows` rows of noise at `resolution` px under bf16 autocast, an MSE loss, backward. The
 weights, the inputs and the LoRA parameters exist before counting starts: what is counted is what the step adds
 (activations, saved tensors, gradients, temporaries), i.e. the planner's activation term.
 
-    python tools/count_activations.py --base /tmp/sdxl-mini --resolution 256,512,1024 --out docs/memory/counted.json
+    python tools/count_activations.py --base /tmp/sdxl-mini --resolution 256,512,1024 --phases train,sample,vae \
+        --md docs/memory/counted-activations.md   # the commands behind that file are in it
 """
 
 from __future__ import annotations
@@ -158,25 +160,20 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=None, help="append the rows to this markdown file's table (its header first if it has none)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, inject_adapter_in_model
-
+    from edgecp.adapters import lora
+    from edgecp.config import AdapterConfig
     from edgecp.model.base import resolve_base
+    from edgecp.model.quant import Precision, load_planned
     from edgecp.model.shape import base_shape
 
     spec = resolve_base(args.base)
     targets = tuple(args.targets.split(","))
     shape = base_shape(spec, targets, False)
-    unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", torch_dtype=torch.bfloat16)
-    for m in unet.modules():
-        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            m.float()
-    unet.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(targets)), unet)
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    # the base as a bf16 plan holds it (norms fp32), and the project's LoRA on it (fp32 masters)
+    comps = load_planned(spec, Precision("bf16", None, "bf16", plain=targets))
+    unet = comps.unet
+    lora.attach(unet, AdapterConfig(rank=args.rank, alpha=float(args.rank), targets=targets))
+    lora.set_trainable(unet, True)
     if not args.no_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -188,12 +185,9 @@ def main(argv=None) -> int:
         added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])}
     phases = args.phases.split(",")
     vae = None
-    if "vae" in phases:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(spec.path / "vae", torch_dtype=getattr(torch, {"bf16": "bfloat16",
-                                                                                          "fp32": "float32"}[args.vae_dtype]))
-        vae.requires_grad_(False)
+    if "vae" in phases:  # bf16 as the plan loads it, or fp32
+        vae = comps.vae.float() if args.vae_dtype == "fp32" else comps.vae
+    del comps
     rows = []
     for res in (int(r) for r in args.resolution.split(",")):
         latent = res // shape.vae_scale
