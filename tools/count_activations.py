@@ -162,11 +162,16 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     from edgecp.adapters import lora
     from edgecp.config import AdapterConfig
+    from edgecp.errors import EdgecpError
     from edgecp.model.base import resolve_base
     from edgecp.model.quant import Precision, load_planned
     from edgecp.model.shape import base_shape
 
-    spec = resolve_base(args.base)
+    try:
+        spec = resolve_base(args.base)
+    except EdgecpError as e:
+        print(f"count_activations: {e}", file=sys.stderr)
+        return 2
     targets = tuple(args.targets.split(","))
     shape = base_shape(spec, targets, False)
     # the base as a bf16 plan holds it (norms fp32), and the project's LoRA on it (fp32 masters)
