@@ -177,13 +177,12 @@ def plan_generate(store, cfg: GenerateConfig, device, memory_budget=None):
     """The memory plan of `generate` on this store (no model loaded)."""
     # lazy: these import torch and diffusers, kept off the device runtime (module docstring)
     from edgecp.memory import device_info
-    from edgecp.methods import method_class
     from edgecp.model.shape import base_shape
     from edgecp.personal import generation_targets, open_base
 
-    # as PersonalModel.load holds it: the adapter's targets and K/V never 8-bit, fp32 where the method changes them
-    changes_base = method_class(store.info["method"]["name"]).changes_base
-    shape = base_shape(open_base(store), generation_targets(store), changes_base)
+    # as PersonalModel.load holds it: the adapter's targets and K/V never 8-bit, in the plan's dtype (stored base
+    # changes are folded in fp32 while loading, model/quant.py)
+    shape = base_shape(open_base(store), generation_targets(store), False)
     size = cfg.size or shape.unet.sample_size * shape.vae_scale
     budget = parse_bytes(memory_budget if memory_budget is not None else store.info.get("memory_budget"))
     return plan_generation(shape, size, cfg.n, device_info(device), budget)

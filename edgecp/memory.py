@@ -258,13 +258,39 @@ def forget_failure(e: BaseException) -> None:
         e = e.__cause__ or e.__context__
 
 
+@contextmanager
+def on_host(module, device, active: bool = True):
+    """Inside the block `module` is in host memory and its device memory freed; after it, back on `device`. For a
+    phase that does not use the module (the text encoders while the VAE encodes). Nothing moves on the CPU."""
+    dev = torch.device(device)
+    if not active or module is None or dev.type == "cpu":
+        yield
+        return
+    module.to("cpu")
+    release_memory(dev)
+    try:
+        yield
+    finally:
+        module.to(dev)
+
+
+def uses_priors(method, cfg) -> bool:
+    """Whether a task draws prior images: for the prior loss (prior_weight > 0; 001 trains without it), or because
+    the method reads them (CNS's general importance). Training then has a prior row beside each instance row."""
+    return cfg.prior_weight > 0 or method.needs_prior_images
+
+
 def training_workload(method, shape, train_cfg, resolution: int, n_previous: int, n_images: int,
                       priors_to_generate: int, prior_steps: int) -> Workload:
-    """The planner's view of one add-concept run."""
+    """The planner's view of one add-concept run. Without prior images a training call has the instance rows only
+    (`edgecp.train`: no prior rows when the task trains without the prior loss)."""
     adapter_numbers, base_numbers = method.trainable_numbers(shape.target_in_out)
+    rows = dict(method.phase_rows(n_previous))
+    if not uses_priors(method, train_cfg):
+        rows["train"] = 1
     return Workload(
         resolution=resolution, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
-        phase_rows=method.phase_rows(n_previous), adapter_params=adapter_numbers, base_params_trained=base_numbers,
+        phase_rows=rows, adapter_params=adapter_numbers, base_params_trained=base_numbers,
         trains_token=train_cfg.token_lr > 0, n_images=n_images, priors_to_generate=priors_to_generate,
         prior_steps=prior_steps,
     )

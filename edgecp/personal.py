@@ -87,12 +87,13 @@ class PersonalModel:
         if plan is None and not stream:
             comps = load_components(spec)
         else:
-            # the adapter's targets are never 8-bit; with stored base-weight changes to fold in (Custom Diffusion, CNS,
-            # the merging methods: on the targets or K/V) they stay fp32, where a 16-bit weight would round them away
+            # the adapter's targets are never 8-bit; stored base-weight changes (Custom Diffusion, CNS, the merging
+            # methods: on the targets or K/V) are folded in fp32 as the base loads, then held in the plan's dtype,
+            # which is what autocast reads from an fp32 W + delta at every call (model/quant.py)
             targets = generation_targets(store)
-            keep = targets if (vdir / DELTA_FILE).is_file() else ()
             precision = quant.precision_of(plan) if plan is not None else quant.Precision("fp32")
-            comps = quant.load_planned(spec, replace(precision, keep=keep, plain=targets), device)  # cuda:1 quantizes there
+            comps = quant.load_planned(spec, replace(precision, plain=targets), device,  # cuda:1 quantizes there
+                                       fold=read_tensors(vdir, DELTA_FILE))
         concepts = manifest["concepts"]
         load_concept_tokens(comps.tokenizer, comps.text_encoder, concepts, read_tensors(vdir, TOKENS_FILE))
         fold_base_delta(comps.unet, vdir)
@@ -134,15 +135,11 @@ def join_tasks(tasks: list[dict[str, torch.Tensor]], **rest: torch.Tensor) -> di
 
 
 def fold_base_delta(unet, version_dir: Path | None) -> dict[str, torch.Tensor]:
-    """W <- W + delta for every tensor in the version's base_delta.safetensors; returns the deltas (maybe empty)."""
+    """W <- W + delta for every tensor in the version's base_delta.safetensors that the loader has not folded already
+    (`quant.fold_into`: added in fp32, rounded once); returns the deltas (maybe empty)."""
     deltas = read_tensors(version_dir, DELTA_FILE) if version_dir else {}
-    if deltas:
-        params = dict(unet.named_parameters())
-        with torch.no_grad():
-            for key, d in deltas.items():
-                if key not in params:
-                    raise EdgecpError(f"stored weight change '{key}' matches no UNet tensor: the store's base has changed")
-                params[key] += d.to(params[key])
+    done = quant.folded(unet)
+    quant.fold_into(unet, {k: v for k, v in deltas.items() if k not in done})
     return deltas
 
 

@@ -447,6 +447,12 @@ def _load_transient(shape: BaseShape, device: DeviceInfo, plan: Plan) -> float:
     return transient
 
 
+def text_off_device(plan: Plan) -> bool:
+    """Whether `plan` moves the text encoders to host memory while the VAE encodes the photos (`memory.on_host`): a
+    CUDA plan that offloads, unless its 8-bit layers are bitsandbytes' (which quantizes as it moves to the GPU)."""
+    return plan.device == "cuda" and plan.offload and plan.backend != "bitsandbytes"
+
+
 def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
                            plan: Plan) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(predicted peak per phase, CUDA terms per phase ({} on the CPU)) of add-concept under `plan`."""
@@ -468,7 +474,8 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
         out["priors"] = runtime + unet + text + vae + max(
             _activation_bytes(shape, latent, sample_rows, False, plan.compute, grad=False, kind=device.kind),
             act.vae_bytes("decode", plan.vae_dtype) * vae_px)  # VAE slicing: one image at a time
-    out["encode"] = runtime + unet + text + vae + act.vae_bytes("encode", plan.vae_dtype) * vae_px  # one row a call
+    out["encode"] = (runtime + unet + (0 if text_off_device(plan) else text) + vae
+                     + act.vae_bytes("encode", plan.vae_dtype) * vae_px)  # one row a call
     resident = unet + (text if work.trains_token or not plan.offload else 0) + (0 if plan.offload else vae)
     train_rows = work.phase_rows.get("train", 2) * plan.micro_batch
     out["train"] = runtime + resident + state + _activation_bytes(shape, latent, train_rows, plan.gradient_checkpointing,

@@ -260,8 +260,9 @@ class Store:
         """One line for the exports SDXL does not have yet (issue 28: generation and training work on SDXL)."""
         if self.family == "sdxl":
             raise EdgecpError(
-                f"{what} of an SDXL store is not built yet: generate with `edgecp generate --store {self.root}` "
-                "(PyTorch), or export from an SD 1.x/2.x store")
+                f"{what} of an SDXL store is not built yet: export ONNX with `edgecp export --store {self.root}` "
+                f"(optimum's SDXL layout), generate with `edgecp generate --store {self.root}`, or use an SD 1.x/2.x "
+                "store")
 
     def head_or_none(self) -> str | None:
         """What HEAD names, or None when HEAD is missing, empty or not a version name (a damaged store)."""

@@ -52,9 +52,11 @@ from edgecp.memory import (
     device_info,
     forget_failure,
     is_oom,
+    on_host,
     release_memory,
     resolve_device,
     training_workload,
+    uses_priors,
 )
 from edgecp.methods import build_method
 from edgecp.methods.base import TaskContext
@@ -69,7 +71,7 @@ from edgecp.model.tokens import (
 )
 from edgecp.outputs import absolute, check_output_dir
 from edgecp.personal import RECORD_FILE, TOKENS_FILE, encode_text, open_base, read_tensors
-from edgecp.planner import GB, DeviceInfo, Plan, fmt_bytes, parse_bytes, plan_training
+from edgecp.planner import GB, DeviceInfo, Plan, fmt_bytes, parse_bytes, plan_training, text_off_device
 from edgecp.priors import ensure_priors, prior_key
 from edgecp.progress import METRICS, Progress, ProgressEvent  # noqa: F401 (ProgressEvent: public here too)
 from edgecp.progress import emit as report
@@ -409,7 +411,8 @@ def _learn(store, spec, name, staged, sources, words, cfg: TrainConfig, device, 
 
         emit("load", 0, 1)
         precision = method.precision(plan)
-        comps = load_planned(spec, precision, device)  # the full device: cuda:1 quantizes on GPU 1
+        # earlier base-weight changes folded in fp32 as the base loads, then held in the plan's dtype (model/quant.py)
+        comps = load_planned(spec, precision, device, fold=method.base_changes(store.version_dir()))  # cuda:1 there
         for m in (comps.text_encoder, comps.vae, comps.unet):
             m.to(device)
         emit("load", 1, 1)
@@ -440,12 +443,6 @@ def _commit(store, files: dict, manifest: dict, run: RunOptions, device, emit, t
     if images:
         out["_check_images"] = images  # for the contact sheet; never written to the store
     return out
-
-
-def uses_priors(method, cfg: TrainConfig) -> bool:
-    """Whether a task draws prior images: for the prior loss (prior_weight > 0; 001 trains without it), or because
-    the method reads them (CNS's general importance)."""
-    return cfg.prior_weight > 0 or method.needs_prior_images
 
 
 def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, device, emit, plan, meter,
@@ -480,8 +477,9 @@ def _learn_loaded(store, comps, method, name, staged, sources, words, cfg, devic
         per_photo = [ctx.prompt if c is None else caption_prompt(c, token, class_word) for c in run.captions]
         ctx.extra["instance_prompts"] = per_photo + per_photo
     emit("encode", 0, 1)
-    ctx.instance = encode_images(comps, staged, size, device, flip=True)
-    ctx.prior = encode_images(comps, prior_paths, size, device, flip=False) if prior_paths else None
+    with on_host(comps.text_encoder, device, text_off_device(plan)):  # the VAE's phase: the encoders wait on the host
+        ctx.instance = encode_images(comps, staged, size, device, flip=True)
+        ctx.prior = encode_images(comps, prior_paths, size, device, flip=False) if prior_paths else None
     if plan.offload and run.samples is None:  # the latents are cached: the VAE is not needed again in this task
         comps.vae = None
         release_memory(device)

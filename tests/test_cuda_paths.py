@@ -237,7 +237,7 @@ def test_the_personal_model_passes_the_device_index_to_the_planned_load(monkeypa
 
     seen = []
 
-    def load_planned(spec, precision, device="cpu"):
+    def load_planned(spec, precision, device="cpu", fold=None):
         seen.append(device)
         raise RuntimeError("stop after the call")
 

@@ -131,7 +131,7 @@ def test_cuda_1_is_kept_through_add_concept(fake_gpu, tmp_path, monkeypatch):
     new_store(root)
     seen = {}
 
-    def load_planned(spec, precision, device):
+    def load_planned(spec, precision, device, fold=None):
         seen["device"], seen["precision"] = device, precision
         raise RuntimeError("stop here: no GPU to load onto")
 

@@ -305,12 +305,6 @@ def test_ctrl_c_prints_the_documented_line_and_leaves_the_store_as_it_was(store_
 NOTICE = "Skipping publisher trust check"
 
 
-def _has_kernels() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("kernels") is not None and importlib.util.find_spec("bitsandbytes") is not None
-
-
 def test_cli_hides_library_notices_that_the_library_leaves_alone(trained_store):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # importing the library may show its dependencies' import-time notices (imports sit at the top of its modules);
@@ -334,8 +328,11 @@ def test_cli_hides_library_notices_that_the_library_leaves_alone(trained_store):
     p = subprocess.run([sys.executable, "-c", lib], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "deprecated in diffusers 9" in p.stderr
-    if _has_kernels():
-        assert NOTICE in p.stderr  # the notice exists: the CLI run above is what hid it
+    # whatever the library run printed while importing bitsandbytes (its and kernels' notices, NOTICE among them in
+    # the kernels versions that print it) the CLI run above hid while it ran
+    printed = {line for line in p.stderr.splitlines() if line.strip() and "deprecated in diffusers 9" not in line
+               and not line.startswith(("Traceback", "  "))}
+    assert not printed & set(during.splitlines()), (printed, during)
 
 
 def test_main_restores_what_it_set_for_an_in_process_caller(trained_store, capsys):

@@ -68,9 +68,10 @@ def test_planned_base_is_smaller_close_and_keeps_adapted_layers(precision):
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 @pytest.mark.parametrize("name", ["lora-sequential", "c-lora", "custom-diffusion"])
-def test_frozen_targets_are_16_bit_unless_the_method_changes_them(name, weights):
+def test_frozen_targets_are_16_bit_unless_the_method_trains_them(name, weights):
     """A LoRA method's frozen targets are held in the plan's 16-bit dtype (autocast casts them there at every call)
-    with fp32 adapter masters; C-LoRA folds adapters into them and Custom Diffusion trains them: fp32. No target is
+    with fp32 adapter masters; C-LoRA's too (it folds adapters in, in fp32 while loading); Custom Diffusion trains
+    them: fp32. No target is
     ever 8-bit, and the text encoder's Linears are 8-bit in an int8 plan. The planner's byte counts (from the
     headers) match what the loaded model holds (`weight_bytes`, which reads the tensors)."""
     from edgecp.methods import build_method, method_class
@@ -81,7 +82,7 @@ def test_frozen_targets_are_16_bit_unless_the_method_changes_them(name, weights)
     spec = resolve_base("tiny")
     plan = Plan("cpu", weights, "torchao" if weights == "int8" else None, "bf16", True, 1, 1, 1)
     comps = load_planned(spec, method.precision(plan))
-    fp32 = name != "lora-sequential"
+    fp32 = name == "custom-diffusion"
     targets = method.adapted_layers()
     for n, m in comps.unet.named_modules():
         if n.endswith(targets):
@@ -95,6 +96,36 @@ def test_frozen_targets_are_16_bit_unless_the_method_changes_them(name, weights)
     if name == "lora-sequential":
         lora.attach(comps.unet, AdapterConfig(rank=2, alpha=2.0))
         assert {p.dtype for p in lora.adapter_parameters(comps.unet).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_stored_changes_fold_in_fp32_while_loading_and_round_once(weights):
+    """`load_planned(fold=...)`: W + delta added in fp32 before the plan's cast, so the 16-bit weight is exactly what
+    autocast computes from an fp32 W + delta at every call (the reference: diffusers' fp32 load, the sum, then
+    `.to(bf16)`, and autocast's own linear). Folding into a weight already held in 16 bits would not be: a delta below
+    half a bf16 step vanishes there. A delta that names no tensor is one line."""
+    import torch.nn.functional as F
+
+    from edgecp.model.quant import folded
+
+    spec = resolve_base("tiny")
+    ref = load_components(spec).unet
+    key = next(k for k, _ in ref.named_parameters() if k.endswith("attn2.to_k.weight"))
+    w32 = dict(ref.named_parameters())[key].detach()
+    delta = 1e-3 * w32.abs().mean() * torch.randn(w32.shape, generator=torch.Generator().manual_seed(3))
+    plan = Precision(weights, "torchao" if weights == "int8" else None, "bf16", plain=("attn2.to_k", "attn2.to_v"))
+    unet = load_planned(spec, plan, fold={key: delta}).unet
+    got = dict(unet.named_parameters())[key].detach()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (w32 + delta).to(torch.bfloat16))
+    assert folded(unet) == {key}
+    naive = w32.to(torch.bfloat16) + delta.to(torch.bfloat16)
+    assert not torch.equal(naive, got)  # the sum in 16 bits rounds twice
+    x = torch.randn(3, w32.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w32 + delta)
+    assert torch.equal(F.linear(x.to(torch.bfloat16), got), want)
+    with pytest.raises(EdgecpError, match="matches no UNet tensor"):
+        load_planned(spec, plan, fold={"down_blocks.9.nothing.weight": delta})
 
 
 def _lora_unet():

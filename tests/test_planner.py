@@ -143,3 +143,60 @@ def test_generation_plan_fits_512px_cpu_within_4gb():
     plan = plan_generation(SD15, 512, 4, CPU_BF16, 4 * GB)
     assert plan.peak <= 4 * GB and plan.weights in ("bf16", "int8") and plan.purpose == "generate"
     assert plan_generation(SD15, 512, 4, CPU_BF16).micro_batch == 4  # unbudgeted: the whole batch at once
+
+
+def test_text_encoders_leave_the_gpu_while_the_vae_encodes():
+    """A CUDA plan that offloads holds no text encoder in the encode phase (edgecp.memory.on_host moves it to the
+    host there); the CPU, a resident plan and bitsandbytes' 8-bit layers keep it. By hand: the difference is the
+    text encoder's bytes in the plan's dtype."""
+    from edgecp.planner import text_weight_bytes
+
+    work = lora_work(512)
+    plan = plan_training(SD15, work, RTX_8GB, 8 * GB)
+    assert plan.offload and plan.weights in ("fp16", "bf16")
+    kept = dataclasses.replace(plan, offload=False)
+    diff = predict_training(SD15, work, RTX_8GB, kept)["encode"] - predict_training(SD15, work, RTX_8GB, plan)["encode"]
+    from edgecp.planner import CUDA_FRAGMENTATION
+
+    # the encoders' bytes, and the allocator margin the planner adds on every allocated byte
+    assert diff == pytest.approx(text_weight_bytes(SD15, plan.weights, plan.compute) * (1 + CUDA_FRAGMENTATION), rel=0.01)
+    bnb = dataclasses.replace(plan, weights="int8", backend="bitsandbytes")
+    assert predict_training(SD15, work, RTX_8GB, bnb)["encode"] == pytest.approx(
+        predict_training(SD15, work, RTX_8GB, dataclasses.replace(bnb, offload=False))["encode"])
+    cpu = plan_training(SD15, work, CPU_BF16, 8 * GB)
+    assert predict_training(SD15, work, CPU_BF16, cpu)["encode"] == predict_training(
+        SD15, work, CPU_BF16, dataclasses.replace(cpu, offload=True))["encode"]
+
+
+def test_on_host_moves_a_module_off_the_device_and_back():
+    import torch
+
+    from edgecp.memory import on_host
+
+    class Recorder(torch.nn.Linear):
+        def to(self, *args, **kw):
+            moves.append(str(args[0]))
+            return self
+
+    moves: list[str] = []
+    m = Recorder(2, 2)
+    with on_host(m, "cuda:1"):
+        assert moves == ["cpu"]
+    assert moves == ["cpu", "cuda:1"]
+    with on_host(m, "cpu"), on_host(m, "cuda", active=False), on_host(None, "cuda"):
+        pass
+    assert moves == ["cpu", "cuda:1"]  # nothing moves on the CPU, when inactive, or without a module
+
+
+def test_training_without_prior_images_has_one_row_per_image():
+    """001's rows train without the prior loss: no prior row beside the instance (edgecp.train), so the planner's
+    training call has one row per image; with the prior loss, two."""
+    from edgecp.config import AdapterConfig, TrainConfig
+    from edgecp.memory import training_workload
+    from edgecp.methods import build_method
+
+    for name, prior_weight, rows in (("merge-reinit", 0.0, 1), ("lora-sequential", 1.0, 2), ("cns", 0.0, 2)):
+        adapter = AdapterConfig(kind="none") if name == "cns" else AdapterConfig(rank=2, alpha=2.0)
+        method = build_method(name, {}, adapter)
+        work = training_workload(method, SD15, TrainConfig(prior_weight=prior_weight), 512, 0, 4, 0, 0)
+        assert work.phase_rows["train"] == rows, name

@@ -206,26 +206,6 @@ def test_planner_reads_sdxl_shape(sdxl_base):
     assert [b for _, _, b, _ in xl.transformer_blocks(128)] == [10, 60]
 
 
-def test_sdxl_exports_are_refused_in_one_line(sdxl_base, tmp_path):
-    from edgecp.api import init_store
-    from edgecp.errors import EdgecpError
-    from edgecp.export.diffusers_format import export_diffusers
-    from edgecp.export.onnx_export import export_onnx
-
-    root = tmp_path / "s"
-    init_store(root, str(sdxl_base), method="lora-sequential", train={"steps": 1, "resolution": 64})
-    from edgecp.export.checkpoint import export_checkpoint
-    from edgecp.export.webui import export_webui
-
-    for call in (lambda: export_onnx(root, "cpu-fp32", tmp_path / "o"),
-                 lambda: export_diffusers(root, tmp_path / "d"),
-                 lambda: export_webui(root, tmp_path / "w"),
-                 lambda: export_checkpoint(root, tmp_path / "c")):
-        with pytest.raises(EdgecpError, match="SDXL store is not built yet"):
-            call()
-    assert not any((tmp_path / d).exists() for d in "odwc")
-
-
 def test_sdxl_single_file_is_read_offline_and_matches_the_folder(sdxl_base, comps, tmp_path, monkeypatch):
     """An SDXL checkpoint in the original layout (both encoders under conditioner.embedders): the family comes from the
     header, diffusers converts it offline with edgecp's shipped configs, and the model equals the folder's. The mini

@@ -19,6 +19,12 @@ process, on the same machine and threads:
   backend cannot beat the GEMM rate by much, which bounds what any fp32 export can gain over PyTorch here.
 Writes OUT/bench_export.json and OUT/bench_export.md (the two tables); prints each row as it finishes. What else
 ran on the machine is not measured: run it alone.
+
+`--export-only` measures the exports alone (the first table), for bases whose PyTorch pipeline and an onnxruntime
+UNet session do not fit in memory together (SDXL: 10.3 GB of fp32 UNet each, on a 24 GB machine); the fp32 sizes
+are then the raw graphs' initializers from the exports' reports (`fp32_weight_bytes`), not PyTorch's parameters.
+
+    python tools/bench_export.py --store S --out /tmp/bx-sdxl --export-only                      # SDXL fixture
 """
 
 from __future__ import annotations
@@ -103,6 +109,41 @@ def gemm_gflops(runs: int = 10, n: int = 2048) -> dict:
     return {"torch": rate(timed(lambda: a @ b, runs)), "onnxruntime": rate(timed(lambda: sess.run(None, feed), runs))}
 
 
+def _report_fp32_bytes(exports: dict) -> dict:
+    """{largest, whole}: the fp32 bytes of the largest model and of all, from the first export's report (each
+    model's raw fp32 graph: `fp32_weight_bytes`; the VAE counted as its decoder and encoder graphs)."""
+    for ex in exports.values():
+        if "report" in ex:
+            sizes = [m["fp32_weight_bytes"] for m in ex["report"]["models"].values()]
+            return {"largest": max(sizes), "whole": sum(sizes), "from": "the exports' raw fp32 graphs"}
+    raise SystemExit("no export succeeded: nothing to measure")
+
+
+def _export_row(prof: str, ex: dict, folder: Path, sizes: dict) -> dict:
+    """One profile's export figures (the first table)."""
+    from edgecp.export.external_data import dir_bytes
+
+    row = {"profile": Path(prof).stem}
+    if "error" in ex:
+        return {**row, "error": ex["error"]}
+    rep = ex["report"]
+    row.update({
+        "export_s": ex["seconds"] and round(ex["seconds"], 1),
+        "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
+        "peak_over_largest_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["largest"], 2),
+        "peak_over_whole_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["whole"], 2),
+        "stage_peak_rss_gb": {k: round(v / 1e9, 2) for k, v in ex.get("stage_peak_rss", {}).items()},
+        "folder_mb": round(dir_bytes(folder) / 1e6, 1),
+        "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
+        "gate_psnr_db": rep["image_gate"]["psnr_db"],
+        "gate_step_ratio": rep["image_gate"].get("unet_step_ms", {}).get("ratio"),  # the export's own figure
+        "fused": {n: m.get("fused", {}) for n, m in rep["models"].items() if m.get("fused")},
+        "quantization": rep.get("quantization"), "refused_variants": rep.get("refused_variants"),
+        "kept_fp32": {n: m["kept_fp32"] for n, m in rep["models"].items() if m.get("kept_fp32")},
+    })
+    return row
+
+
 def _largest_fp32_model_bytes(comps) -> dict:
     sizes = {n: sum(p.numel() * 4 for p in m.parameters())
              for n, m in (("unet", comps.unet), ("text_encoder", comps.text_encoder), ("vae", comps.vae))}
@@ -121,6 +162,8 @@ def main() -> None:
     ap.add_argument("--image-runs", type=int, default=1,
                     help="whole images timed per backend (their mean), after one 2-step warm-up image each")
     ap.add_argument("--reuse", action="store_true", help="keep exports already in --out (no export figures then)")
+    ap.add_argument("--export-only", action="store_true",
+                    help="the exports' figures only, no speed table (PyTorch is never loaded beside onnxruntime)")
     ap.add_argument("--child-export", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_export:
@@ -130,7 +173,6 @@ def main() -> None:
     import torch
 
     from edgecp.adapters import lora
-    from edgecp.export.external_data import dir_bytes
     from edgecp.export.gates import gate_prompt, psnr
     from edgecp.export.ort_runner import OnnxStableDiffusion
     from edgecp.generate import GenerateConfig, torch_generate
@@ -160,6 +202,18 @@ def main() -> None:
               + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in exports[prof]["stage_peak_rss"].items()), flush=True)
 
     store = Store.open(a.store)
+    if a.export_only:
+        meta = {"store": a.store, "base": store.info["base"], "export_only": True, "cpu_count": os.cpu_count(),
+                "fp32_bytes": _report_fp32_bytes(exports),
+                "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__}
+        meta["rows"] = [_export_row(prof, exports[prof], a.out / Path(prof).stem, meta["fp32_bytes"])
+                        for prof in a.profiles.split(",")]
+        for row in meta["rows"]:
+            print(json.dumps(row), flush=True)
+        (a.out / "bench_export.json").write_text(json.dumps(meta, indent=2))
+        (a.out / "bench_export.md").write_text(tables(meta))
+        print(tables(meta))
+        return
     model = PersonalModel.load(store, device=torch.device("cpu"))
     comps = model.comps
     if lora.has_adapter(comps.unet):
@@ -172,7 +226,14 @@ def main() -> None:
     prompt = gate_prompt([{k: c[k] for k in ("name", "token", "class_word")} for c in model.concepts])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, comps.unet.config.in_channels, lat, lat, generator=g)
-    c = torch.randn(2, comps.tokenizer.model_max_length, comps.text_encoder.config.hidden_size, generator=g)
+    hidden = torch.randn(2, comps.tokenizer.model_max_length, comps.unet.config.cross_attention_dim, generator=g)
+    c, cond = hidden, {"encoder_hidden_states": hidden.numpy()}
+    if comps.sdxl:  # the packed conditioning PyTorch's UNet takes, and the three inputs the export takes
+        from edgecp.model.sdxl import pack, pooled_width, time_ids
+
+        pooled = torch.randn(2, pooled_width(comps.unet.config), generator=g)
+        c = pack(hidden, pooled)
+        cond.update(text_embeds=pooled.numpy(), time_ids=time_ids(size, size, 2, pooled).numpy())
     t = torch.tensor(500.0)
 
     def torch_call():
@@ -200,27 +261,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads)", flush=True)
 
     fp32_img = None
-    feeds = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), "encoder_hidden_states": c.numpy()}
+    feeds = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), **cond}
     for prof in a.profiles.split(","):
         ex = exports[prof]
-        row = {"profile": Path(prof).stem}
-        if "error" in ex:
-            rows.append({**row, "error": ex["error"]})
-            continue
-        rep = ex["report"]
         folder = a.out / Path(prof).stem
-        row.update({
-            "export_s": ex["seconds"] and round(ex["seconds"], 1),
-            "peak_rss_gb": ex["peak_rss"] and round(ex["peak_rss"] / 1e9, 2),
-            "peak_over_largest_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["largest"], 2),
-            "peak_over_whole_fp32": ex["peak_rss"] and round(ex["peak_rss"] / sizes["whole"], 2),
-            "stage_peak_rss_gb": {k: round(v / 1e9, 2) for k, v in ex.get("stage_peak_rss", {}).items()},
-            "folder_mb": round(dir_bytes(folder) / 1e6, 1),
-            "worst_parity": max((m["max_abs_diff"] / m["tolerance"], n) for n, m in rep["models"].items()),
-            "gate_psnr_db": rep["image_gate"]["psnr_db"],
-            "gate_step_ratio": rep["image_gate"].get("unet_step_ms", {}).get("ratio"),  # the export's own figure
-            "fused": {n: m.get("fused", {}) for n, m in rep["models"].items() if m.get("fused")},
-        })
+        row = _export_row(prof, ex, folder, sizes)
+        if "error" in ex:
+            rows.append(row)
+            continue
         pipe = OnnxStableDiffusion(folder, providers=["CPUExecutionProvider"])
         ts = pipe.unet.inputs["timestep"]
         f = {**feeds, "timestep": np.asarray(500.0, dtype=pipe.unet.dtype("timestep")).reshape(
@@ -271,6 +319,8 @@ def tables(meta: dict) -> str:
         lines.append(f"| {r['profile']} | {r['export_s'] or '-'} | {gb(r['peak_rss_gb'])} | "
                      f"{gb(r['peak_over_largest_fp32'])} | {gb(r['peak_over_whole_fp32'])} | {r['folder_mb']} | "
                      f"{r['worst_parity'][0]:.2f} ({r['worst_parity'][1]}) | {r['gate_psnr_db']} |")
+    if meta.get("export_only"):
+        return "\n".join(lines) + "\n"
     lines += ["", f"Speed on onnxruntime's CPU provider vs PyTorch fp32 ({meta['size']} px, UNet batch 2, "
               f"{meta['steps']} steps, {meta['cpu_count']} cores, torch threads {meta['torch_threads']})", "",
               "| profile | UNet ms ONNX | UNet ms PyTorch | ratio | UNet GFLOP/s ONNX | image s ONNX | image s PyTorch "

@@ -27,6 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from edgecp.config import AdapterConfig
 from edgecp.errors import EdgecpError
 from edgecp.model.host import to_host
+from edgecp.model.quant import fold_into, folded
 
 ADAPTER_NAME = "default"
 _PEFT_KEY = "_edgecp_peft_model"  # a plain attribute, not a submodule (the PeftModel contains the UNet)
@@ -122,12 +123,16 @@ def lora_delta(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
     return {m: scaling * state[f"{m}.lora_B.weight"].float() @ state[f"{m}.lora_A.weight"].float() for m in lora_modules(state)}
 
 
+def weight_deltas(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """module name -> (out, in) delta, as state-dict keys of the weights it changes (module.weight)."""
+    return {f"{m}.weight": d for m, d in deltas.items()}
+
+
 def fold_into_base(unet, deltas: dict[str, torch.Tensor]) -> None:
-    """W <- W + delta for each adapted layer (module name -> (out, in)), before any adapter is attached."""
-    with torch.no_grad():
-        for m, d in deltas.items():
-            layer = unet.get_submodule(m)
-            layer.weight += d.to(layer.weight)
+    """W <- W + delta for each adapted layer (module name -> (out, in)), before any adapter is attached: added in
+    fp32 and rounded once to W's dtype; layers the loader folded already (`quant.fold_into`) are skipped."""
+    done = folded(unet)
+    fold_into(unet, {k: d for k, d in weight_deltas(deltas).items() if k not in done})
 
 
 def concat_loras(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

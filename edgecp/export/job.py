@@ -64,6 +64,7 @@ from edgecp.heap import trim_heap
 from edgecp.integrity import WRITING_MARK, lock_dir, read_export_meta, unlock_dir, write_export_meta
 from edgecp.memory import release_memory
 from edgecp.model.base import stored_unet_dtype
+from edgecp.model.sdxl import bake_dual_tokens
 from edgecp.model.tokens import PERSONAL_ROWS, bake_tokens, personal_rows
 from edgecp.personal import PersonalModel, open_base
 from edgecp.profiles import DeviceProfile, load_profile
@@ -130,7 +131,6 @@ class ExportJob:
         `update_for`: the base export an update is made for (`check_base`)."""
         profile = load_profile(profile_name)
         store = Store.open(outputs.absolute(store_root))
-        store.refuse_sdxl("the ONNX export")
         version = store.head
         base_dir = base_meta = None
         refused = None
@@ -159,7 +159,8 @@ class ExportJob:
 
     def __post_init__(self) -> None:
         profile = self.profile
-        self.names = ["unet", "text_encoder", "vae_decoder"] + (["vae_encoder"] if profile.vae_encoder else [])
+        self.names = (["unet", "text_encoder"] + ["text_encoder_2"] * self.comps.sdxl + ["vae_decoder"]
+                      + (["vae_encoder"] if profile.vae_encoder else []))
         self.gpu = self.optimizing and "CUDAExecutionProvider" in profile.providers and cuda_usable()
         self.level = verify_optimization(profile, self.gpu)
         specs = model_specs(self.comps)
@@ -201,6 +202,10 @@ class ExportJob:
     def stages(self) -> list[str]:
         return (["reference"] + ["calibrate"] * self.static + ["export"] + ["optimize"] * self.optimizing
                 + ["quantize"] * self.int8 + ["verify"])
+
+    @property
+    def text_names(self) -> list[str]:
+        return [n for n in self.names if n.startswith("text_")]
 
     @property
     def vae_names(self) -> list[str]:
@@ -250,20 +255,26 @@ class ExportJob:
         self.reference_vae()
         # the small models' exports wait until the UNet is gone: torch's exporter holds a model under 2 GiB whole in
         # memory, serialized, and streams only larger ones to disk
-        self.export("text_encoder", drop=True)
+        for name in self.text_names:
+            self.export(name, drop=True)
         for name in self.vae_names:
             self.export(name, drop=name == self.vae_names[-1])
         release_memory(CPU)  # torch's freed blocks back to the OS before onnxruntime's sessions
 
     def reference_text_encoder(self) -> None:
-        """Stage 1, the text encoder with its concept tokens baked: every prompt's embeddings."""
-        self.stage("reference", "text_encoder", 0)
-        self.report["personal_token_rows"] = bake_tokens(self.comps.text_encoder)
-        self.report["base_vocab"] = self.comps.text_encoder.get_input_embeddings().base_vocab
-        self.comps.text_encoder.eval().float()
+        """Stage 1, the text encoder(s) with the concept tokens baked: every prompt's embeddings. SDXL's two encoders
+        each get their slice of the concept rows (`bake_dual_tokens`) and are exported as two models."""
+        for name in self.text_names:
+            self.stage("reference", name, 0)
+        te = self.comps.text_encoder
+        self.report["personal_token_rows"] = bake_dual_tokens(te) if self.comps.sdxl else bake_tokens(te)
+        first = te.text_encoder if self.comps.sdxl else te
+        self.report["base_vocab"] = first.get_input_embeddings().base_vocab
+        te.eval().float()
         references.encode(self.comps, [self.gate_job, *self.calibration])
-        self.record("text_encoder")
-        self.stage("reference", "text_encoder", 1)
+        for name in self.text_names:
+            self.record(name)
+            self.stage("reference", name, 1)
 
     def reference_unet(self) -> None:
         """Stage 2, the UNet with the adapter merged into its full-precision weights: the gate image's DDIM loop,

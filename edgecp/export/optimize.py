@@ -25,7 +25,7 @@ from onnx.external_data_helper import uses_external_data
 from edgecp.export.external_data import all_tensors, weight_free, write_one_data_file
 from edgecp.export.ort_patches import OPTIMIZER_PATCHES, applied, quiet_logging
 
-MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}  # optimizer's
+MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}  # optimizer's
 # Fusions whose operators (com.microsoft GroupNorm/SkipGroupNorm/NhwcConv/BiasSplitGelu/BiasAdd, MultiHeadAttention
 # with packed QKV/KV) only onnxruntime's CUDA provider runs: an export verified on the CPU leaves them out.
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",

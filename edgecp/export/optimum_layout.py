@@ -2,6 +2,7 @@
 
     OUT/text_encoder/ OUT/unet/ OUT/vae_decoder/ OUT/vae_encoder/   model.onnx (+ model.onnx_data), config.json
     OUT/tokenizer/ OUT/scheduler/ OUT/model_index.json
+    SDXL: OUT/text_encoder_2/ and OUT/tokenizer_2/ as well, and the index names StableDiffusionXLPipeline
 
 transformers 5 saves only `tokenizer.json`; transformers 4's slow `CLIPTokenizer`, which optimum's ORT pipelines
 load (optimum-onnx pins transformers < 4.58), needs `vocab.json` and `merges.txt`: they are derived from
@@ -20,10 +21,17 @@ from edgecp.errors import EdgecpError
 
 def write_configs(folder: Path, comps, names: list[str]) -> None:
     """tokenizer/, scheduler/, per-model config.json and model_index.json as optimum's ORT SD pipeline reads them."""
-    comps.tokenizer.save_pretrained(folder / "tokenizer")
-    write_clip_vocab_files(folder / "tokenizer")
+    if comps.sdxl:
+        tokenizers = {"tokenizer": comps.tokenizer.first, "tokenizer_2": comps.tokenizer.second}
+        encoders = {"text_encoder": comps.text_encoder.text_encoder, "text_encoder_2": comps.text_encoder.text_encoder_2}
+    else:
+        tokenizers, encoders = {"tokenizer": comps.tokenizer}, {"text_encoder": comps.text_encoder}
+    for name, tok in tokenizers.items():
+        tok.save_pretrained(folder / name)
+        write_clip_vocab_files(folder / name)
     comps.scheduler.save_pretrained(folder / "scheduler")
-    comps.text_encoder.config.to_json_file(str(folder / "text_encoder" / "config.json"))
+    for name, te in encoders.items():
+        te.config.to_json_file(str(folder / name / "config.json"))
     comps.unet.save_config(folder / "unet")
     for name in names:
         if name.startswith("vae_"):
@@ -33,6 +41,21 @@ def write_configs(folder: Path, comps, names: list[str]) -> None:
 
 def model_index(comps) -> dict:
     """What optimum's exporter writes (the diffusers pipeline's config); its ORT loader adds the vae_* parts itself."""
+    if comps.sdxl:
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", type(comps.scheduler).__name__],
+            "text_encoder": ["transformers", type(comps.text_encoder.text_encoder).__name__],
+            "text_encoder_2": ["transformers", type(comps.text_encoder.text_encoder_2).__name__],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,

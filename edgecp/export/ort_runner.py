@@ -8,6 +8,13 @@ The folder has the layout optimum's ``ORTStableDiffusionPipeline`` reads (``mode
 - unet: ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``
 - vae_decoder: ``latent_sample`` -> ``sample``
 
+SDXL folders (optimum's ``ORTStableDiffusionXLPipeline`` layout) add ``text_encoder_2/`` and ``tokenizer_2/``; both
+encoders output ``hidden_states.0 ... hidden_states.L`` and the second ``text_embeds``, and the UNet also takes
+``text_embeds`` and ``time_ids``. The runner conditions as diffusers' ``StableDiffusionXLPipeline`` does: the
+penultimate hidden states of both encoders concatenated, the second's ``text_embeds`` pooled, time ids
+(height, width, 0, 0, height, width) for an image generated at its own size, the negative prompt encoded
+like the prompt.
+
 Input dtypes are read from each session (int32 / int64 ids, scalar float or 1-D int64 timesteps, float16 or
 float32 tensors), so fp32, fp16 and int8-quantized exports all run. This module imports only numpy,
 onnxruntime, tokenizers, PIL and the stdlib: it is what runs on the device.
@@ -45,6 +52,8 @@ DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x / 2.x VAE
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
 CLIP_EOS = "<|endoftext|>"
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+XL_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's added conditioning
+COND_INPUTS = ("encoder_hidden_states", *XL_INPUTS)  # per prompt row, the same at every step
 ORT_TO_NUMPY: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -413,8 +422,13 @@ GRAPH_OPTIMIZATION = ("all", "basic", "disabled")  # onnxruntime's ORT_ENABLE_AL
 
 
 def session_options(optimization: str = "all", arena: bool = True) -> ort.SessionOptions:
-    """Quiet session options. "basic": no layout or fusion passes; on the CPU an fp16 model then keeps one fp32
-    copy of its weights fewer, for verifying a GPU export on a CPU; "disabled": none (onnxruntime's calibrator).
+    """Quiet session options. "basic": no layout or fusion passes; "disabled": none, and the nodes run in
+    onnxruntime's priority order (onnxruntime's calibrator; an fp16 graph on the CPU). On the CPU an fp16 graph gets
+    a Cast to fp32 in front of every weight of an op without an fp16 kernel: "all" and "basic" fold those into fp32
+    copies of the weights beside the fp16 ones (SDXL's UNet: 14.9 GB at "basic"); "disabled" casts each weight as
+    its node runs, and in priority order each cast runs beside its consumer, where the default order runs them all
+    first (SDXL's UNet: 5.7 GB, 17.0 GB in the default order; the same image, and faster than "basic", which folds
+    10 GB at load).
     ``arena=False``: no CPU memory arena, whose blocks otherwise grow run after run where a model's tensors change
     shape or are cast per run (an fp16 UNet on the CPU); an fp32 UNet peaks the same either way and runs faster with
     it (docs/export/README.md)."""
@@ -427,6 +441,7 @@ def session_options(optimization: str = "all", arena: bool = True) -> ort.Sessio
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     elif optimization == "disabled":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return options
 
 
@@ -516,6 +531,14 @@ class OnnxModel:
             self._session = None
             trim_heap()  # the weights leave the RSS before the next model's session grows it
 
+    def require_outputs(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self.output_names]
+        if missing:
+            raise ValueError(
+                f"{self.name}/model.onnx has outputs {self.output_names[:4]}... but not {missing}; export SDXL's "
+                "encoders as optimum-cli export onnx and edgecp export do"
+            )
+
     def require_inputs(self, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in self.inputs]
         if missing:
@@ -539,6 +562,12 @@ class OnnxModel:
 
     def run(self, output: str, feeds: dict[str, np.ndarray], batched: Sequence[str]) -> np.ndarray:
         """Output ``output`` (floats as float32); ``batched`` feeds are split when the batch is fixed."""
+        return self.run_outputs([output], feeds, batched)[0]
+
+    def run_outputs(self, outputs: Sequence[str], feeds: dict[str, np.ndarray], batched: Sequence[str]
+                    ) -> list[np.ndarray]:
+        """Outputs ``outputs`` (each by name, floats as float32) of one run; ``batched`` feeds are split when the batch
+        is fixed."""
         feeds = {k: np.asarray(v, dtype=self.dtype(k), order="C") for k, v in feeds.items()}
         n = feeds[batched[0]].shape[0]
         chunk = self.fixed_batch(batched[0]) or n
@@ -547,13 +576,23 @@ class OnnxModel:
                 f"{self.name}/model.onnx has a fixed batch of {chunk}, which does not divide {n}; "
                 "export it with a dynamic batch axis or use a batch that is a multiple of it"
             )
-        index = self.output_index(output)
+        names = [self.output_names[self.output_index(o)] for o in outputs]
         parts = []
         for start in range(0, n, chunk):  # one call when the batch axis is dynamic
             part = {k: (v[start : start + chunk] if k in batched else v) for k, v in feeds.items()}
-            parts.append(self.session.run([self.output_names[index]], part)[0])
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return out.astype(np.float32) if np.issubdtype(out.dtype, np.floating) else out
+            parts.append(self.session.run(names, part))
+        outs = [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(names))]
+        return [o.astype(np.float32) if np.issubdtype(o.dtype, np.floating) else o for o in outs]
+
+
+def penultimate_state(model: OnnxModel) -> str:
+    """The output of an SDXL text encoder that diffusers' pipeline conditions on, `hidden_states[-2]`: the second
+    highest of its ``hidden_states.i`` outputs (optimum's names, 0 the token embeddings)."""
+    found = sorted((int(n.rsplit(".", 1)[1]), n) for n in model.output_names if re.fullmatch(r"hidden_states\.\d+", n))
+    if len(found) < 2:
+        raise ValueError(f"{model.name}/model.onnx has no hidden_states.N outputs ({model.output_names[:4]}...): export "
+                         "SDXL's encoders with every hidden state, as optimum-cli export onnx and edgecp export do")
+    return found[-2][1]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -570,7 +609,7 @@ def check_size(height: int, width: int, factor: int) -> None:
 
 
 class OnnxStableDiffusion:
-    """Stable Diffusion 1.x / 2.x text-to-image from an exported ONNX folder, DDIM sampling, no torch.
+    """Stable Diffusion 1.x / 2.x / XL text-to-image from an exported ONNX folder, DDIM sampling, no torch.
 
     ``providers``: onnxruntime's names in order of preference, or (name, options) pairs as onnxruntime takes them;
     default CUDA (when onnxruntime-gpu is installed) then CPU. A GPU provider that onnxruntime lists but cannot
@@ -636,9 +675,11 @@ class OnnxStableDiffusion:
         self.arena = not reduce_memory if arena is None else bool(arena)
         self._open_models(providers, explicit)
         self.tokenizer, self.max_length = load_tokenizer(
-            self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1),
-            {rel.split("/", 1)[1]: path for rel, path in self.update.files.items() if rel.startswith("tokenizer/")}
-            if self.update else None)
+            self.folder / "tokenizer", fixed_dim(self.text_encoder.shape("input_ids"), 1), self._overlay("tokenizer"))
+        if self.sdxl:
+            self.tokenizer_2, _ = load_tokenizer(self.folder / "tokenizer_2",
+                                                 fixed_dim(self.text_encoder_2.shape("input_ids"), 1),
+                                                 self._overlay("tokenizer_2"))
         sample_shape = self.unet.shape("sample")
         self.latent_channels = int(self.unet_config.get("in_channels", fixed_dim(sample_shape, 1) or 4))
         self.default_size = self._default_size(sample_shape)
@@ -648,6 +689,12 @@ class OnnxStableDiffusion:
         self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         self.io_binding_used = False
         self._step_session: ort.InferenceSession | None = None
+
+    def _overlay(self, folder: str) -> dict[str, Path] | None:
+        """file name -> path of the files an update carries for `folder` (None without an update)."""
+        if not self.update:
+            return None
+        return {rel.split("/", 1)[1]: path for rel, path in self.update.files.items() if rel.startswith(folder + "/")}
 
     def _read_configs(self) -> None:
         """model_index.json, the scheduler's config (checked now, not mid-generation) and the models' configs."""
@@ -677,13 +724,27 @@ class OnnxStableDiffusion:
                                      self.optimization, now, self.arena, self.provider_options,
                                      self.tensors("vae_decoder"))
         self.text_encoder.require_inputs(["input_ids"])
-        self.unet.require_inputs(UNET_INPUTS)
         self.vae_decoder.require_inputs(["latent_sample"])
-        extra = [n for n in self.unet.inputs if n not in UNET_INPUTS]
+        second = self.folder / "text_encoder_2" / "model.onnx"
+        self.sdxl = any(n in self.unet.inputs for n in XL_INPUTS) or second.is_file()
+        self.text_encoder_2 = None
+        if self.sdxl:
+            if not second.is_file():
+                raise ValueError(f"unet/model.onnx takes SDXL's {list(XL_INPUTS)} but {second} is missing; pass the "
+                                 "whole folder an SDXL export wrote (optimum's ORTStableDiffusionXLPipeline layout)")
+            self.text_encoder_2 = OnnxModel(second, providers, "text_encoder_2", self.optimization, now, self.arena,
+                                            self.provider_options, self.tensors("text_encoder_2"))
+            self.text_encoder_2.require_inputs(["input_ids"])
+            self.text_encoder_2.require_outputs(["text_embeds"])
+            self.penultimate = {m.name: penultimate_state(m) for m in (self.text_encoder, self.text_encoder_2)}
+            self._done_with(self.text_encoder_2)
+        inputs = UNET_INPUTS + XL_INPUTS * self.sdxl
+        self.unet.require_inputs(inputs)
+        extra = [n for n in self.unet.inputs if n not in inputs]
         if extra:
             raise ValueError(
-                f"unet/model.onnx also needs inputs {extra} (SDXL / LCM style); this runner supports "
-                f"Stable Diffusion 1.x / 2.x UNets with inputs {list(UNET_INPUTS)}"
+                f"unet/model.onnx also needs inputs {extra} (LCM style); this runner supports Stable Diffusion "
+                f"1.x / 2.x UNets with inputs {list(UNET_INPUTS)} and SDXL's with {list(XL_INPUTS)} as well"
             )
 
     def file(self, rel: str) -> Path:
@@ -747,19 +808,35 @@ class OnnxStableDiffusion:
         return height, width
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
-        """(B, L, D) float32 CLIP hidden states of ``prompts``."""
+        """(B, L, D) float32 CLIP hidden states of ``prompts`` (SD 1.x / 2.x; SDXL: ``condition``)."""
         ids = np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)  # (B, L)
         return self.text_encoder.run("last_hidden_state", {"input_ids": ids}, ["input_ids"])
 
-    def predict_noise(self, latents: np.ndarray, t: int, text: np.ndarray) -> np.ndarray:
-        """UNet output (B, C, h, w) float32 for latents (B, C, h, w) and text (B, L, D)."""
+    def condition(self, prompts: list[str], height: int, width: int) -> dict[str, np.ndarray]:
+        """The UNet's conditioning inputs of ``prompts`` (each row of the batch): ``encoder_hidden_states``, and on
+        SDXL ``text_embeds`` and ``time_ids`` as diffusers' StableDiffusionXLPipeline makes them (module docstring).
+        Each encoder's session is dropped after its run when ``reduce_memory``."""
+        if not self.sdxl:
+            return {"encoder_hidden_states": self.encode_text(prompts)}
+        states, pooled = [], None
+        for model, tok, pools in ((self.text_encoder, self.tokenizer, False),
+                                  (self.text_encoder_2, self.tokenizer_2, True)):  # the second's text_embeds pool
+            ids = np.array([e.ids for e in tok.encode_batch(prompts)], dtype=np.int64)
+            outs = model.run_outputs([self.penultimate[model.name], *["text_embeds"] * pools], {"input_ids": ids},
+                                     ["input_ids"])
+            self._done_with(model)
+            states.append(outs[0])
+            pooled = outs[1] if pools else pooled
+        time_ids = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (len(prompts), 1))
+        return {"encoder_hidden_states": np.concatenate(states, axis=-1), "text_embeds": pooled, "time_ids": time_ids}
+
+    def predict_noise(self, latents: np.ndarray, t: int, text: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        """UNet output (B, C, h, w) float32 for latents (B, C, h, w) and text (B, L, D), or the conditioning inputs
+        of ``condition`` (each with B rows)."""
         ts = self.unet.inputs["timestep"]
-        feeds = {
-            "sample": latents,
-            "timestep": timestep_array(t, ts.type, ts.shape),
-            "encoder_hidden_states": text,
-        }
-        return self.unet.run("out_sample", feeds, ["sample", "encoder_hidden_states"])
+        cond = text if isinstance(text, dict) else {"encoder_hidden_states": text}
+        feeds = {"sample": latents, "timestep": timestep_array(t, ts.type, ts.shape), **cond}
+        return self.unet.run("out_sample", feeds, ["sample", *cond])
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """Latents (B, C, h, w) -> B PIL images (H = h * factor)."""
@@ -791,7 +868,7 @@ class OnnxStableDiffusion:
         batch = len(prompts)
         use_cfg = guidance > 1.0  # as diffusers: guidance <= 1 means no unconditional pass
         # (2B, L, D) unconditional first, as diffusers; (B, L, D) without guidance
-        text = self.encode_text([negative_prompt] * batch + prompts if use_cfg else prompts)
+        text = self.condition([negative_prompt] * batch + prompts if use_cfg else prompts, height, width)
         self._done_with(self.text_encoder)
         f = self.vae_scale_factor
         latents = initial_latents(seed, batch, self.latent_channels, height // f, width // f)
@@ -807,7 +884,7 @@ class OnnxStableDiffusion:
         self._done_with(self.vae_decoder)
         return images
 
-    def _host_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
+    def _host_loop(self, latents: np.ndarray, text: dict[str, np.ndarray], scheduler: NumpyDDIMScheduler, guidance: float,
                    use_cfg: bool, callback: Progress | None) -> np.ndarray:
         """The denoising loop through host memory; returns the final latents."""
         batch, steps = len(latents), len(scheduler.timesteps)
@@ -826,7 +903,8 @@ class OnnxStableDiffusion:
 
     def _can_bind(self) -> bool:
         """The bound loop feeds float32 tensors of any batch straight to the UNet and the step graph."""
-        float32 = all(self.unet.inputs[n].type == "tensor(float)" for n in ("sample", "encoder_hidden_states"))
+        float32 = all(self.unet.inputs[n].type == "tensor(float)" for n in ("sample", *COND_INPUTS)
+                      if n in self.unet.inputs)
         out_type = self.unet.output_types[self.unet.output_index("out_sample")]
         return float32 and out_type == "tensor(float)" and self.unet.fixed_batch("sample") is None
 
@@ -839,14 +917,15 @@ class OnnxStableDiffusion:
                 provider_options=[dict(self.provider_options.get(p, {})) for p in providers])
         return self._step_session
 
-    def _bound_loop(self, latents: np.ndarray, text: np.ndarray, scheduler: NumpyDDIMScheduler, guidance: float,
+    def _bound_loop(self, latents: np.ndarray, text: dict[str, np.ndarray], scheduler: NumpyDDIMScheduler, guidance: float,
                     use_cfg: bool, callback: Progress | None) -> np.ndarray:
         """The denoising loop with every large tensor on ``self.device``; returns the final latents (host)."""
         dev, dev_id = self.device, self.device_id  # the UNet's GPU (its session's device_id), never a fixed 0
         unet, step = self.unet.session, self.step_session()
         out_name = self.unet.output_names[self.unet.output_index("out_sample")]
         ts = self.unet.inputs["timestep"]
-        text_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(text, dtype=np.float32), dev, dev_id)
+        cond_v = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.float32), dev, dev_id)
+                  for k, v in text.items()}
         lat_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(latents), dev, dev_id)
         model_in = np.concatenate([latents, latents]) if use_cfg else latents
         in_v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model_in), dev, dev_id)
@@ -855,7 +934,8 @@ class OnnxStableDiffusion:
             io = unet.io_binding()
             io.bind_ortvalue_input("sample", in_v)
             io.bind_cpu_input("timestep", timestep_array(int(t), ts.type, ts.shape))
-            io.bind_ortvalue_input("encoder_hidden_states", text_v)
+            for k, v in cond_v.items():
+                io.bind_ortvalue_input(k, v)
             io.bind_output(out_name, dev, dev_id)
             unet.run_with_iobinding(io)
             noise_v = io.get_outputs()[0]

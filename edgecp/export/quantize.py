@@ -8,9 +8,13 @@ graph (`external_data.weight_free`), so a quantizer reads the weights it quantiz
 written by the streaming writer.
 
 Choices where onnxruntime leaves them to the caller: MinMax ranges (its default; no histogram of every activation,
-which would not fit SD-scale memory); uint8 activations with int8 weights (U8S8, its recommended CPU format);
-per-channel symmetric weights (as its CNN examples); which nodes stay float (`kept_float`); the calibration prompts
-(`calibration_prompts`). docs/export/README.md has the measurements behind them.
+which would not fit SD-scale memory); uint8 activations with uint8 weights (U8U8): onnxruntime's recommended U8S8
+multiplies with `vpmaddubsw` on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), whose 16-bit pair sums
+saturate, so a U8S8 export gated on one CPU draws another image on another (the tiny base's static gate: 20.5 dB on
+an AVX2 machine, 33 dB on an AVX-512 VNNI one); U8U8 widens to 16 bits first and is exact everywhere, as optimum's
+`AutoQuantizationConfig.avx2` chooses; per-channel symmetric weights (as its CNN examples); which nodes stay float
+(`kept_float`); the calibration prompts (`calibration_prompts`). docs/export/README.md has the measurements behind
+them.
 """
 
 from __future__ import annotations
@@ -97,8 +101,8 @@ def to_int8(src: Path, dst_dir: Path, external: bool, notes: list[str] | None = 
     with (weight_free(src, weights) as graph, quiet_logging(),
           applied([QUANTIZER_SHAPE_INFERENCE], [] if notes is None else notes)):
         quantizer = onnx_quantizer.ONNXQuantizer(
-            update_opset_version(shape_inferred(graph), QuantType.QInt8), False, False, QuantizationMode.IntegerOps, False,
-            QuantType.QInt8, QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
+            update_opset_version(shape_inferred(graph), QuantType.QUInt8), False, False, QuantizationMode.IntegerOps, False,
+            QuantType.QUInt8, QuantType.QUInt8, None, [], [], ["MatMul", "Gemm"], {"MatMulConstBOnly": True})
         quantizer.quantize_model()
     write_one_data_file(weights / "model.onnx", dst_dir, external, model=quantizer.model.model)
     return {"quantization": "dynamic"}
@@ -130,7 +134,7 @@ def calibrated_ranges(model, weights: Path, feeds: list[dict], notes: list[str])
 def to_int8_static(src: Path, dst_dir: Path, external: bool, feeds: list[dict], notes: list[str] | None = None
                    ) -> dict:
     """onnxruntime's static int8 quantization in QDQ format (`quantize_static`'s steps) into dst_dir: MinMax ranges
-    of every Conv/MatMul/Gemm input and output from `feeds`, per-channel symmetric int8 weights, asymmetric uint8
+    of every Conv/MatMul/Gemm input and output from `feeds`, per-channel symmetric uint8 weights, asymmetric uint8
     activations, int32 biases. onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear into its integer
     kernel (QLinearConv, QLinearMatMul) when the session is optimized."""
     from onnxruntime.quantization import QuantType  # lazy: see to_int8
@@ -139,11 +143,11 @@ def to_int8_static(src: Path, dst_dir: Path, external: bool, feeds: list[dict], 
 
     weights = src.parent / "int8-weights"
     with weight_free(src, weights) as graph, quiet_logging():
-        model = update_opset_version(shape_inferred(graph), QuantType.QInt8, QuantType.QUInt8)
+        model = update_opset_version(shape_inferred(graph), QuantType.QUInt8, QuantType.QUInt8)
         ranges = calibrated_ranges(model, weights, feeds, [] if notes is None else notes)
         for i, node in enumerate(model.graph.node):  # the quantizer excludes nodes by name
             node.name = node.name or f"{node.op_type}_{i}"
-        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, [], kept_float(model),
+        quantizer = QDQQuantizer(model, True, False, QuantType.QUInt8, QuantType.QUInt8, ranges, [], kept_float(model),
                                  list(STATIC_OPS), {"ActivationSymmetric": False, "WeightSymmetric": True})
         quantizer.quantize_model()
     write_one_data_file(weights / "model.onnx", dst_dir, external, model=quantizer.model.model)

@@ -12,6 +12,11 @@ same pipeline runs in three stages, each needing one model (docs/export/README.m
 Same modules, same calls, same order as `edgecp.generate.torch_generate`: the images are the ones `edgecp generate`
 draws with DDIM (the tests compare them). Between stages the caller drops or parks the models it is done with.
 `recording` captures each model's inputs per call (forward pre-hooks; the VAE's `decode` wrapped on the instance).
+
+On SDXL the stages use diffusers' `StableDiffusionXLPipeline` the way `generate` does (`model.base.pipeline_for`):
+stage 1 runs both encoders (`encode_prompt`: penultimate hidden states, the second's pooled embedding), stage 2
+passes those with the pipeline's own time ids; `recording` keeps each encoder's ids under its own name and the
+UNet's `text_embeds` and `time_ids` beside its three inputs.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class Job:
     steps: int
     size: int
     feeds: dict[str, list[dict]] = field(default_factory=dict)  # per model, the inputs of each call (export names)
-    embeds: tuple[torch.Tensor, torch.Tensor] | None = None      # (prompt, negative prompt) from the text encoder
+    embeds: tuple | None = None  # (prompt, negative prompt) from the text encoder; SDXL: + (pooled, negative pooled)
     latents: torch.Tensor | None = None                           # the UNet's final latents
     image: np.ndarray | None = None                               # (H, W, 3) uint8, from the VAE
     step_seconds: list[float] = field(default_factory=list)       # wall time of each denoising step (UNet + DDIM)
@@ -54,14 +59,18 @@ def recording(comps, feeds: dict[str, list[dict]]):
     hooks = []
     np_ = lambda t: t.detach().float().numpy().copy() if t.is_floating_point() else t.detach().numpy().copy()
 
-    def text(_m, args, kwargs):
-        ids = args[0] if args else kwargs["input_ids"]
-        feeds.setdefault("text_encoder", []).append({"input_ids": np_(ids)})
+    def text(name):
+        def hook(_m, args, kwargs):
+            ids = args[0] if args else kwargs["input_ids"]
+            feeds.setdefault(name, []).append({"input_ids": np_(ids)})
+        return hook
 
     def unet(_m, args, kwargs):
         names = ("sample", "timestep", "encoder_hidden_states")
         vals = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
-        feeds.setdefault("unet", []).append({k: np_(torch.as_tensor(vals[k])) for k in names})
+        vals.update(kwargs.get("added_cond_kwargs") or {})  # SDXL: text_embeds, time_ids
+        feeds.setdefault("unet", []).append({k: np_(torch.as_tensor(v)) for k, v in vals.items()
+                                             if k in names or k in ("text_embeds", "time_ids")})
 
     decode = comps.vae.decode
 
@@ -72,7 +81,10 @@ def recording(comps, feeds: dict[str, list[dict]]):
         feeds.setdefault("vae_encoder", []).append({"sample": np_(image.clamp(-1, 1))})
         return out
 
-    hooks.append(comps.text_encoder.register_forward_pre_hook(text, with_kwargs=True))
+    encoders = ({"text_encoder": comps.text_encoder.text_encoder, "text_encoder_2": comps.text_encoder.text_encoder_2}
+                if comps.sdxl else {"text_encoder": comps.text_encoder})
+    for name, te in encoders.items():
+        hooks.append(te.register_forward_pre_hook(text(name), with_kwargs=True))
     hooks.append(comps.unet.register_forward_pre_hook(unet, with_kwargs=True))
     comps.vae.decode = recording_decode
     try:
@@ -102,6 +114,18 @@ def _pipeline(comps, text_encoder=None, unet=None):
     """diffusers' pipeline holding only the stage's model: the others may be on the meta device (parked), and the
     pipeline takes its device from the first model it holds."""
     # the config the export's scheduler/ file records and the runner reads (ddim_config): both sides sample alike
+    if comps.sdxl:
+        from diffusers import StableDiffusionXLPipeline  # as model.base.pipeline_for builds it for `generate`
+
+        te = text_encoder
+        pipe = StableDiffusionXLPipeline(
+            vae=None, text_encoder=te.text_encoder if te is not None else None,
+            text_encoder_2=te.text_encoder_2 if te is not None else None, tokenizer=comps.tokenizer.first,
+            tokenizer_2=comps.tokenizer.second, unet=unet, scheduler=ddim_scheduler(comps.scheduler.config),
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
+        pipe.vae_scale_factor = comps.vae_scale
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=None, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
         scheduler=ddim_scheduler(comps.scheduler.config), safety_checker=None, feature_extractor=None,
@@ -118,7 +142,12 @@ def encode(comps, jobs: list[Job], negative_prompt: str = "") -> None:
     pipe = _pipeline(comps, text_encoder=comps.text_encoder)
     for job in jobs:
         with recording(comps, job.feeds):
-            job.embeds = pipe.encode_prompt(job.prompt, torch.device("cpu"), 1, True, negative_prompt=negative_prompt)
+            if comps.sdxl:
+                job.embeds = pipe.encode_prompt(job.prompt, device=torch.device("cpu"), num_images_per_prompt=1,
+                                                do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+            else:
+                job.embeds = pipe.encode_prompt(job.prompt, torch.device("cpu"), 1, True,
+                                                negative_prompt=negative_prompt)
 
 
 @torch.no_grad()
@@ -135,9 +164,12 @@ def denoise(comps, jobs: list[Job], callback: Callable[[Job, int, int], None] | 
             return kwargs  # diffusers' callback_on_step_end hands the step's tensors back
 
         on_step = step_timer(job.step_seconds, report)
+        pooled = ({"pooled_prompt_embeds": job.embeds[2], "negative_pooled_prompt_embeds": job.embeds[3]}
+                  if comps.sdxl else {})
         with recording(comps, job.feeds):
             job.latents = pipe(
-                prompt_embeds=job.embeds[0], negative_prompt_embeds=job.embeds[1], height=job.size, width=job.size,
+                prompt_embeds=job.embeds[0], negative_prompt_embeds=job.embeds[1], **pooled, height=job.size,
+                width=job.size,
                 num_inference_steps=job.steps, guidance_scale=GUIDANCE,
                 latents=latents * pipe.scheduler.init_noise_sigma, output_type="latent", callback_on_step_end=on_step,
             ).images

@@ -46,7 +46,7 @@ FORMAT = "edgecp-update/1"
 MANIFEST = "update.json"
 TENSORS = "tensors.safetensors"
 FILES = "files"  # UPD/files/<rel>: whole files of the export that differ from the base's
-MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+MODELS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 MODEL_FILES = ("model.onnx", "model.onnx_data")
 
 # safetensors dtype <-> numpy <-> onnx TensorProto.DataType (the types an export's initializers use)

@@ -21,7 +21,7 @@ from edgecp.diffusion import LatentSet
 from edgecp.model.base import Components
 from edgecp.model.quant import Precision, precision_of
 from edgecp.model.shape import base_shape
-from edgecp.personal import ADAPTER_FILE, fold_base_delta, read_tensors
+from edgecp.personal import ADAPTER_FILE, DELTA_FILE, fold_base_delta, read_tensors
 from edgecp.planner import BaseShape
 from edgecp.progress import Progress
 
@@ -75,6 +75,8 @@ class Method:
     needs_prior_images: ClassVar[bool] = False
     # whether the method writes into its adapted layers' base weights (trains them, or folds adapters into them)
     changes_base: ClassVar[bool] = False
+    # whether it trains those base weights (Custom Diffusion, CNS): they then stay fp32 in 16/8-bit plans
+    trains_base: ClassVar[bool] = False
 
     def __init__(self, params, adapter: AdapterConfig):
         self.params = params
@@ -83,6 +85,13 @@ class Method:
     def manifest_extra(self, ctx: TaskContext) -> dict:
         """Extra manifest entries of the version (e.g. the effective adapter rank)."""
         return {}
+
+    def base_changes(self, prev_dir: Path | None) -> dict[str, torch.Tensor]:
+        """What this task starts from on top of the base weights: state-dict key (module.weight) -> fp32 delta, from
+        the previous version `prev_dir` (its base_delta; C-LoRA and MagMax: the LoRAs they fold in). `edgecp.train`
+        passes them to the loader, which folds them in fp32 before the plan's cast (`quant.load_planned`); `prepare`
+        then folds whatever the loader did not."""
+        return read_tensors(prev_dir, DELTA_FILE) if prev_dir else {}
 
     def prepare(self, ctx: TaskContext) -> None:
         """Fold earlier changes of base weights (if the method makes any), then continue the previous adapter."""
@@ -129,11 +138,11 @@ class Method:
         return () if self.adapter_kind == "none" else tuple(self.adapter.targets)
 
     def keep_full_precision(self) -> tuple[str, ...]:
-        """UNet layers whose base weights stay fp32 in a 16/8-bit plan: the adapted layers when the method changes
-        their base weights (`changes_base`: trains them, or folds adapters into them, where a 16-bit weight would
-        round a small update away). Otherwise a frozen target is held in the plan's 16-bit dtype, which autocast
-        casts it to at every call anyway (model/quant.py)."""
-        return self.adapted_layers() if self.changes_base else ()
+        """UNet layers whose base weights stay fp32 in a 16/8-bit plan: the adapted layers when the method trains
+        their base weights (`trains_base`), where a 16-bit weight would round a small update away. Otherwise a frozen
+        target is held in the plan's 16-bit dtype, which autocast casts it to at every call anyway; the methods that
+        fold adapters into it have them folded in fp32 while the base loads (`base_changes`, model/quant.py)."""
+        return self.adapted_layers() if self.trains_base else ()
 
     def precision(self, plan) -> Precision:
         """How a memory plan holds the frozen base for this method (model/quant.py)."""

@@ -46,14 +46,24 @@ class CLora(Method):
     changes_base = True  # folds earlier adapters into the base weights
     Params = CLoraParams
 
+    def previous_tasks(self, prev_dir) -> list[dict[str, torch.Tensor]]:
+        prev = read_tensors(prev_dir, ADAPTER_FILE) if prev_dir else {}
+        return lora.split_lora(prev, self.adapter.rank) if prev else []
+
+    def summed(self, tasks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """module -> the earlier tasks' summed LoRA delta (what this task starts from)."""
+        return lora.lora_delta(lora.concat_loras(tasks, [1.0] * len(tasks)), self.adapter.alpha / self.adapter.rank)
+
+    def base_changes(self, prev_dir) -> dict[str, torch.Tensor]:
+        tasks = self.previous_tasks(prev_dir)
+        return lora.weight_deltas(self.summed(tasks)) if tasks else {}
+
     def prepare(self, ctx: TaskContext) -> None:
         unet = ctx.comps.unet
-        prev = read_tensors(ctx.prev_dir, ADAPTER_FILE)
-        tasks = lora.split_lora(prev, self.adapter.rank) if prev else []
-        scaling = self.adapter.alpha / self.adapter.rank
+        tasks = self.previous_tasks(ctx.prev_dir)
         if tasks:
-            summed = lora.lora_delta(lora.concat_loras(tasks, [1.0] * len(tasks)), scaling)
-            lora.fold_into_base(unet, summed)
+            summed = self.summed(tasks)
+            lora.fold_into_base(unet, summed)  # what the loader has not folded
             ctx.extra["occupied"] = {m: d.abs().to(ctx.device) for m, d in summed.items()}
             ctx.extra["occupied_norm"] = occupied_norm(ctx.extra["occupied"])
         ctx.extra["tasks"] = tasks

@@ -67,6 +67,7 @@ class CustomDiffusionSequential(Method):
     adapter_kind = "none"
     bench_class_word = True  # 000 evaluates CD with the concept name after the token
     changes_base = True  # trains its K/V base weights
+    trains_base = True
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)

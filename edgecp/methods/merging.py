@@ -76,10 +76,14 @@ class MagMax(Method):
     paper = "001 MagMax (magnitude-based selection)"
     changes_base = True  # folds earlier adapters into the base weights
 
+    def base_changes(self, prev_dir) -> dict[str, torch.Tensor]:
+        selected = read_tensors(prev_dir, ADAPTER_FILE) if prev_dir else {}
+        return lora.weight_deltas(lora.lora_delta(selected, self.adapter.alpha / self.adapter.rank)) if selected else {}
+
     def prepare(self, ctx: TaskContext) -> None:
         selected = read_tensors(ctx.prev_dir, ADAPTER_FILE)
         ctx.extra["selected"] = selected
-        if selected:  # "temporarily merged into the frozen base model"
+        if selected:  # "temporarily merged into the frozen base model" (by the loader, in fp32, where it ran)
             lora.fold_into_base(ctx.comps.unet, lora.lora_delta(selected, self.adapter.alpha / self.adapter.rank))
         lora.attach(ctx.comps.unet, self.adapter, seed=ctx.train.seed + ctx.index)
         lora.set_trainable(ctx.comps.unet, True)

@@ -12,11 +12,14 @@ every export keep using the original full-precision weights):
   UNet weights) and norms stay in 16 bits.
 - The adapter's target layers (by default cross-attention K/V, 2% of SD 1.5's UNet; 13% of SDXL's) are never
   8-bit: peft wraps a plain `nn.Linear` (`Precision.plain`). They keep full-precision base weights only for the
-  methods that change those weights (`Precision.keep`, `Method.keep_full_precision`): Custom Diffusion and CNS train
-  them, C-LoRA, merge-and-reinit and MagMax fold LoRAs into them, and a bf16 weight would round a small update away
-  (8 bits of mantissa). For the other methods a frozen target only feeds its adapter's input, and autocast casts an
-  fp32 weight to the 16-bit dtype at every call anyway: it is held in that dtype (our choice; it saves 0.68 GB on
-  SDXL, whose K/V read 2048-wide text). Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
+  methods that train those weights (`Precision.keep`, `Method.keep_full_precision`): Custom Diffusion and CNS, where
+  a bf16 weight would round a small update away (8 bits of mantissa). For the other methods a frozen target is read
+  only under autocast, which casts an fp32 weight to the 16-bit dtype at every call anyway: it is held in that dtype
+  (our choice; it saves 0.68 GB on SDXL, whose K/V read 2048-wide text).
+- Stored changes of base weights (a version's `base_delta`; the LoRAs C-LoRA and MagMax fold in) are folded while
+  loading (`fold`): W + delta in fp32, tensor by tensor, then cast once to the plan's dtype. That is the weight
+  autocast would compute from an fp32 W + delta at every call, so the methods that fold (C-LoRA, merge-and-reinit,
+  MagMax) hold their folded targets in 16 bits too, and no fp32 copy of those layers is ever resident. Norms stay fp32 (tiny, and PyTorch's CPU group norm wants
   fp32 affine parameters beside 16-bit inputs). The VAE of a diffusers folder is held in bf16 in bf16 plans and
   stays fp32 otherwise (SD's VAE overflows in fp16; a single file's VAE stays fp32); plans drop it from memory once
   the latents are cached.
@@ -29,7 +32,7 @@ RSS counts the mapped pages). `from_pretrained` reads the whole fp32 state dict 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,8 +167,10 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def stream_unet(folder: Path, precision: Precision, device: str | torch.device = "cpu"):
-    """UNet2DConditionModel of a diffusers folder, converted tensor by tensor (see the module docstring).
+def stream_unet(folder: Path, precision: Precision, device: str | torch.device = "cpu",
+                fold: Mapping[str, torch.Tensor] | None = None):
+    """UNet2DConditionModel of a diffusers folder, converted tensor by tensor (see the module docstring); each tensor
+    named in `fold` gets its delta added in fp32 before the conversion.
 
     Returns None when the folder's keys do not match the model exactly (an old layout diffusers renames on load):
     the caller then loads it the usual way and converts in place.
@@ -185,6 +190,7 @@ def stream_unet(folder: Path, precision: Precision, device: str | torch.device =
                 index.append((f, k, 4 * int(torch.tensor(shape).prod()) if shape else 4))
     if {k for _, k, _ in index} != set(expected):
         return None
+    check_fold(fold or {}, expected)
     float_dtype = precision.dtype if precision.weights != "fp32" else torch.float32
     pending: dict[str, set[str]] = {}
     for name, module in unet.named_modules():
@@ -204,17 +210,19 @@ def stream_unet(folder: Path, precision: Precision, device: str | torch.device =
             yield batch
 
     for batch in batches():
-        _load_batch(unet, batch, keep, float_dtype, pending, precision, device)
+        _load_batch(unet, batch, keep, float_dtype, pending, precision, device, fold or {})
         gc.collect()  # drops the batch's memory mapping (and the pages it counted in RSS)
     unet.requires_grad_(False)
     return unet.eval()
 
 
-def _load_batch(unet, batch, keep, float_dtype, pending, precision, device) -> None:
+def _load_batch(unet, batch, keep, float_dtype, pending, precision, device, fold) -> None:
     with safe_open(str(batch[0][0]), "pt") as sf:
         for _, key, _ in batch:
             mod_name, _, pname = key.rpartition(".")
             t = sf.get_tensor(key)
+            if key in fold:
+                t = t.float() + fold[key].to(torch.float32)
             owner = unet.get_submodule(mod_name)
             full = _keep(mod_name, keep) or isinstance(owner, NORMS) or not t.is_floating_point()
             dtype = torch.float32 if full else float_dtype
@@ -233,6 +241,33 @@ def _load_batch(unet, batch, keep, float_dtype, pending, precision, device) -> N
                         _set_submodule(unet, mod_name, quantize_linear(module, precision.backend, device))
 
 
+def check_fold(fold: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Every delta names a UNet tensor of its shape: one line otherwise (the store's base has changed)."""
+    for key, d in fold.items():
+        if key not in expected or tuple(expected[key].shape) != tuple(d.shape):
+            raise EdgecpError(f"stored weight change '{key}' matches no UNet tensor of shape {tuple(d.shape)}: the "
+                              "store's base has changed")
+
+
+def fold_into(unet: nn.Module, fold: Mapping[str, torch.Tensor]) -> None:
+    """W <- W + delta for each tensor named in `fold` (state-dict keys), added in fp32 and rounded once to W's dtype;
+    the keys are recorded on the UNet (`folded`), so the methods' own fold skips what the loader folded."""
+    if not fold:
+        return
+    params = dict(unet.named_parameters())
+    check_fold(fold, params)
+    with torch.no_grad():
+        for key, d in fold.items():
+            p = params[key]
+            p.copy_((p.float() + d.to(p.device, torch.float32)).to(p.dtype))
+    unet._edgecp_folded = folded(unet) | frozenset(fold)
+
+
+def folded(unet: nn.Module) -> frozenset[str]:
+    """The state-dict keys whose stored deltas are already in the UNet's weights."""
+    return getattr(unet, "_edgecp_folded", frozenset())
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters and buffers occupy (8-bit layers counted with their scales)."""
     total = 0
@@ -249,8 +284,10 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def load_planned(spec, precision: Precision, device: str | torch.device = "cpu"):
-    """The base's Components held in `precision` (see the module docstring). The VAE of a diffusers folder is fp32,
+def load_planned(spec, precision: Precision, device: str | torch.device = "cpu",
+                 fold: Mapping[str, torch.Tensor] | None = None):
+    """The base's Components held in `precision` (see the module docstring), with `fold` (state-dict key -> delta, on
+    the host) added to the UNet's weights in fp32 before they are converted. The VAE of a diffusers folder is fp32,
     or bf16 in bf16 plans (never fp16: SD's VAE overflows in it); a single file's pipeline comes from
     `load_components` in fp32 and only its UNet and text encoders are converted, so its VAE stays fp32. The text
     encoders follow the plan's weights, 8-bit Linear layers included (their token embeddings, which hold the concept
@@ -262,6 +299,7 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
     with compact_allocator():
         if spec.path is None or spec.path.is_file():  # single file: diffusers builds the fp32 pipeline first
             comps = load_components(spec)
+            fold_into(comps.unet, fold or {})
             convert_(comps.unet, precision, device)
             convert_(comps.text_encoder, text_precision, device)
             return comps
@@ -283,10 +321,12 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu")
                 vae_dtype = torch.bfloat16 if precision.compute == "bf16" else torch.float32
                 vae = AutoencoderKL.from_pretrained(spec.path / "vae", use_safetensors=True, dtype=vae_dtype)
                 scheduler = ddim_scheduler(DDIMScheduler.load_config(spec.path / "scheduler"))  # as load_components
-                unet = stream_unet(spec.path, precision, device)
+                unet = stream_unet(spec.path, precision, device, fold)
                 if unet is None:  # an older key layout: let diffusers rename, then convert
                     unet = UNet2DConditionModel.from_pretrained(spec.path / "unet", use_safetensors=True)
+                    fold_into(unet, fold or {})
                     unet = convert_(unet, precision, device)
+                unet._edgecp_folded = frozenset(fold or ())
         except EdgecpError:
             raise
         except Exception as e:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import BatchEncoding
 
-from edgecp.model.tokens import ConceptEmbedding, lookup
+from edgecp.model.tokens import ConceptEmbedding, PersonalTokenTable, lookup, personal_rows
 
 TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
 
@@ -232,3 +232,25 @@ class DualTextEncoder(nn.Module):
         o2 = self.text_encoder_2(ids[:, 1], output_hidden_states=True)
         hidden = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2].to(o1.hidden_states[-2].dtype)], dim=-1)
         return (pack(hidden, o2.text_embeds),)
+
+
+def bake_dual_tokens(text_encoder: DualTextEncoder) -> int:
+    """For export: each SDXL encoder's token table becomes a `PersonalTokenTable` holding its slice of the concept
+    rows (the first encoder's 768 columns, the second's 1280), so each encoder is a plain CLIP model again and exports
+    on its own (optimum's `text_encoder` and `text_encoder_2`). Both tables get the same number of personal rows
+    (the tokenizers share the ids); returns it. Idempotent."""
+    first, second = text_encoder.text_encoder, text_encoder.text_encoder_2
+    done = [te.get_input_embeddings() for te in (first, second)]
+    if all(isinstance(e, PersonalTokenTable) for e in done):
+        return done[0].personal.shape[0]
+    emb = text_encoder.concepts
+    rows = torch.stack([r.detach() for r in emb.rows]) if len(emb.rows) else None
+    reserve = personal_rows(len(emb.rows))
+    d1 = emb.base.embedding_dim
+    for te, base, lo, hi in ((first, emb.base, 0, d1), (second, emb.base_2, d1, d1 + emb.base_2.embedding_dim)):
+        table = rows[:, lo:hi] if rows is not None else torch.zeros(0, hi - lo)
+        baked = PersonalTokenTable(base, table, reserve)
+        baked.requires_grad_(False)
+        te.set_input_embeddings(baked)
+        te.config.vocab_size = baked.base_vocab + reserve
+    return reserve
