@@ -73,9 +73,8 @@ class Method:
     bench_class_word: ClassVar[bool] = False
     # whether the method reads the prior images itself (then they are drawn even with prior_weight 0)
     needs_prior_images: ClassVar[bool] = False
-    # whether the method writes into its adapted layers' base weights (trains them, or folds adapters into them)
-    changes_base: ClassVar[bool] = False
-    # whether it trains those base weights (Custom Diffusion, CNS): they then stay fp32 in 16/8-bit plans
+    # whether the method trains its adapted layers' base weights (Custom Diffusion, CNS): they then stay fp32 in
+    # 16/8-bit plans; the methods that fold adapters into them say what through `base_changes`
     trains_base: ClassVar[bool] = False
 
     def __init__(self, params, adapter: AdapterConfig):

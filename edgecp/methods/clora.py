@@ -43,7 +43,6 @@ class CLora(Method):
     summary = ("a new adapter per concept, penalised where earlier ones changed the model: a little extra work per "
                "step, and the store grows with each concept")
     paper = "000 C-LoRA (Eq. 2)"
-    changes_base = True  # folds earlier adapters into the base weights
     Params = CLoraParams
 
     def previous_tasks(self, prev_dir) -> list[dict[str, torch.Tensor]]:

@@ -66,8 +66,7 @@ class CustomDiffusionSequential(Method):
     paper = "000 CD sequential (Kumari et al. 2023)"
     adapter_kind = "none"
     bench_class_word = True  # 000 evaluates CD with the concept name after the token
-    changes_base = True  # trains its K/V base weights
-    trains_base = True
+    trains_base = True  # trains its K/V base weights
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)

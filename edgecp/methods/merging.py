@@ -34,7 +34,6 @@ class MergeReinit(Method):
     summary = ("folds each concept's adapter into the model and starts a fresh one for the next: no extra training, "
                "files of a fixed size")
     paper = "001 merge & initialization"
-    changes_base = True  # folds earlier adapters into the base weights
 
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = fold_base_delta(ctx.comps.unet, ctx.prev_dir)
@@ -74,7 +73,6 @@ class MagMax(Method):
     summary = ("a fresh adapter per concept, then, weight by weight, the larger of the old and the new value is "
                "kept: no extra training")
     paper = "001 MagMax (magnitude-based selection)"
-    changes_base = True  # folds earlier adapters into the base weights
 
     def base_changes(self, prev_dir) -> dict[str, torch.Tensor]:
         selected = read_tensors(prev_dir, ADAPTER_FILE) if prev_dir else {}
