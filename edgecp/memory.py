@@ -292,5 +292,5 @@ def training_workload(method, shape, train_cfg, resolution: int, n_previous: int
         resolution=resolution, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
         phase_rows=rows, adapter_params=adapter_numbers, base_params_trained=base_numbers,
         trains_token=train_cfg.token_lr > 0, n_images=n_images, priors_to_generate=priors_to_generate,
-        prior_steps=prior_steps,
+        prior_steps=prior_steps, held_per_number=method.held_bytes(n_previous),
     )

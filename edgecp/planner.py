@@ -13,6 +13,12 @@ What a plan decides (each knob keeps the mathematics of training unchanged):
   gradients add up (an exact split of the same per-row loss);
 - the DC/DSC chunk: the B*k rows of a Fisher or DSC call are run `dc_chunk` rows at a time (methods/phases.py keeps
   the gradient exact with a two-pass backward);
+- for the methods that train base weights (Custom Diffusion, CNS: the cross-attention K/V), where they live
+  (`host_trained`, CUDA only): on the GPU, fp32 with their gradients and AdamW's moments beside them, or in host
+  memory with all of that (model/host.HostLinear, ZeRO-Offload's split), the GPU seeing a 16-bit copy of one layer
+  at a time; the arithmetic is the same (autocast casts the fp32 weight to that copy anyway). What the method holds
+  per trained number beside the weight, gradient and moments is counted too (`Workload.held_per_number`: the copy of
+  W at the task's start, EWC's anchor and Fisher, CNS's masks);
 - the VAE and text encoder leave memory once latents and embeddings are cached (free: add-concept no longer needs
   them), SDPA attention (PyTorch's fused kernel, the diffusers default), VAE slicing for generation.
 
@@ -288,6 +294,8 @@ class Workload:
     n_images: int = 4
     priors_to_generate: int = 0  # prior images not cached yet
     prior_steps: int = 25
+    held_per_number: float = 0.0  # bytes per trained number held beside it, its gradient and AdamW's moments
+    #                               (Method.held_bytes: CD/CNS's start copy, EWC's anchor and Fisher, CNS's masks)
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,8 @@ class Plan:
     purpose: str = "train"  # train | generate (micro_batch is then the images per UNet call)
     cuda_terms: dict = field(default_factory=dict)  # CUDA: phase -> {term: bytes} within `predicted` (CUDA_TERMS)
     target_dtype: str = "fp32"  # the adapted layers' base weights (BaseShape.target_fp32, else `compute`)
+    host_trained: bool = False  # the trained base weights, their gradients and AdamW state in host memory
+    host_memory: int = 0  # CUDA with host_trained: the bytes they take in host memory (`host_bytes`)
 
     @property
     def peak(self) -> int:
@@ -332,6 +342,9 @@ class Plan:
             parts.append(f"VAE {self.vae_dtype}" + (" (SD/SDXL VAEs overflow in fp16)" if self.compute == "fp16" else ""))
         if self.loss_scaling and self.purpose != "generate":
             parts.append("loss scaling")
+        if self.host_trained:
+            parts.append("trained base weights and AdamW state in host memory"
+                         + (f" ({fmt_bytes(self.host_memory)})" if self.host_memory else ""))
         if self.purpose == "generate":
             parts += [f"{self.micro_batch} image(s) per call", "VAE slicing" if self.vae_slicing else "", "SDPA"]
         else:
@@ -355,11 +368,12 @@ def _bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
-def unet_weight_bytes(shape: BaseShape, weights: str, compute: str) -> float:
+def unet_weight_bytes(shape: BaseShape, weights: str, compute: str, host_targets: bool = False) -> float:
+    """The UNet's weights on the planned device; `host_targets`: the target layers' are in host memory instead."""
     if weights == "fp32":
-        return 4.0 * shape.unet_params
+        return 4.0 * (shape.unet_params - (shape.unet_target if host_targets else 0))
     lin = shape.unet_linear + 4 * shape.unet_linear_rows if weights == "int8" else _bytes(compute) * shape.unet_linear
-    target = (4 if shape.target_fp32 else _bytes(compute)) * shape.unet_target
+    target = 0 if host_targets else (4 if shape.target_fp32 else _bytes(compute)) * shape.unet_target
     return lin + _bytes(compute) * (shape.unet_conv + shape.unet_other) + target
 
 
@@ -430,6 +444,15 @@ def _with_cuda_terms(device: DeviceInfo, allocated: dict[str, float], retained: 
     return predicted, terms
 
 
+def host_bytes(work: Workload, plan: Plan) -> int:
+    """Host memory a CUDA plan with `host_trained` takes for the trained base weights: each fp32 number, its gradient
+    and AdamW's two moments, and what the method holds beside them (`held_per_number`); not part of `predicted`,
+    which is the GPU's."""
+    if not (plan.host_trained and plan.device == "cuda"):
+        return 0
+    return int((16.0 + work.held_per_number) * work.base_params_trained)
+
+
 def predict_training(shape: BaseShape, work: Workload, device: DeviceInfo, plan: Plan) -> dict[str, int]:
     """Predicted peak bytes of each add-concept phase under `plan` (CPU: resident set; CUDA: the process's GPU
     memory, the named terms of `predict_training_terms` included)."""
@@ -457,13 +480,23 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
                            plan: Plan) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(predicted peak per phase, CUDA terms per phase ({} on the CPU)) of add-concept under `plan`."""
     latent = work.resolution // shape.vae_scale
-    unet = unet_weight_bytes(shape, plan.weights, plan.compute)
+    # `host_trained` on CUDA: the trained base weights, their gradients, AdamW's moments and what the method holds
+    # beside them are in host memory; the device sees a 16-bit copy of one layer at a time (all of them without
+    # checkpointing, which keeps each for its backward). On the CPU host memory is the planned memory: all count.
+    off = plan.host_trained and device.kind == "cuda"
+    unet = unet_weight_bytes(shape, plan.weights, plan.compute, host_targets=off)
     text = text_weight_bytes(shape, plan.weights, plan.compute)
     vae = _bytes(plan.vae_dtype) * shape.vae
     act = ACTIVATIONS[device.kind]
     runtime = _runtime(device)
-    # trainable state: fp32 master + grad + two AdamW moments
-    state = 16.0 * (work.adapter_params + work.base_params_trained)
+    # trainable state: an adapter's fp32 master + grad + two AdamW moments; a trained base weight is counted with the
+    # UNet's weights, so grad + moments; and what the method holds per trained number (`held_per_number`)
+    held = work.held_per_number
+    state = (16.0 + held) * work.adapter_params + (0.0 if off else (12.0 + held) * work.base_params_trained)
+    largest_target = max((i * o for i, o in shape.target_in_out), default=0)
+    copies = 0.0  # the 16-bit copies of host weights on the device
+    if plan.host_trained:
+        copies = _bytes(plan.compute) * (2 * largest_target if plan.gradient_checkpointing else shape.unet_target)
     out: dict[str, float] = {}
     retained: dict[str, float] = {}
     bnb = device.kind == "cuda" and plan.weights == "int8" and plan.backend == "bitsandbytes"
@@ -474,12 +507,13 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
         out["priors"] = runtime + unet + text + vae + max(
             _activation_bytes(shape, latent, sample_rows, False, plan.compute, grad=False, kind=device.kind),
             act.vae_bytes("decode", plan.vae_dtype) * vae_px)  # VAE slicing: one image at a time
+        out["priors"] += _bytes(plan.compute) * largest_target if plan.host_trained else 0.0  # one layer's copy
     out["encode"] = (runtime + unet + (0 if text_off_device(plan) else text) + vae
                      + act.vae_bytes("encode", plan.vae_dtype) * vae_px)  # one row a call
     resident = unet + (text if work.trains_token or not plan.offload else 0) + (0 if plan.offload else vae)
     train_rows = work.phase_rows.get("train", 2) * plan.micro_batch
-    out["train"] = runtime + resident + state + _activation_bytes(shape, latent, train_rows, plan.gradient_checkpointing,
-                                                                  plan.compute, kind=device.kind)
+    out["train"] = runtime + resident + state + copies + _activation_bytes(
+        shape, latent, train_rows, plan.gradient_checkpointing, plan.compute, kind=device.kind)
     if bnb:
         retained["train"] = _bnb_retained(shape, latent, train_rows, plan.compute, plan.gradient_checkpointing)
     consolidate_resident = unet + (0 if plan.offload else text + vae)
@@ -488,8 +522,11 @@ def predict_training_terms(shape: BaseShape, work: Workload, device: DeviceInfo,
         if not per_image:
             continue
         rows = min(plan.dc_chunk, per_image * work.batch_size)
-        extra = 4.0 * 2 * work.adapter_params if phase == "fisher" else state  # accumulator + grads / optimizer
-        out[phase] = runtime + consolidate_resident + extra + _activation_bytes(
+        if phase == "fisher":  # accumulator + grads, and what the method holds (start copy, anchor, Fisher)
+            extra = (8.0 + held) * work.adapter_params + (0.0 if off else (8.0 + held) * work.base_params_trained)
+        else:
+            extra = state
+        out[phase] = runtime + consolidate_resident + extra + copies + _activation_bytes(
             shape, latent, rows, plan.gradient_checkpointing, plan.compute, kind=device.kind)
         if bnb:
             retained[phase] = _bnb_retained(shape, latent, rows, plan.compute, plan.gradient_checkpointing)
@@ -549,10 +586,18 @@ def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo, force: dic
     chunks = sorted({consolidation_rows, *[c for c in (8, 4, 2, 1) if c < consolidation_rows]}, reverse=True)
     if "dc_chunk" in force:  # a pinned chunk larger than the rows simply runs them in one call
         chunks = [int(force["dc_chunk"])]
-    for weights, backend, compute in _precisions(shape, device):
+    # host memory for trained base weights: on CUDA, for the methods that train them (on the CPU it saves nothing
+    # and runs only when pinned: --plan host_trained=true)
+    hosts = [False]
+    if work.base_params_trained and (device.kind == "cuda" or force.get("host_trained")):
+        hosts.append(True)
+    precisions = _precisions(shape, device)
+    if force.get("compute") == "fp32" and force.get("weights") == "int8":  # pinned only (not measured at scale):
+        precisions.append(("int8", "torchao", "fp32"))  # 8-bit Linears, fp32 everything else, no autocast
+    for weights, backend, compute in precisions:
         if weights == "int8" and "backend" in force:
             backend = force["backend"]
-        for ckpt in (False, True):
+        for host, ckpt in ((h, c) for h in hosts for c in (False, True)):
             for micro in _divisors(work.batch_size):
                 for chunk in chunks:
                     speed = _speed(device, shape, weights) * (CHECKPOINT_COST if ckpt else 1.0)
@@ -560,7 +605,7 @@ def _candidates(shape: BaseShape, work: Workload, device: DeviceInfo, force: dic
                     speed *= 1.0 if chunk >= consolidation_rows else CHUNK_COST + 0.02 * (consolidation_rows // chunk)
                     yield speed, Plan(device.kind, weights, backend, compute, ckpt, micro,
                                       work.grad_accum * (work.batch_size // micro), chunk,
-                                      target_dtype=_target_dtype(shape, compute))
+                                      target_dtype=_target_dtype(shape, compute), host_trained=host)
 
 
 def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: int | None = None,
@@ -575,21 +620,26 @@ def plan_training(shape: BaseShape, work: Workload, device: DeviceInfo, budget: 
     for key in force or {}:
         if key not in valid:
             raise EdgecpError(f"--plan {key}=... is not a plan setting: use one of weights, gradient_checkpointing, "
-                              "micro_batch, dc_chunk, compute, backend")
+                              "micro_batch, dc_chunk, compute, backend, host_trained")
     best, smallest = None, None
     for speed, plan in _candidates(shape, work, device, force or {}):
         if force and any(getattr(plan, k) != v for k, v in force.items()):
             continue
         predicted, terms = predict_training_terms(shape, work, device, plan)
-        plan = replace(plan, budget=budget, predicted=predicted, cuda_terms=terms)
+        plan = replace(plan, budget=budget, predicted=predicted, cuda_terms=terms, host_memory=host_bytes(work, plan))
         if smallest is None or plan.peak < smallest.peak:
             smallest = plan
-        if plan.peak <= limit and (best is None or speed < best[0]):
-            best = (speed, plan)
+        # trained weights in host memory only when no plan that keeps them on the GPU fits: per UNet call their
+        # 16-bit copy crosses to the GPU (twice with checkpointing) and their gradient back, and AdamW steps on the
+        # CPU, a cost no GPU has measured here
+        key = (plan.host_trained, speed)
+        if plan.peak <= limit and (best is None or key < best[0]):
+            best = (key, plan)
     if best is None:
         if smallest is None:
             raise EdgecpError(f"no plan matches --plan {force}: micro_batch must divide the batch size "
-                              f"{work.batch_size}, backend needs weights=int8; drop or change the setting")
+                              f"{work.batch_size}, backend needs weights=int8, host_trained a method that trains "
+                              "base weights (custom-diffusion, cns); drop or change the setting")
         what = _limit_name(device, budget)
         raise EdgecpError(
             f"{what} is below the smallest plan for {work.resolution} px ({fmt_bytes(smallest.peak)} with "

@@ -614,8 +614,8 @@ class Trainer:
                 loss = (per_row[:m].sum() + (cfg.prior_weight * per_row[m:].sum() if with_prior else 0.0)) / b
                 if start == 0:
                     pen = self.method.penalty(ctx)
-                    if pen is not None:
-                        loss = loss + pen
+                    if pen is not None:  # computed where the trained tensors live (host memory: HostLinear)
+                        loss = loss + pen.to(loss.device)
                 part = loss / cfg.grad_accum
                 (part if self.scaler is None else self.scaler.scale(part)).backward()
                 total += loss.item() / cfg.grad_accum

@@ -228,14 +228,19 @@ def test_bitsandbytes_backend_trains_on_cpu(tmp_path):
     assert all(torch.isfinite(v).all() for v in _version_tensors(root, "adapter.safetensors").values())
 
 
-@pytest.mark.parametrize("method", method_names())
-def test_every_method_runs_on_an_8bit_base(tmp_path, method):
+# Every method on 8-bit Linears with fp32 compute (a pinned plan: on a CPU without native bf16, bf16 autocast is
+# emulated and made these 19 cases 12 of the suite's minutes), and two with the 8-bit plan as the planner makes it,
+# bf16 autocast: the DC/DSC phases in chunks, and a method that trains its fp32 K/V beside the 16-bit base.
+@pytest.mark.parametrize("method,compute", [(m, "fp32") for m in method_names()]
+                         + [("dsc-ewc-dc", "bf16"), ("cd-ewc", "bf16")])
+def test_every_method_runs_on_an_8bit_base(tmp_path, method, compute):
     root = tmp_path / method
     new_store(root, method=method, train={"steps": 1}, prior={"num_images": 1})
-    force = {"weights": "int8", "gradient_checkpointing": True, "dc_chunk": 2}
+    force = {"weights": "int8", "compute": compute, "gradient_checkpointing": True, "dc_chunk": 2}
     for i, name in enumerate(["aa", "bb"]):  # the second task runs the DC / DSC phases with an earlier concept
         m = add_concept(root, name, make_photos(tmp_path / name, seed=i), class_word="dog", plan_force=force)
-    assert m["concepts"][-1]["memory"]["plan"]["weights"] == "int8"
+    plan = m["concepts"][-1]["memory"]["plan"]
+    assert (plan["weights"], plan["backend"], plan["compute"]) == ("int8", "torchao", compute)
     assert len(m["concepts"]) == 2
 
 

@@ -60,7 +60,8 @@ def main() -> None:
             worst = max(phases, key=phases.get)
             kind = plan.weights + (f"/{plan.backend}" if plan.backend else "")
             desc = (f"{kind}, {plan.compute} autocast, {'ckpt' if plan.gradient_checkpointing else 'no ckpt'}, "
-                    f"{plan.micro_batch} x {plan.grad_accum}, DC chunk {plan.dc_chunk}, VAE {plan.vae_dtype}")
+                    f"{plan.micro_batch} x {plan.grad_accum}, DC chunk {plan.dc_chunk}, VAE {plan.vae_dtype}"
+                    + (f", trained K/V in host memory ({plan.host_memory / GB:.2f} GB)" if plan.host_trained else ""))
             rows.append(f"| {method} | {budget} | {desc} | {plan.peak / GB:.2f} ({worst}) | "
                         + ", ".join(f"{k} {v / GB:.2f}" for k, v in phases.items()) + " |")
             data.append({"method": method, "budget": budget, "plan": plan.to_json()})

@@ -144,8 +144,16 @@ class Method:
         return self.adapted_layers() if self.trains_base else ()
 
     def precision(self, plan) -> Precision:
-        """How a memory plan holds the frozen base for this method (model/quant.py)."""
-        return replace(precision_of(plan), keep=self.keep_full_precision(), plain=self.adapted_layers())
+        """How a memory plan holds the frozen base for this method (model/quant.py); with `plan.host_trained` the
+        base weights the method trains stay in host memory (model/host.HostLinear)."""
+        host = self.keep_full_precision() if getattr(plan, "host_trained", False) else ()
+        return replace(precision_of(plan), keep=self.keep_full_precision(), plain=self.adapted_layers(), host=host)
+
+    def held_bytes(self, n_previous: int) -> float:
+        """Bytes per trained number the method holds during training beside the number itself, its gradient and
+        AdamW's two moments (planner.Workload.held_per_number): 0 here; the start copy of Custom Diffusion and CNS,
+        EWC's anchor and Fisher, CNS's masks in the subclasses."""
+        return 0.0
 
     def base_shape(self, spec) -> BaseShape:
         """The base's shape as the planner counts it for this method: its adapted layers, fp32 or not."""

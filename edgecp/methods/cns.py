@@ -93,7 +93,8 @@ class Cns(CustomDiffusionSequential):
         masks = {k: top_per_row(concept[k], p.top_fraction) & ~top_per_row(general[k], p.top_fraction) for k in params}
         ctx.extra["masks"] = masks
         ctx.extra["hooks"] = [param.register_hook(lambda g, m=masks[k]: g * m) for k, param in params.items()]
-        occupied = {k: d.abs().to(ctx.device) for k, d in ctx.extra["base_delta"].items() if k in params and d.any()}
+        occupied = {k: d.abs().to(params[k].device) for k, d in ctx.extra["base_delta"].items()
+                    if k in params and d.any()}
         if occupied:
             ctx.extra["occupied"], ctx.extra["occupied_norm"] = occupied, occupied_norm(occupied)
             ctx.extra["loss_ref"] = reference_loss(ctx)
@@ -102,6 +103,9 @@ class Cns(CustomDiffusionSequential):
         groups = super().param_groups(ctx)
         groups[0]["weight_decay"] = 0.0  # decay would move the neurons that are not selected
         return groups
+
+    def held_bytes(self, n_previous: int) -> float:  # the masks (bool), and the occupied entries from task 2
+        return super().held_bytes(n_previous) + 1.0 + (4.0 if n_previous else 0.0)
 
     def n_trainable(self, ctx: TaskContext) -> int:
         return int(sum(m.sum() for m in ctx.extra["masks"].values()))

@@ -87,6 +87,9 @@ class CustomDiffusionSequential(Method):
     def adapted_layers(self) -> tuple[str, ...]:
         return KV_TARGETS
 
+    def held_bytes(self, n_previous: int) -> float:
+        return super().held_bytes(n_previous) + 4.0  # W when the task starts (`start`), fp32
+
     def weight_deltas(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         """The cumulative change of every trained tensor since the base: earlier tasks + this one."""
         start, base = ctx.extra["start"], ctx.extra["base_delta"]

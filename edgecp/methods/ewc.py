@@ -87,13 +87,17 @@ class EwcMixin:
         rows = 2 + min(self.params.k - 2, n_previous) if self.use_dc else 1  # S = {c_0, c_n} + earlier concepts
         return {**super().phase_rows(n_previous), "fisher": rows}
 
+    def held_bytes(self, n_previous: int) -> float:
+        return super().held_bytes(n_previous) + (8.0 if n_previous else 0.0)  # the anchor and the Fisher, fp32
+
     def _load_ewc(self, ctx: TaskContext) -> None:
         fisher = read_tensors(ctx.prev_dir, FISHER_FILE)
         anchor = self.anchor(ctx)
         ctx.extra["fisher_prev"] = fisher
         ctx.extra["fisher_tasks"] = (previous_manifest(ctx).get("ewc") or {}).get("tasks", len(ctx.previous))
-        ctx.extra["ewc"] = ({k: v.to(ctx.device) for k, v in fisher.items()},
-                            {k: v.to(ctx.device) for k, v in anchor.items()}) if fisher else None
+        live = {k: p.device for k, p in self.tensors(ctx).items()}  # the device, or host memory (HostLinear)
+        ctx.extra["ewc"] = ({k: v.to(live.get(k, ctx.device)) for k, v in fisher.items()},
+                            {k: v.to(live.get(k, ctx.device)) for k, v in anchor.items()}) if fisher else None
 
     def anchor(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         """theta*: the trained tensors as the previous task left them (the previous version's adapter)."""

@@ -15,7 +15,9 @@ every export keep using the original full-precision weights):
   methods that train those weights (`Precision.keep`, `Method.keep_full_precision`): Custom Diffusion and CNS, where
   a bf16 weight would round a small update away (8 bits of mantissa). For the other methods a frozen target is read
   only under autocast, which casts an fp32 weight to the 16-bit dtype at every call anyway: it is held in that dtype
-  (our choice; it saves 0.68 GB on SDXL, whose K/V read 2048-wide text).
+  (our choice; it saves 0.68 GB on SDXL, whose K/V read 2048-wide text). A plan with `host_trained` keeps the
+  trained ones in host memory instead (`Precision.host`, model/host.HostLinear: fp32 there, a 16-bit copy on the
+  device per call).
 - Stored changes of base weights (a version's `base_delta`; the LoRAs C-LoRA and MagMax fold in) are folded while
   loading (`fold`): W + delta in fp32, tensor by tensor, then cast once to the plan's dtype. That is the weight
   autocast would compute from an fp32 W + delta at every call, so the methods that fold (C-LoRA, merge-and-reinit,
@@ -56,6 +58,7 @@ from edgecp.model.base import (
     quiet_loading,
     sdxl_components,
 )
+from edgecp.model.host import host_linear
 
 BACKENDS = ("torchao", "bitsandbytes")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,6 +116,7 @@ class Precision:
     compute: str = "fp32"  # fp32 | bf16 | fp16
     keep: tuple[str, ...] = ()  # module-name suffixes kept in full precision (targets whose base weights change)
     plain: tuple[str, ...] = ()  # module-name suffixes never 8-bit (the adapter's targets: peft wraps nn.Linear)
+    host: tuple[str, ...] = ()  # module-name suffixes whose Linear weights stay in host memory in fp32 (HostLinear)
 
     def __post_init__(self) -> None:
         if self.weights not in ("fp32", "bf16", "fp16", "int8"):
@@ -121,6 +125,7 @@ class Precision:
             raise EdgecpError(f"an 8-bit backend goes with int8 weights only (weights={self.weights}, backend={self.backend})")
         object.__setattr__(self, "keep", tuple(self.keep))
         object.__setattr__(self, "plain", tuple(self.plain))
+        object.__setattr__(self, "host", tuple(self.host))
 
     def quantizes(self, name: str) -> bool:
         """Whether the `nn.Linear` called `name` becomes 8-bit under this precision."""
@@ -159,6 +164,17 @@ def convert_(model: nn.Module, precision: Precision, device: str | torch.device 
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and precision.quantizes(name):
                 _set_submodule(model, name, quantize_linear(module, precision.backend, device))
+    return model
+
+
+def host_linears_(model: nn.Module, suffixes: Iterable[str]) -> nn.Module:
+    """In place: every `nn.Linear` whose name ends with one of `suffixes` becomes a `HostLinear` (fp32, in host
+    memory, copied to the device at each call: model/host.py)."""
+    suffixes = tuple(suffixes)
+    if suffixes:
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and _keep(name, suffixes):
+                _set_submodule(model, name, host_linear(module))
     return model
 
 
@@ -301,6 +317,7 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu",
             comps = load_components(spec)
             fold_into(comps.unet, fold or {})
             convert_(comps.unet, precision, device)
+            host_linears_(comps.unet, precision.host)
             convert_(comps.text_encoder, text_precision, device)
             return comps
         text_dtype = torch.float32 if precision.weights == "fp32" else precision.dtype
@@ -327,6 +344,7 @@ def load_planned(spec, precision: Precision, device: str | torch.device = "cpu",
                     fold_into(unet, fold or {})
                     unet = convert_(unet, precision, device)
                 unet._edgecp_folded = frozenset(fold or ())
+                host_linears_(unet, precision.host)
         except EdgecpError:
             raise
         except Exception as e:
