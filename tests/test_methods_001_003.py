@@ -103,6 +103,31 @@ def test_custom_diffusion_and_cns_move_only_what_they_select(tmp_path, method, m
             assert m.float().mean() <= 0.3 + 1e-6  # at most the top 30% per row, minus the general neurons
 
 
+@pytest.mark.parametrize("method", ["custom-diffusion", "custom-diffusion-sequential"])
+def test_where_each_custom_diffusion_task_starts(tmp_path, method, monkeypatch):
+    """The paper's CD trains every concept's K/V from the base's W0 and merges afterwards (Kumari et al.); the
+    sequential variant continues from the weights the previous task left, W0 + version 1's base_delta. Part 3's
+    loader folded the merge into CD's second task as well (its `base_changes` was the default)."""
+    import edgecp.methods.custom_diffusion as cd
+
+    starts = []
+    real = cd.CustomDiffusionSequential._start_training
+
+    def spy(self, ctx):
+        real(self, ctx)
+        starts.append({k: v.clone() for k, v in ctx.extra["start"].items()})
+
+    monkeypatch.setattr(cd.CustomDiffusionSequential, "_start_training", spy)
+    root = _run(tmp_path, method, n=2)
+    base = load_components(resolve_base("tiny")).unet.state_dict()
+    first = load_file(str(root / "versions" / "v0001" / "base_delta.safetensors"))
+    assert len(starts) == 2 and starts[1].keys() == first.keys() and any(v.abs().sum() > 0 for v in first.values())
+    for k, w in starts[1].items():
+        expected = base[k] if method == "custom-diffusion" else base[k] + first[k]
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-7)
+    assert all(torch.equal(starts[0][k], base[k]) for k in starts[0])
+
+
 def test_textual_inversion_leaves_the_unet_untouched(tmp_path):
     root = _run(tmp_path, "textual-inversion", n=2)
     base = load_components(resolve_base("tiny")).unet.state_dict()

@@ -122,6 +122,12 @@ class CustomDiffusion(CustomDiffusionSequential):
     paper = "000 CD (Kumari et al. 2023, constrained merge)"
     removal = "exact"  # re-merge without the concept's (T_i, C_i)
 
+    def base_changes(self, prev_dir) -> dict[str, torch.Tensor]:
+        """Nothing: each concept's K/V train from the base's W0 (the version's base_delta is the merge, for
+        generation and export only). Part 3's loader folded it in, so that concepts 2+ trained from the merged
+        model; tests/test_methods_001_003.py checks where each task starts."""
+        return {}
+
     def prepare(self, ctx: TaskContext) -> None:
         ctx.extra["base_delta"] = {}  # K/V trained from W0: earlier concepts live only in the merge file
         tasks, reg_cov = split_cd_tasks(read_tensors(ctx.prev_dir, CD_FILE))
