@@ -11,7 +11,8 @@ off (`--check-images 0`): it runs after training, loads two more models, and is 
     python tools/bench_memory.py --base /tmp/sd15 --resolution 512 --device cuda --rows none,3GB,4GB,6GB,8GB,int8
 
 A row is `none` (no budget: the fastest plan that fits the device), a budget such as `3GB`, `fp32` (full-precision
-weights, the planner's fastest such plan) or `int8` (the 8-bit plan: weights pinned to int8 with gradient checkpointing; the planner sizes the rest). s/iteration is one batch-1, accumulation-1 training step
+weights, the planner's fastest such plan), `int8` (the 8-bit plan: weights pinned to int8 with gradient checkpointing; the planner sizes the rest) or `int8-host` (the 8-bit plan with the trained base weights in host memory:
+Custom Diffusion and CNS). s/iteration is one batch-1, accumulation-1 training step
 (the peak does not depend on the accumulation), and one Fisher / DSC iteration.
 """
 
@@ -58,6 +59,8 @@ def _row_flags(row: str) -> list[str]:
         return []
     if row == "int8":  # the 8-bit plan family at its smallest: checkpointing on, the planner sizes the rest
         return ["--plan", "weights=int8", "--plan", "gradient_checkpointing=true"]
+    if row == "int8-host":  # the same, the trained base weights in host memory (Custom Diffusion, CNS)
+        return ["--plan", "weights=int8", "--plan", "gradient_checkpointing=true", "--plan", "host_trained=true"]
     if row == "fp32":  # the full-precision plan (what edgecp did before it had a planner), fastest settings
         return ["--plan", "weights=fp32"]
     return ["--memory-budget", row]

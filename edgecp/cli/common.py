@@ -99,7 +99,8 @@ StoreOpt = Annotated[Path, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 PlanOpt = Annotated[Optional[list[str]], typer.Option(
     "--plan", help="Pin a plan setting key=value (weights=int8|bf16|fp32, gradient_checkpointing=true, micro_batch=1, "
-    "dc_chunk=2); the planner chooses the rest.")]
+    "dc_chunk=2, compute=fp32 with weights=int8, host_trained=true for custom-diffusion/cns); the planner chooses the "
+    "rest.")]
 BudgetOpt = Annotated[Optional[str], typer.Option(
     "--memory-budget", help="Peak memory to stay within, e.g. 6GB (GPU memory on CUDA, resident memory on the CPU).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when present).")]
