@@ -18,7 +18,6 @@ from edgecp.config import AdapterConfig
 from edgecp.consolidation.dc_scores import dc_forward, dc_grad, dc_log_scores
 from edgecp.consolidation.ewc import dc_ewc_loss
 from edgecp.errors import EdgecpError
-from edgecp.methods import method_names
 from edgecp.model.base import load_components, resolve_base
 from edgecp.model.quant import Precision, load_planned, stream_unet, weight_bytes
 from edgecp.store import Store
@@ -229,20 +228,21 @@ def test_bitsandbytes_backend_trains_on_cpu(tmp_path):
     assert all(torch.isfinite(v).all() for v in _version_tensors(root, "adapter.safetensors").values())
 
 
-# Every method on 8-bit Linears with fp32 compute (a pinned plan: on a CPU without native bf16, bf16 autocast is
-# emulated and made these 19 cases 12 of the suite's minutes), and one with the 8-bit plan as the planner makes it,
-# bf16 autocast: a method that trains its fp32 K/V beside the 16-bit base, with EWC's Fisher. (The DC phases in
-# chunks under that plan: test_predicted_peak_is_within_15_percent_of_measured's int8 family.)
-@pytest.mark.parametrize("method,compute", [(m, "fp32") for m in method_names()] + [("cd-ewc", "bf16")])
-def test_every_method_runs_on_an_8bit_base(tmp_path, method, compute):
-    root = tmp_path / method
-    new_store(root, method=method, train={"steps": 1}, prior={"num_images": 1})
-    force = {"weights": "int8", "compute": compute, "gradient_checkpointing": True, "dc_chunk": 2}
-    for i, name in enumerate(["aa", "bb"]):  # the second task runs the DC / DSC phases with an earlier concept
+# Every method learns a concept on 8-bit Linears with fp32 compute in tests/test_methods.py (the third of its three).
+# Here the 8-bit plan as the planner makes it, bf16 autocast: a method that trains its fp32 K/V beside the 16-bit base,
+# with EWC's Fisher. (The DC phases in chunks under that plan: test_predicted_peak_is_within_15_percent_of_measured's
+# int8 family.)
+def test_the_8bit_plan_with_autocast_trains_fp32_kv_beside_a_16bit_base(tmp_path):
+    root = tmp_path / "cd-ewc"
+    new_store(root, method="cd-ewc", train={"steps": 1}, prior={"num_images": 1})
+    force = {"weights": "int8", "gradient_checkpointing": True, "dc_chunk": 2}
+    for i, name in enumerate(["aa", "bb"]):  # the second task with the first one's Fisher and anchor
         m = add_concept(root, name, make_photos(tmp_path / name, seed=i), class_word="dog", plan_force=force)
     plan = m["concepts"][-1]["memory"]["plan"]
-    assert (plan["weights"], plan["backend"], plan["compute"]) == ("int8", "torchao", compute)
+    assert (plan["weights"], plan["backend"], plan["compute"]) == ("int8", "torchao", "bf16")
     assert len(m["concepts"]) == 2
+    delta = _version_tensors(root, "base_delta.safetensors")
+    assert delta and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in delta.values())
 
 
 PEAK_SCRIPT = textwrap.dedent("""

@@ -27,24 +27,32 @@ EXPORT_CHECKED = {"vera-ewc-dc", "c-lora", "merge-orthogonal"}
 NO_ADAPTER = {"custom-diffusion", "custom-diffusion-sequential", "cd-ewc", "cns", "textual-inversion", "merge-reinit", "merge-orthogonal"}
 
 
-def _three_concepts(tmp_path, method, **params):
+# The every-method stores learn their third concept on the 8-bit plan, as a person whose budget shrank would: int8
+# Linears (torchao), fp32 compute (a pinned plan: bf16 autocast is emulated on CPUs without native bf16), checkpointing,
+# the DC / DSC phases over the two earlier concepts in chunks of 2. One bf16-autocast 8-bit case:
+# tests/test_memory_plans.py::test_the_8bit_plan_with_autocast_trains_fp32_kv_beside_a_16bit_base.
+EIGHT_BIT = {"weights": "int8", "compute": "fp32", "gradient_checkpointing": True, "dc_chunk": 2}
+
+
+def _three_concepts(tmp_path, method, last_plan=None, **params):
     root = tmp_path / method
     new_store(root, method=method, method_params=params, train={"steps": 2})
     for i, name in enumerate(["aa", "bb", "cc"]):
-        add_concept(root, name, make_photos(tmp_path / "photos" / name, seed=i), class_word="dog")
+        add_concept(root, name, make_photos(tmp_path / "photos" / name, seed=i), class_word="dog",
+                    plan_force=last_plan if name == "cc" else None)
     return root
 
 
 @pytest.fixture(scope="module")
 def three_concepts(tmp_path_factory):
-    """_three_concepts(method) trained once per module: c-lora's and lora-merge's stores serve both the every-method
+    """_three_concepts(method), the third concept on the 8-bit plan, trained once per module: c-lora's and lora-merge's stores serve both the every-method
     test and the test of what the method keeps, which only read them (custom-diffusion's check removes a concept:
     no other test reads that store)."""
     stores = {}
 
     def get(method):
         if method not in stores:
-            stores[method] = _three_concepts(tmp_path_factory.mktemp("three"), method)
+            stores[method] = _three_concepts(tmp_path_factory.mktemp("three"), method, last_plan=EIGHT_BIT)
         return stores[method]
 
     return get
@@ -60,6 +68,9 @@ def test_every_method_learns_three_concepts_and_generates(tmp_path, method, thre
     assert stems == {"tokens"} | ({"adapter"} if method not in NO_ADAPTER else set()) | EXPECTED_FILES[method]
     manifest = json.loads((v / "manifest.json").read_text())
     assert [c["name"] for c in manifest["concepts"]] == ["aa", "bb", "cc"]
+    plans = [c["memory"]["plan"] for c in manifest["concepts"]]
+    assert [(p["weights"], p["backend"], p["compute"]) for p in plans] == [("fp32", None, "fp32")] * 2 + [
+        ("int8", "torchao", "fp32")]  # the third on the 8-bit base
     n = manifest["n_param"]
     assert (0 < n["train_pct"] < 100 and n["store_pct"] > 100) or (method == "textual-inversion" and n["store_pct"] == 100)
     for fname in v.glob("*.safetensors"):

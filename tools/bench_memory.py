@@ -14,6 +14,14 @@ A row is `none` (no budget: the fastest plan that fits the device), a budget suc
 weights, the planner's fastest such plan), `int8` (the 8-bit plan: weights pinned to int8 with gradient checkpointing; the planner sizes the rest) or `int8-host` (the 8-bit plan with the trained base weights in host memory:
 Custom Diffusion and CNS). s/iteration is one batch-1, accumulation-1 training step
 (the peak does not depend on the accumulation), and one Fisher / DSC iteration.
+
+`--compute fp32` pins fp32 compute in every row and in the history (`--plan compute=fp32`: the 8-bit rows then run
+8-bit Linears without autocast, a plan the planner predicts but does not offer). For CPUs without native bf16, where
+bf16 autocast is emulated: Custom Diffusion's first concept on the SDXL fixture at 256 px had not finished after 38
+minutes in bf16 on an AVX2 machine.
+
+    python tools/bench_memory.py --base /tmp/sdxl --methods custom-diffusion --rows int8,int8-host --history 0 \
+        --compute fp32 --prior-steps 2 --out docs/sdxl/host-trained-cpu-256.json
 """
 
 from __future__ import annotations
@@ -79,7 +87,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON results")
     ap.add_argument("--prior-steps", type=int, default=None,
                     help="sampling steps of the one prior image (default: the defaults set's, 50 on SD bases)")
+    ap.add_argument("--compute", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="pin the compute precision in every row and the history (default: the planner's)")
     args = ap.parse_args()
+    pin = ["--plan", f"compute={args.compute}"] if args.compute else []
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shutil.rmtree(args.work, ignore_errors=True)
@@ -106,7 +117,7 @@ def main() -> None:
                             *train], env=env, check=True, capture_output=True)
         for i in range(args.history):  # build the history with the smallest plan, quickly
             _run(["add-concept", f"c{i}", str(photos[i]), "--store", str(base_store), "--class-word", "dog",
-                  "--steps", "1", "--device", args.device, "--plan", "weights=int8", "--check-images", "0"], env)
+                  "--steps", "1", "--device", args.device, "--plan", "weights=int8", "--check-images", "0", *pin], env)
             done += 1
             _progress(done, total, t_all, f"{method}: history {i + 1}/{args.history}")
         for row in rows:
@@ -114,7 +125,7 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
             shutil.copytree(base_store, store)
             rss, wall, out = _run(["add-concept", "new", str(photos[-1]), "--store", str(store), "--class-word", "dog",
-                                   "--device", args.device, "--check-images", "0", *_row_flags(row)], env)
+                                   "--device", args.device, "--check-images", "0", *_row_flags(row), *pin], env)
             head = (store / "HEAD").read_text().strip()
             manifest = json.loads((store / "versions" / head / "manifest.json").read_text())
             c = manifest["concepts"][-1]
@@ -123,8 +134,8 @@ def main() -> None:
             plan = mem["plan"]
             result = {
                 "method": method, "row": row, "device": args.device, "resolution": args.resolution,
-                "plan": {k: plan[k] for k in ("weights", "backend", "compute", "gradient_checkpointing", "micro_batch",
-                                              "grad_accum", "dc_chunk")},
+                "plan": {k: plan.get(k) for k in ("weights", "backend", "compute", "gradient_checkpointing", "micro_batch",
+                                                  "grad_accum", "dc_chunk", "host_trained", "host_memory")},
                 "predicted_peak": mem["predicted_peak"], "measured_peak": measured,
                 "ratio": round(measured / mem["predicted_peak"], 3), "predicted_phases": plan["predicted"],
                 "measured_phases": mem["measured_phases"], "budget": plan["budget"],
