@@ -45,9 +45,9 @@ def _three_concepts(tmp_path, method, last_plan=None, **params):
 
 @pytest.fixture(scope="module")
 def three_concepts(tmp_path_factory):
-    """_three_concepts(method), the third concept on the 8-bit plan, trained once per module: c-lora's and lora-merge's stores serve both the every-method
-    test and the test of what the method keeps, which only read them (custom-diffusion's check removes a concept:
-    no other test reads that store)."""
+    """_three_concepts(method), the third concept on the 8-bit plan, trained once per module: c-lora's and
+    lora-merge's stores serve both the every-method test and the test of what the method keeps, which only read them
+    (custom-diffusion's check removes a concept: no other test reads that store)."""
     stores = {}
 
     def get(method):
